@@ -1,0 +1,21 @@
+"""Shared pytest fixtures: where the reference data lives."""
+
+import os
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def reference_path() -> pathlib.Path:
+  """`$TILED_LDM_REFERENCE`, else `<repo>/../shared/reference` (where CI has it)."""
+  return pathlib.Path(os.environ.get('TILED_LDM_REFERENCE', REPO.parent / 'shared' / 'reference'))
+
+
+@pytest.fixture(scope='session')
+def reference_dir() -> pathlib.Path:
+  path = reference_path()
+  if not (path / 'README.md').is_file():
+    pytest.fail(f'reference data not found at {path}; set TILED_LDM_REFERENCE')
+  return path

@@ -1,0 +1,174 @@
+"""PyTorch state dicts -> Flax params: a declarative key map and a strict merge.
+
+Flax parameter paths mirror the checkpoint keys they come from: the module path joined
+with '.', where a list index written `name_3` in Flax is `name.3` in PyTorch, and the
+leaf is renamed by `_LEAF` (`kernel` -> `weight`, ...). The layout change is decided by
+the leaf and its rank only: conv kernels OIHW -> HWIO, linear weights transposed, the
+U-Net's channel LayerNorm gain (1, C, 1, 1) -> (C,).
+
+Conversion is strict: every Flax parameter must be filled, every source key used, every
+shape must match; otherwise `ConversionError` lists all offending keys at once.
+This is the only module that imports torch (lazily, for `.pt`/`.bin` pickles).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Callable, Mapping
+
+import jax
+import numpy as np
+
+from tiled_ldm_jax.models import configs as configs_lib
+
+
+class ConversionError(ValueError):
+  """A checkpoint's keys or shapes do not match the model it is converted into."""
+
+
+def _kernel(w: np.ndarray) -> np.ndarray:
+  if w.ndim == 4:    # conv: OIHW -> HWIO
+    return np.transpose(w, (2, 3, 1, 0))
+  if w.ndim == 2:    # linear: [out, in] -> [in, out]
+    return np.transpose(w)
+  raise ConversionError(f'kernel of rank {w.ndim} has no layout rule')
+
+
+# Flax leaf name -> (PyTorch leaf name, layout transform).
+_LEAF: dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]] = {
+    'kernel': ('weight', _kernel),
+    'bias': ('bias', lambda w: w),
+    'scale': ('weight', lambda w: w),        # GroupNorm affine gain
+    'embedding': ('weight', lambda w: w),    # nn.Embedding table
+    'g': ('g', lambda w: w.reshape(-1)),     # channel LayerNorm gain [1, C, 1, 1]
+    'null_classes_emb': ('null_classes_emb', lambda w: w),
+}
+_INDEX = re.compile(r'_(\d+)(?=_|$)')
+
+
+def torch_key(path: tuple[str, ...]) -> str:
+  """The PyTorch key a Flax param path comes from, e.g. ('downs_0_2', 'to_q', 'kernel')."""
+  *modules, leaf = path
+  if leaf not in _LEAF:
+    raise ConversionError(f'Flax param {"/".join(path)} has no conversion rule')
+  parts = [_INDEX.sub(r'.\1', m) for m in modules] + [_LEAF[leaf][0]]
+  return '.'.join(parts)
+
+
+def _path_names(path) -> tuple[str, ...]:
+  return tuple(getattr(p, 'key', getattr(p, 'name', str(p))) for p in path)
+
+
+def convert_state_dict(state_dict: Mapping[str, np.ndarray], abstract_params: Any, *,
+                       prefix: str = '', what: str = 'checkpoint') -> Any:
+  """Fills a Flax param tree (`jax.ShapeDtypeStruct` leaves) from `state_dict`.
+
+  Args:
+    state_dict: PyTorch key -> array. Keys outside `prefix` are ignored (a training
+      checkpoint holds optimizer state and the online model beside the EMA weights).
+    abstract_params: the target tree, e.g. `jax.eval_shape(model.init, ...)['params']`.
+    prefix: the part of every key before the module path, e.g. 'ema_model.model.'.
+    what: named in error messages.
+  Returns:
+    The same tree with numpy arrays of the target dtype.
+  Raises:
+    ConversionError listing every missing key, unused key and shape mismatch.
+  """
+  source = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+  used, missing, mismatched = set(), [], []
+
+  def fill(path, leaf):
+    names = _path_names(path)
+    key = torch_key(names)
+    if key not in source:
+      missing.append(prefix + key)
+      return None
+    used.add(key)
+    value = _LEAF[names[-1]][1](np.asarray(source[key], dtype=np.float32))
+    if tuple(value.shape) != tuple(leaf.shape):
+      mismatched.append(f'{prefix + key}: checkpoint {tuple(np.shape(source[key]))} -> '
+                        f'{tuple(value.shape)}, model expects {tuple(leaf.shape)}')
+      return None
+    return value.astype(leaf.dtype)
+
+  params = jax.tree_util.tree_map_with_path(fill, abstract_params)
+  unused = sorted(prefix + k for k in set(source) - used)
+  if missing or unused or mismatched:
+    lines = [f'{what} does not match the model:']
+    for title, keys in (('missing keys', missing), ('unused keys', unused),
+                        ('shape mismatches', mismatched)):
+      if keys:
+        lines.append(f'  {title} ({len(keys)}):')
+        lines.extend(f'    {k}' for k in sorted(keys))
+    raise ConversionError('\n'.join(lines))
+  return params
+
+
+# ----------------------------------------------------------------------------- readers
+
+
+def _require_file(path: str, what: str) -> None:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{what} not found: {path}')
+
+
+def read_diffinfinite_checkpoint(path: str) -> dict[str, np.ndarray]:
+  """EMA weights of a DiffInfinite `model-N.pt`, keys `ema_model.model.*` kept whole."""
+  _require_file(path, 'DiffInfinite checkpoint')
+  import torch  # pylint: disable=g-import-not-at-top
+  ckpt = torch.load(path, map_location='cpu', weights_only=False)
+  if not isinstance(ckpt, dict) or 'ema' not in ckpt:
+    keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+    raise ConversionError(f'{path} is not a DiffInfinite Trainer checkpoint (no "ema"; '
+                          f'has {keys})')
+  return {k: v.detach().cpu().numpy() for k, v in ckpt['ema'].items()
+          if hasattr(v, 'detach')}
+
+
+def read_diffusers_folder(folder: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """(config dict, state dict) of a diffusers model folder (safetensors or .bin)."""
+  config_path = os.path.join(folder, 'config.json')
+  _require_file(config_path, 'diffusers config')
+  with open(config_path) as f:
+    config = json.load(f)
+  st = os.path.join(folder, 'diffusion_pytorch_model.safetensors')
+  binf = os.path.join(folder, 'diffusion_pytorch_model.bin')
+  if os.path.isfile(st):
+    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+    return config, dict(load_file(st))
+  if os.path.isfile(binf):
+    import torch  # pylint: disable=g-import-not-at-top
+    sd = torch.load(binf, map_location='cpu', weights_only=True)
+    return config, {k: v.float().numpy() for k, v in sd.items()}
+  raise FileNotFoundError(f'no diffusion_pytorch_model.safetensors or .bin in {folder}')
+
+
+def read_json(path: str) -> dict[str, Any]:
+  _require_file(path, 'config JSON')
+  with open(path) as f:
+    return json.load(f)
+
+
+DIFFINFINITE_PREFIX = 'ema_model.model.'
+
+
+def convert_unet(kind: str, state_dict: Mapping[str, np.ndarray], torch_config: Mapping[str, Any],
+                 *, prefix: str = DIFFINFINITE_PREFIX):
+  """(UNetConfig, params) from a DiffInfinite state dict and its `config.json` dict."""
+  from tiled_ldm_jax.models import unet as unet_lib  # pylint: disable=g-import-not-at-top
+  config = configs_lib.unet_config_from_torch(kind, torch_config)
+  abstract = unet_lib.abstract_params(config)
+  params = convert_state_dict(state_dict, abstract, prefix=prefix,
+                              what=f'{kind} U-Net checkpoint')
+  return config, params
+
+
+def convert_vae(diffusers_config: Mapping[str, Any], state_dict: Mapping[str, np.ndarray]):
+  """(VAEConfig, params) from a diffusers `AutoencoderKL` config dict and state dict."""
+  from tiled_ldm_jax.models import vae as vae_lib  # pylint: disable=g-import-not-at-top
+  config = configs_lib.vae_config_from_diffusers(diffusers_config)
+  abstract = vae_lib.abstract_params(config)
+  params = convert_state_dict(state_dict, abstract, what='AutoencoderKL checkpoint')
+  return config, params
