@@ -172,3 +172,39 @@ def convert_vae(diffusers_config: Mapping[str, Any], state_dict: Mapping[str, np
   abstract = vae_lib.abstract_params(config)
   params = convert_state_dict(state_dict, abstract, what='AutoencoderKL checkpoint')
   return config, params
+
+
+def convert_checkpoint(kind: str, torch_checkpoint: str, output_dir: str,
+                       config_json: str | None = None):
+  """Converts a PyTorch checkpoint into a model folder (see `tiled_ldm_jax.checkpoint`).
+
+  Args:
+    kind: 'image_unet', 'mask_unet' or 'vae'.
+    torch_checkpoint: a DiffInfinite `model-N.pt` (U-Nets; its EMA weights are taken) or a
+      diffusers `AutoencoderKL` folder (vae).
+    output_dir: the folder to write; must not exist or be empty.
+    config_json: U-Nets only: the constructor arguments (`{"unet": {...}, "dm": {...}}`);
+      default `config.json` beside the checkpoint.
+  Returns:
+    (config, params) as written.
+  """
+  from tiled_ldm_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  if kind not in checkpoint_lib.MODEL_KINDS:
+    raise ValueError(f'kind must be one of {checkpoint_lib.MODEL_KINDS}, got {kind!r}')
+  if os.path.exists(output_dir) and os.listdir(output_dir):
+    raise FileExistsError(f'output folder exists and is not empty: {output_dir}')
+  if kind == 'vae':
+    if config_json is not None:
+      raise ValueError('--config_json is for the U-Nets; a VAE folder has its config.json')
+    if not os.path.isdir(torch_checkpoint):
+      raise FileNotFoundError(f'diffusers VAE folder not found: {torch_checkpoint}')
+    config, params = convert_vae(*read_diffusers_folder(torch_checkpoint))
+  else:
+    if config_json is None:
+      config_json = os.path.join(os.path.dirname(os.path.abspath(torch_checkpoint)),
+                                 'config.json')
+    torch_config = read_json(config_json)
+    config, params = convert_unet(kind.split('_')[0], read_diffinfinite_checkpoint(torch_checkpoint),
+                                  torch_config)
+  checkpoint_lib.save_model(output_dir, kind, config, params)
+  return config, params

@@ -1,0 +1,263 @@
+"""Label masks: quantizing decoded mask images, `CleanMask`, and label-map helpers.
+
+The mask pipeline (SPEC section 5): the mask model's decoded image (float, ~[0, 1]) is
+quantized to `num_labels` levels with `quantize_mask_image`, then `clean_mask` turns it
+into integer label ids at the requested size, exactly as DiffInfinite's `CleanMask`:
+
+1. 8-bit gray by truncation, `uint8(m * 255)`;
+2. every pixel with a differing 4-neighbour (edges replicated) is set to 0 -- both
+   sides of every boundary (`find_boundaries`, connectivity 1, mode 'thick');
+3. a 6x6 minimum filter over the valid extent (each side shrinks by 5);
+4. `round((num_labels - 1) * v / 255)` to label ids;
+5. nearest-neighbour resize with PIL.
+
+Label maps elsewhere are int32 arrays `[H, W]` of class ids. Only numpy and Pillow are
+used here.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Sequence
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+from PIL import Image
+
+MIN_FILTER_SIZE = 6
+_READ_MODES = ('1', 'L', 'P', 'I', 'I;16', 'I;16L', 'I;16B', 'I;16N')
+
+
+def _size_hw(size: int | Sequence[int]) -> tuple[int, int]:
+  """`n` or `(h, w)` -> `(h, w)` of positive ints."""
+  if isinstance(size, (int, np.integer)):
+    h = w = int(size)
+  else:
+    if len(size) != 2:
+      raise ValueError(f'size must be an int or (h, w), got {size!r}')
+    h, w = (int(s) for s in size)
+  if h <= 0 or w <= 0:
+    raise ValueError(f'size must be positive, got {(h, w)}')
+  return h, w
+
+
+def _as_2d(m: np.ndarray, what: str) -> np.ndarray:
+  """`[H, W]`, or `[1, H, W]` / `[1, 1, H, W]` (singleton leading dims) -> `[H, W]`."""
+  m = np.asarray(m)
+  if m.ndim < 2 or any(d != 1 for d in m.shape[:-2]):
+    raise ValueError(f'{what} must be [H, W] (or with leading size-1 dims), got shape {m.shape}')
+  return m.reshape(m.shape[-2:])
+
+
+def quantize_mask_image(img: np.ndarray, num_labels: int) -> np.ndarray:
+  """Quantizes a decoded mask image to `num_labels` gray levels.
+
+  Per channel `round(k * img)` with `k = num_labels - 1`, then the channel mean,
+  rounded again (round half to even, like torch.round), then `/ k`.
+
+  Args:
+    img: float image, `[N, H, W, C]` or `[H, W, C]`, values ~[0, 1] (values outside
+      are clipped, as the tiled decode clips).
+    num_labels: number of labels, >= 2.
+
+  Returns:
+    float32 `[N, H, W]` or `[H, W]` with values in `{0, 1/k, ..., 1}`.
+  """
+  if num_labels < 2:
+    raise ValueError(f'num_labels must be >= 2, got {num_labels}')
+  img = np.asarray(img, dtype=np.float32)
+  if img.ndim not in (3, 4):
+    raise ValueError(f'mask image must be HWC or NHWC, got shape {img.shape}')
+  k = np.float32(num_labels - 1)
+  levels = np.round(k * np.clip(img, 0.0, 1.0))
+  return (np.round(levels.mean(axis=-1)) / k).astype(np.float32)
+
+
+def find_boundaries(g: np.ndarray) -> np.ndarray:
+  """Pixels with a differing 4-neighbour, edges replicated ('thick': both sides).
+
+  Args:
+    g: `[H, W]` array.
+
+  Returns:
+    bool `[H, W]`.
+  """
+  p = np.pad(g, 1, mode='edge')
+  c = p[1:-1, 1:-1]
+  return ((p[:-2, 1:-1] != c) | (p[2:, 1:-1] != c) |
+          (p[1:-1, :-2] != c) | (p[1:-1, 2:] != c))
+
+
+def min_filter_valid(g: np.ndarray, size: int = MIN_FILTER_SIZE) -> np.ndarray:
+  """`size x size` minimum over the valid extent: `out[i, j] = min g[i:i+size, j:j+size]`.
+
+  Args:
+    g: `[H, W]` array, `H, W >= size`.
+
+  Returns:
+    `[H - size + 1, W - size + 1]`, same dtype.
+  """
+  if g.shape[0] < size or g.shape[1] < size:
+    raise ValueError(f'min filter of size {size} needs an image at least that big, got {g.shape}')
+  rows = sliding_window_view(g, size, axis=1).min(axis=-1)   # separable: rows, then columns
+  return sliding_window_view(rows, size, axis=0).min(axis=-1)
+
+
+def clean_mask(m: np.ndarray, num_labels: int, out_size: int | Sequence[int]) -> np.ndarray:
+  """DiffInfinite's `CleanMask`: quantized mask image -> label ids at `out_size`.
+
+  Args:
+    m: quantized mask `[H, W]` (or `[1, H, W]`), values `k / (num_labels - 1)` in [0, 1];
+      `H, W >= 6`.
+    num_labels: number of labels, >= 2.
+    out_size: `n` or `(h, w)` of the returned map.
+
+  Returns:
+    int32 `[h, w]` label ids in `[0, num_labels)`.
+  """
+  if num_labels < 2:
+    raise ValueError(f'num_labels must be >= 2, got {num_labels}')
+  m = _as_2d(m, 'mask')
+  if not np.issubdtype(m.dtype, np.floating):
+    raise ValueError(f'mask must be float with values in [0, 1], got dtype {m.dtype}')
+  if m.size and (m.min() < 0 or m.max() > 1):
+    raise ValueError(f'mask values must be in [0, 1], got [{m.min()}, {m.max()}]')
+  gray = (m * 255).astype(np.uint8)                       # truncation
+  gray = np.where(find_boundaries(gray), np.uint8(0), gray)
+  gray = min_filter_valid(gray)
+  labels = np.round((num_labels - 1) * gray.astype(np.float64) / 255).astype(np.int32)
+  return resize_labels(labels, _size_hw(out_size))
+
+
+def resize_labels(labels: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
+  """Nearest-neighbour resize of a label map with PIL (32-bit mode 'I', so any int32 id survives).
+
+  Args:
+    labels: integer `[H, W]`, values within int32.
+    size: `n` or `(h, w)`.
+
+  Returns:
+    int32 `[h, w]`.
+  """
+  labels = np.asarray(labels)
+  if labels.ndim != 2:
+    raise ValueError(f'labels must be [H, W], got shape {labels.shape}')
+  _check_integer(labels)
+  info = np.iinfo(np.int32)
+  if labels.size and (labels.min() < info.min or labels.max() > info.max):
+    raise ValueError('label values do not fit in int32')
+  h, w = _size_hw(size)
+  img = Image.fromarray(np.ascontiguousarray(labels, dtype=np.int32))
+  return np.asarray(img.resize((w, h), Image.NEAREST), dtype=np.int32)
+
+
+def latent_labels(labels: np.ndarray, factor: int = 8) -> np.ndarray:
+  """A pixel-resolution label map at latent resolution by nearest sampling, `labels[::f, ::f]`.
+
+  Args:
+    labels: `[..., H, W]`, `H` and `W` divisible by `factor`.
+    factor: the VAE's downsampling factor.
+
+  Returns:
+    `[..., H / factor, W / factor]`, same dtype.
+  """
+  labels = np.asarray(labels)
+  if labels.ndim < 2:
+    raise ValueError(f'labels must be [..., H, W], got shape {labels.shape}')
+  h, w = labels.shape[-2:]
+  if factor <= 0 or h % factor or w % factor:
+    raise ValueError(f'label map {h}x{w} is not divisible by the latent factor {factor}')
+  return labels[..., ::factor, ::factor]
+
+
+def _check_integer(labels: np.ndarray) -> None:
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f'labels must have an integer dtype, got {labels.dtype}')
+
+
+def validate_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
+  """Checks that every label id is an integer in `[0, num_classes)`.
+
+  Args:
+    labels: integer array of any shape.
+    num_classes: number of classes the model knows.
+
+  Returns:
+    `labels` unchanged (as an ndarray).
+
+  Raises:
+    ValueError: non-integer dtype, or out-of-range values (they are listed).
+  """
+  labels = np.asarray(labels)
+  _check_integer(labels)
+  bad = np.unique(labels[(labels < 0) | (labels >= num_classes)])
+  if bad.size:
+    shown = ', '.join(str(v) for v in bad[:20]) + (', ...' if bad.size > 20 else '')
+    raise ValueError(f'label values out of range [0, {num_classes}): {shown}')
+  return labels
+
+
+def read_label_png(path: str | os.PathLike) -> np.ndarray:
+  """Reads a PNG of label ids.
+
+  Accepts gray (L, 1, I, I;16) and palette (P: the palette indices are the ids) images,
+  and RGB only where the three channels agree at every pixel.
+
+  Args:
+    path: the PNG file.
+
+  Returns:
+    int32 `[H, W]`.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'label PNG not found: {path}')
+  with Image.open(path) as img:
+    mode = img.mode
+    if mode == 'RGB':
+      rgb = np.asarray(img)
+      if not ((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 0] == rgb[..., 2]).all()):
+        raise ValueError(
+            f'{path}: RGB image whose channels differ is not a label map; '
+            'save label ids as a gray (L / I;16) or palette (P) PNG')
+      return rgb[..., 0].astype(np.int32)
+    if mode not in _READ_MODES:
+      raise ValueError(f'{path}: image mode {mode!r} is not a label map (expected one of '
+                       f'{", ".join(_READ_MODES)} or gray RGB)')
+    return np.asarray(img).astype(np.int32)
+
+
+def write_label_png(path: str | os.PathLike, labels: np.ndarray) -> None:
+  """Writes label ids as a PNG: 8-bit gray if `max < 256`, else 16-bit ('I;16').
+
+  The file is written under a temporary name in the same folder and then renamed
+  (`os.replace`), so `path` is never a half-written PNG.
+
+  Args:
+    path: destination.
+    labels: integer `[H, W]`, values in `[0, 65536)`.
+  """
+  labels = np.asarray(labels)
+  if labels.ndim != 2:
+    raise ValueError(f'labels must be [H, W], got shape {labels.shape}')
+  _check_integer(labels)
+  if labels.size and (labels.min() < 0 or labels.max() >= 1 << 16):
+    raise ValueError(f'label values must be in [0, 65536) for a PNG, '
+                     f'got [{labels.min()}, {labels.max()}]')
+  wide = labels.size and labels.max() >= 256
+  img = Image.fromarray(np.ascontiguousarray(labels, dtype=np.uint16 if wide else np.uint8))
+  path = os.fspath(path)
+  folder, name = os.path.split(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(prefix=f'.{name}.', suffix='.tmp', dir=folder)
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      img.save(f, format='PNG')
+      f.flush()
+      os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)   # mkstemp creates 0600
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
