@@ -1,0 +1,148 @@
+"""Diffusion maths (SPEC section 2): cosine schedule, DDIM time pairs and step, guidance.
+
+Also the two ways a patch's noise estimate is formed:
+- `multilabel_eps` (image model): one unconditional pass and one conditional pass per
+  non-zero label present, combined per pixel (L+1 passes; the original runs 2L);
+- `class_eps` (mask model): class-conditioned, with the learned null class embedding.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NUM_TRAIN_STEPS = 1000
+
+
+def cosine_alphas_cumprod(timesteps: int = NUM_TRAIN_STEPS, s: float = 0.008) -> np.ndarray:
+  """[T] float64 alphas_cumprod of the cosine schedule, betas clipped to [0, 0.999]."""
+  x = np.linspace(0, timesteps, timesteps + 1, dtype=np.float64)
+  ac = np.cos(((x / timesteps) + s) / (1 + s) * math.pi * 0.5) ** 2
+  ac = ac / ac[0]
+  betas = np.clip(1 - (ac[1:] / ac[:-1]), 0, 0.999)
+  return np.cumprod(1.0 - betas)
+
+
+class Schedule:
+  """Per-time-index tables as float32 (computed in float64 like the original's buffers)."""
+
+  def __init__(self, timesteps: int = NUM_TRAIN_STEPS):
+    ac = cosine_alphas_cumprod(timesteps)
+    self.timesteps = timesteps
+    self.alphas_cumprod = ac.astype(np.float32)
+    self.sqrt_recip = np.sqrt(1.0 / ac).astype(np.float32)
+    self.sqrt_recipm1 = np.sqrt(1.0 / ac - 1).astype(np.float32)
+
+
+def time_pairs(steps: int, timesteps: int = NUM_TRAIN_STEPS) -> np.ndarray:
+  """[S, 2] int32 (t, t_next): `int(linspace(-1, T-1, S+1))` reversed, consecutive pairs.
+
+  Truncation toward zero as `torch.Tensor.int()`; S=250 gives 999->995->...->3->-1.
+  """
+  if not 1 <= steps <= timesteps:
+    raise ValueError(f'sampling steps must be in [1, {timesteps}], got {steps}')
+  times = np.trunc(np.linspace(-1, timesteps - 1, steps + 1, dtype=np.float32)).astype(np.int32)
+  times = times[::-1]
+  return np.stack([times[:-1], times[1:]], axis=1)
+
+
+def ddim_step(sched: Schedule, x, eps, t, t_next, noise, eta: float = 1.0):
+  """One DDIM step from time index t to t_next (per sample; x, eps, noise [B, ...]).
+
+  `x0 = clip(sqrt(1/a_t) x - sqrt(1/a_t - 1) eps, -1, 1)`; eps is not re-derived after
+  the clip. Where `t_next <= 0` (the original's `time_next > 0` test) the result is x0.
+  """
+  bshape = (-1,) + (1,) * (x.ndim - 1)
+  t_idx = jnp.clip(t, 0, sched.timesteps - 1)
+  n_idx = jnp.clip(t_next, 0, sched.timesteps - 1)
+  ac = jnp.asarray(sched.alphas_cumprod)
+  a_t = ac[t_idx].reshape(bshape)
+  a_n = ac[n_idx].reshape(bshape)
+  x0 = (jnp.asarray(sched.sqrt_recip)[t_idx].reshape(bshape) * x
+        - jnp.asarray(sched.sqrt_recipm1)[t_idx].reshape(bshape) * eps)
+  x0 = jnp.clip(x0, -1.0, 1.0)
+  sigma = eta * jnp.sqrt((1 - a_t / a_n) * (1 - a_n) / (1 - a_t))
+  c = jnp.sqrt(jnp.maximum(1 - a_n - sigma ** 2, 0.0))
+  x_next = x0 * jnp.sqrt(a_n) + c * eps + sigma * noise
+  return jnp.where(t_next.reshape(bshape) > 0, x_next, x0)
+
+
+def guide(null, cond, w: float):
+  """Classifier-free guidance with the user's weight w: `null + (1+w)(cond - null)`."""
+  return null + (1.0 + w) * (cond - null)
+
+
+# `(params, x [B,h,w,C], t [B], cond, null) -> eps` of a U-Net (see models.unet.eps_fn).
+EpsFn = Callable[..., jax.Array]
+
+
+def multilabel_eps(eps_fn: EpsFn, params, x, t, labels, *, num_classes: int, w: float):
+  """Guided noise estimate of the image model for patches holding several labels.
+
+  Every pixel with label l > 0 takes `guide(null, cond_l, w)` where cond_l is the model
+  run with mask `(labels == l) * l`; label-0 pixels take the unconditional output. The
+  unconditional pass (all-zero mask) runs once for all labels, and is skipped when
+  w == 0 and no pixel has label 0. Conditional passes loop over the k-th present
+  non-zero label of each patch, as many times as the patch with most labels needs.
+
+  Args:
+    labels: [B, h, w] int label ids at the latent resolution of x.
+  Returns:
+    (eps [B, h, w, C], number of samples evaluated by the U-Net).
+  """
+  b = x.shape[0]
+  ids = jnp.arange(1, num_classes, dtype=labels.dtype)                     # [L]
+  present = (labels.reshape(b, -1, 1) == ids).any(axis=1)                  # [B, L]
+  # Present labels of each patch first, in increasing order; absent slots hold 0.
+  order = jnp.sort(jnp.where(present, ids, num_classes), axis=1)
+  order = jnp.where(order == num_classes, 0, order)
+  n_passes = present.sum(axis=1).max()
+
+  need_null = w != 0.0
+  has_zero = (labels == 0).any()
+  zeros = jnp.zeros_like(labels)
+
+  def run_null(_):
+    return eps_fn(params, x, t, zeros).astype(jnp.float32), jnp.int32(b)
+
+  def skip_null(_):
+    return jnp.zeros(x.shape, jnp.float32), jnp.int32(0)
+
+  if need_null:
+    null, evals = run_null(None)
+  else:
+    null, evals = jax.lax.cond(has_zero, run_null, skip_null, None)
+  out = jnp.where((labels == 0)[..., None], null, 0.0)
+
+  def body(carry):
+    k, out, evals = carry
+    lab = order[:, k]                                                      # [B]
+    sel = labels == lab[:, None, None]                                     # [B, h, w]
+    cond = eps_fn(params, x, t, jnp.where(sel, labels, 0)).astype(jnp.float32)
+    eps = guide(null, cond, w) if need_null else cond
+    out = jnp.where((sel & (lab[:, None, None] > 0))[..., None], eps, out)
+    return k + 1, out, evals + b
+
+  _, out, evals = jax.lax.while_loop(lambda c: c[0] < n_passes, body,
+                                     (jnp.int32(0), out, evals))
+  return out, evals
+
+
+def class_eps(eps_fn: EpsFn, params, x, t, classes, *, w: float):
+  """Guided noise estimate of the mask model for class ids [B] (no condition dropout).
+
+  Returns (eps, samples evaluated). With w == 0 only the conditional pass runs; otherwise
+  conditional and null passes run as one batch of 2B.
+  """
+  b = x.shape[0]
+  if w == 0.0:
+    return eps_fn(params, x, t, classes, jnp.zeros((b,), bool)).astype(jnp.float32), b
+  both = eps_fn(params, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                jnp.concatenate([classes, classes]),
+                jnp.concatenate([jnp.zeros((b,), bool), jnp.ones((b,), bool)]))
+  cond, null = jnp.split(both.astype(jnp.float32), 2)
+  return guide(null, cond, w), 2 * b
