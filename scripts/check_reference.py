@@ -1,0 +1,36 @@
+"""Runs every parity case found in a reference folder; one JSON line per case.
+
+  python scripts/check_reference.py --reference_dir=../shared/reference
+
+Exit status 0 only if at least one case ran and every case passed.
+"""
+
+import json
+import sys
+import tempfile
+
+from absl import app
+from absl import flags
+
+from tiled_ldm_jax import reference_check
+
+_REF = flags.DEFINE_string('reference_dir', None, 'Folder laid out like shared/reference.')
+_OUT = flags.DEFINE_string('output_dir', None,
+                           'Where converted models go (default: a temporary folder).')
+flags.mark_flag_as_required('reference_dir')
+
+
+def main(argv):
+  del argv
+  with tempfile.TemporaryDirectory() as tmp:
+    passed = failed = 0
+    for result in reference_check.run_cases(_REF.value, _OUT.value or tmp):
+      print(json.dumps(result), flush=True)
+      passed += result['ok']
+      failed += not result['ok']
+  print(f'{passed} passed, {failed} failed')
+  sys.exit(0 if passed and not failed else 1)
+
+
+if __name__ == '__main__':
+  app.run(main)

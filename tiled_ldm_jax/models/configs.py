@@ -1,0 +1,279 @@
+"""Typed model configs, built from `configs/*.py` dicts or checkpoint `config.json` files.
+
+Construction is strict: an option this port does not implement (or implements only at
+its default value) is rejected with its name, so a checkpoint can never be converted
+into a model that silently computes something else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+
+class ConfigError(ValueError):
+  """A config holds an option, or a value, that this port does not implement."""
+
+
+def _dtype(name: str):
+  try:
+    return jnp.dtype(name)
+  except TypeError as e:
+    raise ConfigError(f'unknown dtype {name!r}') from e
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+  """The DiffInfinite U-Net skeleton shared by the image and the mask model.
+
+  `kind` selects the conditioning: "image" (mask cross-attention at every level, class =
+  max label of the mask) or "mask" (class-conditioned, linear attention per level, full
+  attention in the middle, learned null class embedding).
+  """
+  kind: str                      # "image" or "mask"
+  dim: int                       # base width; time/class embeddings are 4*dim wide
+  num_classes: int               # rows of the class embedding table
+  dim_mults: tuple[int, ...]     # width multiplier per resolution level
+  channels: int = 4              # latent channels in and out
+  resnet_block_groups: int = 8   # GroupNorm groups in every ResnetBlock
+  block_per_layer: int = 2       # ResnetBlocks per level (down and up)
+  heads: int = 4                 # attention heads (fixed in the original)
+  dim_head: int = 32             # width per attention head (fixed in the original)
+  dense_cross_attention: bool = False  # image model: O(N^2) softmax instead of the exact O(N) form
+  dtype: str = 'float32'         # compute dtype of convs/matmuls (norms/softmax stay float32)
+  param_dtype: str = 'float32'   # dtype parameters are stored and initialised in
+
+  def __post_init__(self):
+    if self.kind not in ('image', 'mask'):
+      raise ConfigError(f'UNetConfig.kind must be "image" or "mask", got {self.kind!r}')
+    for name in ('dim', 'num_classes', 'channels', 'resnet_block_groups', 'block_per_layer'):
+      if int(getattr(self, name)) < 1:
+        raise ConfigError(f'UNetConfig.{name} must be >= 1, got {getattr(self, name)}')
+    if not self.dim_mults:
+      raise ConfigError('UNetConfig.dim_mults must not be empty')
+    for width in self.dims:
+      if width % self.resnet_block_groups:
+        raise ConfigError(f'width {width} is not divisible by resnet_block_groups='
+                          f'{self.resnet_block_groups}')
+    _dtype(self.dtype), _dtype(self.param_dtype)
+
+  @property
+  def dims(self) -> list[int]:
+    return [self.dim] + [self.dim * m for m in self.dim_mults]
+
+  @property
+  def in_out(self) -> list[tuple[int, int]]:
+    d = self.dims
+    return list(zip(d[:-1], d[1:]))
+
+  @property
+  def downsample_factor(self) -> int:
+    """Latent side must be a multiple of this (one stride-2 conv per level but the last)."""
+    return 2 ** (len(self.dim_mults) - 1)
+
+  @property
+  def compute_dtype(self):
+    return _dtype(self.dtype)
+
+  @property
+  def params_dtype(self):
+    return _dtype(self.param_dtype)
+
+
+# Constructor arguments of DiffInfinite's `Unet` that we accept only at these values
+# (anything else changes the network and is rejected). `cond_drop_prob` is a training
+# knob with no effect at inference, so any value is accepted.
+_UNET_FIXED = {
+    'init_dim': None, 'out_dim': None, 'learned_variance': False,
+    'learned_sinusoidal_cond': False, 'random_fourier_features': False,
+}
+_UNET_IGNORED = {'cond_drop_prob', 'learned_sinusoidal_dim'}
+_UNET_FIELDS = {'dim', 'num_classes', 'dim_mults', 'channels', 'resnet_block_groups',
+                'block_per_layer'}
+# `dm` (GaussianDiffusion) settings: what we implement.
+_DM_FIXED = {'objective': 'pred_noise', 'beta_schedule': 'cosine', 'timesteps': 1000}
+_DM_IGNORED = {'sampling_timesteps', 'image_size', 'loss_type', 'p2_loss_weight_gamma',
+               'p2_loss_weight_k', 'ddim_sampling_eta'}
+
+
+def unet_config_from_torch(kind: str, cfg: Mapping[str, Any], **overrides) -> UNetConfig:
+  """UNetConfig from a DiffInfinite `config.json` dict (`{"unet": {...}, "dm": {...}}`)."""
+  unknown = set(cfg) - {'unet', 'dm'}
+  if unknown:
+    raise ConfigError(f'unknown top-level config sections: {sorted(unknown)}')
+  unet = dict(cfg.get('unet', cfg))
+  bad = []
+  for key, value in unet.items():
+    if key in _UNET_FIELDS or key in _UNET_IGNORED:
+      continue
+    if key in _UNET_FIXED:
+      fixed = _UNET_FIXED[key]
+      ok = value == fixed or (key == 'init_dim' and value == unet.get('dim')) or (
+          key == 'out_dim' and value == unet.get('channels', 4))
+      if not ok:
+        bad.append(f'unet.{key}={value!r} (only {fixed!r} is implemented)')
+    else:
+      bad.append(f'unet.{key} (unknown option)')
+  for key, value in dict(cfg.get('dm', {})).items():
+    if key in _DM_FIXED and value != _DM_FIXED[key]:
+      bad.append(f'dm.{key}={value!r} (only {_DM_FIXED[key]!r} is implemented)')
+    elif key not in _DM_FIXED and key not in _DM_IGNORED:
+      bad.append(f'dm.{key} (unknown option)')
+  if bad:
+    raise ConfigError('unsupported config options: ' + '; '.join(bad))
+  missing = {'dim', 'num_classes'} - set(unet)
+  if missing:
+    raise ConfigError(f'config lacks required unet options: {sorted(missing)}')
+  args = {k: unet[k] for k in _UNET_FIELDS if k in unet}
+  args['dim_mults'] = tuple(int(m) for m in args.get('dim_mults', (1, 2, 4, 8)))
+  # The original's defaults where config.json is silent.
+  args.setdefault('channels', 3)
+  args.setdefault('resnet_block_groups', 8)
+  args.setdefault('block_per_layer', 2)
+  args.update(overrides)
+  return UNetConfig(kind=kind, **args)
+
+
+def config_to_dict(config) -> dict[str, Any]:
+  d = dataclasses.asdict(config)
+  return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def unet_config_from_dict(d: Mapping[str, Any]) -> UNetConfig:
+  """Inverse of `config_to_dict` (used when loading a converted checkpoint folder)."""
+  fields = {f.name for f in dataclasses.fields(UNetConfig)}
+  unknown = set(d) - fields
+  if unknown:
+    raise ConfigError(f'unknown UNetConfig fields: {sorted(unknown)}')
+  d = dict(d)
+  d['dim_mults'] = tuple(d['dim_mults'])
+  return UNetConfig(**d)
+
+
+# ----------------------------------------------------------------------------- VAE
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+  """A diffusers `AutoencoderKL` (the Stable Diffusion VAE) with its default block types.
+
+  Encoder: DownEncoderBlock2D per entry of `block_out_channels` (stride-2 conv on all but
+  the last), mid block (resnet, single-head attention, resnet), GroupNorm/SiLU/conv to
+  2*latent_channels, then `quant_conv`. Decoder mirrors it with UpDecoderBlock2D
+  (layers_per_block + 1 resnets, nearest x2 + conv on all but the last), after
+  `post_quant_conv`. The full-size SD2 VAE is the default.
+  """
+  in_channels: int = 3                # image channels the encoder reads
+  out_channels: int = 3               # image channels the decoder writes
+  latent_channels: int = 4            # channels of z (the encoder emits twice that: mean, logvar)
+  block_out_channels: tuple[int, ...] = (128, 256, 512, 512)  # width per resolution level
+  layers_per_block: int = 2           # resnets per encoder level (decoder: one more)
+  norm_num_groups: int = 32           # GroupNorm groups everywhere (eps 1e-6)
+  scaling_factor: float = 0.18215     # z_diffusion = z_vae * scaling_factor (used by callers)
+  latents_mean: tuple[float, ...] | None = None  # optional per-channel latent stats, kept
+  latents_std: tuple[float, ...] | None = None   # for callers; the model does not use them
+  dtype: str = 'float32'              # compute dtype of convs/matmuls (norms/softmax stay float32)
+  param_dtype: str = 'float32'        # dtype parameters are stored and initialised in
+
+  def __post_init__(self):
+    for name in ('in_channels', 'out_channels', 'latent_channels', 'layers_per_block',
+                 'norm_num_groups'):
+      if int(getattr(self, name)) < 1:
+        raise ConfigError(f'VAEConfig.{name} must be >= 1, got {getattr(self, name)}')
+    if not self.block_out_channels:
+      raise ConfigError('VAEConfig.block_out_channels must not be empty')
+    for width in self.block_out_channels:
+      if int(width) < 1 or width % self.norm_num_groups:
+        raise ConfigError(f'VAEConfig.block_out_channels entry {width} is not a positive '
+                          f'multiple of norm_num_groups={self.norm_num_groups}')
+    for name in ('latents_mean', 'latents_std'):
+      value = getattr(self, name)
+      if value is not None and len(value) != self.latent_channels:
+        raise ConfigError(f'VAEConfig.{name} has {len(value)} entries, expected '
+                          f'latent_channels={self.latent_channels}')
+    _dtype(self.dtype), _dtype(self.param_dtype)
+
+  @property
+  def downsample_factor(self) -> int:
+    """Pixels per latent along each side (one stride-2 conv per level but the last)."""
+    return 2 ** (len(self.block_out_channels) - 1)
+
+  @property
+  def compute_dtype(self):
+    return _dtype(self.dtype)
+
+  @property
+  def params_dtype(self):
+    return _dtype(self.param_dtype)
+
+
+_VAE_FIELDS = {'in_channels', 'out_channels', 'latent_channels', 'block_out_channels',
+               'layers_per_block', 'norm_num_groups', 'scaling_factor'}
+# diffusers `AutoencoderKL` options we implement only at this value (per-block lists are
+# checked entry by entry below).
+_VAE_FIXED = {'act_fn': 'silu', 'use_quant_conv': True, 'use_post_quant_conv': True,
+              'mid_block_add_attention': True, 'shift_factor': None}
+_VAE_BLOCK_TYPES = {'down_block_types': 'DownEncoderBlock2D',
+                    'up_block_types': 'UpDecoderBlock2D'}
+# Bookkeeping / pipeline-only keys with no effect on the network.
+_VAE_IGNORED = {'_class_name', '_diffusers_version', '_name_or_path', '_use_default_values',
+                'sample_size', 'force_upcast'}
+
+
+def _optional_floats(value):
+  return None if value is None else tuple(float(v) for v in value)
+
+
+def vae_config_from_diffusers(d: Mapping[str, Any], **overrides) -> VAEConfig:
+  """VAEConfig from a diffusers `AutoencoderKL` `config.json` dict.
+
+  Raises ConfigError naming every key that is unknown or set to a value this port does
+  not implement. `overrides` set VAEConfig fields directly (e.g. dtype='bfloat16').
+  """
+  bad = []
+  for key, value in d.items():
+    if key in _VAE_FIELDS or key in _VAE_IGNORED or key in ('latents_mean', 'latents_std'):
+      continue
+    if key in _VAE_FIXED:
+      if value != _VAE_FIXED[key] or type(value) is not type(_VAE_FIXED[key]):
+        bad.append(f'{key}={value!r} (only {_VAE_FIXED[key]!r} is implemented)')
+    elif key in _VAE_BLOCK_TYPES:
+      allowed = _VAE_BLOCK_TYPES[key]
+      others = sorted({str(t) for t in value} - {allowed})
+      if others:
+        bad.append(f'{key} contains {others} (only {allowed!r} is implemented)')
+    else:
+      bad.append(f'{key} (unknown option)')
+  if bad:
+    raise ConfigError('unsupported AutoencoderKL config options: ' + '; '.join(bad))
+  args = {k: d[k] for k in _VAE_FIELDS if k in d}
+  # diffusers' defaults where the config is silent.
+  args['block_out_channels'] = tuple(int(c) for c in args.get('block_out_channels', (64,)))
+  for key in _VAE_BLOCK_TYPES:
+    if key in d and len(d[key]) != len(args['block_out_channels']):
+      raise ConfigError(f'{key} has {len(d[key])} entries but block_out_channels has '
+                        f'{len(args["block_out_channels"])}')
+  args.setdefault('layers_per_block', 1)
+  args.setdefault('norm_num_groups', 32)
+  args['scaling_factor'] = float(args.get('scaling_factor', 0.18215))
+  args['latents_mean'] = _optional_floats(d.get('latents_mean'))
+  args['latents_std'] = _optional_floats(d.get('latents_std'))
+  args.update(overrides)
+  return VAEConfig(**args)
+
+
+def vae_config_from_dict(d: Mapping[str, Any]) -> VAEConfig:
+  """Inverse of `config_to_dict` for a VAEConfig."""
+  fields = {f.name for f in dataclasses.fields(VAEConfig)}
+  unknown = set(d) - fields
+  if unknown:
+    raise ConfigError(f'unknown VAEConfig fields: {sorted(unknown)}')
+  d = dict(d)
+  if 'block_out_channels' in d:
+    d['block_out_channels'] = tuple(int(c) for c in d['block_out_channels'])
+  for key in ('latents_mean', 'latents_std'):
+    if key in d:
+      d[key] = _optional_floats(d[key])
+  return VAEConfig(**d)
