@@ -72,10 +72,10 @@ def init_state(keys: jax.Array, shape: tuple[int, int], channels: int) -> Sample
   h, w = shape
   x = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), (h, w, channels)))(keys)
   n = keys.shape[0]
-  zero = jnp.zeros((), jnp.int32)
-  return SamplerState(x=x, x_low=x, times=jnp.zeros((n, h, w), jnp.int32), keys=keys,
-                      image_iters=jnp.zeros((n,), jnp.int32), iterations=zero, patches=zero,
-                      evaluations=zero)
+  zero = lambda: jnp.zeros((), jnp.int32)  # distinct buffers: step_patch donates the state
+  return SamplerState(x=x, x_low=jnp.copy(x), times=jnp.zeros((n, h, w), jnp.int32),
+                      keys=keys, image_iters=jnp.zeros((n,), jnp.int32), iterations=zero(),
+                      patches=zero(), evaluations=zero())
 
 
 def _choose_patches(times, key, patch: int, k_slots: int):
@@ -260,3 +260,49 @@ def mask_denoiser(eps_fn, cond_scale: float) -> Denoiser:
   def denoise(params, x, t, labels):
     return diffusion.class_eps(eps_fn, params, x, t, labels[:, 0, 0], w=cond_scale)
   return denoise
+
+
+LATENT_FACTOR = 8  # VAE downsampling: pixels per latent pixel
+
+
+def validate_request(image_hw: tuple[int, int], patch_size: int, steps: int,
+                     unet_multiple: int = 1) -> None:
+  """Clear errors for sizes and S before anything is compiled or run."""
+  h, w = image_hw
+  for name, v in (('image height', h), ('image width', w), ('patch_size', patch_size)):
+    if v <= 0 or v % LATENT_FACTOR:
+      raise ValueError(f'{name} must be a positive multiple of {LATENT_FACTOR}, got {v}')
+  if patch_size > min(h, w):
+    raise ValueError(f'patch_size {patch_size} is larger than the image {h}x{w}')
+  p = patch_size // LATENT_FACTOR
+  if p % unet_multiple:
+    raise ValueError(f'patch_size {patch_size} gives a latent patch of {p}, which the U-Net '
+                     f'cannot take: use a multiple of {LATENT_FACTOR * unet_multiple} pixels')
+  diffusion.time_pairs(steps)
+
+
+def sample_image_latents(unet_config, params, labels, keys, *, patch_size: int, steps: int,
+                         cond_scale: float = 0.0, patches_per_step: int = 1, eta: float = 1.0,
+                         progress_every: int = 0) -> SamplerState:
+  """Samples image-model latents for pixel-resolution label maps.
+
+  Args:
+    unet_config: the image model's `UNetConfig`; params: its params.
+    labels: [N, H, W] int label ids at pixel resolution (H, W multiples of 8).
+    keys: [N] PRNG keys (`image_keys(seed, indices)`).
+  Returns:
+    The final `SamplerState`; `.x` is [N, H/8, W/8, channels].
+  """
+  from tiled_ldm_jax import masks as masks_lib  # pylint: disable=g-import-not-at-top
+  from tiled_ldm_jax.models import unet as unet_lib  # pylint: disable=g-import-not-at-top
+  labels = np.asarray(labels)
+  if labels.ndim != 3:
+    raise ValueError(f'labels must be [N, H, W], got shape {labels.shape}')
+  validate_request(labels.shape[1:], patch_size, steps, unet_config.downsample_factor)
+  masks_lib.validate_labels(labels, unet_config.num_classes)
+  latent = masks_lib.latent_labels(labels, LATENT_FACTOR)
+  settings = SamplerSettings(steps=steps, patch=patch_size // LATENT_FACTOR,
+                             patches_per_step=patches_per_step, eta=eta,
+                             progress_every=progress_every, progress_label='image latents')
+  denoise = image_denoiser(unet_lib.eps_fn(unet_config), unet_config.num_classes, cond_scale)
+  return Sampler(denoise, settings).sample(params, keys, latent, unet_config.channels)

@@ -1,0 +1,104 @@
+"""Schedule, time pairs, the DDIM step and multi-label guidance against the reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tiled_ldm_jax import convert
+from tiled_ldm_jax import diffusion
+from tiled_ldm_jax.models import unet
+
+
+def test_schedule_matches_reference(reference_dir):
+  d = np.load(reference_dir / 'image_unet' / 'cases.npz')
+  np.testing.assert_allclose(diffusion.Schedule().alphas_cumprod, d['alphas_cumprod'],
+                             rtol=0, atol=1e-7)
+
+
+def test_time_pairs():
+  p = diffusion.time_pairs(250)
+  assert p.shape == (250, 2)
+  assert tuple(p[0]) == (999, 995) and tuple(p[-1]) == (3, -1)
+  assert (p[1:, 0] == p[:-1, 1]).all()
+  # Truncation toward zero like torch's .int(): S=1000 has a pair (1, 0) then (0, -1).
+  p = diffusion.time_pairs(1000)
+  assert tuple(p[-2]) == (1, 0) and tuple(p[-1]) == (0, -1)
+  assert tuple(diffusion.time_pairs(1)[0]) == (999, -1)
+  for bad in (0, 1001, -3):
+    with pytest.raises(ValueError, match='sampling steps'):
+      diffusion.time_pairs(bad)
+
+
+def test_last_step_returns_x0():
+  sched = diffusion.Schedule()
+  x = jnp.full((1, 2, 2, 1), 0.3)
+  eps = jnp.full_like(x, 0.1)
+  t, tn = jnp.array([3]), jnp.array([-1])
+  out = diffusion.ddim_step(sched, x, eps, t, tn, jnp.ones_like(x) * 5, eta=1.0)
+  x0 = np.clip(sched.sqrt_recip[3] * 0.3 - sched.sqrt_recipm1[3] * 0.1, -1, 1)
+  np.testing.assert_allclose(out, x0, rtol=1e-6)
+
+
+@pytest.fixture(scope='module')
+def image_model(reference_dir):
+  sd = convert.read_diffinfinite_checkpoint(str(reference_dir / 'image_unet' / 'model-1.pt'))
+  cfg = convert.read_json(str(reference_dir / 'image_unet' / 'config.json'))
+  return convert.convert_unet('image', sd, cfg)
+
+
+@pytest.mark.parametrize('key,t,t_next,w', [('ddim_499_495_cfg4', 499, 495, 3.0),
+                                            ('ddim_999_995_cfg4', 999, 995, 3.0),
+                                            ('ddim_499_495_cfg1', 499, 495, 0.0)])
+def test_ddim_multilabel_parity(reference_dir, image_model, key, t, t_next, w):
+  config, params = image_model
+  d = np.load(reference_dir / 'image_unet' / 'cases.npz')
+  x = jnp.asarray(d['x'].transpose(0, 2, 3, 1))
+  noise = jnp.asarray(d['noise'].transpose(0, 2, 3, 1))
+  labels = jnp.asarray(d['masks'][:, 0], jnp.int32)
+  sched = diffusion.Schedule()
+
+  @jax.jit
+  def step(params, x, labels, noise):
+    tt, tn = jnp.full((4,), t), jnp.full((4,), t_next)
+    eps, evals = diffusion.multilabel_eps(unet.eps_fn(config), params, x, tt, labels,
+                                          num_classes=config.num_classes, w=w)
+    return diffusion.ddim_step(sched, x, eps, tt, tn, noise), evals
+
+  out, evals = step(params, x, labels, noise)
+  np.testing.assert_allclose(np.asarray(out).transpose(0, 3, 1, 2), d[key], atol=1e-4, rtol=0)
+  # One unconditional pass (runs: w != 0, or label 0 present) + one per label slot; the
+  # busiest patch has 4 non-zero labels, so 5 batched passes of 4 samples.
+  assert int(evals) == 5 * 4
+
+
+def _counting_eps(calls):
+  def eps_fn(params, x, t, cond):
+    calls.append(np.asarray(cond).copy())
+    return x * 0 + cond[..., None].astype(jnp.float32)
+  return eps_fn
+
+
+def test_multilabel_passes_and_combination():
+  """L+1 passes: null once, one conditional pass per label; label 0 gets the null output."""
+  labels = np.zeros((2, 4, 4), np.int32)
+  labels[0, :2] = 2
+  labels[0, 2:] = 3
+  labels[1] = 1
+  labels[1, 0, 0] = 0
+  x = jnp.zeros((2, 4, 4, 1))
+  calls = []
+  with jax.disable_jit():
+    eps, evals = diffusion.multilabel_eps(_counting_eps(calls), None, x, jnp.zeros(2), jnp.asarray(labels),
+                                          num_classes=5, w=2.0)
+  # null (all zeros) + 2 label slots (image 0 has two labels) = 3 passes of batch 2.
+  assert len(calls) == 3 and int(evals) == 6
+  assert not calls[0].any()
+  # cond_l = l on its pixels, null = 0: guided = (1 + w) * l; label 0 -> null = 0.
+  np.testing.assert_allclose(np.asarray(eps)[..., 0], 3.0 * labels)
+
+  calls.clear()
+  with jax.disable_jit():  # w = 0 and no label 0: no unconditional pass at all.
+    _, evals = diffusion.multilabel_eps(_counting_eps(calls), None, x, jnp.zeros(2),
+                                        jnp.asarray(np.maximum(labels, 1)), num_classes=5, w=0.0)
+  assert len(calls) == 2 and int(evals) == 4 and all(c.any() for c in calls)
