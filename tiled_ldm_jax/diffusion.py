@@ -132,6 +132,19 @@ def multilabel_eps(eps_fn: EpsFn, params, x, t, labels, *, num_classes: int, w: 
   return out, evals
 
 
+def original_pass_count(labels, valid, *, num_classes: int, w: float):
+  """U-Net samples the original's `ddim_multimask` runs for these patches (for benchmarks).
+
+  Per patch and label present: two passes (conditional and null) for l > 0 when w != 0,
+  else one. labels [B, h, w]; valid [B] bool (idle slots count nothing).
+  """
+  b = labels.shape[0]
+  ids = jnp.arange(num_classes, dtype=labels.dtype)
+  present = (labels.reshape(b, -1, 1) == ids).any(axis=1) & valid[:, None]     # [B, L+1]
+  per_label = jnp.where(ids > 0, 2 if w != 0.0 else 1, 1)
+  return (present * per_label).sum().astype(jnp.int32)
+
+
 def class_eps(eps_fn: EpsFn, params, x, t, classes, *, w: float):
   """Guided noise estimate of the mask model for class ids [B] (no condition dropout).
 

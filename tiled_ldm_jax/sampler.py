@@ -45,6 +45,7 @@ class SamplerState:
   iterations: jax.Array   # [] int32: loop iterations (one batch of N*K patches each)
   patches: jax.Array      # [] int32: patches advanced (valid slots)
   evaluations: jax.Array  # [] int32: samples run through the U-Net
+  original_evaluations: jax.Array  # [] int32: what the original would have run (if counted)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +57,7 @@ class SamplerSettings:
   eta: float = 1.0            # DDIM eta (0: deterministic)
   progress_every: int = 0     # log progress every N iterations (0: silent)
   progress_label: str = 'sampling'
+  count_original: bool = False  # count the original's U-Net samples (needs denoise.original_passes)
 
   def __post_init__(self):
     diffusion.time_pairs(self.steps)  # validates S
@@ -75,7 +77,7 @@ def init_state(keys: jax.Array, shape: tuple[int, int], channels: int) -> Sample
   zero = lambda: jnp.zeros((), jnp.int32)  # distinct buffers: step_patch donates the state
   return SamplerState(x=x, x_low=jnp.copy(x), times=jnp.zeros((n, h, w), jnp.int32),
                       keys=keys, image_iters=jnp.zeros((n,), jnp.int32), iterations=zero(),
-                      patches=zero(), evaluations=zero())
+                      patches=zero(), evaluations=zero(), original_evaluations=zero())
 
 
 def _choose_patches(times, key, patch: int, k_slots: int):
@@ -165,6 +167,9 @@ class Sampler:
     new = diffusion.ddim_step(self.schedule, flat(model_in), eps, t_cur, t_next,
                               flat(noise), s.eta).reshape(x_p.shape)
 
+    original = state.original_evaluations
+    if s.count_original:
+      original = original + self.denoise.original_passes(flat(lab_p), valid.reshape(-1))
     write = behind & valid[:, :, None, None]                            # [N, K, P, P]
     x_out = jnp.where(write[..., None], new, x_p)
     low_out = jnp.where(write[..., None], x_p, low_p)
@@ -185,7 +190,8 @@ class Sampler:
         image_iters=state.image_iters + active.astype(jnp.int32),
         iterations=state.iterations + 1,
         patches=state.patches + valid.sum().astype(jnp.int32),
-        evaluations=state.evaluations + jnp.asarray(evals, jnp.int32))
+        evaluations=state.evaluations + jnp.asarray(evals, jnp.int32),
+        original_evaluations=original)
 
   # --------------------------------------------------------------------------- the loop
 
@@ -252,6 +258,8 @@ def image_denoiser(eps_fn, num_classes: int, cond_scale: float) -> Denoiser:
   def denoise(params, x, t, labels):
     return diffusion.multilabel_eps(eps_fn, params, x, t, labels, num_classes=num_classes,
                                     w=cond_scale)
+  denoise.original_passes = functools.partial(diffusion.original_pass_count,
+                                              num_classes=num_classes, w=cond_scale)
   return denoise
 
 

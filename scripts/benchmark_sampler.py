@@ -1,0 +1,38 @@
+"""Benchmarks the random-patch sampler on a converted image model; prints one JSON line.
+
+  python scripts/benchmark_sampler.py --unet_ckpt=/tmp/image_unet --image_size=256 \
+      --patch_size=128 --steps=20 --cond_scale=3 --patches_per_step=1
+"""
+
+import json
+
+from absl import app
+from absl import flags
+
+from tiled_ldm_jax import benchmark
+from tiled_ldm_jax import checkpoint
+
+_CKPT = flags.DEFINE_string('unet_ckpt', None, 'Converted image model folder.')
+_SIZE = flags.DEFINE_integer('image_size', 256, 'Image side in pixels.')
+_PATCH = flags.DEFINE_integer('patch_size', 128, 'Patch side in pixels.')
+_STEPS = flags.DEFINE_integer('steps', 20, 'DDIM sampling steps.')
+_W = flags.DEFINE_float('cond_scale', 3.0, 'Guidance weight w: null + (1+w)(cond-null).')
+_K = flags.DEFINE_integer('patches_per_step', 1, 'Non-overlapping patches per iteration.')
+_BATCH = flags.DEFINE_integer('batch_size', 1, 'Images sampled together.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Root PRNG seed.')
+_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed runs after the compile run.')
+flags.mark_flag_as_required('unet_ckpt')
+
+
+def main(argv):
+  del argv
+  _, config, params = checkpoint.load_model(_CKPT.value, expect='image_unet')
+  result = benchmark.run_sampler_benchmark(
+      config, params, image_size=_SIZE.value, patch_size=_PATCH.value, steps=_STEPS.value,
+      cond_scale=_W.value, patches_per_step=_K.value, seed=_SEED.value,
+      repeats=_REPEATS.value, batch_size=_BATCH.value)
+  print(json.dumps(result))
+
+
+if __name__ == '__main__':
+  app.run(main)

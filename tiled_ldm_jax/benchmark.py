@@ -1,0 +1,96 @@
+"""Sampler benchmark: the loop's wall time against the denoiser calls it makes.
+
+`overhead_ratio = seconds / denoiser_seconds`, where `denoiser_seconds` times the same
+number of U-Net calls, at the batch size the sampler used, as isolated jitted calls. A
+ratio near 1 means the patch bookkeeping (choice, crops, writes, while loop) is free.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tiled_ldm_jax import sampler as sampler_lib
+from tiled_ldm_jax.models import unet as unet_lib
+
+
+def benchmark_label_map(height: int, width: int, num_classes: int) -> np.ndarray:
+  """[H, W] int32: left half 1, right half 2, centre square of half the side 3, top
+  eighth of rows 0; every label taken modulo num_classes."""
+  m = np.ones((height, width), np.int32)
+  m[:, width // 2:] = 2
+  m[height // 4: height // 4 + height // 2, width // 4: width // 4 + width // 2] = 3
+  m[: height // 8] = 0
+  return m % num_classes
+
+
+def _block(tree):
+  return jax.tree_util.tree_map(lambda a: a.block_until_ready(), tree)
+
+
+def time_denoiser_calls(config, params, batch: int, patch: int, calls: int,
+                        repeats: int = 3) -> float:
+  """Seconds for `calls` isolated jitted U-Net calls at batch `batch` (best of repeats)."""
+  eps = jax.jit(unet_lib.eps_fn(config))
+  x = jax.random.normal(jax.random.key(0), (batch, patch, patch, config.channels))
+  t = jnp.full((batch,), 500, jnp.int32)
+  labels = jnp.ones((batch, patch, patch), jnp.int32) % config.num_classes
+  _block(eps(params, x, t, labels))
+  n = min(calls, 50)  # time a sample of calls, scale to the count
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    for _ in range(n):
+      out = eps(params, x, t, labels)
+    out.block_until_ready()
+    best = min(best, (time.perf_counter() - start) / n)
+  return best * calls
+
+
+def run_sampler_benchmark(config, params, *, image_size: int, patch_size: int, steps: int,
+                          cond_scale: float, patches_per_step: int, seed: int = 0,
+                          repeats: int = 3, batch_size: int = 1) -> dict:
+  """Times `Sampler.sample` (compile separately) and the denoiser calls it makes."""
+  labels = benchmark_label_map(image_size, image_size, config.num_classes)
+  labels = np.broadcast_to(labels, (batch_size,) + labels.shape)
+  sampler_lib.validate_request((image_size, image_size), patch_size, steps,
+                               config.downsample_factor)
+  settings = sampler_lib.SamplerSettings(steps=steps, patch=patch_size // 8,
+                                         patches_per_step=patches_per_step,
+                                         count_original=True)
+  denoise = sampler_lib.image_denoiser(unet_lib.eps_fn(config), config.num_classes,
+                                       cond_scale)
+  smp = sampler_lib.Sampler(denoise, settings)
+  latent = jnp.asarray(labels[:, ::8, ::8])
+  keys = sampler_lib.image_keys(seed, np.arange(batch_size))
+
+  start = time.perf_counter()
+  state = _block(smp.sample(params, keys, latent, config.channels))
+  first = time.perf_counter() - start
+  runs = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    state = _block(smp.sample(params, keys, latent, config.channels))
+    runs.append(time.perf_counter() - start)
+  if smp.traces != 1:
+    raise RuntimeError(f'sampler traced {smp.traces} times; expected one compile')
+  seconds = float(np.median(runs))
+  batch = batch_size * patches_per_step
+  evaluations = int(state.evaluations)
+  calls = evaluations // batch
+  denoiser_seconds = time_denoiser_calls(config, params, batch, patch_size // 8, calls)
+  return {
+      'image_size': image_size, 'patch_size': patch_size, 'steps': steps,
+      'cond_scale': cond_scale, 'patches_per_step': patches_per_step,
+      'batch_size': batch_size,
+      'seconds': seconds, 'compile_seconds': first - seconds,
+      'patch_iterations': int(state.iterations), 'patches': int(state.patches),
+      'denoiser_evaluations': evaluations, 'denoiser_calls': calls,
+      'original_evaluations': int(state.original_evaluations),
+      'denoiser_seconds': denoiser_seconds,
+      'overhead_ratio': seconds / denoiser_seconds,
+      'device': str(jax.devices()[0].device_kind),
+  }
