@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Any, Callable
 
 from absl import logging
@@ -127,6 +128,7 @@ class Sampler:
     self.pairs = diffusion.time_pairs(settings.steps)          # [S, 2]
     self.schedule = diffusion.Schedule()
     self.traces = 0
+    self._started = time.monotonic()
     self._sample = jax.jit(self._run, static_argnames=('channels',))
     self.step_patch = jax.jit(self._step_patch, donate_argnums=(1,))
 
@@ -202,8 +204,11 @@ class Sampler:
     total = state.times.size * s.steps
 
     def report(done, iteration):
-      logging.info('%s: %5.1f%% (%d iterations)', s.progress_label, 100.0 * done / total,
-                   iteration)
+      frac = float(done) / total
+      elapsed = time.monotonic() - self._started
+      eta = elapsed * (1 - frac) / frac if frac > 0 else float('nan')
+      logging.info('%s: %5.1f%% (%d iterations, %.0f s elapsed, ETA %.0f s)',
+                   s.progress_label, 100 * frac, iteration, elapsed, eta)
 
     def emit(_):
       jax.debug.callback(report, state.times.sum(), state.iterations)
@@ -231,6 +236,7 @@ class Sampler:
     check_shapes(labels.shape, self.settings.patch)
     if keys.shape != labels.shape[:1]:
       raise ValueError(f'need one key per image: keys {keys.shape}, labels {labels.shape}')
+    self._started = time.monotonic()  # for the progress ETA (includes a first compile)
     return self._sample(params, keys, labels, channels=channels)
 
 
