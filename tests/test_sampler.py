@@ -125,3 +125,20 @@ def test_bad_labels_fail_before_compute():
   with pytest.raises(ValueError, match='larger than the image'):
     sampler.sample_image_latents(cfg, None, labels * 0, sampler.image_keys(0, [0]),
                                  patch_size=128, steps=5)
+
+
+def test_chunked_run_equals_uninterrupted():
+  labels = random_labels(2, 16, 24)
+  keys = sampler.image_keys(11, [0, 1])
+  smp = sampler.Sampler(local_eps, sampler.SamplerSettings(steps=3, patch=8, eta=1.0,
+                                                           patches_per_step=2))
+  whole = smp.sample(A, keys, labels)
+  state = smp.init(keys, labels.shape)
+  chunks = 0
+  while int(state.times.min()) < 3:
+    state = smp.run(A, state, labels, max_iterations=4)
+    chunks += 1
+  assert chunks > 2
+  np.testing.assert_array_equal(state.x, whole.x)
+  assert int(state.iterations) == int(whole.iterations)
+  assert smp.traces == 1  # the chunk length is dynamic: no recompiles

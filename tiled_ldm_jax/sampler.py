@@ -70,6 +70,12 @@ class SamplerSettings:
       raise ValueError(f'eta must be >= 0, got {self.eta}')
 
 
+def _copy_keys(keys):
+  """A fresh buffer: the caller's keys stay valid when the state is donated."""
+  return jax.random.wrap_key_data(jnp.copy(jax.random.key_data(keys)),
+                                  impl=jax.random.key_impl(keys))
+
+
 def init_state(keys: jax.Array, shape: tuple[int, int], channels: int) -> SamplerState:
   """x ~ N(0, 1) per image from `fold_in(key, 0)`; x_low = x; times = 0."""
   h, w = shape
@@ -77,7 +83,7 @@ def init_state(keys: jax.Array, shape: tuple[int, int], channels: int) -> Sample
   n = keys.shape[0]
   zero = lambda: jnp.zeros((), jnp.int32)  # distinct buffers: step_patch donates the state
   return SamplerState(x=x, x_low=jnp.copy(x), times=jnp.zeros((n, h, w), jnp.int32),
-                      keys=keys, image_iters=jnp.zeros((n,), jnp.int32), iterations=zero(),
+                      keys=_copy_keys(keys), image_iters=jnp.zeros((n,), jnp.int32), iterations=zero(),
                       patches=zero(), evaluations=zero(), original_evaluations=zero())
 
 
@@ -117,19 +123,28 @@ def _paste(a, corner, value):
 class Sampler:
   """Compiled random-patch sampler for one denoiser and one `SamplerSettings`.
 
-  `sample` jits the whole loop once per input shape; `step_patch` (one iteration,
-  state donated) is exposed for tests and tools that drive the loop from Python.
-  `traces` counts how often the loop body was traced (compiles), for tests.
+  `sample` runs the whole loop as one compiled program (per input shape). `run` continues
+  a `SamplerState` for at most a given number of iterations (a dynamic argument: chunks
+  do not recompile), which is how long runs are checkpointed and resumed; chunked and
+  uninterrupted runs give identical states. `step_patch` (one iteration, state donated)
+  is exposed for tests and tools that drive the loop from Python. `traces` counts how
+  often the loop body was traced (i.e. compiles), for tests.
+
+  With a `mesh` (a 1-D `jax.sharding.Mesh`), work is split over its devices: the images
+  of the batch when N is a multiple of the device count, otherwise the N*K patches of
+  each iteration (which must then be a multiple of it; the latent is replicated).
   """
 
-  def __init__(self, denoise: Denoiser, settings: SamplerSettings):
+  def __init__(self, denoise: Denoiser, settings: SamplerSettings, mesh=None):
     self.denoise = denoise
     self.settings = settings
+    self.mesh = mesh
     self.pairs = diffusion.time_pairs(settings.steps)          # [S, 2]
     self.schedule = diffusion.Schedule()
     self.traces = 0
     self._started = time.monotonic()
-    self._sample = jax.jit(self._run, static_argnames=('channels',))
+    self._shard_patches = False
+    self._run_jit = jax.jit(self._run, donate_argnums=(1,))
     self.step_patch = jax.jit(self._step_patch, donate_argnums=(1,))
 
   # --------------------------------------------------------------------------- one step
@@ -165,9 +180,11 @@ class Sampler:
 
     flat = lambda a: a.reshape((n * k_slots,) + a.shape[2:])
     lab_in = jnp.where(valid[:, :, None, None], lab_p, 0)               # idle slots: cheap
-    eps, evals = self.denoise(params, flat(model_in), t_cur, flat(lab_in))
-    new = diffusion.ddim_step(self.schedule, flat(model_in), eps, t_cur, t_next,
-                              flat(noise), s.eta).reshape(x_p.shape)
+    b_x, b_t, b_tn, b_lab, b_noise = self._constrain_patches(
+        flat(model_in), t_cur, t_next, flat(lab_in), flat(noise))
+    eps, evals = self.denoise(params, b_x, b_t, b_lab)
+    new = diffusion.ddim_step(self.schedule, b_x, eps, b_t, b_tn, b_noise,
+                              s.eta).reshape(x_p.shape)
 
     original = state.original_evaluations
     if s.count_original:
@@ -214,15 +231,36 @@ class Sampler:
       jax.debug.callback(report, state.times.sum(), state.iterations)
     jax.lax.cond(state.iterations % s.progress_every == 0, emit, lambda _: None, None)
 
-  def _run(self, params, keys, labels, channels):
-    _, h, w = labels.shape
-    state = init_state(keys, (h, w), channels)
+  def _run(self, params, state: SamplerState, labels, max_iterations):
+    stop = state.iterations + max_iterations
 
     def body(state):
       state = self._step_patch(params, state, labels)
       self._progress(state)
       return state
-    return jax.lax.while_loop(lambda st: st.times.min() < self.settings.steps, body, state)
+
+    def cond(st):
+      return (st.times.min() < self.settings.steps) & (st.iterations < stop)
+    return jax.lax.while_loop(cond, body, state)
+
+  def init(self, keys, labels_shape, channels: int = 4) -> SamplerState:
+    """The initial state for N images (one key each) of latent labels [N, h, w]."""
+    check_shapes(labels_shape, self.settings.patch)
+    if keys.shape != tuple(labels_shape[:1]):
+      raise ValueError(f'need one key per image: keys {keys.shape}, labels {labels_shape}')
+    return self._place(init_state(keys, tuple(labels_shape[1:]), channels))
+
+  def run(self, params, state: SamplerState, labels,
+          max_iterations: int | None = None) -> SamplerState:
+    """Continues `state` (donated) until done or `max_iterations` more iterations."""
+    labels = jnp.asarray(labels, jnp.int32)
+    check_shapes(labels.shape, self.settings.patch)
+    if labels.shape != state.times.shape:
+      raise ValueError(f'labels {labels.shape} do not match the state {state.times.shape}')
+    limit = np.iinfo(np.int32).max - int(state.iterations) if max_iterations is None \
+        else max_iterations
+    self._started = time.monotonic()  # for the progress ETA (includes a first compile)
+    return self._run_jit(params, state, self._place_labels(labels), jnp.int32(limit))
 
   def sample(self, params, keys, labels, channels: int = 4) -> SamplerState:
     """Samples N latents [N, h, w, channels]; returns the final state (x is the result).
@@ -233,11 +271,43 @@ class Sampler:
       labels: [N, h, w] int label ids at latent resolution.
     """
     labels = jnp.asarray(labels, jnp.int32)
-    check_shapes(labels.shape, self.settings.patch)
-    if keys.shape != labels.shape[:1]:
-      raise ValueError(f'need one key per image: keys {keys.shape}, labels {labels.shape}')
-    self._started = time.monotonic()  # for the progress ETA (includes a first compile)
-    return self._sample(params, keys, labels, channels=channels)
+    return self.run(params, self.init(keys, labels.shape, channels), labels)
+
+  # --------------------------------------------------------------------------- sharding
+
+  def _spec(self, images_axis: bool):
+    from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
+    return NamedSharding(self.mesh, PartitionSpec(self.mesh.axis_names[0]) if images_axis
+                         else PartitionSpec())
+
+  def _place(self, state: SamplerState) -> SamplerState:
+    """Puts the state on the mesh: split by image, or replicated (patch split)."""
+    if self.mesh is None:
+      return state
+    n, devices = state.times.shape[0], self.mesh.devices.size
+    k = self.settings.patches_per_step
+    if n % devices == 0:
+      self._shard_patches = False
+    elif (n * k) % devices == 0:
+      self._shard_patches = True
+    else:
+      raise ValueError(f'{devices} devices: need the image batch ({n}) or the patch batch '
+                       f'(images x patches_per_step = {n * k}) to be a multiple of it')
+    by_image = not self._shard_patches
+    return jax.tree_util.tree_map(
+        lambda a: jax.device_put(a, self._spec(by_image and a.ndim > 0)), state)
+
+  def _place_labels(self, labels):
+    if self.mesh is None:
+      return labels
+    return jax.device_put(labels, self._spec(not self._shard_patches))
+
+  def _constrain_patches(self, *arrays):
+    """Inside the step: split the flattened patch batch over the devices."""
+    if self.mesh is None or not self._shard_patches:
+      return arrays
+    spec = self._spec(True)
+    return tuple(jax.lax.with_sharding_constraint(a, spec) for a in arrays)
 
 
 def check_shapes(labels_shape, patch: int, multiple: int = 1) -> None:
