@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
+import uuid
 from typing import Any
 
 import jax
@@ -48,7 +48,9 @@ def save_model(directory: str, model: str, config, params) -> None:
     raise FileExistsError(f'output folder exists and is not empty: {directory}')
   parent = os.path.dirname(directory)
   os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix='.tmp-' + os.path.basename(directory) + '-', dir=parent)
+  # Not tempfile.mkdtemp: its 0700 mode would survive the rename; os.mkdir honours the umask.
+  tmp = os.path.join(parent, f'.tmp-{os.path.basename(directory)}-{uuid.uuid4().hex[:12]}')
+  os.mkdir(tmp)
   try:
     params = jax.tree_util.tree_map(np.asarray, params)
     with ocp.PyTreeCheckpointer() as ckptr:
@@ -98,3 +100,70 @@ def load_model(directory: str, expect: str | None = None):
     raise ValueError(f'{directory}: params do not fit model.json:\n  ' + '\n  '.join(bad))
   params = jax.tree_util.tree_map(lambda v, s: np.asarray(v, s.dtype), params, abstract)
   return model, config, params
+
+
+# ----------------------------------------------------------------------------- train states
+#
+# Training checkpoints: an orbax `CheckpointManager` folder with one numbered step
+# directory per save. A state (any pytree: a flax.struct dataclass of params, optimizer
+# state, rng key, ...) is stored as its flat list of leaves under index keys, beside a
+# JSON list of each leaf's tree path, shape and dtype; a restore rebuilds the tree of the
+# abstract state it is given after checking that list, so any pytree type round-trips
+# exactly and a state that does not fit is an error naming the first differences.
+
+
+def _leaf_table(tree) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  flat = {f'{i:06d}': v for i, (_, v) in enumerate(leaves)}
+  meta = [{'path': jax.tree_util.keystr(p), 'shape': list(np.shape(v)),
+           'dtype': str(np.dtype(v.dtype))} for p, v in leaves]
+  return flat, meta
+
+
+def _train_manager(directory: str, max_to_keep: int | None = None) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                         enable_async_checkpointing=False)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def latest_step(directory: str) -> int | None:
+  """The newest saved step under `directory`, or None (also when the folder is absent)."""
+  if not os.path.isdir(directory):
+    return None
+  with _train_manager(directory) as mngr:
+    return mngr.latest_step()
+
+
+def save_train_state(directory: str, step: int, state, max_to_keep: int | None = None) -> None:
+  """Saves `state` as step `step` (synchronously); keeps the newest `max_to_keep` steps."""
+  host = jax.tree_util.tree_map(np.asarray, jax.device_get(state))
+  flat, meta = _leaf_table(host)
+  with _train_manager(directory, max_to_keep) as mngr:
+    mngr.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(flat),
+                                                  leaves=ocp.args.JsonSave(meta)),
+              force=True)
+    mngr.wait_until_finished()
+
+
+def restore_train_state(directory: str, abstract_state, step: int | None = None):
+  """The state saved at `step` (default: the newest), as numpy leaves in the tree of
+  `abstract_state` (a pytree of arrays or `jax.ShapeDtypeStruct`s)."""
+  flat_abstract, meta = _leaf_table(abstract_state)
+  with _train_manager(directory) as mngr:
+    step = mngr.latest_step() if step is None else int(step)
+    if step is None:
+      raise FileNotFoundError(f'no training checkpoint under {directory}')
+    saved = mngr.restore(step, args=ocp.args.Composite(leaves=ocp.args.JsonRestore()))['leaves']
+    bad = [f'{a["path"]}: saved {b["shape"]} {b["dtype"]} != expected {a["shape"]} {a["dtype"]}'
+           for a, b in zip(meta, saved) if a != b]
+    if len(saved) != len(meta):
+      bad.insert(0, f'{len(saved)} leaves saved, {len(meta)} expected')
+    if bad:
+      raise ValueError(f'{directory} step {step}: saved state does not fit:\n  '
+                       + '\n  '.join(bad[:20]))
+    target = {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype) for k, v in flat_abstract.items()}
+    restore_args = {k: ocp.ArrayRestoreArgs(restore_type=np.ndarray) for k in target}
+    flat = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target, restore_args)))['state']
+  leaves = [np.asarray(flat[k], target[k].dtype) for k in sorted(flat_abstract)]
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract_state), leaves)

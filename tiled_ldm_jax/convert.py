@@ -123,8 +123,9 @@ def read_diffinfinite_checkpoint(path: str) -> dict[str, np.ndarray]:
     keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
     raise ConversionError(f'{path} is not a DiffInfinite Trainer checkpoint (no "ema"; '
                           f'has {keys})')
-  return {k: v.detach().cpu().numpy() for k, v in ckpt['ema'].items()
-          if hasattr(v, 'detach')}
+  # numpy has no bfloat16: floating tensors go through float32 (a no-op for float32).
+  return {k: (v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()).numpy()
+          for k, v in ckpt['ema'].items() if hasattr(v, 'detach')}
 
 
 def read_diffusers_folder(folder: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -200,6 +201,8 @@ def convert_checkpoint(kind: str, torch_checkpoint: str, output_dir: str,
       raise FileNotFoundError(f'diffusers VAE folder not found: {torch_checkpoint}')
     config, params = convert_vae(*read_diffusers_folder(torch_checkpoint))
   else:
+    # Checked before the default config.json beside it, so the error names the checkpoint.
+    _require_file(torch_checkpoint, 'DiffInfinite checkpoint')
     if config_json is None:
       config_json = os.path.join(os.path.dirname(os.path.abspath(torch_checkpoint)),
                                  'config.json')

@@ -1,0 +1,67 @@
+"""scripts/check_reference.py end to end: passes on the reference, fails on altered data."""
+
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = REPO / 'scripts' / 'check_reference.py'
+
+
+def _run(reference_dir, output_dir, fast_compile=False):
+  """Runs the script; `fast_compile` (less XLA optimization) where numerics are not the point."""
+  env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS='1') if fast_compile else None
+  proc = subprocess.run([sys.executable, str(SCRIPT), f'--reference_dir={reference_dir}',
+                         f'--output_dir={output_dir}'],
+                        capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
+  lines = proc.stdout.strip().splitlines()
+  assert lines, proc.stderr[-3000:]
+  results = [json.loads(line) for line in lines[:-1]]
+  return proc, results, lines[-1]
+
+
+def test_reference_passes(reference_dir, tmp_path):
+  proc, results, summary = _run(reference_dir, tmp_path)
+  assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+  m = re.fullmatch(r'(\d+) passed, 0 failed', summary)
+  assert m and int(m[1]) == len(results) >= 10, summary
+  for r in results:
+    assert r['ok'] is True, r
+    assert isinstance(r['tol'], float) and r['max_abs_err'] <= r['tol'], r
+  names = {r['case'] for r in results}
+  assert {'image_unet/eps', 'image_unet/eps_cfg4', 'mask_unet/eps_cond',
+          'mask_unet/eps_null', 'vae/decoded'} <= names
+  # The models were converted into --output_dir by the public converter.
+  for kind in ('image_unet', 'mask_unet', 'vae'):
+    assert (tmp_path / kind / 'model.json').is_file()
+
+
+def test_altered_reference_fails(reference_dir, tmp_path):
+  ref = tmp_path / 'ref'
+  (ref / 'image_unet').mkdir(parents=True)
+  for name in ('model-1.pt', 'config.json'):
+    shutil.copy(reference_dir / 'image_unet' / name, ref / 'image_unet' / name)
+  with np.load(reference_dir / 'image_unet' / 'cases.npz') as d:
+    np.savez(ref / 'image_unet' / 'cases.npz', x=d['x'], t=d['t'], masks=d['masks'],
+             eps=d['eps'] + 1e-2, eps_cfg4=d['eps_cfg4'])
+  proc, results, summary = _run(ref, tmp_path / 'out', fast_compile=True)
+  assert proc.returncode == 1, proc.stdout
+  by_name = {r['case']: r for r in results}
+  assert set(by_name) == {'image_unet/eps', 'image_unet/eps_cfg4'}
+  bad = by_name['image_unet/eps']
+  assert bad['ok'] is False and abs(bad['max_abs_err'] - 1e-2) < 1e-3, bad
+  assert by_name['image_unet/eps_cfg4']['ok'] is True
+  assert summary == '1 passed, 1 failed'
+
+
+def test_empty_folder_fails(tmp_path):
+  (tmp_path / 'ref').mkdir()
+  proc, results, summary = _run(tmp_path / 'ref', tmp_path / 'out', fast_compile=True)
+  assert proc.returncode == 1
+  assert results == [] and summary == '0 passed, 0 failed'
