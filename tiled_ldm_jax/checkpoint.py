@@ -9,12 +9,14 @@ params do not fit its config is an error, not a silently different model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import uuid
 from typing import Any
 
+from absl import logging as absl_logging
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -22,6 +24,17 @@ import orbax.checkpoint as ocp
 from tiled_ldm_jax.models import configs as configs_lib
 
 MODEL_KINDS = ('image_unet', 'mask_unet', 'vae')
+
+
+@contextlib.contextmanager
+def quiet_orbax():
+  """orbax logs every save/restore at INFO through absl; keep only warnings meanwhile."""
+  level = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(min(level, absl_logging.WARNING))
+  try:
+    yield
+  finally:
+    absl_logging.set_verbosity(level)
 _FORMAT = 1
 
 
@@ -53,7 +66,7 @@ def save_model(directory: str, model: str, config, params) -> None:
   os.mkdir(tmp)
   try:
     params = jax.tree_util.tree_map(np.asarray, params)
-    with ocp.PyTreeCheckpointer() as ckptr:
+    with quiet_orbax(), ocp.PyTreeCheckpointer() as ckptr:
       ckptr.save(os.path.join(tmp, 'params'), params)
     meta = {'format': _FORMAT, 'model': model, 'config': configs_lib.config_to_dict(config)}
     with open(os.path.join(tmp, 'model.json'), 'w') as f:
@@ -84,7 +97,7 @@ def load_model(directory: str, expect: str | None = None):
   if expect is not None and model != expect:
     raise ValueError(f'{directory} holds a {model} model, expected {expect}')
   abstract = _abstract(model, config)
-  with ocp.PyTreeCheckpointer() as ckptr:
+  with quiet_orbax(), ocp.PyTreeCheckpointer() as ckptr:
     restore_args = jax.tree_util.tree_map(lambda s: ocp.RestoreArgs(restore_type=np.ndarray),
                                           abstract)
     try:

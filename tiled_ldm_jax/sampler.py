@@ -378,7 +378,6 @@ def sample_image_latents(unet_config, params, labels, keys, *, patch_size: int, 
     The final `SamplerState`; `.x` is [N, H/8, W/8, channels].
   """
   from tiled_ldm_jax import masks as masks_lib  # pylint: disable=g-import-not-at-top
-  from tiled_ldm_jax.models import unet as unet_lib  # pylint: disable=g-import-not-at-top
   labels = np.asarray(labels)
   if labels.ndim != 3:
     raise ValueError(f'labels must be [N, H, W], got shape {labels.shape}')
@@ -388,5 +387,22 @@ def sample_image_latents(unet_config, params, labels, keys, *, patch_size: int, 
   settings = SamplerSettings(steps=steps, patch=patch_size // LATENT_FACTOR,
                              patches_per_step=patches_per_step, eta=eta,
                              progress_every=progress_every, progress_label='image latents')
+  return image_sampler(unet_config, cond_scale, settings).sample(params, keys, latent,
+                                                                 unet_config.channels)
+
+
+@functools.lru_cache(maxsize=16)
+def image_sampler(unet_config, cond_scale: float, settings: SamplerSettings,
+                  mesh=None) -> Sampler:
+  """A cached image-model Sampler: repeated calls reuse its compiled program."""
+  from tiled_ldm_jax.models import unet as unet_lib  # pylint: disable=g-import-not-at-top
   denoise = image_denoiser(unet_lib.eps_fn(unet_config), unet_config.num_classes, cond_scale)
-  return Sampler(denoise, settings).sample(params, keys, latent, unet_config.channels)
+  return Sampler(denoise, settings, mesh=mesh)
+
+
+@functools.lru_cache(maxsize=16)
+def mask_sampler(unet_config, cond_scale: float, settings: SamplerSettings,
+                 mesh=None) -> Sampler:
+  """A cached mask-model Sampler."""
+  from tiled_ldm_jax.models import unet as unet_lib  # pylint: disable=g-import-not-at-top
+  return Sampler(mask_denoiser(unet_lib.eps_fn(unet_config), cond_scale), settings, mesh=mesh)

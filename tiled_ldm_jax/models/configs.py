@@ -103,7 +103,7 @@ def unet_config_from_torch(kind: str, cfg: Mapping[str, Any], **overrides) -> UN
   unknown = set(cfg) - {'unet', 'dm'}
   if unknown:
     raise ConfigError(f'unknown top-level config sections: {sorted(unknown)}')
-  unet = dict(cfg.get('unet', cfg))
+  unet = dict(cfg.get('unet', {}))
   bad = []
   for key, value in unet.items():
     if key in _UNET_FIELDS or key in _UNET_IGNORED:
