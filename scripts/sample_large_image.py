@@ -38,6 +38,10 @@ flags.DEFINE_enum('output_format', 'png', list(pipeline.FORMATS), 'Image file fo
 flags.DEFINE_float('eta', 1.0, 'DDIM eta (0: deterministic given the initial noise).')
 flags.DEFINE_integer('tile_batch', 4, 'VAE tiles per decoder call.')
 flags.DEFINE_integer('progress_every', 50, 'Sampler progress log period in iterations.')
+flags.DEFINE_integer('checkpoint_every', 0, 'Save the sampler state every N iterations under '
+                     'imgs_path/checkpoint (0: off).')
+flags.DEFINE_bool('resume', False, 'Continue the run saved under imgs_path/checkpoint '
+                  '(same flags required).')
 
 FLAGS = flags.FLAGS
 

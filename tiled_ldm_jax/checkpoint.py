@@ -180,3 +180,55 @@ def restore_train_state(directory: str, abstract_state, step: int | None = None)
         state=ocp.args.StandardRestore(target, restore_args)))['state']
   leaves = [np.asarray(flat[k], target[k].dtype) for k in sorted(flat_abstract)]
   return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract_state), leaves)
+
+
+# ----------------------------------------------------------------------------- run state
+
+
+def save_state(directory: str, tree, meta: dict[str, Any]) -> None:
+  """Atomically replaces `directory` with `tree` (orbax) and `meta` (`meta.json`).
+
+  Written into a sibling temporary folder and swapped in by rename, so `directory` is
+  always either the previous complete state or the new one.
+  """
+  directory = os.path.abspath(directory)
+  parent = os.path.dirname(directory)
+  os.makedirs(parent, exist_ok=True)
+  tmp = os.path.join(parent, f'.tmp-{os.path.basename(directory)}-{uuid.uuid4().hex[:12]}')
+  old = tmp + '-old'
+  os.mkdir(tmp)
+  try:
+    with quiet_orbax(), ocp.PyTreeCheckpointer() as ckptr:
+      ckptr.save(os.path.join(tmp, 'state'), jax.tree_util.tree_map(np.asarray, tree))
+    with open(os.path.join(tmp, 'meta.json'), 'w') as f:
+      json.dump(meta, f, indent=1)
+    if os.path.exists(directory):
+      os.replace(directory, old)
+    os.replace(tmp, directory)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_state_meta(directory: str) -> dict[str, Any]:
+  path = os.path.join(directory, 'meta.json')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'no saved run state in {directory}')
+  with open(path) as f:
+    return json.load(f)
+
+
+def load_state(directory: str, abstract):
+  """The tree saved by `save_state`, restored against `abstract` (numpy leaves)."""
+  with quiet_orbax(), ocp.PyTreeCheckpointer() as ckptr:
+    restore_args = jax.tree_util.tree_map(lambda s: ocp.RestoreArgs(restore_type=np.ndarray),
+                                          abstract)
+    tree = ckptr.restore(os.path.join(directory, 'state'), item=abstract,
+                         restore_args=restore_args)
+  bad = [f'{jax.tree_util.keystr(p)}: {np.shape(v)} != {s.shape}'
+         for (p, v), s in zip(jax.tree_util.tree_leaves_with_path(tree),
+                              jax.tree_util.tree_leaves(abstract))
+         if tuple(np.shape(v)) != tuple(s.shape)]
+  if bad:
+    raise ValueError(f'{directory}: saved state does not fit this run:\n  ' + '\n  '.join(bad))
+  return tree

@@ -29,6 +29,7 @@ import numpy as np
 from tiled_ldm_jax import checkpoint
 from tiled_ldm_jax import decode as decode_lib
 from tiled_ldm_jax import masks as masks_lib
+from tiled_ldm_jax import resume
 from tiled_ldm_jax import sampler as sampler_lib
 from tiled_ldm_jax import writers
 from tiled_ldm_jax.models import vae as vae_lib
@@ -61,6 +62,8 @@ class GenerationConfig:
   tile_batch: int = 4                   # VAE tiles per decoder call
   latent_scale: float = 50.0            # DiffInfinite latents are SD2 latents / 50
   progress_every: int = 50              # sampler progress log period (iterations; 0: off)
+  checkpoint_every: int = 0             # save the sampler state every N iterations (0: off)
+  resume: bool = False                  # continue the run saved in <imgs_path>/checkpoint
 
 
 @functools.lru_cache(maxsize=4)
@@ -123,8 +126,17 @@ class _Models:
   mask_unet: tuple[Any, Any] | None
 
 
-def validate(cfg: GenerationConfig) -> tuple[_Models, np.ndarray | None]:
-  """Every check that can fail, before any compute. Returns the models and given mask."""
+@dataclasses.dataclass
+class Prepared:
+  """What `validate` found: loaded models, the given mask, model hashes, resume meta."""
+  models: _Models
+  mask: np.ndarray | None
+  hashes: dict[str, str]
+  resume_meta: dict[str, Any] | None
+
+
+def validate(cfg: GenerationConfig) -> Prepared:
+  """Every check that can fail, before any compute."""
   if cfg.output_format not in FORMATS:
     _fail(f'output_format must be one of {FORMATS}, got {cfg.output_format!r}')
   if cfg.n_images < 1 or cfg.batch_size < 1 or cfg.n_images % cfg.batch_size:
@@ -156,8 +168,22 @@ def validate(cfg: GenerationConfig) -> tuple[_Models, np.ndarray | None]:
                                    cfg.sampling_steps, mask_unet[0].downsample_factor)
     except ValueError as e:
       _fail(f'mask stage: {e}')
+  if cfg.checkpoint_every < 0:
+    _fail(f'checkpoint_every must be >= 0, got {cfg.checkpoint_every}')
   _check_output_dir(cfg.imgs_path)
-  return _Models(unet, vae, mask_unet), mask
+  hashes = {name: _hash_folder(path) for name, path in
+            (('unet', cfg.unet_ckpt), ('vae', cfg.vae_ckpt), ('mask_unet', cfg.mask_unet_ckpt))
+            if path and (name != 'mask_unet' or mask is None)}
+  run_ckpt = resume.RunCheckpoint(cfg.imgs_path)
+  meta = None
+  if cfg.resume:
+    if not run_ckpt.exists():
+      _fail(f'--resume: no saved run in {run_ckpt.path}')
+    meta = run_ckpt.check(cfg, hashes)
+  elif run_ckpt.exists():
+    _fail(f'{cfg.imgs_path} holds an unfinished run ({run_ckpt.path}); pass --resume with '
+          f'the same flags to continue it, or remove that folder')
+  return Prepared(_Models(unet, vae, mask_unet), mask, hashes, meta)
 
 
 def _mask_size(image_size: int) -> int:
@@ -170,11 +196,22 @@ def _stage_keys(cfg: GenerationConfig, indices, stage: int) -> jax.Array:
   return jax.vmap(lambda k: jax.random.fold_in(k, stage))(keys)
 
 
-def sample_masks(cfg: GenerationConfig, models: _Models, indices) -> tuple[np.ndarray, dict]:
-  """[B, N, N] label maps from the mask model (sample, tiled decode, quantize, clean)."""
-  m_cfg, m_params = models.mask_unet
-  v_cfg, v_params = models.vae
-  num_labels = models.unet[0].num_classes
+def _run_stage(cfg: GenerationConfig, smp, params, state, latent_labels, save):
+  """Runs a sampler to the end in chunks of `checkpoint_every`, saving after each."""
+  every = cfg.checkpoint_every or None
+  while int(state.times.min()) < cfg.sampling_steps:       # one host sync per chunk
+    state = smp.run(params, state, latent_labels, max_iterations=every)
+    if every and int(state.times.min()) < cfg.sampling_steps:
+      save(state)
+  return state
+
+
+def _stats(state) -> dict:
+  return {'patch_iterations': int(state.iterations),
+          'denoiser_evaluations': int(state.evaluations)}
+
+
+def _mask_sampler(cfg: GenerationConfig, m_cfg):
   msize = _mask_size(cfg.image_size)
   patch = min(cfg.mask_patch_size, msize)
   if patch != cfg.mask_patch_size:
@@ -183,31 +220,51 @@ def sample_masks(cfg: GenerationConfig, models: _Models, indices) -> tuple[np.nd
   settings = sampler_lib.SamplerSettings(
       steps=cfg.sampling_steps, patch=patch // 8, patches_per_step=cfg.patches_per_step,
       eta=cfg.eta, progress_every=cfg.progress_every, progress_label='mask stage')
-  smp = sampler_lib.mask_sampler(m_cfg, cfg.mask_cond_scale, settings)
+  return sampler_lib.mask_sampler(m_cfg, cfg.mask_cond_scale, settings), msize, patch
+
+
+def sample_masks(cfg: GenerationConfig, models: _Models, indices, state=None,
+                 save=None) -> tuple[np.ndarray, dict]:
+  """[B, N, N] label maps from the mask model (sample, tiled decode, quantize, clean).
+
+  `state`: a restored mask-stage `SamplerState` to continue; `save(state)`: checkpoint.
+  """
+  m_cfg, m_params = models.mask_unet
+  v_cfg, v_params = models.vae
+  num_labels = models.unet[0].num_classes
+  smp, msize, patch = _mask_sampler(cfg, m_cfg)
   classes = np.full((len(indices), msize // 8, msize // 8), cfg.label, np.int32)
-  state = smp.sample(m_params, _stage_keys(cfg, indices, 0), classes, m_cfg.channels)
-  z = np.asarray(state.x)
-  out = []
+  if state is None:
+    state = smp.init(_stage_keys(cfg, indices, 0), classes.shape, m_cfg.channels)
+  state = _run_stage(cfg, smp, m_params, state, classes, save)
   dec = decode_lib.TiledDecodeSettings(patch_size=patch, tile_batch=cfg.tile_batch,
                                        latent_scale=cfg.latent_scale)
-  for zi in z:
+  out = []
+  for zi in np.asarray(state.x):
     img = decode_lib.decode_image(_vae_decode(v_cfg), v_params, zi, dec)
     q = masks_lib.quantize_mask_image(img, num_labels)
     out.append(masks_lib.clean_mask(q, num_labels, (cfg.image_size, cfg.image_size)))
-  stats = {'patch_iterations': int(state.iterations),
-           'denoiser_evaluations': int(state.evaluations)}
-  return np.stack(out), stats
+  return np.stack(out), _stats(state)
 
 
-def sample_latents(cfg: GenerationConfig, models: _Models, labels: np.ndarray, indices):
+def _image_sampler(cfg: GenerationConfig, u_cfg):
+  settings = sampler_lib.SamplerSettings(
+      steps=cfg.sampling_steps, patch=cfg.patch_size // 8,
+      patches_per_step=cfg.patches_per_step, eta=cfg.eta,
+      progress_every=cfg.progress_every, progress_label='image stage')
+  return sampler_lib.image_sampler(u_cfg, cfg.cond_scale, settings)
+
+
+def sample_latents(cfg: GenerationConfig, models: _Models, labels: np.ndarray, indices,
+                   state=None, save=None):
+  """[B, H/8, W/8, C] image latents for pixel label maps [B, H, W] (see sample_masks)."""
   u_cfg, u_params = models.unet
-  state = sampler_lib.sample_image_latents(
-      u_cfg, u_params, labels, _stage_keys(cfg, indices, 1), patch_size=cfg.patch_size,
-      steps=cfg.sampling_steps, cond_scale=cfg.cond_scale,
-      patches_per_step=cfg.patches_per_step, eta=cfg.eta, progress_every=cfg.progress_every)
-  stats = {'patch_iterations': int(state.iterations),
-           'denoiser_evaluations': int(state.evaluations)}
-  return np.asarray(state.x), stats
+  smp = _image_sampler(cfg, u_cfg)
+  latent = masks_lib.latent_labels(np.asarray(labels, np.int32), sampler_lib.LATENT_FACTOR)
+  if state is None:
+    state = smp.init(_stage_keys(cfg, indices, 1), latent.shape, u_cfg.channels)
+  state = _run_stage(cfg, smp, u_params, state, latent, save)
+  return np.asarray(state.x), _stats(state)
 
 
 def _write_sample(cfg: GenerationConfig, models: _Models, number: int, z: np.ndarray,
@@ -229,32 +286,74 @@ def _write_sample(cfg: GenerationConfig, models: _Models, number: int, z: np.nda
   return record
 
 
+def _fresh_state(cfg: GenerationConfig, models: _Models, stage: str, indices):
+  """The initial state of a stage (also the shape template for restoring one)."""
+  if stage == 'mask':
+    smp, msize, _ = _mask_sampler(cfg, models.mask_unet[0])
+    shape, channels = (len(indices), msize // 8, msize // 8), models.mask_unet[0].channels
+  else:
+    smp = _image_sampler(cfg, models.unet[0])
+    shape = (len(indices), cfg.image_size // 8, cfg.image_size // 8)
+    channels = models.unet[0].channels
+  return smp, smp.init(_stage_keys(cfg, indices, 0 if stage == 'mask' else 1), shape, channels)
+
+
+def _restore(cfg, models, run_ckpt: resume.RunCheckpoint, meta, indices):
+  """(stage, state, labels) of the saved batch."""
+  stage = meta['stage']
+  smp, like = _fresh_state(cfg, models, stage, indices)
+  labels_shape = (len(indices), cfg.image_size, cfg.image_size) if meta['has_labels'] else None
+  state, labels = run_ckpt.load(like, labels_shape)
+  logging.info('resuming batch at image %d, %s stage, iteration %d', meta['batch_start'],
+               stage, meta['iterations'])
+  return stage, smp.place(state), labels
+
+
 def generate(cfg: GenerationConfig, *, flags_used: dict | None = None,
-             prepared=None) -> list[dict]:
+             prepared: Prepared | None = None) -> list[dict]:
   """Generates `cfg.n_images` images into `cfg.imgs_path`; returns their JSON records.
 
-  `prepared`: what `validate(cfg)` returned, if the caller already ran it.
+  `prepared`: what `validate(cfg)` returned, if the caller already ran it. With
+  `checkpoint_every`, progress is saved under `<imgs_path>/checkpoint` (see resume.py);
+  `resume` continues such a run.
   """
-  models, given_mask = prepared or validate(cfg)
-  hashes = {name: _hash_folder(path) for name, path in
-            (('unet', cfg.unet_ckpt), ('vae', cfg.vae_ckpt), ('mask_unet', cfg.mask_unet_ckpt))
-            if path and (name != 'mask_unet' or given_mask is None)}
-  first = next_index(cfg.imgs_path)
+  prep = prepared or validate(cfg)
+  models, given_mask, hashes, meta = prep.models, prep.mask, prep.hashes, prep.resume_meta
+  run_ckpt = resume.RunCheckpoint(cfg.imgs_path)
+  first = meta['first_sample'] if meta else next_index(cfg.imgs_path)
+  start_batch = meta['batch_start'] if meta else 0
   records = []
   total_start = time.perf_counter()
-  for b0 in range(0, cfg.n_images, cfg.batch_size):
+  for b0 in range(start_batch, cfg.n_images, cfg.batch_size):
     indices = np.arange(b0, b0 + cfg.batch_size)
-    seconds = {}
-    start = time.perf_counter()
-    if given_mask is None:
+    save = functools.partial(run_ckpt.save, cfg=cfg, hashes=hashes, batch_start=b0,
+                             first_sample=first)
+    stage, state, labels, extra = 'mask', None, None, {}
+    if meta is not None and b0 == start_batch:
+      stage, state, labels = _restore(cfg, models, run_ckpt, meta, indices)
+      extra = meta.get('extra', {})
+    seconds = dict(extra.get('seconds', {}))
+    mask_stats = extra.get('mask_stats')
+    if given_mask is not None:
+      labels = np.broadcast_to(given_mask, (cfg.batch_size,) + given_mask.shape)
+      stage = 'image'
+    elif stage == 'mask':
       logging.info('images %d-%d: mask stage', b0, b0 + cfg.batch_size - 1)
-      labels, mask_stats = sample_masks(cfg, models, indices)
+      start = time.perf_counter()
+      labels, mask_stats = sample_masks(
+          cfg, models, indices, state, lambda st: save(stage='mask', state=st))
       seconds['mask_stage'] = time.perf_counter() - start
-    else:
-      labels, mask_stats = np.broadcast_to(given_mask, (cfg.batch_size,) + given_mask.shape), None
+      state = None
+      if cfg.checkpoint_every:   # the image stage starts from here after an interruption
+        _, fresh = _fresh_state(cfg, models, 'image', indices)
+        save(stage='image', state=fresh, labels=labels,
+             extra={'mask_stats': mask_stats, 'seconds': seconds})
     logging.info('images %d-%d: image stage', b0, b0 + cfg.batch_size - 1)
     start = time.perf_counter()
-    z, image_stats = sample_latents(cfg, models, labels, indices)
+    image_extra = {'mask_stats': mask_stats, 'seconds': seconds}
+    z, image_stats = sample_latents(
+        cfg, models, labels, indices, state,
+        lambda st: save(stage='image', state=st, labels=labels, extra=image_extra))
     seconds['image_stage'] = time.perf_counter() - start
     for j, index in enumerate(indices):
       record = {
@@ -270,4 +369,11 @@ def generate(cfg: GenerationConfig, *, flags_used: dict | None = None,
       records.append(_write_sample(cfg, models, first + int(index), z[j], labels[j], record))
       logging.info('wrote sample%04d (%d/%d, %.0f s so far)', first + int(index),
                    len(records), cfg.n_images, time.perf_counter() - total_start)
+    if cfg.checkpoint_every and b0 + cfg.batch_size < cfg.n_images:
+      nxt = indices + cfg.batch_size    # the next batch starts from scratch
+      _, fresh = _fresh_state(cfg, models, 'image' if given_mask is not None else 'mask', nxt)
+      run_ckpt.save(cfg=cfg, hashes=hashes, batch_start=b0 + cfg.batch_size,
+                    first_sample=first, stage='image' if given_mask is not None else 'mask',
+                    state=fresh)
+  run_ckpt.remove()
   return records

@@ -248,7 +248,7 @@ class Sampler:
     check_shapes(labels_shape, self.settings.patch)
     if keys.shape != tuple(labels_shape[:1]):
       raise ValueError(f'need one key per image: keys {keys.shape}, labels {labels_shape}')
-    return self._place(init_state(keys, tuple(labels_shape[1:]), channels))
+    return self.place(init_state(keys, tuple(labels_shape[1:]), channels))
 
   def run(self, params, state: SamplerState, labels,
           max_iterations: int | None = None) -> SamplerState:
@@ -280,7 +280,7 @@ class Sampler:
     return NamedSharding(self.mesh, PartitionSpec(self.mesh.axis_names[0]) if images_axis
                          else PartitionSpec())
 
-  def _place(self, state: SamplerState) -> SamplerState:
+  def place(self, state: SamplerState) -> SamplerState:
     """Puts the state on the mesh: split by image, or replicated (patch split)."""
     if self.mesh is None:
       return state

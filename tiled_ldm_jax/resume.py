@@ -1,0 +1,96 @@
+"""Resumable runs: the sampler state of the current batch and stage, saved every N iterations.
+
+A run's checkpoint lives in `<imgs_path>/checkpoint/` (`checkpoint.save_state`: orbax tree
+plus `meta.json`, swapped in atomically). It holds the stage ('mask' or 'image'), the
+batch, the sample number of the run's first image, the flags that determine the result,
+the model hashes, and the `SamplerState` (latent, lower-level copy, times, keys,
+counters) plus, in the image stage, the label maps the mask stage produced. Because
+`Sampler.run` in chunks equals one uninterrupted run, a resumed run writes exactly the
+bytes an uninterrupted one would. The folder is removed when the run completes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tiled_ldm_jax import checkpoint
+from tiled_ldm_jax.sampler import SamplerState
+
+FOLDER = 'checkpoint'
+FORMAT = 1
+# GenerationConfig fields that cannot change what is generated.
+NEUTRAL_FIELDS = ('imgs_path', 'progress_every', 'checkpoint_every', 'resume')
+
+
+def result_flags(cfg) -> dict[str, Any]:
+  return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NEUTRAL_FIELDS}
+
+
+def _state_tree(state: SamplerState, labels) -> dict[str, np.ndarray]:
+  tree = {f.name: np.asarray(getattr(state, f.name)) for f in dataclasses.fields(state)
+          if f.name != 'keys'}
+  tree['key_data'] = np.asarray(jax.random.key_data(state.keys))
+  if labels is not None:
+    tree['labels'] = np.asarray(labels, np.int32)
+  return tree
+
+
+class RunCheckpoint:
+  """Saves and restores one run's progress under `<imgs_path>/checkpoint`."""
+
+  def __init__(self, imgs_path: str):
+    self.path = os.path.join(imgs_path, FOLDER)
+
+  def exists(self) -> bool:
+    return os.path.isfile(os.path.join(self.path, 'meta.json'))
+
+  def meta(self) -> dict[str, Any]:
+    return checkpoint.load_state_meta(self.path)
+
+  def check(self, cfg, hashes: dict[str, str]) -> dict[str, Any]:
+    """The saved meta, if this run may continue it; else ValueError naming what differs."""
+    meta = self.meta()
+    if meta.get('format') != FORMAT:
+      raise ValueError(f'{self.path}: unknown checkpoint format {meta.get("format")!r}')
+    now = result_flags(cfg)
+    changed = sorted(k for k in set(now) | set(meta['flags'])
+                     if now.get(k) != meta['flags'].get(k))
+    changed += [f'{name} checkpoint (weights changed)' for name in sorted(hashes)
+                if meta['checkpoint_sha256'].get(name) != hashes[name]]
+    if changed:
+      detail = '; '.join(f'{k}: saved {meta["flags"][k]!r}, now {now.get(k)!r}'
+                         if k in meta['flags'] else k for k in changed)
+      raise ValueError(f'cannot resume {self.path}: these settings differ from the saved run '
+                       f'and would change the result: {detail}')
+    return meta
+
+  def save(self, *, cfg, hashes, stage: str, batch_start: int, first_sample: int,
+           state: SamplerState, labels=None, extra: dict | None = None) -> None:
+    meta = {'format': FORMAT, 'stage': stage, 'batch_start': int(batch_start),
+            'first_sample': int(first_sample), 'flags': result_flags(cfg),
+            'checkpoint_sha256': hashes, 'iterations': int(state.iterations),
+            'has_labels': labels is not None, 'extra': extra or {}}
+    checkpoint.save_state(self.path, _state_tree(state, labels), meta)
+
+  def load(self, like: SamplerState, labels_shape=None) -> tuple[SamplerState, Any]:
+    """(state, labels or None) restored against the shapes of `like`."""
+    abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                                      _state_tree(like, None))
+    if labels_shape is not None:
+      abstract['labels'] = jax.ShapeDtypeStruct(tuple(labels_shape), np.int32)
+    tree = checkpoint.load_state(self.path, abstract)
+    fields = {f.name: jnp.asarray(tree[f.name]) for f in dataclasses.fields(like)
+              if f.name != 'keys'}
+    keys = jax.random.wrap_key_data(jnp.asarray(tree['key_data']),
+                                    impl=jax.random.key_impl(like.keys))
+    return SamplerState(keys=keys, **fields), tree.get('labels')
+
+  def remove(self) -> None:
+    shutil.rmtree(self.path, ignore_errors=True)
