@@ -15,6 +15,7 @@ from absl import flags
 from absl import logging
 
 from tiled_ldm_jax import pipeline
+from tiled_ldm_jax import sharding
 
 
 flags.DEFINE_integer('n_images', 1, 'Images to generate.')
@@ -40,6 +41,13 @@ flags.DEFINE_integer('tile_batch', 4, 'VAE tiles per decoder call.')
 flags.DEFINE_integer('progress_every', 50, 'Sampler progress log period in iterations.')
 flags.DEFINE_integer('checkpoint_every', 0, 'Save the sampler state every N iterations under '
                      'imgs_path/checkpoint (0: off).')
+flags.DEFINE_integer('devices', 0, 'Devices to shard the batch/patches over (0: all).')
+flags.DEFINE_string('coordinator_address', None, 'Multi-host: host:port of process 0 '
+                    '(GPU hosts; TPU pods and SLURM read the environment).')
+flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
+flags.DEFINE_integer('process_id', None, 'Multi-host: this process\'s index.')
+flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() with the flags '
+                  'above or, if they are unset, from the environment (TPU pod slices).')
 flags.DEFINE_bool('resume', False, 'Continue the run saved under imgs_path/checkpoint '
                   '(same flags required).')
 
@@ -49,6 +57,9 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if FLAGS.distributed or FLAGS.coordinator_address:
+    sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                    FLAGS.process_id)
   names = [f.name for f in pipeline.GenerationConfig.__dataclass_fields__.values()
            if f.name in FLAGS]
   cfg = pipeline.GenerationConfig(**{name: FLAGS[name].value for name in names})
@@ -60,6 +71,8 @@ def main(argv):
                               prepared=prepared)
   for r in records:
     logging.info('sample%04d: %s', r['sample'], r['seconds'])
+  if not sharding.is_writer():
+    return
   print(f'wrote {len(records)} image(s) to {cfg.imgs_path}: ' +
         ', '.join(r['files']['image'] for r in records))
 

@@ -30,6 +30,7 @@ from tiled_ldm_jax import checkpoint
 from tiled_ldm_jax import decode as decode_lib
 from tiled_ldm_jax import masks as masks_lib
 from tiled_ldm_jax import resume
+from tiled_ldm_jax import sharding
 from tiled_ldm_jax import sampler as sampler_lib
 from tiled_ldm_jax import writers
 from tiled_ldm_jax.models import vae as vae_lib
@@ -64,6 +65,7 @@ class GenerationConfig:
   progress_every: int = 50              # sampler progress log period (iterations; 0: off)
   checkpoint_every: int = 0             # save the sampler state every N iterations (0: off)
   resume: bool = False                  # continue the run saved in <imgs_path>/checkpoint
+  devices: int = 0                      # devices to shard over (0: all JAX sees)
 
 
 @functools.lru_cache(maxsize=4)
@@ -168,6 +170,10 @@ def validate(cfg: GenerationConfig) -> Prepared:
                                    cfg.sampling_steps, mask_unet[0].downsample_factor)
     except ValueError as e:
       _fail(f'mask stage: {e}')
+  try:
+    _mesh(cfg)
+  except ValueError as e:
+    _fail(f'--devices: {e}')
   if cfg.checkpoint_every < 0:
     _fail(f'checkpoint_every must be >= 0, got {cfg.checkpoint_every}')
   _check_output_dir(cfg.imgs_path)
@@ -220,7 +226,8 @@ def _mask_sampler(cfg: GenerationConfig, m_cfg):
   settings = sampler_lib.SamplerSettings(
       steps=cfg.sampling_steps, patch=patch // 8, patches_per_step=cfg.patches_per_step,
       eta=cfg.eta, progress_every=cfg.progress_every, progress_label='mask stage')
-  return sampler_lib.mask_sampler(m_cfg, cfg.mask_cond_scale, settings), msize, patch
+  return (sampler_lib.mask_sampler(m_cfg, cfg.mask_cond_scale, settings, _mesh(cfg)), msize,
+          patch)
 
 
 def sample_masks(cfg: GenerationConfig, models: _Models, indices, state=None,
@@ -240,7 +247,7 @@ def sample_masks(cfg: GenerationConfig, models: _Models, indices, state=None,
   dec = decode_lib.TiledDecodeSettings(patch_size=patch, tile_batch=cfg.tile_batch,
                                        latent_scale=cfg.latent_scale)
   out = []
-  for zi in np.asarray(state.x):
+  for zi in sharding.to_host(state.x):
     img = decode_lib.decode_image(_vae_decode(v_cfg), v_params, zi, dec)
     q = masks_lib.quantize_mask_image(img, num_labels)
     out.append(masks_lib.clean_mask(q, num_labels, (cfg.image_size, cfg.image_size)))
@@ -252,7 +259,11 @@ def _image_sampler(cfg: GenerationConfig, u_cfg):
       steps=cfg.sampling_steps, patch=cfg.patch_size // 8,
       patches_per_step=cfg.patches_per_step, eta=cfg.eta,
       progress_every=cfg.progress_every, progress_label='image stage')
-  return sampler_lib.image_sampler(u_cfg, cfg.cond_scale, settings)
+  return sampler_lib.image_sampler(u_cfg, cfg.cond_scale, settings, _mesh(cfg))
+
+
+def _mesh(cfg: GenerationConfig):
+  return sharding.make_mesh(cfg.batch_size, cfg.patches_per_step, cfg.devices)
 
 
 def sample_latents(cfg: GenerationConfig, models: _Models, labels: np.ndarray, indices,
@@ -264,7 +275,7 @@ def sample_latents(cfg: GenerationConfig, models: _Models, labels: np.ndarray, i
   if state is None:
     state = smp.init(_stage_keys(cfg, indices, 1), latent.shape, u_cfg.channels)
   state = _run_stage(cfg, smp, u_params, state, latent, save)
-  return np.asarray(state.x), _stats(state)
+  return sharding.to_host(state.x), _stats(state)
 
 
 def _write_sample(cfg: GenerationConfig, models: _Models, number: int, z: np.ndarray,
@@ -272,6 +283,8 @@ def _write_sample(cfg: GenerationConfig, models: _Models, number: int, z: np.nda
   v_cfg, v_params = models.vae
   dec = decode_lib.TiledDecodeSettings(patch_size=cfg.patch_size, tile_batch=cfg.tile_batch,
                                        latent_scale=cfg.latent_scale)
+  if not sharding.is_writer():   # multi-host: process 0 writes
+    return record
   base = os.path.join(cfg.imgs_path, f'sample{number:04d}')
   start = time.perf_counter()
   image_path = base + ('.tif' if cfg.output_format == 'tiff' else f'.{cfg.output_format}')

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tiled_ldm_jax import checkpoint
+from tiled_ldm_jax import sharding
 from tiled_ldm_jax.sampler import SamplerState
 
 FOLDER = 'checkpoint'
@@ -34,9 +35,9 @@ def result_flags(cfg) -> dict[str, Any]:
 
 
 def _state_tree(state: SamplerState, labels) -> dict[str, np.ndarray]:
-  tree = {f.name: np.asarray(getattr(state, f.name)) for f in dataclasses.fields(state)
+  tree = {f.name: sharding.to_host(getattr(state, f.name)) for f in dataclasses.fields(state)
           if f.name != 'keys'}
-  tree['key_data'] = np.asarray(jax.random.key_data(state.keys))
+  tree['key_data'] = sharding.to_host(jax.random.key_data(state.keys))
   if labels is not None:
     tree['labels'] = np.asarray(labels, np.int32)
   return tree
@@ -77,7 +78,9 @@ class RunCheckpoint:
             'first_sample': int(first_sample), 'flags': result_flags(cfg),
             'checkpoint_sha256': hashes, 'iterations': int(state.iterations),
             'has_labels': labels is not None, 'extra': extra or {}}
-    checkpoint.save_state(self.path, _state_tree(state, labels), meta)
+    tree = _state_tree(state, labels)    # every process takes part in the gather
+    if sharding.is_writer():
+      checkpoint.save_state(self.path, tree, meta)
 
   def load(self, like: SamplerState, labels_shape=None) -> tuple[SamplerState, Any]:
     """(state, labels or None) restored against the shapes of `like`."""

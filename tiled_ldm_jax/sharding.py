@@ -1,0 +1,76 @@
+"""Meshes over the devices JAX is given, multi-host start-up, and moving results to the host.
+
+The sampler (`Sampler(mesh=...)`) splits the image batch over a 1-D mesh axis 'data' when
+the batch is a multiple of the mesh size, else the patches of each iteration. `make_mesh`
+picks the largest usable device count for a batch, so any batch runs on any machine.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from absl import logging
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+AXIS = 'data'
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+  """`jax.distributed.initialize` for multi-host runs.
+
+  With no arguments on a Cloud TPU pod slice (or a SLURM/Open MPI launch) JAX reads
+  everything from the environment; on GPU hosts pass all three. Single-process runs do
+  not call this.
+  """
+  kwargs = {k: v for k, v in (('coordinator_address', coordinator_address),
+                              ('num_processes', num_processes), ('process_id', process_id))
+            if v is not None}
+  jax.distributed.initialize(**kwargs)
+  logging.info('process %d of %d; %d local / %d global devices', jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def usable_devices(n_images: int, patches_per_step: int, available: int) -> int:
+  """The largest d <= available dividing the image batch or the patch batch (N*K)."""
+  for d in range(available, 0, -1):
+    if n_images % d == 0 or (n_images * patches_per_step) % d == 0:
+      return d
+  return 1
+
+
+def make_mesh(n_images: int, patches_per_step: int, devices: int | None = None,
+              device_list: Sequence[jax.Device] | None = None) -> Mesh | None:
+  """A 1-D mesh over as many devices as the batch can use; None for a single device.
+
+  Args:
+    n_images: images sampled together; patches_per_step: K.
+    devices: at most this many devices (None or 0: all of `jax.devices()`).
+  """
+  pool = list(device_list or jax.devices())
+  if devices:
+    if devices > len(pool):
+      raise ValueError(f'asked for {devices} devices, JAX sees {len(pool)}')
+    pool = pool[:devices]
+  d = usable_devices(n_images, patches_per_step, len(pool))
+  if d < len(pool):
+    logging.warning('using %d of %d devices: neither the batch (%d images) nor the patch '
+                    'batch (x%d patches) divides by more', d, len(pool), n_images,
+                    patches_per_step)
+  return Mesh(np.array(pool[:d]), (AXIS,)) if d > 1 else None
+
+
+def to_host(x) -> np.ndarray:
+  """A (possibly multi-host sharded) array as one numpy array on every process."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+def is_writer() -> bool:
+  """Only process 0 writes outputs."""
+  return jax.process_index() == 0
