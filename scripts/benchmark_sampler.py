@@ -21,16 +21,23 @@ _K = flags.DEFINE_integer('patches_per_step', 1, 'Non-overlapping patches per it
 _BATCH = flags.DEFINE_integer('batch_size', 1, 'Images sampled together.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Root PRNG seed.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed runs after the compile run.')
+_DEVICES = flags.DEFINE_integer('devices', 1, 'If > 1: seconds per image on 1 device vs this '
+                                'many (the batch split over them) and the scaling efficiency.')
 flags.mark_flag_as_required('unet_ckpt')
 
 
 def main(argv):
   del argv
   _, config, params = checkpoint.load_model(_CKPT.value, expect='image_unet')
-  result = benchmark.run_sampler_benchmark(
-      config, params, image_size=_SIZE.value, patch_size=_PATCH.value, steps=_STEPS.value,
-      cond_scale=_W.value, patches_per_step=_K.value, seed=_SEED.value,
-      repeats=_REPEATS.value, batch_size=_BATCH.value)
+  kwargs = dict(image_size=_SIZE.value, patch_size=_PATCH.value, steps=_STEPS.value,
+                cond_scale=_W.value, patches_per_step=_K.value, seed=_SEED.value,
+                repeats=_REPEATS.value)
+  if _DEVICES.value > 1:
+    result = benchmark.run_scaling_benchmark(
+        config, params, devices=_DEVICES.value,
+        batch_size=_BATCH.value if _BATCH.value > 1 else None, **kwargs)
+  else:
+    result = benchmark.run_sampler_benchmark(config, params, batch_size=_BATCH.value, **kwargs)
   print(json.dumps(result))
 
 

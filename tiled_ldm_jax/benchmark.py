@@ -52,7 +52,8 @@ def time_denoiser_calls(config, params, batch: int, patch: int, calls: int,
 
 def run_sampler_benchmark(config, params, *, image_size: int, patch_size: int, steps: int,
                           cond_scale: float, patches_per_step: int, seed: int = 0,
-                          repeats: int = 3, batch_size: int = 1) -> dict:
+                          repeats: int = 3, batch_size: int = 1, mesh=None,
+                          time_denoiser: bool = True) -> dict:
   """Times `Sampler.sample` (compile separately) and the denoiser calls it makes."""
   labels = benchmark_label_map(image_size, image_size, config.num_classes)
   labels = np.broadcast_to(labels, (batch_size,) + labels.shape)
@@ -63,7 +64,7 @@ def run_sampler_benchmark(config, params, *, image_size: int, patch_size: int, s
                                          count_original=True)
   denoise = sampler_lib.image_denoiser(unet_lib.eps_fn(config), config.num_classes,
                                        cond_scale)
-  smp = sampler_lib.Sampler(denoise, settings)
+  smp = sampler_lib.Sampler(denoise, settings, mesh=mesh)
   latent = jnp.asarray(labels[:, ::8, ::8])
   keys = sampler_lib.image_keys(seed, np.arange(batch_size))
 
@@ -81,7 +82,8 @@ def run_sampler_benchmark(config, params, *, image_size: int, patch_size: int, s
   batch = batch_size * patches_per_step
   evaluations = int(state.evaluations)
   calls = evaluations // batch
-  denoiser_seconds = time_denoiser_calls(config, params, batch, patch_size // 8, calls)
+  denoiser_seconds = (time_denoiser_calls(config, params, batch, patch_size // 8, calls)
+                      if time_denoiser else float('nan'))
   return {
       'image_size': image_size, 'patch_size': patch_size, 'steps': steps,
       'cond_scale': cond_scale, 'patches_per_step': patches_per_step,
@@ -93,4 +95,33 @@ def run_sampler_benchmark(config, params, *, image_size: int, patch_size: int, s
       'denoiser_seconds': denoiser_seconds,
       'overhead_ratio': seconds / denoiser_seconds,
       'device': str(jax.devices()[0].device_kind),
+      'devices': 1 if mesh is None else int(mesh.devices.size),
+      'seconds_per_image': seconds / batch_size,
+  }
+
+
+def run_scaling_benchmark(config, params, *, devices: int, batch_size: int | None = None,
+                          **kwargs) -> dict:
+  """Seconds per image on 1 device and on `devices` (images split over them).
+
+  The batch (default: `devices` images) is the same in both runs, so
+  `efficiency = seconds_1 / (devices * seconds_N)` is 1 for perfect scaling.
+  """
+  from tiled_ldm_jax import sharding  # pylint: disable=g-import-not-at-top
+  batch_size = batch_size or devices
+  one = run_sampler_benchmark(config, params, batch_size=batch_size, time_denoiser=False,
+                              **kwargs)
+  mesh = sharding.make_mesh(batch_size, kwargs.get('patches_per_step', 1), devices)
+  many = run_sampler_benchmark(config, params, batch_size=batch_size, mesh=mesh,
+                               time_denoiser=False, **kwargs)
+  n = 1 if mesh is None else int(mesh.devices.size)
+  return {
+      'devices': n, 'batch_size': batch_size, 'device': one['device'],
+      'seconds_per_image_1': one['seconds_per_image'],
+      'seconds_per_image_n': many['seconds_per_image'],
+      'speedup': one['seconds'] / many['seconds'],
+      'efficiency': one['seconds'] / (n * many['seconds']),
+      'compile_seconds_1': one['compile_seconds'], 'compile_seconds_n': many['compile_seconds'],
+      'patch_iterations': many['patch_iterations'],
+      'same_iterations': one['patch_iterations'] == many['patch_iterations'],
   }
