@@ -157,7 +157,33 @@ def _clean_mask_cases(ctx: Context) -> Iterator[Case]:
                  tol=0.0)
 
 
-CASE_SOURCES = [_unet_cases, _vae_cases, _clean_mask_cases]
+def _blend_cases(ctx: Context) -> Iterator[Case]:
+  """`vae/blend_cases.npz`: the 15 Hann windows, the unshifted tiled decode, the blend."""
+  if not os.path.isfile(ctx.path('vae', 'blend_cases.npz')):
+    return
+  from tiled_ldm_jax import decode  # pylint: disable=g-import-not-at-top
+  d = ctx.npz('vae', 'blend_cases.npz')
+  p = int(d['patch_size'])
+  for key in d.files:
+    if key.startswith('window_'):
+      yield Case(f'blend/{key}', lambda c, k=key: float(np.abs(
+          np.asarray(decode.hann_windows(p)[k[len('window_'):]], np.float64) - d[k]).max()))
+
+  def tiled(ctx, key, blend):
+    from tiled_ldm_jax.models import vae  # pylint: disable=g-import-not-at-top
+    config, params = ctx.model('vae')
+    # The reference z is already divided by 50; the decode multiplies by 50 and clips.
+    out = decode.decode_image(vae.decode_fn(config), params, nhwc(d['z']), patch_size=p,
+                              factor=config.downsample_factor, latent_scale=50.0,
+                              clip=(0.0, 1.0), blend=blend)
+    return max_err(out, d[key])
+
+  for key, blend in (('tiled_no_blend', False), ('blended', True)):
+    if key in d:
+      yield Case(f'blend/{key}', lambda c, k=key, b=blend: tiled(c, k, b))
+
+
+CASE_SOURCES = [_unet_cases, _vae_cases, _clean_mask_cases, _blend_cases]
 
 
 def discover(ctx: Context) -> list[Case]:

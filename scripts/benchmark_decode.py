@@ -1,0 +1,64 @@
+"""Throughput of the tiled, Hann-blended decode: one JSON line per tile batch.
+
+  python scripts/benchmark_decode.py --vae_ckpt=/tmp/vae_ref --size=2048 --patch_size=64 \
+      --tile_batch=1,8
+
+`compile_seconds` is a warm-up decode of one band of the same width (compiles the band
+program, plus one band of work); `seconds` is the full decode after it, in memory
+(`decode.decode_image`, float32 pixels on the host). Megapixels are output pixels; each is
+decoded four times (the four shifted tilings).
+"""
+
+import json
+import time
+
+from absl import app
+from absl import flags
+import jax
+import numpy as np
+
+from tiled_ldm_jax import checkpoint
+from tiled_ldm_jax import decode
+from tiled_ldm_jax.models import vae
+
+_VAE = flags.DEFINE_string('vae_ckpt', None, 'Converted VAE folder.')
+_SIZE = flags.DEFINE_string('size', '2048', 'Output image side in pixels, or HxW.')
+_PATCH = flags.DEFINE_integer('patch_size', 512, 'Pixel tile side p.')
+_TILE_BATCH = flags.DEFINE_list('tile_batch', ['1', '8'], 'Tile batches to time.')
+_SCALE = flags.DEFINE_float('latent_scale', 50.0, 'Decoder input = latent * latent_scale.')
+_STD = flags.DEFINE_float('random_std', 0.02, 'Std of the random latent.')
+_BLEND = flags.DEFINE_bool('blend', True, 'False: time the unblended tiled decode.')
+flags.mark_flag_as_required('vae_ckpt')
+
+
+def main(argv):
+  del argv
+  _, config, params = checkpoint.load_model(_VAE.value, expect='vae')
+  params = jax.device_put(params)
+  f = config.downsample_factor
+  hw = [int(v) for v in _SIZE.value.lower().split('x')]
+  h, w = (hw * 2)[:2]
+  if h % f or w % f:
+    raise app.UsageError(f'size must be a multiple of {f}')
+  z = (np.random.default_rng(0).standard_normal((h // f, w // f, config.latent_channels),
+                                                 np.float32) * _STD.value)
+  fn = vae.decode_fn(config)
+  for tb in (int(v) for v in _TILE_BATCH.value):
+    s = decode.TiledDecodeSettings(patch_size=_PATCH.value, factor=f, tile_batch=tb,
+                                   latent_scale=_SCALE.value, blend=_BLEND.value)
+    start = time.perf_counter()
+    decode.decode_image(fn, params, z[:s.latent_patch], s)
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    out = decode.decode_image(fn, params, z, s)
+    seconds = time.perf_counter() - start
+    print(json.dumps({
+        'megapixels_per_second': round(h * w / 1e6 / seconds, 4), 'tile_batch': tb,
+        'seconds': round(seconds, 2), 'compile_seconds': round(compile_s, 2),
+        'image': [h, w], 'patch_size': _PATCH.value, 'blend': _BLEND.value,
+        'mean_pixel': round(float(out.mean()), 4), 'device': str(jax.devices()[0]),
+        'platform': jax.devices()[0].platform}), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)

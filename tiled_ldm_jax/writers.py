@@ -1,0 +1,358 @@
+"""Writing decoded images and their label masks to disk.
+
+- PNG / JPEG (Pillow) for images that fit in memory: `write_image`.
+- Tiled, pyramidal BigTIFF (tifffile, the optional extra `pip install tiled_ldm_jax[tiff]`)
+  for large images: `write_tiff` consumes `(row_start, rows)` bands, e.g. from
+  `decode.iter_decode_bands`, and never holds the image. Level 0 goes to tifffile tile by
+  tile (a buffer of one tile row, `tile` pixel rows, plus the band being consumed). Each
+  level l >= 1 is the 2x2 box mean (rounded, `(a+b+c+d+2)//4`) of level l-1, an odd last
+  row/column being paired with itself, so level shapes are `ceil(side / 2)`; levels are
+  computed from the rows as they stream and spooled to anonymous temporary files (1/3 of
+  level 0's bytes in all, on disk, not in memory), then written after level 0 as
+  SubIFDs. `TiffFile(path).series[0].levels` lists them all.
+- Label masks beside the image (`mask_path`): PNG of label ids (`masks.write_label_png`)
+  or, for `.tif`/`.tiff`, a tiled TIFF of label ids (uint8, or uint16 when an id is
+  >= 256).
+
+Every file is written under a temporary name in the destination folder and renamed
+(`os.replace`) only once complete, so the final name never holds a partial file;
+on any error the temporary file is removed.
+
+Images are uint8 `[H, W, C]` (C = 1, 3 or 4) or float in [0, 1], converted with
+`decode.to_uint8` (truncation, as the original's PNG saving).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+from tiled_ldm_jax import decode as decode_lib
+from tiled_ldm_jax import masks as masks_lib
+
+PIL_FORMATS = {'.png': 'PNG', '.jpg': 'JPEG', '.jpeg': 'JPEG'}
+TIFF_SUFFIXES = ('.tif', '.tiff')
+DEFAULT_TILE = 256
+DEFAULT_BUFFER_BYTES = 8 << 20    # tifffile's encode buffer (its default is 512 MiB)
+
+
+def _tifffile():
+  try:
+    import tifffile  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError('writing TIFF needs the optional dependency tifffile: '
+                      'pip install tiled_ldm_jax[tiff]') from e
+  return tifffile
+
+
+def _suffix(path) -> str:
+  return os.path.splitext(os.fspath(path))[1].lower()
+
+
+@contextlib.contextmanager
+def atomic_path(path) -> Iterator[str]:
+  """Yields a temporary path in `path`'s folder; renamed to `path` if the body succeeds.
+
+  The temporary file keeps `path`'s suffix (some writers dispatch on it), starts with
+  '.' and is removed on any exception, so `path` is either untouched or complete.
+  """
+  path = os.path.abspath(os.fspath(path))
+  folder, name = os.path.split(path)
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f'.{name}.', suffix='.tmp' + _suffix(path), dir=folder)
+  os.close(fd)
+  try:
+    yield tmp
+    with open(tmp, 'rb+') as f:
+      os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)    # mkstemp creates 0600
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(tmp)
+    raise
+
+
+def as_uint8(img) -> np.ndarray:
+  """uint8 `[H, W, C]` as is; float via `decode.to_uint8`; `[1, H, W, C]` squeezed."""
+  img = np.asarray(img)
+  if img.ndim == 4 and img.shape[0] == 1:
+    img = img[0]
+  if img.ndim == 2:
+    img = img[..., None]
+  if img.ndim != 3 or img.shape[-1] not in (1, 3, 4):
+    raise ValueError(f'image must be [H, W, C] with C in (1, 3, 4), got {np.shape(img)}')
+  if img.dtype == np.uint8:
+    return img
+  if not np.issubdtype(img.dtype, np.floating):
+    raise ValueError(f'image must be uint8 or float in [0, 1], got {img.dtype}')
+  return decode_lib.to_uint8(img)
+
+
+def write_image(path, img, *, quality: int = 95) -> None:
+  """PNG or JPEG (by suffix) with Pillow, atomically. `img`: uint8 or [0, 1] float."""
+  fmt = PIL_FORMATS.get(_suffix(path))
+  if fmt is None:
+    raise ValueError(f'write_image writes {sorted(PIL_FORMATS)}, got {path!r} '
+                     f'(use write_tiff for {TIFF_SUFFIXES})')
+  img = as_uint8(img)
+  if fmt == 'JPEG' and img.shape[-1] == 4:
+    raise ValueError('JPEG has no alpha channel')
+  pil = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
+  kwargs = {'quality': quality} if fmt == 'JPEG' else {}
+  with atomic_path(path) as tmp:
+    pil.save(tmp, format=fmt, **kwargs)
+
+
+# ----------------------------------------------------------------------------- TIFF
+
+
+def pyramid_shapes(height: int, width: int, tile: int = DEFAULT_TILE,
+                   levels: int | None = None) -> list[tuple[int, int]]:
+  """Level shapes: halved (ceil) until the level fits one tile, or `levels` of them."""
+  shapes = [(height, width)]
+  while (len(shapes) < levels) if levels is not None else max(shapes[-1]) > tile:
+    h, w = shapes[-1]
+    if h == 1 and w == 1:
+      break
+    shapes.append((-(-h // 2), -(-w // 2)))
+  return shapes
+
+
+def downsample2x(rows: np.ndarray) -> np.ndarray:
+  """uint8 [2n, W, C] -> [n, ceil(W/2), C], rounded 2x2 mean (odd last column doubled)."""
+  if rows.shape[1] % 2:
+    rows = np.concatenate([rows, rows[:, -1:]], axis=1)
+  n, w2, c = rows.shape[0] // 2, rows.shape[1] // 2, rows.shape[2]
+  s = rows.reshape(n, 2, w2, 2, c).astype(np.uint16).sum(axis=(1, 3))
+  return ((s + 2) // 4).astype(np.uint8)
+
+
+class _PyramidSpool:
+  """Builds levels 1.. from level-0 rows as they stream; spools them to temp files."""
+
+  def __init__(self, shapes: Sequence[tuple[int, int]], channels: int, folder: str):
+    self.shapes = list(shapes)
+    self.channels = channels
+    self.files = [None] + [tempfile.TemporaryFile(dir=folder) for _ in shapes[1:]]
+    self.pending: list[np.ndarray | None] = [None] * len(shapes)   # an odd leftover row
+    self.written = [0] * len(shapes)
+
+  def feed(self, level: int, rows: np.ndarray) -> None:
+    """Rows of `level` (in order) -> rows of `level + 1` (spooled), recursively."""
+    if level + 1 >= len(self.shapes) or not rows.shape[0]:
+      return
+    if self.pending[level] is not None:
+      rows = np.concatenate([self.pending[level], rows])
+      self.pending[level] = None
+    even = rows.shape[0] // 2 * 2
+    if even < rows.shape[0]:
+      self.pending[level] = rows[even:].copy()
+    if even:
+      self._emit(level + 1, downsample2x(rows[:even]))
+
+  def _emit(self, level: int, rows: np.ndarray) -> None:
+    self.files[level].write(np.ascontiguousarray(rows).tobytes())
+    self.written[level] += rows.shape[0]
+    self.feed(level, rows)
+
+  def finish(self) -> None:
+    for level in range(len(self.shapes) - 1):
+      if self.pending[level] is not None:
+        row, self.pending[level] = self.pending[level], None
+        self._emit(level + 1, downsample2x(np.concatenate([row, row])))
+    for level, (h, _) in enumerate(self.shapes[1:], 1):
+      if self.written[level] != h:
+        raise RuntimeError(f'pyramid level {level}: {self.written[level]} rows, expected {h}')
+
+  def read_rows(self, level: int, chunk: int) -> Iterator[np.ndarray]:
+    h, w = self.shapes[level]
+    f = self.files[level]
+    f.flush()
+    f.seek(0)
+    row_bytes = w * self.channels
+    for r0 in range(0, h, chunk):
+      n = min(chunk, h - r0)
+      buf = f.read(n * row_bytes)
+      if len(buf) != n * row_bytes:
+        raise RuntimeError(f'pyramid level {level}: short read')
+      yield np.frombuffer(buf, np.uint8).reshape(n, w, self.channels)
+
+  def close(self) -> None:
+    for f in self.files[1:]:
+      f.close()
+
+
+def _tiles(chunks: Iterable[np.ndarray], width: int, channels: int,
+           tile: int) -> Iterator[np.ndarray]:
+  """Row chunks [n, W, C] (any n) -> tiles [<=tile, <=tile, C], row-major, copied."""
+  buf = np.empty((tile, width, channels), np.uint8)
+  fill = 0
+
+  def emit(rows):
+    for x in range(0, width, tile):
+      yield np.ascontiguousarray(rows[:, x:x + tile])
+
+  for rows in chunks:
+    i = 0
+    while i < rows.shape[0]:
+      take = min(tile - fill, rows.shape[0] - i)
+      buf[fill:fill + take] = rows[i:i + take]
+      fill, i = fill + take, i + take
+      if fill == tile:
+        yield from emit(buf)
+        fill = 0
+  if fill:
+    yield from emit(buf[:fill])
+
+
+def write_tiff(path, bands: Iterable[tuple[int, Any]], shape: Sequence[int], *,
+               tile: int = DEFAULT_TILE, levels: int | None = None,
+               compression: str | None = 'zlib',
+               buffer_bytes: int = DEFAULT_BUFFER_BYTES) -> list[tuple[int, int]]:
+  """Streams bands into a tiled, pyramidal BigTIFF, atomically.
+
+  Args:
+    path: destination (.tif / .tiff).
+    bands: `(row_start, rows [n, W, C])` in order, covering rows 0..H; uint8 or [0, 1]
+      float (converted with `decode.to_uint8`).
+    shape: `(H, W, C)` (C in 1, 3, 4).
+    tile: TIFF tile side (a multiple of 16).
+    levels: number of levels including level 0; default: halve until one tile.
+    compression: tifffile compression ('zlib' needs no extra package), None for raw.
+    buffer_bytes: bound on tifffile's buffer of tiles being encoded.
+
+  Returns:
+    The level shapes `[(H, W), (ceil(H/2), ceil(W/2)), ...]`.
+  """
+  tifffile = _tifffile()
+  if _suffix(path) not in TIFF_SUFFIXES:
+    raise ValueError(f'write_tiff writes {TIFF_SUFFIXES}, got {path!r}')
+  height, width, channels = (int(v) for v in shape)
+  if channels not in (1, 3, 4):
+    raise ValueError(f'channels must be 1, 3 or 4, got {channels}')
+  if tile % 16 or tile <= 0:
+    raise ValueError(f'TIFF tiles must be a positive multiple of 16, got {tile}')
+  shapes = pyramid_shapes(height, width, tile, levels)
+  photometric = 'minisblack' if channels == 1 else 'rgb'
+  extrasamples = ('unassalpha',) if channels == 4 else None
+  folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+  os.makedirs(folder, exist_ok=True)
+  spool = _PyramidSpool(shapes, channels, folder)
+  seen = [0]
+
+  def level0_rows():
+    for row0, rows in bands:
+      rows = as_uint8(rows)
+      if row0 != seen[0] or rows.shape[1:] != (width, channels):
+        raise ValueError(f'band at row {row0} of shape {rows.shape} does not continue '
+                         f'row {seen[0]} of a {(height, width, channels)} image')
+      rows = rows[:height - seen[0]]
+      seen[0] += rows.shape[0]
+      spool.feed(0, rows)
+      yield rows
+      if seen[0] >= height:
+        return
+    raise ValueError(f'bands ended at row {seen[0]}, expected {height}')
+
+  def write_level(tif, data, level, **kw):
+    h, w = shapes[level]
+    tif.write(data, shape=(h, w, channels) if channels > 1 else (h, w), dtype=np.uint8,
+              tile=(tile, tile), photometric=photometric, compression=compression,
+              extrasamples=extrasamples, buffersize=buffer_bytes, metadata=None, **kw)
+
+  def squeeze(it):
+    return (t[..., 0] for t in it) if channels == 1 else it
+
+  try:
+    with atomic_path(path) as tmp:
+      with tifffile.TiffWriter(tmp, bigtiff=True) as tif:
+        write_level(tif, squeeze(_tiles(level0_rows(), width, channels, tile)), 0,
+                    subifds=len(shapes) - 1)
+        if seen[0] != height:
+          raise ValueError(f'bands ended at row {seen[0]}, expected {height}')
+        spool.finish()
+        for level in range(1, len(shapes)):
+          rows = spool.read_rows(level, tile)
+          write_level(tif, squeeze(_tiles(rows, shapes[level][1], channels, tile)), level,
+                      subfiletype=1)
+  finally:
+    spool.close()
+  return shapes
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def mask_path(image_path) -> str:
+  """Where the label mask of `image_path` goes: `<stem>_mask.png`, or `.tif` for TIFF."""
+  stem, ext = os.path.splitext(os.fspath(image_path))
+  return stem + ('_mask' + ext if ext.lower() in TIFF_SUFFIXES else '_mask.png')
+
+
+def write_labels(path, labels, *, tile: int = DEFAULT_TILE) -> None:
+  """Label ids `[H, W]` as a PNG (`masks.write_label_png`) or a tiled TIFF, atomically."""
+  if _suffix(path) not in TIFF_SUFFIXES:
+    if _suffix(path) != '.png':
+      raise ValueError(f'label masks are written as .png or .tif/.tiff, got {path!r}')
+    masks_lib.write_label_png(path, labels)
+    return
+  tifffile = _tifffile()
+  labels = np.asarray(labels)
+  if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f'labels must be integer [H, W], got {labels.dtype} {labels.shape}')
+  if labels.size and (labels.min() < 0 or labels.max() >= 1 << 16):
+    raise ValueError(f'label ids must be in [0, 65536), got [{labels.min()}, {labels.max()}]')
+  dtype = np.uint16 if labels.size and labels.max() >= 256 else np.uint8
+  with atomic_path(path) as tmp:
+    tifffile.imwrite(tmp, labels.astype(dtype), bigtiff=True, tile=(tile, tile),
+                     photometric='minisblack', compression='zlib', metadata=None)
+
+
+# ----------------------------------------------------------------------------- decode + write
+
+
+def write_decoded(path, decode: decode_lib.DecodeFn, params, z,
+                  settings: decode_lib.TiledDecodeSettings | None = None, *,
+                  labels=None, tile: int = DEFAULT_TILE, compression: str | None = 'zlib',
+                  quality: int = 95, **overrides) -> list[str]:
+  """Decodes one latent (`decode.iter_decode_bands`) and writes it, plus its mask.
+
+  `.png/.jpg/.jpeg`: decoded in memory (`decode_image`), written with Pillow.
+  `.tif/.tiff`: streamed band by band into a pyramidal BigTIFF (bounded memory).
+  `labels` (`[H, W]` label ids at image resolution), if given, go to `mask_path(path)`.
+
+  Returns:
+    The paths written.
+  """
+  suffix = _suffix(path)
+  s = decode_lib._resolve(settings, overrides)  # pylint: disable=protected-access
+  if suffix in TIFF_SUFFIXES:
+    h, w, _ = decode_lib.output_shape(np.shape(z), s)
+    bands = decode_lib.iter_decode_bands(decode, params, z, s, uint8=True)
+    first = next(bands)                         # the decoder's channel count
+    def all_bands():
+      yield first
+      yield from bands
+    write_tiff(path, all_bands(), (h, w, first[1].shape[-1]), tile=tile,
+               compression=compression)
+  elif suffix in PIL_FORMATS:
+    write_image(path, decode_lib.decode_image(decode, params, z, s, uint8=True),
+                quality=quality)
+  else:
+    raise ValueError(f'unknown image suffix {suffix!r}: use one of '
+                     f'{sorted(PIL_FORMATS) + list(TIFF_SUFFIXES)}')
+  written = [os.fspath(path)]
+  if labels is not None:
+    labels = np.asarray(labels)
+    h, w, _ = decode_lib.output_shape(np.shape(z), s)
+    if labels.shape != (h, w):
+      raise ValueError(f'labels shape {labels.shape} != image {(h, w)}')
+    write_labels(mask_path(path), labels, tile=tile)
+    written.append(mask_path(path))
+  return written
