@@ -143,7 +143,7 @@ def latest_step(directory: str) -> int | None:
   """The newest saved step under `directory`, or None (also when the folder is absent)."""
   if not os.path.isdir(directory):
     return None
-  with _train_manager(directory) as mngr:
+  with quiet_orbax(), _train_manager(directory) as mngr:
     return mngr.latest_step()
 
 
@@ -151,7 +151,7 @@ def save_train_state(directory: str, step: int, state, max_to_keep: int | None =
   """Saves `state` as step `step` (synchronously); keeps the newest `max_to_keep` steps."""
   host = jax.tree_util.tree_map(np.asarray, jax.device_get(state))
   flat, meta = _leaf_table(host)
-  with _train_manager(directory, max_to_keep) as mngr:
+  with quiet_orbax(), _train_manager(directory, max_to_keep) as mngr:
     mngr.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(flat),
                                                   leaves=ocp.args.JsonSave(meta)),
               force=True)
@@ -162,7 +162,7 @@ def restore_train_state(directory: str, abstract_state, step: int | None = None)
   """The state saved at `step` (default: the newest), as numpy leaves in the tree of
   `abstract_state` (a pytree of arrays or `jax.ShapeDtypeStruct`s)."""
   flat_abstract, meta = _leaf_table(abstract_state)
-  with _train_manager(directory) as mngr:
+  with quiet_orbax(), _train_manager(directory) as mngr:
     step = mngr.latest_step() if step is None else int(step)
     if step is None:
       raise FileNotFoundError(f'no training checkpoint under {directory}')
