@@ -26,13 +26,15 @@ flags.DEFINE_float('cond_scale', 3.0, 'Image guidance w: null + (1+w)(cond - nul
 flags.DEFINE_float('mask_cond_scale', 0.0, 'Mask model guidance (the original uses 0).')
 flags.DEFINE_integer('sampling_steps', 50, 'DDIM steps for both stages.')
 flags.DEFINE_string('imgs_path', './results/large', 'Output folder.')
-flags.DEFINE_integer('patch_size', 512, 'Image model patch and decode tile, pixels.')
-flags.DEFINE_integer('mask_patch_size', 128, 'Mask model patch and decode tile, pixels.')
+flags.DEFINE_integer('patch_size', None, 'Image model patch and decode tile, pixels '
+                     '(default 512; 128 with the demo models).')
+flags.DEFINE_integer('mask_patch_size', None, 'Mask model patch and decode tile, pixels '
+                     '(default 128).')
 flags.DEFINE_integer('patches_per_step', 1, 'Non-overlapping patches per sampler iteration.')
 flags.DEFINE_integer('seed', 0, 'Root PRNG seed; image n uses fold_in(seed, n).')
-flags.DEFINE_string('mask', None, 'PNG of label ids (any size; resized nearest). '
-                    'Replaces the mask model.')
-flags.DEFINE_string('unet_ckpt', None, 'Converted image model folder.')
+flags.DEFINE_string('mask', None, 'PNG of label ids (any size; resized nearest), or '
+                    '"demo" for the bundled one. Replaces the mask model.')
+flags.DEFINE_string('unet_ckpt', None, 'Converted image model folder (none of the three: demo models).')
 flags.DEFINE_string('mask_unet_ckpt', None, 'Converted mask model folder.')
 flags.DEFINE_string('vae_ckpt', None, 'Converted VAE folder.')
 flags.DEFINE_enum('output_format', 'png', list(pipeline.FORMATS), 'Image file format.')
@@ -67,13 +69,13 @@ def main(argv):
     prepared = pipeline.validate(cfg)
   except (ValueError, OSError) as e:  # bad input: one line, before any compute
     sys.exit(f'error: {e}')
-  records = pipeline.generate(cfg, flags_used={n: FLAGS[n].value for n in names},
+  records = pipeline.generate(prepared.cfg, flags_used={n: FLAGS[n].value for n in names},
                               prepared=prepared)
   for r in records:
     logging.info('sample%04d: %s', r['sample'], r['seconds'])
   if not sharding.is_writer():
     return
-  print(f'wrote {len(records)} image(s) to {cfg.imgs_path}: ' +
+  print(f'wrote {len(records)} image(s) to {prepared.cfg.imgs_path}: ' +
         ', '.join(r['files']['image'] for r in records))
 
 

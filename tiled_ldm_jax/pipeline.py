@@ -28,6 +28,7 @@ import numpy as np
 
 from tiled_ldm_jax import checkpoint
 from tiled_ldm_jax import decode as decode_lib
+from tiled_ldm_jax import demo
 from tiled_ldm_jax import masks as masks_lib
 from tiled_ldm_jax import resume
 from tiled_ldm_jax import sharding
@@ -42,10 +43,10 @@ MASK_DOWNSCALE = 4  # the mask model works at a quarter of the image size
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
   """What to generate; mirrors the command's flags."""
-  unet_ckpt: str                        # converted image model folder
-  vae_ckpt: str                         # converted VAE folder
+  unet_ckpt: str | None = None          # converted image model folder (None: demo models)
+  vae_ckpt: str | None = None           # converted VAE folder
   mask_unet_ckpt: str | None = None     # converted mask model folder (unless `mask`)
-  mask: str | None = None               # PNG of label ids (any size, resized nearest)
+  mask: str | None = None               # PNG of label ids (any size, resized nearest), or "demo"
   imgs_path: str = './results/large'    # output folder
   n_images: int = 1                     # images to generate
   batch_size: int = 1                   # images sampled together (one compiled program)
@@ -54,8 +55,9 @@ class GenerationConfig:
   cond_scale: float = 3.0               # image model guidance w: null + (1+w)(cond-null)
   mask_cond_scale: float = 0.0          # mask model guidance (the original uses 0)
   sampling_steps: int = 50              # DDIM steps S for both stages
-  patch_size: int = 512                 # image model patch (pixels; also the decode tile)
-  mask_patch_size: int = 128            # mask model patch (pixels; also its decode tile)
+  patch_size: int | None = None         # image model patch and decode tile, pixels
+                                        # (None: 512, or 128 for the demo models)
+  mask_patch_size: int | None = None    # mask model patch and decode tile (None: 128)
   patches_per_step: int = 1             # K non-overlapping patches per iteration
   eta: float = 1.0                      # DDIM eta
   seed: int = 0                         # root PRNG seed
@@ -130,15 +132,40 @@ class _Models:
 
 @dataclasses.dataclass
 class Prepared:
-  """What `validate` found: loaded models, the given mask, model hashes, resume meta."""
+  """What `validate` found: the resolved config, loaded models, the given mask, model
+  hashes, resume meta."""
+  cfg: GenerationConfig
   models: _Models
   mask: np.ndarray | None
   hashes: dict[str, str]
   resume_meta: dict[str, Any] | None
 
 
+def resolve_defaults(cfg: GenerationConfig) -> GenerationConfig:
+  """Fills the demo models when no checkpoint is given, and the patch sizes."""
+  given = [n for n in ('unet_ckpt', 'vae_ckpt', 'mask_unet_ckpt') if getattr(cfg, n)]
+  use_demo = not given
+  if use_demo:
+    if not demo.available():
+      _fail(f'no checkpoint flags given and the demo models are missing from {demo.DEMO_DIR}')
+    cfg = dataclasses.replace(cfg, unet_ckpt=demo.model_path('image_unet'),
+                              vae_ckpt=demo.model_path('vae'),
+                              mask_unet_ckpt=demo.model_path('mask_unet'))
+  elif not (cfg.unet_ckpt and cfg.vae_ckpt):
+    _fail('give --unet_ckpt and --vae_ckpt (and --mask_unet_ckpt or --mask), or no '
+          'checkpoint flag at all to use the bundled demo models')
+  if cfg.mask == 'demo':
+    cfg = dataclasses.replace(cfg, mask=demo.mask_path())
+  if cfg.patch_size is None:
+    cfg = dataclasses.replace(cfg, patch_size=demo.PATCH_SIZE if use_demo else 512)
+  if cfg.mask_patch_size is None:
+    cfg = dataclasses.replace(cfg, mask_patch_size=demo.MASK_PATCH_SIZE)
+  return cfg
+
+
 def validate(cfg: GenerationConfig) -> Prepared:
-  """Every check that can fail, before any compute."""
+  """Every check that can fail, before any compute (on `resolve_defaults(cfg)`)."""
+  cfg = resolve_defaults(cfg)
   if cfg.output_format not in FORMATS:
     _fail(f'output_format must be one of {FORMATS}, got {cfg.output_format!r}')
   if cfg.n_images < 1 or cfg.batch_size < 1 or cfg.n_images % cfg.batch_size:
@@ -189,7 +216,7 @@ def validate(cfg: GenerationConfig) -> Prepared:
   elif run_ckpt.exists():
     _fail(f'{cfg.imgs_path} holds an unfinished run ({run_ckpt.path}); pass --resume with '
           f'the same flags to continue it, or remove that folder')
-  return Prepared(_Models(unet, vae, mask_unet), mask, hashes, meta)
+  return Prepared(cfg, _Models(unet, vae, mask_unet), mask, hashes, meta)
 
 
 def _mask_size(image_size: int) -> int:
@@ -331,6 +358,7 @@ def generate(cfg: GenerationConfig, *, flags_used: dict | None = None,
   `resume` continues such a run.
   """
   prep = prepared or validate(cfg)
+  cfg = prep.cfg
   models, given_mask, hashes, meta = prep.models, prep.mask, prep.hashes, prep.resume_meta
   run_ckpt = resume.RunCheckpoint(cfg.imgs_path)
   first = meta['first_sample'] if meta else next_index(cfg.imgs_path)

@@ -1,0 +1,31 @@
+"""The bundled demo models: tiny image U-Net, mask U-Net and VAE trained on synthetic data.
+
+They live in `tiled_ldm_jax/demo/` (converted-model folders, see `checkpoint.py`), with a
+demo label mask, and are what `sample_large_image.py` uses when no checkpoint flag is
+given. They were trained by `scripts/train.py` with `configs/demo_train_*.py` (README).
+"""
+
+from __future__ import annotations
+
+import os
+
+DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'demo')
+MODELS = ('image_unet', 'mask_unet', 'vae')
+# The demo U-Nets were trained on 128 px crops: sample and decode with that patch.
+PATCH_SIZE = 128
+MASK_PATCH_SIZE = 128
+
+
+def model_path(kind: str) -> str:
+  if kind not in MODELS:
+    raise ValueError(f'no demo model {kind!r}; have {MODELS}')
+  return os.path.join(DEMO_DIR, kind)
+
+
+def mask_path() -> str:
+  """A demo label map (PNG of label ids 0..4)."""
+  return os.path.join(DEMO_DIR, 'mask.png')
+
+
+def available() -> bool:
+  return all(os.path.isfile(os.path.join(model_path(k), 'model.json')) for k in MODELS)
