@@ -5,6 +5,8 @@
 """
 
 import json
+import os
+import sys
 
 from absl import app
 from absl import flags
@@ -23,6 +25,12 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Root PRNG seed.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed runs after the compile run.')
 _DEVICES = flags.DEFINE_integer('devices', 1, 'If > 1: seconds per image on 1 device vs this '
                                 'many (the batch split over them) and the scaling efficiency.')
+_ORIG_REPO = flags.DEFINE_string('original_repo', None, 'Also time the original PyTorch '
+                                 'sampler from this DiffInfinite checkout (never shipped).')
+_ORIG_CKPT = flags.DEFINE_string('original_checkpoint', None,
+                                 'The model-N.pt the converted --unet_ckpt came from.')
+_ORIG_CONFIG = flags.DEFINE_string('original_config', None, 'Its config.json.')
+_ORIG_THREADS = flags.DEFINE_integer('original_threads', 2, 'torch threads for the original.')
 flags.mark_flag_as_required('unet_ckpt')
 
 
@@ -38,6 +46,16 @@ def main(argv):
         batch_size=_BATCH.value if _BATCH.value > 1 else None, **kwargs)
   else:
     result = benchmark.run_sampler_benchmark(config, params, batch_size=_BATCH.value, **kwargs)
+    if _ORIG_REPO.value:   # side by side, in the same process and conditions
+      sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+      import original_sampler  # pylint: disable=g-import-not-at-top
+      labels = benchmark.benchmark_label_map(_SIZE.value, _SIZE.value, config.num_classes)
+      orig = original_sampler.time_original(
+          _ORIG_REPO.value, _ORIG_CKPT.value, _ORIG_CONFIG.value, labels, _PATCH.value,
+          _STEPS.value, _W.value, _SEED.value, repeats=1, num_threads=_ORIG_THREADS.value)
+      result.update({k: v for k, v in orig.items() if k.startswith('original_') or
+                     k == 'torch_version'})
+      result['speedup_vs_original'] = orig['original_seconds'] / result['seconds']
   print(json.dumps(result))
 
 

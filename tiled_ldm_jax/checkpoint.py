@@ -78,6 +78,24 @@ def save_model(directory: str, model: str, config, params) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _restore_tree(path: str, abstract, what: str):
+  """Restores an orbax PyTree at `path` against `abstract`; ValueError listing misfits."""
+  with quiet_orbax(), ocp.PyTreeCheckpointer() as ckptr:
+    restore_args = jax.tree_util.tree_map(lambda s: ocp.RestoreArgs(restore_type=np.ndarray),
+                                          abstract)
+    try:
+      tree = ckptr.restore(path, item=abstract, restore_args=restore_args)
+    except (ValueError, KeyError) as e:
+      raise ValueError(f'{what} ({e})') from e
+  bad = [f'{jax.tree_util.keystr(p)}: {np.shape(v)} != {s.shape}'
+         for (p, v), s in zip(jax.tree_util.tree_leaves_with_path(tree),
+                              jax.tree_util.tree_leaves(abstract))
+         if tuple(np.shape(v)) != tuple(s.shape)]
+  if bad:
+    raise ValueError(f'{what}:\n  ' + '\n  '.join(bad))
+  return tree
+
+
 def read_model_json(directory: str) -> tuple[str, Any]:
   path = os.path.join(directory, 'model.json')
   if not os.path.isfile(path):
@@ -97,20 +115,8 @@ def load_model(directory: str, expect: str | None = None):
   if expect is not None and model != expect:
     raise ValueError(f'{directory} holds a {model} model, expected {expect}')
   abstract = _abstract(model, config)
-  with quiet_orbax(), ocp.PyTreeCheckpointer() as ckptr:
-    restore_args = jax.tree_util.tree_map(lambda s: ocp.RestoreArgs(restore_type=np.ndarray),
-                                          abstract)
-    try:
-      params = ckptr.restore(os.path.join(directory, 'params'), item=abstract,
-                             restore_args=restore_args)
-    except (ValueError, KeyError) as e:
-      raise ValueError(f'{directory}: params do not fit model.json ({e})') from e
-  bad = [f'{jax.tree_util.keystr(p)}: {np.shape(v)} != {s.shape}'
-         for (p, v), s in zip(jax.tree_util.tree_leaves_with_path(params),
-                              jax.tree_util.tree_leaves(abstract))
-         if tuple(np.shape(v)) != tuple(s.shape)]
-  if bad:
-    raise ValueError(f'{directory}: params do not fit model.json:\n  ' + '\n  '.join(bad))
+  params = _restore_tree(os.path.join(directory, 'params'), abstract,
+                         f'{directory}: params do not fit model.json')
   params = jax.tree_util.tree_map(lambda v, s: np.asarray(v, s.dtype), params, abstract)
   return model, config, params
 
@@ -220,15 +226,5 @@ def load_state_meta(directory: str) -> dict[str, Any]:
 
 def load_state(directory: str, abstract):
   """The tree saved by `save_state`, restored against `abstract` (numpy leaves)."""
-  with quiet_orbax(), ocp.PyTreeCheckpointer() as ckptr:
-    restore_args = jax.tree_util.tree_map(lambda s: ocp.RestoreArgs(restore_type=np.ndarray),
-                                          abstract)
-    tree = ckptr.restore(os.path.join(directory, 'state'), item=abstract,
-                         restore_args=restore_args)
-  bad = [f'{jax.tree_util.keystr(p)}: {np.shape(v)} != {s.shape}'
-         for (p, v), s in zip(jax.tree_util.tree_leaves_with_path(tree),
-                              jax.tree_util.tree_leaves(abstract))
-         if tuple(np.shape(v)) != tuple(s.shape)]
-  if bad:
-    raise ValueError(f'{directory}: saved state does not fit this run:\n  ' + '\n  '.join(bad))
-  return tree
+  return _restore_tree(os.path.join(directory, 'state'), abstract,
+                       f'{directory}: saved state does not fit this run')

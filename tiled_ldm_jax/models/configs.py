@@ -24,8 +24,20 @@ def _dtype(name: str):
     raise ConfigError(f'unknown dtype {name!r}') from e
 
 
+class _Dtypes:
+  """`dtype` / `param_dtype` strings as numpy dtypes."""
+
+  @property
+  def compute_dtype(self):
+    return _dtype(self.dtype)
+
+  @property
+  def params_dtype(self):
+    return _dtype(self.param_dtype)
+
+
 @dataclasses.dataclass(frozen=True)
-class UNetConfig:
+class UNetConfig(_Dtypes):
   """The DiffInfinite U-Net skeleton shared by the image and the mask model.
 
   `kind` selects the conditioning: "image" (mask cross-attention at every level, class =
@@ -73,13 +85,6 @@ class UNetConfig:
     """Latent side must be a multiple of this (one stride-2 conv per level but the last)."""
     return 2 ** (len(self.dim_mults) - 1)
 
-  @property
-  def compute_dtype(self):
-    return _dtype(self.dtype)
-
-  @property
-  def params_dtype(self):
-    return _dtype(self.param_dtype)
 
 
 # Constructor arguments of DiffInfinite's `Unet` that we accept only at these values
@@ -156,7 +161,7 @@ def unet_config_from_dict(d: Mapping[str, Any]) -> UNetConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(_Dtypes):
   """A diffusers `AutoencoderKL` (the Stable Diffusion VAE) with its default block types.
 
   Encoder: DownEncoderBlock2D per entry of `block_out_channels` (stride-2 conv on all but
@@ -200,13 +205,6 @@ class VAEConfig:
     """Pixels per latent along each side (one stride-2 conv per level but the last)."""
     return 2 ** (len(self.block_out_channels) - 1)
 
-  @property
-  def compute_dtype(self):
-    return _dtype(self.dtype)
-
-  @property
-  def params_dtype(self):
-    return _dtype(self.param_dtype)
 
 
 _VAE_FIELDS = {'in_channels', 'out_channels', 'latent_channels', 'block_out_channels',
