@@ -14,8 +14,8 @@ def classifier():
 
 def test_right_mask_high_wrong_mask_low(classifier):
   ex = data.synth_example(4321, 384, data.SynthSpec(num_classes=5))
-  right = adherence.mask_adherence(ex.image, ex.labels, classifier)
-  wrong = adherence.mask_adherence(ex.image, (ex.labels + 1) % 5, classifier)
+  right = adherence.mask_adherence(ex.image, ex.labels, classifier, skip_labels=())
+  wrong = adherence.mask_adherence(ex.image, (ex.labels + 1) % 5, classifier, skip_labels=())
   assert right['patches'] > 100
   assert right['adherence'] > 0.9      # measured ~0.98 on held-out synthetic images
   assert wrong['adherence'] < 0.2      # below chance (0.2): the textures are distinct

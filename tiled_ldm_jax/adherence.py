@@ -89,9 +89,11 @@ def fit_texture_classifier(num_labels: int, *, patch: int = 16, n_images: int = 
 
 
 def mask_adherence(img: np.ndarray, labels: np.ndarray, classifier: TextureClassifier,
-                   purity: float = 0.9) -> dict:
+                   purity: float = 0.9, skip_labels: tuple[int, ...] = (0,)) -> dict:
   """Fraction of pure patches of `img` [H, W, 3] whose predicted texture is their mask label.
 
+  Label 0 is skipped by default: the sampler gives label-0 ("unknown") pixels the
+  unconditional output (SPEC 2), so no texture is asked for there.
   Returns `{"adherence", "patches", "per_label": {label: [agree, total]}}`; adherence is
   NaN when no patch is pure.
   """
@@ -99,6 +101,7 @@ def mask_adherence(img: np.ndarray, labels: np.ndarray, classifier: TextureClass
   if img.dtype == np.uint8:
     img = img.astype(np.float32) / 255
   lab, pure = pure_patch_labels(labels, classifier.patch, purity)
+  pure &= ~np.isin(lab, skip_labels)
   pred = classifier.predict(patch_features(img, classifier.patch)[pure])
   lab = lab[pure]
   per_label = {int(l): [int((pred[lab == l] == l).sum()), int((lab == l).sum())]
