@@ -20,13 +20,7 @@ from tiled_ldm_jax.models import unet
 PREFIX = 'ema_model.model.'
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _fast_compile():
-  """Less XLA optimization: ~30% faster here (compile dominates); restored afterwards."""
-  before = jax.config.read('jax_disable_most_optimizations')
-  jax.config.update('jax_disable_most_optimizations', True)
-  yield
-  jax.config.update('jax_disable_most_optimizations', before)
+pytestmark = pytest.mark.usefixtures('fast_compile')
 
 
 def _sections(message: str) -> dict[str, list[str]]:

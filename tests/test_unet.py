@@ -24,13 +24,7 @@ TOL = 1e-4          # against the PyTorch reference (float32 on CPU)
 TOL_DENSE = 1e-5    # exact O(N) cross-attention vs the dense O(N^2) softmax, same weights
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _fast_compile():
-  """Less XLA optimization: ~30% faster here (compile dominates); restored afterwards."""
-  before = jax.config.read('jax_disable_most_optimizations')
-  jax.config.update('jax_disable_most_optimizations', True)
-  yield
-  jax.config.update('jax_disable_most_optimizations', before)
+pytestmark = pytest.mark.usefixtures('fast_compile')
 
 
 def _nhwc(a):
