@@ -36,6 +36,6 @@ def get_config():
       'recon_loss': 'l1',                # reconstruction loss: l1 | l2
       'kl_weight': 1e-4,                 # weight of the mean KL to N(0, I)
       'mask_image_fraction': 0.25,       # share of each batch that is mask images
-      'export_latent_std': 10.0,         # exported per-channel latent std (0: as trained)
+      'export_latent_std': 50.0,         # exported per-channel latent std (0: as trained)
       'latent_stats_batches': 8,         # batches measuring the latent statistics
   }
