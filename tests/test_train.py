@@ -137,6 +137,22 @@ def test_vae_training_exports_normalised_model(tiny):
   with open(os.path.join(os.path.dirname(summary['export']), 'export.json')) as f:
     info = json.load(f)
   assert info['latent_std_after'] == 5.0 and len(info['latent_std_before']) == 4
+  # std 5 / latent_scale 50: a 10-sigma excursion is needed to reach the clip.
+  assert info['clipped_fraction'] < 1e-3
+
+
+def test_clipped_fraction_follows_latent_scale(tiny):
+  """The share of diffusion latents outside DDIM's [-1, 1] x0 clip: all of them for a tiny
+  latent_scale, none for a huge one, something in between for one near their size."""
+  params = checkpoint.load_model(tiny['vae'])[2]
+  batches = lambda step: {'image': np.random.default_rng(step).uniform(0, 1, (2, 16, 16, 3))
+                          .astype(np.float32)}
+  frac = lambda scale: train.clipped_fraction(
+      train.config_from_dict(dict(task='vae', model=tiny['vae_cfg'], steps=2, batch_size=2,
+                                  image_size=16,
+                                  latent_scale=scale)), TINY_VAE, params, batches, 2)
+  assert frac(1e-6) == 1.0 and frac(1e6) == 0.0
+  assert 0.0 < frac(5.0) < 1.0
 
 
 def test_mask_unet_train_step_shapes(tiny):

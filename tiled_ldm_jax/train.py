@@ -28,7 +28,10 @@ At the end the EMA params are exported with `checkpoint.save_model` to
 `<workdir>/model`, a folder the sampler loads like a converted checkpoint. For the VAE,
 the export is first re-parametrised (exactly) so that its latent means have zero mean
 and std `export_latent_std` per channel over the training data; with the pipeline's
-fixed `latent_scale = 50` that sets the diffusion models' latent scale.
+fixed `latent_scale = 50` that sets the diffusion models' latent scale. Choose it so the
+diffusion latents stay inside [-1, 1], where DDIM clips its x0 estimate (the export logs
+and records the share outside); within that, larger is better: the signal-to-noise ratio
+of the noised latents grows with it.
 """
 
 from __future__ import annotations
@@ -113,6 +116,7 @@ class TrainConfig:
   kl_weight: float = 1e-4            # VAE: weight of the mean KL term
   mask_image_fraction: float = 0.25  # VAE: share of each batch that is mask images
   export_latent_std: float = 10.0    # VAE: exported latents' per-channel std (0: no rescale)
+                                     # (keep latent / latent_scale inside [-1, 1])
   latent_stats_batches: int = 8      # VAE: batches used to measure the latent statistics
 
   def __post_init__(self):
@@ -517,6 +521,17 @@ def latent_statistics(cfg: TrainConfig, vae_cfg, params, batches: Callable[[int]
   return z.mean(0), z.std(0)
 
 
+def clipped_fraction(cfg: TrainConfig, vae_cfg, params, batches: Callable[[int], dict],
+                     n_batches: int) -> float:
+  """Share of diffusion latents (posterior mean / latent_scale) outside [-1, 1] on the
+  same held-out batches as `latent_statistics`. DDIM clips x0 to [-1, 1] (the original
+  does), so a latent scale that puts real latents out there corrupts sampling."""
+  encode = jax.jit(vae_lib.encode_fn(vae_cfg))
+  out = [np.mean(np.abs(np.asarray(encode(params, jnp.asarray(
+      batches(cfg.steps + 1 + i)['image']))[0])) > cfg.latent_scale) for i in range(n_batches)]
+  return float(np.mean(out))
+
+
 def normalize_vae_latents(params, mean, std, target_std: float):
   """Exact re-parametrisation of a VAE: new latent `c * (z - mean)`, `c = target_std / std`
   per channel. `quant_conv` is scaled and shifted (the log-variance shifted by 2 log c)
@@ -669,10 +684,16 @@ def export(cfg: TrainConfig, model_cfg, task: Task, ema_params, export_dir: str,
                                   cfg.latent_stats_batches)
     params = normalize_vae_latents(params, mean, std, cfg.export_latent_std)
     params = jax.tree_util.tree_map(lambda a: np.asarray(a, model_cfg.params_dtype), params)
+    clipped = clipped_fraction(cfg, model_cfg, params, task.batches, cfg.latent_stats_batches)
     info.update(latent_mean_before=mean.tolist(), latent_std_before=std.tolist(),
-                latent_std_after=cfg.export_latent_std)
-    logging.info('VAE latents: mean %s, std %s -> std %g', np.round(mean, 3),
-                 np.round(std, 3), cfg.export_latent_std)
+                latent_std_after=cfg.export_latent_std, clipped_fraction=clipped)
+    logging.info('VAE latents: mean %s, std %s -> std %g; %.2g of latent / %g outside '
+                 '[-1, 1]', np.round(mean, 3), np.round(std, 3), cfg.export_latent_std,
+                 clipped, cfg.latent_scale)
+    if clipped > 1e-3:
+      logging.warning('%.1f%% of the diffusion latents lie outside [-1, 1], where DDIM '
+                      'clips its x0 estimate (SPEC 2): lower export_latent_std',
+                      100 * clipped)
   checkpoint.save_model(export_dir, cfg.task, model_cfg, params)
   _write_json(os.path.join(workdir, 'export.json'), info)
   logging.info('exported EMA params to %s', export_dir)
