@@ -12,7 +12,7 @@ def get_config():
   return {
       'task': 'image_unet',              # what to train: image_unet | mask_unet | vae
       'model': 'demo_image_unet.py',     # model config (relative to this file's folder)
-      'steps': 3000,                     # total optimizer steps (~16 min on 2 cores)
+      'steps': 6000,                     # total optimizer steps (~35 min on 2 cores)
       'batch_size': 16,                  # examples per step
       'image_size': 128,                 # crop side in pixels (latent 16 x 16)
       'lr': 1e-3,                        # peak learning rate
@@ -31,7 +31,10 @@ def get_config():
       'augment': True,                   # folder data: random flips and 90-degree rotations
       'num_labels': 5,                   # label ids 0..4 (= the U-Net's num_classes)
       'num_layout_classes': 2,           # synthetic layout classes
-      'region_size': 48.0,               # synthetic region size in image pixels
+      'region_size': 48.0,               # synthetic region size in image pixels, drawn
+      'region_size_max': 384.0,          # log-uniform in [48, 384] per example: crops with
+                                         # many labels and crops inside one (measured: a
+                                         # model trained on 48 only left large regions blank)
       'vae': 'runs/demo/vae/model',      # trained VAE folder (relative to the working dir)
       'latent_scale': 50.0,              # diffusion latent = VAE latent / 50 (as the sampler)
       'latent_sample': False,            # encode with the posterior mean

@@ -252,6 +252,42 @@ def test_synthetic_examples_deterministic_and_valid():
   assert counts[1][2] + counts[1][4] > counts[1][1] + counts[1][3]
 
 
+def _region_count(labels):
+  """Connected same-label regions (4-neighbour), counted by flood fill."""
+  seen = np.zeros(labels.shape, bool)
+  n = 0
+  for y0, x0 in zip(*np.nonzero(~seen)):
+    if seen[y0, x0]:
+      continue
+    n += 1
+    stack = [(y0, x0)]
+    seen[y0, x0] = True
+    while stack:
+      y, x = stack.pop()
+      for yy, xx in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+        if (0 <= yy < labels.shape[0] and 0 <= xx < labels.shape[1] and not seen[yy, xx]
+            and labels[yy, xx] == labels[y, x]):
+          seen[yy, xx] = True
+          stack.append((yy, xx))
+  return n
+
+
+def test_region_size_range():
+  """region_size_max draws a region size per example: counts spread from many small
+  regions to a few large ones, deterministically; a fixed size keeps its stream."""
+  fixed = data.SynthSpec(region_size=8.0)
+  ranged = dataclasses.replace(fixed, region_size_max=64.0)
+  counts = [_region_count(data.synth_example([3, s], 64, ranged, with_image=False).labels)
+            for s in range(12)]
+  assert max(counts) > 4 * min(counts), counts
+  np.testing.assert_array_equal(data.synth_example([3, 0], 64, ranged).image,
+                                data.synth_example([3, 0], 64, ranged).image)
+  with pytest.raises(ValueError, match='region_size_max'):
+    data.SynthSpec(region_size=8.0, region_size_max=4.0)
+  src = data.SyntheticSource(ranged, 32, 2, seed=1, downscale=4)
+  assert src.spec.region_size == 2.0 and src.spec.region_size_max == 16.0
+
+
 def test_synthetic_source_batches_depend_on_seed_and_step():
   spec = data.SynthSpec()
   src = data.SyntheticSource(spec, 32, 3, seed=1)

@@ -58,6 +58,7 @@ class SynthSpec:
   num_classes: int = 5            # label ids 0..num_classes-1 (0 = background)
   num_layout_classes: int = 2     # layout classes (the mask model's classes)
   region_size: float = 48.0       # Voronoi grid spacing in pixels (mean region side)
+  region_size_max: float = 0.0    # > region_size: per example, log-uniform in between
   border_jitter: float = 0.35     # border displacement amplitude, fraction of region_size
   colour_jitter: float = 0.04     # std of the per-image per-channel stain gain
   pixel_noise: float = 0.01       # std of the per-pixel Gaussian noise
@@ -69,6 +70,9 @@ class SynthSpec:
       raise ValueError(f'num_layout_classes must be >= 1, got {self.num_layout_classes}')
     if self.region_size < 2:
       raise ValueError(f'region_size must be >= 2 pixels, got {self.region_size}')
+    if self.region_size_max and self.region_size_max < self.region_size:
+      raise ValueError(f'region_size_max {self.region_size_max} < region_size '
+                       f'{self.region_size}')
 
 
 @dataclasses.dataclass
@@ -294,6 +298,10 @@ def synth_example(seed, size: int | Sequence[int], spec: SynthSpec = SynthSpec()
                   layout_class: int | None = None, with_image: bool = True) -> Example:
   """One synthetic example, a pure function of `seed` (int, sequence of ints, or Generator)."""
   rng = _rng(seed)
+  if spec.region_size_max:          # drawn only then, so fixed-size streams are unchanged
+    lo, hi = np.log(spec.region_size), np.log(spec.region_size_max)
+    spec = dataclasses.replace(spec, region_size=float(np.exp(rng.uniform(lo, hi))),
+                               region_size_max=0.0)
   c = int(rng.integers(spec.num_layout_classes)) if layout_class is None else int(layout_class)
   labels = synth_labels(rng, size, spec, c)
   image = synth_image(rng, labels, spec) if with_image else None
@@ -343,7 +351,8 @@ class SyntheticSource:
 
   def __init__(self, spec: SynthSpec, size: int, batch_size: int, seed: int, *,
                with_images: bool = True, downscale: int = 1, stream: int = 0):
-    self.spec = dataclasses.replace(spec, region_size=spec.region_size / downscale)
+    self.spec = dataclasses.replace(spec, region_size=spec.region_size / downscale,
+                                    region_size_max=spec.region_size_max / downscale)
     self.size, self.batch_size, self.seed = size, batch_size, seed
     self.with_images, self.stream = with_images, stream
 

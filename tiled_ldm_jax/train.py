@@ -106,6 +106,7 @@ class TrainConfig:
   num_labels: int = 5                # label ids 0..num_labels-1 (image U-Net: its num_classes)
   num_layout_classes: int = 2        # synthetic layout classes (the mask U-Net's classes)
   region_size: float = 48.0          # synthetic region size in image pixels
+  region_size_max: float = 0.0       # > region_size: per example log-uniform in between
   mask_downscale: int = 4            # mask images are label maps at 1/mask_downscale scale
   vae: str = ''                      # trained VAE folder the U-Nets encode with
   latent_scale: float = 50.0         # diffusion latent = VAE latent / latent_scale
@@ -148,7 +149,7 @@ class TrainConfig:
 # share compiled programs within a process.
 _NOT_COMPILED = {'model': '', 'save_every': 1, 'keep_checkpoints': 1, 'log_every': 1,
                  'seed': 0, 'data': 'synthetic', 'augment': True, 'num_layout_classes': 1,
-                 'region_size': 48.0, 'mask_downscale': 1, 'vae': '-',
+                 'region_size': 48.0, 'region_size_max': 0.0, 'mask_downscale': 1, 'vae': '-',
                  'export_latent_std': 0.0, 'latent_stats_batches': 1,
                  'mask_image_fraction': 0.0, 'batch_size': 1, 'image_size': 8}
 
@@ -303,7 +304,8 @@ def _source(cfg: TrainConfig, batch_size: int, *, with_images: bool, downscale: 
   if cfg.data == 'synthetic':
     spec = data_lib.SynthSpec(num_classes=num_classes,
                               num_layout_classes=cfg.num_layout_classes,
-                              region_size=cfg.region_size)
+                              region_size=cfg.region_size,
+                              region_size_max=cfg.region_size_max)
     return data_lib.SyntheticSource(spec, cfg.image_size, batch_size, cfg.seed,
                                     with_images=with_images, downscale=downscale,
                                     stream=stream)
