@@ -247,3 +247,21 @@ def test_write_label_png_failure_leaves_nothing(tmp_path, monkeypatch):
   with pytest.raises(OSError, match='disk full'):
     masks.write_label_png(path, np.zeros((4, 4), np.int32))
   assert os.listdir(tmp_path) == ['m.png'] and path.read_bytes() == b'previous'
+
+
+def test_colour_labels_and_preview():
+  labels = np.array([[0, 1], [2, 9]], np.int32)
+  rgb = masks.colour_labels(labels)
+  assert rgb.dtype == np.uint8 and rgb.shape == (2, 2, 3)
+  np.testing.assert_array_equal(rgb[0, 0], [255, 255, 255])
+  np.testing.assert_array_equal(rgb[1, 1], rgb[0, 1])          # 9 cycles to 1
+  assert len({tuple(c) for c in masks.colour_labels(np.arange(8)[None])[0]}) == 8
+  image = np.zeros((64, 32, 3), np.uint8)
+  lab = np.zeros((64, 32), np.int32)
+  lab[:, 16:] = 3
+  p = masks.preview(image, lab, width=40, gap=8)
+  assert p.shape == (32, 40, 3)                                # two 16 px halves + gap
+  np.testing.assert_array_equal(p[:, 16:24], 255)
+  np.testing.assert_array_equal(p[5, -1], masks.colour_labels(np.array([[3]]))[0, 0])
+  with pytest.raises(ValueError, match='differ'):
+    masks.preview(image, lab[:32], width=40)

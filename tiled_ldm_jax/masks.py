@@ -261,3 +261,30 @@ def write_label_png(path: str | os.PathLike, labels: np.ndarray) -> None:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+# Distinct colours for label ids 0..7 (0, the unknown/background label, is white);
+# larger ids cycle.
+_LABEL_COLOURS = np.array([[255, 255, 255], [214, 39, 40], [44, 160, 44], [31, 119, 180],
+                           [255, 187, 0], [148, 103, 189], [140, 86, 75], [23, 190, 207]],
+                          np.uint8)
+
+
+def colour_labels(labels: np.ndarray) -> np.ndarray:
+  """Label ids [H, W] -> uint8 RGB [H, W, 3] for viewing (ids cycle through 8 colours)."""
+  labels = _as_2d(np.asarray(labels), 'labels')
+  _check_integer(labels)
+  return _LABEL_COLOURS[np.mod(labels, len(_LABEL_COLOURS))]
+
+
+def preview(image: np.ndarray, labels: np.ndarray, width: int, gap: int = 8) -> np.ndarray:
+  """Side by side, downscaled to `width` px in all: the image and its coloured labels."""
+  from PIL import Image
+  image = np.asarray(image)
+  if image.shape[:2] != np.shape(labels):
+    raise ValueError(f'image {image.shape[:2]} and labels {np.shape(labels)} differ in size')
+  half = (width - gap) // 2
+  h = max(1, round(image.shape[0] * half / image.shape[1]))
+  img = np.asarray(Image.fromarray(image).resize((half, h), Image.LANCZOS))
+  lab = np.asarray(Image.fromarray(colour_labels(labels)).resize((half, h), Image.NEAREST))
+  return np.concatenate([img, np.full((h, gap, 3), 255, np.uint8), lab], axis=1)
