@@ -14,6 +14,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from tiled_ldm_jax import decode
 from tiled_ldm_jax import pipeline
 from tiled_ldm_jax import sharding
 
@@ -40,6 +41,9 @@ flags.DEFINE_string('vae_ckpt', None, 'Converted VAE folder.')
 flags.DEFINE_enum('output_format', 'png', list(pipeline.FORMATS), 'Image file format.')
 flags.DEFINE_float('eta', 1.0, 'DDIM eta (0: deterministic given the initial noise).')
 flags.DEFINE_integer('tile_batch', 4, 'VAE tiles per decoder call.')
+flags.DEFINE_enum('blend_mode', 'original', list(decode.BLEND_MODES),
+                  'Tiled decode blend: original (the original\'s, for parity) or partition '
+                  '(weights that leave no residual seam).')
 flags.DEFINE_integer('progress_every', 50, 'Sampler progress log period in iterations.')
 flags.DEFINE_integer('checkpoint_every', 0, 'Save the sampler state every N iterations under '
                      'imgs_path/checkpoint (0: off).')

@@ -157,6 +157,8 @@ def test_bad_inputs(models, given_mask, tmp_path):
     pipeline.validate(config(models, tmp_path, label=7))
   with pytest.raises(ValueError, match='--mask'):
     pipeline.validate(config(models, tmp_path, mask=str(tmp_path / 'missing.png')))
+  with pytest.raises(ValueError, match='blend_mode'):
+    pipeline.validate(config(models, tmp_path, mask=given_mask, blend_mode='average'))
 
 
 def test_interrupted_write_leaves_no_complete_looking_file(models, given_mask, tmp_path,

@@ -63,6 +63,8 @@ class GenerationConfig:
   seed: int = 0                         # root PRNG seed
   output_format: str = 'png'            # png | jpg | tiff (pyramidal BigTIFF)
   tile_batch: int = 4                   # VAE tiles per decoder call
+  blend_mode: str = 'original'          # decode blend: 'original' (SPEC 4, parity) or
+                                        # 'partition' (no residual seam; decode.py)
   latent_scale: float = 50.0            # DiffInfinite latents are SD2 latents / 50
   progress_every: int = 50              # sampler progress log period (iterations; 0: off)
   checkpoint_every: int = 0             # save the sampler state every N iterations (0: off)
@@ -168,6 +170,8 @@ def validate(cfg: GenerationConfig) -> Prepared:
   cfg = resolve_defaults(cfg)
   if cfg.output_format not in FORMATS:
     _fail(f'output_format must be one of {FORMATS}, got {cfg.output_format!r}')
+  if cfg.blend_mode not in decode_lib.BLEND_MODES:
+    _fail(f'blend_mode must be one of {decode_lib.BLEND_MODES}, got {cfg.blend_mode!r}')
   if cfg.n_images < 1 or cfg.batch_size < 1 or cfg.n_images % cfg.batch_size:
     _fail(f'n_images ({cfg.n_images}) must be a positive multiple of batch_size '
           f'({cfg.batch_size})')
@@ -272,7 +276,8 @@ def sample_masks(cfg: GenerationConfig, models: _Models, indices, state=None,
     state = smp.init(_stage_keys(cfg, indices, 0), classes.shape, m_cfg.channels)
   state = _run_stage(cfg, smp, m_params, state, classes, save)
   dec = decode_lib.TiledDecodeSettings(patch_size=patch, tile_batch=cfg.tile_batch,
-                                       latent_scale=cfg.latent_scale)
+                                       latent_scale=cfg.latent_scale,
+                                       blend_mode=cfg.blend_mode)
   out = []
   for zi in sharding.to_host(state.x):
     img = decode_lib.decode_image(_vae_decode(v_cfg), v_params, zi, dec)
@@ -309,7 +314,8 @@ def _write_sample(cfg: GenerationConfig, models: _Models, number: int, z: np.nda
                   labels: np.ndarray, record: dict) -> dict:
   v_cfg, v_params = models.vae
   dec = decode_lib.TiledDecodeSettings(patch_size=cfg.patch_size, tile_batch=cfg.tile_batch,
-                                       latent_scale=cfg.latent_scale)
+                                       latent_scale=cfg.latent_scale,
+                                       blend_mode=cfg.blend_mode)
   if not sharding.is_writer():   # multi-host: process 0 writes
     return record
   base = os.path.join(cfg.imgs_path, f'sample{number:04d}')
