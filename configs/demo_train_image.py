@@ -1,8 +1,9 @@
-"""Demo training of the tiny image U-Net (CPU, minutes); needs the demo VAE first.
+"""Demo training of the tiny image U-Net (CPU, ~30 min); needs the demo VAE first.
 
   python scripts/train.py --config=configs/demo_train_image.py --workdir=runs/demo/image_unet
 
-128 px synthetic crops (latent 16 x 16), conditioned on one label present in the crop
+128 px synthetic crops (latent 16 x 16; regions of 48-384 px, so some crops hold many
+labels and some lie inside one), conditioned on one label present in the crop
 as `(labels == l) * l` at latent resolution (the sampler's per-label form), the mask
 zeroed half the time. Sample with a matching --patch_size (e.g. 128).
 """
