@@ -93,19 +93,22 @@ def _blurred(params, z):
                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
+def _tiled(dec, zz, p):
+  """Tile z [h, w, C] into P = p/8 tiles, decode each, clip to [0, 1], untile."""
+  P = p // 8
+  h, w, _ = zz.shape
+  out = np.zeros((8 * h, 8 * w, 3), np.float32)
+  for i in range(0, h, P):
+    for j in range(0, w, P):
+      out[8 * i:8 * i + p, 8 * j:8 * j + p] = np.clip(
+          np.asarray(dec(None, zz[None, i:i + P, j:j + P]))[0], 0, 1)
+  return out
+
+
 def _original_blend(dec, z, p):
   """SPEC 4 written out directly (NumPy, in place): z [h, w, C] with sides multiples of P."""
-  P, q = p // 8, p // 16
-
-  def tiled(zz):                                                  # tile, decode, untile
-    h, w, _ = zz.shape
-    out = np.zeros((8 * h, 8 * w, 3), np.float32)
-    for i in range(0, h, P):
-      for j in range(0, w, P):
-        out[8 * i:8 * i + p, 8 * j:8 * j + p] = np.clip(
-            np.asarray(dec(None, zz[None, i:i + P, j:j + P]))[0], 0, 1)
-    return out
-
+  q = p // 16
+  tiled = lambda zz: _tiled(dec, zz, p)
   win = {k: np.asarray(v)[..., None] for k, v in decode.hann_windows(p).items()}
   img, img_v = tiled(z), tiled(z[:, q:-q])
   img_h, img_c = tiled(z[q:-q]), tiled(z[q:-q, q:-q])
@@ -136,17 +139,8 @@ def test_matches_original_algorithm_on_larger_grids(band_tiles):
 
 def _partition_blend(dec, z, p):
   """blend_mode='partition' written out directly: A(1-v)(1-h) + Vv(1-h) + H(1-v)h + Cvh."""
-  P, q = p // 8, p // 16
-
-  def tiled(zz):
-    h, w, _ = zz.shape
-    out = np.zeros((8 * h, 8 * w, 3), np.float32)
-    for i in range(0, h, P):
-      for j in range(0, w, P):
-        out[8 * i:8 * i + p, 8 * j:8 * j + p] = np.clip(
-            np.asarray(dec(None, zz[None, i:i + P, j:j + P]))[0], 0, 1)
-    return out
-
+  q = p // 16
+  tiled = lambda zz: _tiled(dec, zz, p)
   win = {k: np.asarray(v)[..., None] for k, v in decode.hann_windows(p).items()}
   a = tiled(z)
   H, W, _ = a.shape

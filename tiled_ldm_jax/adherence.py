@@ -132,9 +132,7 @@ def score_sample(img: np.ndarray, labels: np.ndarray, classifier: TextureClassif
                  tile: int) -> dict:
   """Mask adherence (see `mask_adherence`) plus the decode's seam ratio at `tile` px."""
   from tiled_ldm_jax import decode                 # local: keeps this module numpy-light
-  img = np.asarray(img)
-  if img.dtype == np.uint8:
-    img = img.astype(np.float32) / 255
+  img = np.asarray(img)             # uint8 or [0, 1] float: both measures take either
   if img.shape[:2] != labels.shape:
     raise ValueError(f'image {img.shape[:2]} and mask {labels.shape} differ in size')
   out = mask_adherence(img, labels, classifier)

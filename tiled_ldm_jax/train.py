@@ -510,28 +510,30 @@ def _prefetch(fn: Callable[[int], Any], steps: Iterable[int], depth: int = 2):
 # ----------------------------------------------------------------------------- VAE export
 
 
-def latent_statistics(cfg: TrainConfig, vae_cfg, params, batches: Callable[[int], dict],
-                      n_batches: int) -> tuple[np.ndarray, np.ndarray]:
-  """Per-channel mean and std of the posterior means over `n_batches` held-out batches
-  (steps numbered after the run's, so the training batches are not reused)."""
+def held_out_latents(cfg: TrainConfig, vae_cfg, params, batches: Callable[[int], dict],
+                     n_batches: int) -> np.ndarray:
+  """Posterior means [N, latent] (float64) of `n_batches` held-out batches (steps
+  numbered after the run's, so the training batches are not reused)."""
   encode = jax.jit(vae_lib.encode_fn(vae_cfg))
   zs = []
   for i in range(n_batches):
     mean, _ = encode(params, jnp.asarray(batches(cfg.steps + 1 + i)['image']))
     zs.append(np.asarray(mean, np.float64).reshape(-1, mean.shape[-1]))
-  z = np.concatenate(zs)
-  return z.mean(0), z.std(0)
+  return np.concatenate(zs)
+
+
+def clipped_share(z: np.ndarray, latent_scale: float) -> float:
+  """Share of diffusion latents `z / latent_scale` outside [-1, 1]. DDIM clips x0 to
+  [-1, 1] (the original does), so a latent scale that puts real latents out there
+  corrupts sampling."""
+  return float(np.mean(np.abs(z) > latent_scale))
 
 
 def clipped_fraction(cfg: TrainConfig, vae_cfg, params, batches: Callable[[int], dict],
                      n_batches: int) -> float:
-  """Share of diffusion latents (posterior mean / latent_scale) outside [-1, 1] on the
-  same held-out batches as `latent_statistics`. DDIM clips x0 to [-1, 1] (the original
-  does), so a latent scale that puts real latents out there corrupts sampling."""
-  encode = jax.jit(vae_lib.encode_fn(vae_cfg))
-  out = [np.mean(np.abs(np.asarray(encode(params, jnp.asarray(
-      batches(cfg.steps + 1 + i)['image']))[0])) > cfg.latent_scale) for i in range(n_batches)]
-  return float(np.mean(out))
+  """`clipped_share` of the VAE's `held_out_latents` at `cfg.latent_scale`."""
+  return clipped_share(held_out_latents(cfg, vae_cfg, params, batches, n_batches),
+                       cfg.latent_scale)
 
 
 def normalize_vae_latents(params, mean, std, target_std: float):
@@ -682,11 +684,13 @@ def export(cfg: TrainConfig, model_cfg, task: Task, ema_params, export_dir: str,
   params = jax.device_get(ema_params)
   info = {'task': cfg.task, 'step': cfg.steps}
   if cfg.task == 'vae' and cfg.export_latent_std > 0:
-    mean, std = latent_statistics(cfg, model_cfg, params, task.batches,
-                                  cfg.latent_stats_batches)
+    z = held_out_latents(cfg, model_cfg, params, task.batches, cfg.latent_stats_batches)
+    mean, std = z.mean(0), z.std(0)
     params = normalize_vae_latents(params, mean, std, cfg.export_latent_std)
     params = jax.tree_util.tree_map(lambda a: np.asarray(a, model_cfg.params_dtype), params)
-    clipped = clipped_fraction(cfg, model_cfg, params, task.batches, cfg.latent_stats_batches)
+    # The exported latents are c (z - mean) exactly (normalize_vae_latents): no re-encode.
+    clipped = clipped_share((z - mean) * (cfg.export_latent_std / np.maximum(std, 1e-12)),
+                            cfg.latent_scale)
     info.update(latent_mean_before=mean.tolist(), latent_std_before=std.tolist(),
                 latent_std_after=cfg.export_latent_std, clipped_fraction=clipped)
     logging.info('VAE latents: mean %s, std %s -> std %g; %.2g of latent / %g outside '
