@@ -12,6 +12,8 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from tiled_ldm_jax import geometry
+
 
 class ConfigError(ValueError):
   """A config holds an option, or a value, that this port does not implement."""
@@ -176,7 +178,9 @@ class VAEConfig(_Dtypes):
   block_out_channels: tuple[int, ...] = (128, 256, 512, 512)  # width per resolution level
   layers_per_block: int = 2           # resnets per encoder level (decoder: one more)
   norm_num_groups: int = 32           # GroupNorm groups everywhere (eps 1e-6)
-  scaling_factor: float = 0.18215     # z_diffusion = z_vae * scaling_factor (used by callers)
+  scaling_factor: float = 0.18215     # diffusers' SD convention (kept from config.json)
+  latent_scale: float = geometry.DIFFINFINITE_LATENT_SCALE  # VAE latent = diffusion latent
+                                      # * latent_scale (geometry.LatentGeometry; DiffInfinite 50)
   latents_mean: tuple[float, ...] | None = None  # optional per-channel latent stats, kept
   latents_std: tuple[float, ...] | None = None   # for callers; the model does not use them
   dtype: str = 'float32'              # compute dtype of convs/matmuls (norms/softmax stay float32)
@@ -199,6 +203,7 @@ class VAEConfig(_Dtypes):
         raise ConfigError(f'VAEConfig.{name} has {len(value)} entries, expected '
                           f'latent_channels={self.latent_channels}')
     _dtype(self.dtype), _dtype(self.param_dtype)
+    geometry.LatentGeometry(self.downsample_factor, self.latent_scale)  # validates the scale
 
   @property
   def downsample_factor(self) -> int:
