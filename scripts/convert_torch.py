@@ -2,13 +2,21 @@
 
   python scripts/convert_torch.py --kind=image_unet \
       --torch_checkpoint=../shared/reference/image_unet/model-1.pt --output_dir=/tmp/image_unet
+
+torch is not needed: `.pt`/`.bin` files are read by `tiled_ldm_jax.torch_zip`, which
+refuses any pickle that names something other than tensors and plain containers.
+A refused or unreadable input prints `error: ...` and exits 1, writing nothing.
 """
+
+import math
+import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 
 from tiled_ldm_jax import convert
+from tiled_ldm_jax import geometry
 from tiled_ldm_jax.models import unet
 
 _KIND = flags.DEFINE_enum('kind', None, ['image_unet', 'mask_unet', 'vae'], 'Which model.')
@@ -18,13 +26,33 @@ _OUT = flags.DEFINE_string('output_dir', None, 'Folder to write (must not exist 
 _CONFIG = flags.DEFINE_string('config_json', None,
                               'U-Net constructor arguments; default config.json beside the '
                               'checkpoint.')
+_SCALE = flags.DEFINE_float('latent_scale', geometry.DIFFINFINITE_LATENT_SCALE,
+                            '--kind=vae only: stored in the VAE config; VAE latent = diffusion '
+                            'latent * latent_scale (DiffInfinite: 50).')
 flags.mark_flags_as_required(['kind', 'torch_checkpoint', 'output_dir'])
+
+
+def _latent_scale():
+  """The scale to store (VAE only), checked before any work."""
+  scale = _SCALE.value
+  if not math.isfinite(scale) or scale <= 0:
+    raise ValueError(f'--latent_scale must be a positive finite number, got {scale}')
+  if _KIND.value != 'vae':
+    if flags.FLAGS['latent_scale'].present:
+      raise ValueError('--latent_scale is stored with the VAE; it is not for --kind='
+                       f'{_KIND.value}')
+    return None
+  return scale
 
 
 def main(argv):
   del argv
-  config, params = convert.convert_checkpoint(_KIND.value, _CKPT.value, _OUT.value,
-                                              _CONFIG.value)
+  try:
+    config, params = convert.convert_checkpoint(_KIND.value, _CKPT.value, _OUT.value,
+                                                _CONFIG.value, latent_scale=_latent_scale())
+  except (ValueError, OSError) as e:   # refused or unreadable input: no traceback
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
   logging.info('wrote %s (%s params) to %s', _KIND.value, f'{unet.count_params(params):,}',
                _OUT.value)
   print(config)

@@ -8,7 +8,9 @@ U-Net's channel LayerNorm gain (1, C, 1, 1) -> (C,).
 
 Conversion is strict: every Flax parameter must be filled, every source key used, every
 shape must match; otherwise `ConversionError` lists all offending keys at once.
-This is the only module that imports torch (lazily, for `.pt`/`.bin` pickles).
+Checkpoints are read without torch: `.pt`/`.bin` pickles by `tiled_ldm_jax.torch_zip`,
+which runs nothing from the file, safetensors with numpy. Tensors are read from the file
+one at a time as they are converted, so conversion holds little beyond the output.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from typing import Any, Callable, Mapping
 import jax
 import numpy as np
 
+from tiled_ldm_jax import geometry
+from tiled_ldm_jax import torch_zip
 from tiled_ldm_jax.models import configs as configs_lib
 
 
@@ -76,7 +80,9 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], abstract_params: An
   Raises:
     ConversionError listing every missing key, unused key and shape mismatch.
   """
-  source = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+  # Keys only: values are looked up leaf by leaf, so a lazy mapping (torch_zip.StateDict)
+  # reads one tensor at a time and frees it once converted.
+  source = {k[len(prefix):]: k for k in state_dict.keys() if k.startswith(prefix)}
   used, missing, mismatched = set(), [], []
 
   def fill(path, leaf):
@@ -86,12 +92,14 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], abstract_params: An
       missing.append(prefix + key)
       return None
     used.add(key)
-    value = _LEAF[names[-1]][1](np.asarray(source[key], dtype=np.float32))
+    raw = np.asarray(state_dict[source[key]], dtype=np.float32)
+    value = _LEAF[names[-1]][1](raw)
     if tuple(value.shape) != tuple(leaf.shape):
-      mismatched.append(f'{prefix + key}: checkpoint {tuple(np.shape(source[key]))} -> '
+      mismatched.append(f'{prefix + key}: checkpoint {tuple(raw.shape)} -> '
                         f'{tuple(value.shape)}, model expects {tuple(leaf.shape)}')
       return None
-    return value.astype(leaf.dtype)
+    # A C-contiguous copy of the target dtype; `raw` (and any transposed view) is freed.
+    return np.ascontiguousarray(value, dtype=leaf.dtype)
 
   params = jax.tree_util.tree_map_with_path(fill, abstract_params)
   unused = sorted(prefix + k for k in set(source) - used)
@@ -114,21 +122,22 @@ def _require_file(path: str, what: str) -> None:
     raise FileNotFoundError(f'{what} not found: {path}')
 
 
-def read_diffinfinite_checkpoint(path: str) -> dict[str, np.ndarray]:
-  """EMA weights of a DiffInfinite `model-N.pt`, keys `ema_model.model.*` kept whole."""
+def read_diffinfinite_checkpoint(path: str) -> torch_zip.StateDict:
+  """EMA weights of a DiffInfinite `model-N.pt`, keys `ema_model.model.*` kept whole.
+
+  A mapping whose values are read from the file when looked up: floating tensors as
+  float32 (numpy has no bfloat16 arithmetic), others in their stored dtype.
+  """
   _require_file(path, 'DiffInfinite checkpoint')
-  import torch  # pylint: disable=g-import-not-at-top
-  ckpt = torch.load(path, map_location='cpu', weights_only=False)
+  ckpt = torch_zip.load(path)
   if not isinstance(ckpt, dict) or 'ema' not in ckpt:
-    keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+    keys = sorted(map(str, ckpt)) if isinstance(ckpt, dict) else type(ckpt).__name__
     raise ConversionError(f'{path} is not a DiffInfinite Trainer checkpoint (no "ema"; '
                           f'has {keys})')
-  # numpy has no bfloat16: floating tensors go through float32 (a no-op for float32).
-  return {k: (v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()).numpy()
-          for k, v in ckpt['ema'].items() if hasattr(v, 'detach')}
+  return torch_zip.StateDict(torch_zip.tensors_of(ckpt['ema'], f'{path} ["ema"]'))
 
 
-def read_diffusers_folder(folder: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def read_diffusers_folder(folder: str) -> tuple[dict[str, Any], Mapping[str, np.ndarray]]:
   """(config dict, state dict) of a diffusers model folder (safetensors or .bin)."""
   config_path = os.path.join(folder, 'config.json')
   _require_file(config_path, 'diffusers config')
@@ -140,9 +149,7 @@ def read_diffusers_folder(folder: str) -> tuple[dict[str, Any], dict[str, np.nda
     from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
     return config, dict(load_file(st))
   if os.path.isfile(binf):
-    import torch  # pylint: disable=g-import-not-at-top
-    sd = torch.load(binf, map_location='cpu', weights_only=True)
-    return config, {k: v.float().numpy() for k, v in sd.items()}
+    return config, torch_zip.StateDict(torch_zip.tensors_of(torch_zip.load(binf), binf))
   raise FileNotFoundError(f'no diffusion_pytorch_model.safetensors or .bin in {folder}')
 
 
@@ -166,17 +173,23 @@ def convert_unet(kind: str, state_dict: Mapping[str, np.ndarray], torch_config: 
   return config, params
 
 
-def convert_vae(diffusers_config: Mapping[str, Any], state_dict: Mapping[str, np.ndarray]):
-  """(VAEConfig, params) from a diffusers `AutoencoderKL` config dict and state dict."""
+def convert_vae(diffusers_config: Mapping[str, Any], state_dict: Mapping[str, np.ndarray],
+                latent_scale: float = geometry.DIFFINFINITE_LATENT_SCALE):
+  """(VAEConfig, params) from a diffusers `AutoencoderKL` config dict and state dict.
+
+  `latent_scale` (VAE latent = diffusion latent * latent_scale) is not part of a diffusers
+  config; it is stored with the converted VAE so the sampler and decoder agree on it.
+  """
   from tiled_ldm_jax.models import vae as vae_lib  # pylint: disable=g-import-not-at-top
-  config = configs_lib.vae_config_from_diffusers(diffusers_config)
+  config = configs_lib.vae_config_from_diffusers(diffusers_config,
+                                                 latent_scale=float(latent_scale))
   abstract = vae_lib.abstract_params(config)
   params = convert_state_dict(state_dict, abstract, what='AutoencoderKL checkpoint')
   return config, params
 
 
 def convert_checkpoint(kind: str, torch_checkpoint: str, output_dir: str,
-                       config_json: str | None = None):
+                       config_json: str | None = None, latent_scale: float | None = None):
   """Converts a PyTorch checkpoint into a model folder (see `tiled_ldm_jax.checkpoint`).
 
   Args:
@@ -186,6 +199,7 @@ def convert_checkpoint(kind: str, torch_checkpoint: str, output_dir: str,
     output_dir: the folder to write; must not exist or be empty.
     config_json: U-Nets only: the constructor arguments (`{"unet": {...}, "dm": {...}}`);
       default `config.json` beside the checkpoint.
+    latent_scale: VAE only: stored in its config (default DiffInfinite's 50).
   Returns:
     (config, params) as written.
   """
@@ -199,8 +213,11 @@ def convert_checkpoint(kind: str, torch_checkpoint: str, output_dir: str,
       raise ValueError('--config_json is for the U-Nets; a VAE folder has its config.json')
     if not os.path.isdir(torch_checkpoint):
       raise FileNotFoundError(f'diffusers VAE folder not found: {torch_checkpoint}')
-    config, params = convert_vae(*read_diffusers_folder(torch_checkpoint))
+    scale = geometry.DIFFINFINITE_LATENT_SCALE if latent_scale is None else latent_scale
+    config, params = convert_vae(*read_diffusers_folder(torch_checkpoint), latent_scale=scale)
   else:
+    if latent_scale is not None:
+      raise ValueError('--latent_scale is stored with the VAE; not for the U-Nets')
     # Checked before the default config.json beside it, so the error names the checkpoint.
     _require_file(torch_checkpoint, 'DiffInfinite checkpoint')
     if config_json is None:
