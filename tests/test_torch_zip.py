@@ -307,9 +307,10 @@ def test_reference_checkpoints_read(reference_dir, kind):
                                ['alphas_cumprod'], rtol=1e-6)
   # Optimizer state: per-parameter Adam moments with the parameters' shapes.
   state = ckpt['opt']['state']
-  first = state[0]
-  assert set(first) >= {'step', 'exp_avg', 'exp_avg_sq'}
-  assert first['exp_avg'].shape == ckpt['model']['model.init_conv.weight'].shape
+  assert sorted(state) == sorted(ckpt['opt']['param_groups'][0]['params'])
+  assert all(set(s) == {'step', 'exp_avg', 'exp_avg_sq'} for s in state.values())
+  model_shapes = {t.shape for t in ckpt['model'].values()}
+  assert {s['exp_avg'].shape for s in state.values()} <= model_shapes
 
 
 def test_reference_matches_torch_if_installed(reference_dir):
