@@ -1,19 +1,23 @@
 """U-Net checkpoint conversion: strictness, full-size structure, orbax round trip, and a
 synthetic round trip at configs the reference does not cover."""
 
+import hashlib
 import json
 import os
 import re
 import shutil
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import ml_dtypes
 import pytest
-import torch
 
 from tiled_ldm_jax import checkpoint
 from tiled_ldm_jax import convert
+from tiled_ldm_jax import geometry
+from tiled_ldm_jax import torch_zip_write
 from tiled_ldm_jax.models import configs
 from tiled_ldm_jax.models import unet
 
@@ -198,16 +202,21 @@ def test_convert_checkpoint_writes_nothing_on_mismatch(reference_dir, tmp_path):
 
 
 def test_bfloat16_checkpoint_converts(tmp_path):
-  """torch bfloat16 tensors have no numpy dtype; the reader goes through float32."""
+  """bfloat16 tensors (numpy has no arithmetic for them) convert exactly via float32;
+  the checkpoint is written in torch's zip format by hand, laid out like Trainer.save."""
   config = configs.UNetConfig(kind='mask', dim=8, num_classes=2, dim_mults=(1, 2),
                               resnet_block_groups=4, block_per_layer=1)
   params = _random_params(config, 0)
-  sd = {k: torch.from_numpy(np.ascontiguousarray(v)).to(torch.bfloat16)
+  sd = {k: np.ascontiguousarray(v).astype(ml_dtypes.bfloat16)
         for k, v in _to_torch_layout(params).items()}
-  sd['ema_model.alphas_cumprod'] = torch.ones(1000, dtype=torch.float64)
-  torch.save({'step': 1, 'loss': 0.0, 'lr': 1e-4, 'model': {}, 'opt': {}, 'scheduler': {},
-              'ema': dict(sd, initted=torch.ones(1), step=torch.tensor([1])), 'scaler': None},
-             tmp_path / 'model-1.pt')
+  sd['ema_model.alphas_cumprod'] = np.ones(1000, np.float64)
+  torch_zip_write.save(
+      str(tmp_path / 'model-1.pt'),
+      {'step': 1, 'loss': 0.0, 'lr': 1e-4, 'model': torch_zip_write.OrderedDict(), 'opt': {},
+       'scheduler': {}, 'scaler': None,
+       'ema': torch_zip_write.OrderedDict(sd, initted=np.ones(1, np.float32),
+                                          step=np.array([1], np.int64))},
+      archive_name='model-1')
   (tmp_path / 'config.json').write_text(json.dumps(_torch_config(config)))
   got_config, got = convert.convert_checkpoint('mask_unet', str(tmp_path / 'model-1.pt'),
                                                str(tmp_path / 'out'))
@@ -215,6 +224,77 @@ def test_bfloat16_checkpoint_converts(tmp_path):
   expected = jax.tree_util.tree_map(
       lambda p: np.asarray(jnp.asarray(p, jnp.bfloat16).astype(jnp.float32)), params)
   jax.tree_util.tree_map(np.testing.assert_array_equal, got, expected)
+
+
+def _digest(params) -> str:
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    a = np.ascontiguousarray(leaf)
+    for part in (jax.tree_util.keystr(path), str(a.dtype), str(a.shape)):
+      h.update(part.encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
+
+
+# Digests of the params converted from the reference files by the torch.load-based reader
+# this one replaced (commit a5b5a61): the torch-free reader gives the same bytes.
+_REFERENCE_DIGESTS = {
+    'image': '9f0df313ec3ca35387a8c5aac174f22b49486a3951c75a5ea6d7bc21d68fa6e1',
+    'mask': 'bb52518701b6e2b5c931f56c04f5cf9b695a17f2ed9fb63d8f3f8cc620b35cd8',
+}
+
+
+@pytest.mark.parametrize('kind', ['image', 'mask'])
+def test_reference_conversion_unchanged_and_torch_free(reference_dir, tmp_path, monkeypatch,
+                                                       kind):
+  monkeypatch.setitem(sys.modules, 'torch', None)   # any `import torch` would now fail
+  folder = reference_dir / f'{kind}_unet'
+  _, params = convert.convert_checkpoint(f'{kind}_unet', str(folder / 'model-1.pt'),
+                                         str(tmp_path / 'out'))
+  assert _digest(params) == _REFERENCE_DIGESTS[kind]
+  _, _, loaded = checkpoint.load_model(str(tmp_path / 'out'), expect=f'{kind}_unet')
+  assert _digest(loaded) == _REFERENCE_DIGESTS[kind]
+
+
+def test_hostile_checkpoint_is_refused_before_writing(tmp_path):
+  marker = tmp_path / 'pwned'
+  payload = torch_zip_write.Raw(torch_zip_write.global_op('os', 'system')
+                                + b'(X' + len(f'touch {marker}').to_bytes(4, 'little')
+                                + f'touch {marker}'.encode() + b'tR')
+  torch_zip_write.save(str(tmp_path / 'model-1.pt'),
+                       {'ema': torch_zip_write.OrderedDict({'x': payload})})
+  (tmp_path / 'config.json').write_text(json.dumps(_torch_config(_SMALL)))
+  with pytest.raises(ValueError, match='refusing global os.system'):
+    convert.convert_checkpoint('image_unet', str(tmp_path / 'model-1.pt'), str(tmp_path / 'o'))
+  assert not marker.exists() and not (tmp_path / 'o').exists()
+
+
+def test_vae_conversion_stores_latent_scale(reference_dir, tmp_path):
+  config, _ = convert.convert_checkpoint('vae', str(reference_dir / 'vae'), str(tmp_path / 'a'))
+  assert config.latent_scale == geometry.DIFFINFINITE_LATENT_SCALE == 50.0
+  config, _ = convert.convert_checkpoint('vae', str(reference_dir / 'vae'), str(tmp_path / 'b'),
+                                         latent_scale=1 / 0.18215)
+  assert config.latent_scale == pytest.approx(1 / 0.18215)
+  _, loaded, _ = checkpoint.load_model(str(tmp_path / 'b'), expect='vae')
+  assert loaded.latent_scale == pytest.approx(1 / 0.18215)
+  with pytest.raises(ValueError, match='latent_scale'):
+    convert.convert_checkpoint('image_unet', str(reference_dir / 'image_unet' / 'model-1.pt'),
+                               str(tmp_path / 'c'), latent_scale=50.0)
+
+
+def test_vae_bin_folder_reads_like_safetensors(reference_dir, tmp_path):
+  """A diffusers folder with `diffusion_pytorch_model.bin` (torch zip) instead of
+  safetensors: same state dict."""
+  cfg, st = convert.read_diffusers_folder(str(reference_dir / 'vae'))
+  folder = tmp_path / 'vae_bin'
+  folder.mkdir()
+  shutil.copy(reference_dir / 'vae' / 'config.json', folder / 'config.json')
+  torch_zip_write.save(str(folder / 'diffusion_pytorch_model.bin'),
+                       torch_zip_write.OrderedDict(st), archive_name='archive')
+  cfg2, sd = convert.read_diffusers_folder(str(folder))
+  assert cfg2 == cfg and sorted(sd) == sorted(st)
+  for k in st:
+    np.testing.assert_array_equal(sd[k], st[k])
 
 
 # ----------------------------------------------------------------------------- full size
