@@ -9,7 +9,11 @@
   row/column being paired with itself, so level shapes are `ceil(side / 2)`; levels are
   computed from the rows as they stream and spooled to anonymous temporary files (1/3 of
   level 0's bytes in all, on disk, not in memory), then written after level 0 as
-  SubIFDs. `TiffFile(path).series[0].levels` lists them all.
+  successive reduced-resolution IFDs, the pyramid OpenSlide reads (generic tiled TIFF);
+  `TiffFile(path).series[0].levels` lists them all. Tiles are JPEG (YCbCr 4:2:0,
+  Pillow), zlib or raw, compressed on a thread pool; `mpp` becomes the TIFF resolution
+  (OpenSlide's `openslide.mpp-x/y`).
+- OME-Zarr stores (NGFF 0.4, image levels + labels): `tiled_ldm_jax.ome_zarr`.
 - Label masks beside the image (`mask_path`): PNG of label ids (`masks.write_label_png`)
   or, for `.tif`/`.tiff`, a tiled TIFF of label ids (uint8, or uint16 when an id is
   >= 256).
@@ -24,9 +28,13 @@ Images are uint8 `[H, W, C]` (C = 1, 3 or 4) or float in [0, 1], converted with
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
+import io
 import os
 import tempfile
+import zlib
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -111,6 +119,10 @@ def write_image(path, img, *, quality: int = 95) -> None:
 
 # ----------------------------------------------------------------------------- TIFF
 
+TIFF_COMPRESSIONS = ('jpeg', 'zlib', 'none')
+DEFAULT_JPEG_QUALITY = 90
+ZLIB_LEVEL = 6
+
 
 def pyramid_shapes(height: int, width: int, tile: int = DEFAULT_TILE,
                    levels: int | None = None) -> list[tuple[int, int]]:
@@ -133,18 +145,24 @@ def downsample2x(rows: np.ndarray) -> np.ndarray:
   return ((s + 2) // 4).astype(np.uint8)
 
 
-class _PyramidSpool:
-  """Builds levels 1.. from level-0 rows as they stream; spools them to temp files."""
+class PyramidBuilder:
+  """Levels 1.. from level-0 rows as they stream, handed to `sink(level, rows)` in order.
 
-  def __init__(self, shapes: Sequence[tuple[int, int]], channels: int, folder: str):
+  `reduce` maps an even number of rows of one level to half as many of the next (default
+  `downsample2x`; label ids use nearest). A level with an odd height pairs its last row
+  with itself in `finish`, so level heights are `ceil(h / 2)`. Holds at most one row per
+  level between calls.
+  """
+
+  def __init__(self, shapes: Sequence[tuple[int, int]], sink, reduce=downsample2x):
     self.shapes = list(shapes)
-    self.channels = channels
-    self.files = [None] + [tempfile.TemporaryFile(dir=folder) for _ in shapes[1:]]
+    self.sink = sink
+    self.reduce = reduce
     self.pending: list[np.ndarray | None] = [None] * len(shapes)   # an odd leftover row
-    self.written = [0] * len(shapes)
+    self.emitted = [0] * len(shapes)
 
   def feed(self, level: int, rows: np.ndarray) -> None:
-    """Rows of `level` (in order) -> rows of `level + 1` (spooled), recursively."""
+    """Rows of `level` (in order) -> rows of `level + 1` (to the sink), recursively."""
     if level + 1 >= len(self.shapes) or not rows.shape[0]:
       return
     if self.pending[level] is not None:
@@ -154,21 +172,36 @@ class _PyramidSpool:
     if even < rows.shape[0]:
       self.pending[level] = rows[even:].copy()
     if even:
-      self._emit(level + 1, downsample2x(rows[:even]))
+      self._emit(level + 1, self.reduce(rows[:even]))
 
   def _emit(self, level: int, rows: np.ndarray) -> None:
-    self.files[level].write(np.ascontiguousarray(rows).tobytes())
-    self.written[level] += rows.shape[0]
+    self.sink(level, rows)
+    self.emitted[level] += rows.shape[0]
     self.feed(level, rows)
 
-  def finish(self) -> None:
+  def finish(self, expected: Sequence[int] | None = None) -> None:
+    """Flushes odd last rows; checks each level got `expected` rows (default: its height)."""
     for level in range(len(self.shapes) - 1):
       if self.pending[level] is not None:
         row, self.pending[level] = self.pending[level], None
-        self._emit(level + 1, downsample2x(np.concatenate([row, row])))
-    for level, (h, _) in enumerate(self.shapes[1:], 1):
-      if self.written[level] != h:
-        raise RuntimeError(f'pyramid level {level}: {self.written[level]} rows, expected {h}')
+        self._emit(level + 1, self.reduce(np.concatenate([row, row])))
+    expected = expected or [h for h, _ in self.shapes]
+    for level in range(1, len(self.shapes)):
+      if self.emitted[level] != expected[level]:
+        raise RuntimeError(f'pyramid level {level}: {self.emitted[level]} rows, '
+                           f'expected {expected[level]}')
+
+
+class _RowSpool:
+  """Rows of levels 1.. in anonymous temporary files (on disk, not in memory)."""
+
+  def __init__(self, shapes: Sequence[tuple[int, int]], channels: int, folder: str):
+    self.shapes = list(shapes)
+    self.channels = channels
+    self.files = [None] + [tempfile.TemporaryFile(dir=folder) for _ in shapes[1:]]
+
+  def write(self, level: int, rows: np.ndarray) -> None:
+    self.files[level].write(np.ascontiguousarray(rows).tobytes())
 
   def read_rows(self, level: int, chunk: int) -> Iterator[np.ndarray]:
     h, w = self.shapes[level]
@@ -196,7 +229,7 @@ def _tiles(chunks: Iterable[np.ndarray], width: int, channels: int,
 
   def emit(rows):
     for x in range(0, width, tile):
-      yield np.ascontiguousarray(rows[:, x:x + tile])
+      yield rows[:, x:x + tile].copy()     # a copy: `buf` is refilled while tiles encode
 
   for rows in chunks:
     i = 0
@@ -211,39 +244,159 @@ def _tiles(chunks: Iterable[np.ndarray], width: int, channels: int,
     yield from emit(buf[:fill])
 
 
+def _pad_tile(t: np.ndarray, tile: int) -> np.ndarray:
+  """Edge tiles to the full tile (TIFF stores whole tiles); edge values keep JPEG's
+  blocks at the border smooth (zeros would ring into the visible pixels)."""
+  ph, pw = tile - t.shape[0], tile - t.shape[1]
+  if not ph and not pw:
+    return t
+  return np.pad(t, ((0, ph), (0, pw), (0, 0)), mode='edge')
+
+
+def _tile_encoder(compression: str, channels: int, tile: int, jpeg_quality: int):
+  """A function: tile [<=tile, <=tile, C] uint8 -> the tile's bytes as stored."""
+  def raw(t):
+    return _pad_tile(t, tile).tobytes()
+
+  def deflate(t):
+    return zlib.compress(_pad_tile(t, tile).tobytes(), ZLIB_LEVEL)
+
+  # RGB: 4:2:0 chroma subsampling, as written in the YCbCrSubSampling tag (2, 2).
+  # Grayscale: libjpeg's 1x1 sampling (libtiff rejects a single component at 2x2).
+  jpeg_args = {'quality': jpeg_quality, **({'subsampling': 2} if channels == 3 else {})}
+
+  def jpeg(t):
+    t = _pad_tile(t, tile)
+    buf = io.BytesIO()
+    Image.fromarray(t[..., 0] if channels == 1 else t).save(buf, format='JPEG', **jpeg_args)
+    return buf.getvalue()
+
+  return {'none': raw, 'zlib': deflate, 'jpeg': jpeg}[compression]
+
+
+def _parallel_map(fn, items: Iterable[Any], workers: int) -> Iterator[Any]:
+  """`map(fn, items)` in order, on `workers` threads, at most 2 * workers items in flight.
+
+  Pillow's JPEG encoder and zlib release the GIL, so tiles compress in parallel while the
+  consumer (tifffile writing bytes) stays sequential; the bound keeps memory at a few
+  tiles however fast the producer is.
+  """
+  if workers <= 1:
+    yield from map(fn, items)
+    return
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    pending = collections.deque()
+    try:
+      for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= 2 * workers:
+          yield pending.popleft().result()
+      while pending:
+        yield pending.popleft().result()
+    finally:
+      for f in pending:
+        f.cancel()
+
+
+def default_workers() -> int:
+  """Compression threads: the CPUs this process may use."""
+  try:
+    return max(1, len(os.sched_getaffinity(0)))
+  except AttributeError:
+    return max(1, os.cpu_count() or 1)
+
+
+def _allow_preencoded(tifffile, compression: str) -> None:
+  """Lets tifffile write tiles we encoded ourselves without its JPEG codec.
+
+  tifffile resolves an encoder for the Compression tag even when given encoded bytes
+  (which it writes verbatim), and its JPEG encoder needs imagecodecs; we encode with
+  Pillow, so an encoder that refuses to run stands in when imagecodecs is absent.
+  """
+  if compression != 'jpeg':
+    return
+  registry = tifffile.TIFF.COMPRESSORS
+  if 7 in registry:                   # imagecodecs is installed: nothing to do
+    return
+  def refuse(*args, **kwargs):
+    raise RuntimeError('tiled_ldm_jax passes JPEG tiles to tifffile already encoded')
+  try:
+    registry._codecs[7] = refuse   # pylint: disable=protected-access
+  except AttributeError as e:
+    raise ImportError('this tifffile version cannot write pre-encoded JPEG tiles; '
+                      'pip install imagecodecs, or use compression="zlib"') from e
+
+
+def _resolution(mpp: float | None, level: int) -> dict[str, Any]:
+  """TIFF resolution for `mpp` microns per pixel at level 0 (None: no resolution tags).
+
+  Pixels per centimetre, unit CENTIMETER: what OpenSlide turns into openslide.mpp-x/y
+  (10^4 / resolution). Level l's pixels are 2^l times wider.
+  """
+  if mpp is None:
+    return {}
+  per_cm = 1e4 / (float(mpp) * 2 ** level)
+  return {'resolution': (per_cm, per_cm), 'resolutionunit': 'CENTIMETER'}
+
+
+def _check_tiff_args(path, channels: int, tile: int, compression: str,
+                     jpeg_quality: int, mpp) -> None:
+  if _suffix(path) not in TIFF_SUFFIXES:
+    raise ValueError(f'write_tiff writes {TIFF_SUFFIXES}, got {path!r}')
+  if channels not in (1, 3, 4):
+    raise ValueError(f'channels must be 1, 3 or 4, got {channels}')
+  if tile % 16 or tile <= 0:
+    raise ValueError(f'TIFF tiles must be a positive multiple of 16, got {tile}')
+  if compression not in TIFF_COMPRESSIONS:
+    raise ValueError(f'compression must be one of {TIFF_COMPRESSIONS}, got {compression!r}')
+  if compression == 'jpeg' and channels == 4:
+    raise ValueError('JPEG has no alpha channel: use compression="zlib" for RGBA')
+  if not 1 <= jpeg_quality <= 100:
+    raise ValueError(f'jpeg_quality must be in [1, 100], got {jpeg_quality}')
+  if mpp is not None and not mpp > 0:
+    raise ValueError(f'mpp must be positive microns per pixel, got {mpp}')
+
+
 def write_tiff(path, bands: Iterable[tuple[int, Any]], shape: Sequence[int], *,
                tile: int = DEFAULT_TILE, levels: int | None = None,
-               compression: str | None = 'zlib',
-               buffer_bytes: int = DEFAULT_BUFFER_BYTES) -> list[tuple[int, int]]:
-  """Streams bands into a tiled, pyramidal BigTIFF, atomically.
+               compression: str | None = 'jpeg', jpeg_quality: int = DEFAULT_JPEG_QUALITY,
+               mpp: float | None = None, workers: int | None = None
+               ) -> list[tuple[int, int]]:
+  """Streams bands into a tiled, pyramidal BigTIFF that OpenSlide reads, atomically.
+
+  Levels are successive top-level IFDs (level 0, then each halved level marked as a
+  reduced-resolution image, NewSubfileType 1), the layout of OpenSlide's generic tiled
+  TIFF; tifffile reads them as one series with `levels`.
 
   Args:
     path: destination (.tif / .tiff).
     bands: `(row_start, rows [n, W, C])` in order, covering rows 0..H; uint8 or [0, 1]
       float (converted with `decode.to_uint8`).
-    shape: `(H, W, C)` (C in 1, 3, 4).
+    shape: `(H, W, C)` (C in 1, 3, 4; JPEG: 1 or 3).
     tile: TIFF tile side (a multiple of 16).
     levels: number of levels including level 0; default: halve until one tile.
-    compression: tifffile compression ('zlib' needs no extra package), None for raw.
-    buffer_bytes: bound on tifffile's buffer of tiles being encoded.
+    compression: 'jpeg' (Pillow, YCbCr 4:2:0, `jpeg_quality`), 'zlib' or 'none' (None
+      is 'none'); tiles are compressed on `workers` threads.
+    jpeg_quality: 1..100, for 'jpeg'.
+    mpp: microns per pixel of level 0, written as the TIFF resolution (pixels per cm) of
+      each level; None writes no resolution.
+    workers: compression threads (default: the CPUs available).
 
   Returns:
     The level shapes `[(H, W), (ceil(H/2), ceil(W/2)), ...]`.
   """
   tifffile = _tifffile()
-  if _suffix(path) not in TIFF_SUFFIXES:
-    raise ValueError(f'write_tiff writes {TIFF_SUFFIXES}, got {path!r}')
+  compression = compression or 'none'
   height, width, channels = (int(v) for v in shape)
-  if channels not in (1, 3, 4):
-    raise ValueError(f'channels must be 1, 3 or 4, got {channels}')
-  if tile % 16 or tile <= 0:
-    raise ValueError(f'TIFF tiles must be a positive multiple of 16, got {tile}')
+  _check_tiff_args(path, channels, tile, compression, jpeg_quality, mpp)
+  _allow_preencoded(tifffile, compression)
   shapes = pyramid_shapes(height, width, tile, levels)
-  photometric = 'minisblack' if channels == 1 else 'rgb'
-  extrasamples = ('unassalpha',) if channels == 4 else None
+  encode = _tile_encoder(compression, channels, tile, jpeg_quality)
+  workers = workers or default_workers()
   folder = os.path.dirname(os.path.abspath(os.fspath(path)))
   os.makedirs(folder, exist_ok=True)
-  spool = _PyramidSpool(shapes, channels, folder)
+  spool = _RowSpool(shapes, channels, folder)
+  pyramid = PyramidBuilder(shapes, spool.write)
   seen = [0]
 
   def level0_rows():
@@ -254,33 +407,33 @@ def write_tiff(path, bands: Iterable[tuple[int, Any]], shape: Sequence[int], *,
                          f'row {seen[0]} of a {(height, width, channels)} image')
       rows = rows[:height - seen[0]]
       seen[0] += rows.shape[0]
-      spool.feed(0, rows)
+      pyramid.feed(0, rows)
       yield rows
       if seen[0] >= height:
         return
     raise ValueError(f'bands ended at row {seen[0]}, expected {height}')
 
-  def write_level(tif, data, level, **kw):
+  def write_level(tif, rows, level):
     h, w = shapes[level]
-    tif.write(data, shape=(h, w, channels) if channels > 1 else (h, w), dtype=np.uint8,
-              tile=(tile, tile), photometric=photometric, compression=compression,
-              extrasamples=extrasamples, buffersize=buffer_bytes, metadata=None, **kw)
-
-  def squeeze(it):
-    return (t[..., 0] for t in it) if channels == 1 else it
+    tiles = _parallel_map(encode, _tiles(rows, w, channels, tile), workers)
+    tif.write(tiles, shape=(h, w, channels) if channels > 1 else (h, w), dtype=np.uint8,
+              tile=(tile, tile), photometric='minisblack' if channels == 1 else 'rgb',
+              compression=None if compression == 'none' else compression,
+              # tifffile writes YCbCr photometric, this subsampling and
+              # ReferenceBlackWhite for RGB JPEG, matching Pillow's 4:2:0 tiles.
+              subsampling=(2, 2) if compression == 'jpeg' and channels == 3 else None,
+              extrasamples=('unassalpha',) if channels == 4 else None,
+              subfiletype=1 if level else 0, metadata=None, **_resolution(mpp, level))
 
   try:
     with atomic_path(path) as tmp:
       with tifffile.TiffWriter(tmp, bigtiff=True) as tif:
-        write_level(tif, squeeze(_tiles(level0_rows(), width, channels, tile)), 0,
-                    subifds=len(shapes) - 1)
+        write_level(tif, level0_rows(), 0)
         if seen[0] != height:
           raise ValueError(f'bands ended at row {seen[0]}, expected {height}')
-        spool.finish()
+        pyramid.finish()
         for level in range(1, len(shapes)):
-          rows = spool.read_rows(level, tile)
-          write_level(tif, squeeze(_tiles(rows, shapes[level][1], channels, tile)), level,
-                      subfiletype=1)
+          write_level(tif, spool.read_rows(level, tile), level)
   finally:
     spool.close()
   return shapes
