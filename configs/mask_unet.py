@@ -2,18 +2,17 @@
 
 Full size: see ../shared/reference/full_size_shapes/. Load with
 `tiled_ldm_jax.config_files.load_model_config('configs/mask_unet.py')`.
+Fields not set here keep their `UNetConfig` default (tiled_ldm_jax/models/configs.py).
 """
+
+import ml_collections
 
 
 def get_config():
-  return {
+  return ml_collections.ConfigDict({
       'model': 'mask_unet',         # which network: image_unet | mask_unet | vae
       'dim': 64,                    # base width (time/class embeddings are 4*dim)
       'num_classes': 2,             # rows of the class embedding table
       'dim_mults': (1, 2, 4, 8),    # width multiplier per resolution level
-      'channels': 4,                # SD2 latent channels in and out
       'resnet_block_groups': 2,     # GroupNorm groups in every ResnetBlock
-      'block_per_layer': 2,         # ResnetBlocks per level
-      'dtype': 'float32',           # compute dtype (norms and softmax stay float32)
-      'param_dtype': 'float32',     # storage dtype of the parameters
-  }
+  })

@@ -2,10 +2,12 @@
 
   python scripts/train.py --config=configs/demo_train_vae.py --workdir=runs/demo/vae
   python scripts/train.py --config=configs/demo_train_image.py --workdir=runs/demo/image_unet \
-      [--steps=N] [--resume] [--set=vae=/path/to/vae/model --set=batch_size=8]
+      [--resume] [--config.steps=N --config.batch_size=8 --config.vae=/path/to/vae/model]
 
-Checkpoints go to <workdir>/checkpoints, progress to the log and <workdir>/metrics.jsonl,
-and at the end the EMA params to <workdir>/model (load it like a converted checkpoint).
+`--config.<field>=value` overrides any `TrainConfig` field (ml_collections config flags;
+types are checked, unknown fields are an error). Checkpoints go to <workdir>/checkpoints,
+progress to the log and <workdir>/metrics.jsonl, and at the end the EMA params to
+<workdir>/model (load it like a converted checkpoint).
 """
 
 import json
@@ -13,29 +15,44 @@ import sys
 
 from absl import app
 from absl import flags
+from ml_collections import config_flags
 
-from tiled_ldm_jax import train
+from tiled_ldm_jax import training
 from tiled_ldm_jax.models import configs
 
-flags.DEFINE_string('config', None, 'Training config file (configs/demo_train_*.py).')
-flags.DEFINE_string('workdir', None, 'Run folder: checkpoints, metrics, exported model.')
-flags.DEFINE_integer('steps', None, 'Total steps (overrides the config).')
-flags.DEFINE_bool('resume', False, 'Continue from the newest checkpoint in --workdir.')
-flags.DEFINE_multi_string('set', [], 'Override a config field: --set=key=value.')
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Training config file (configs/demo_train_*.py); override fields '
+    'with --config.<field>=value.', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None,
+                               'Run folder: checkpoints, metrics, exported model.')
+_RESUME = flags.DEFINE_bool('resume', False, 'Continue from the newest checkpoint in --workdir.')
 flags.mark_flags_as_required(['config', 'workdir'])
-FLAGS = flags.FLAGS
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with a clear error for an override of an unknown field (which
+  ml_collections reports as a bare KeyError or AttributeError)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f'FATAL Flags parsing error: {e}')
+  except (AttributeError, KeyError) as e:
+    known = sorted(training.default_config())
+    names = [a[len('--config.'):].split('=')[0] for a in argv if a.startswith('--config.')]
+    unknown = [n for n in names if n.split('.')[0] not in known] or [repr(e)]
+    sys.exit(f'error: unknown config field(s) {", ".join(unknown)} in --config.<field> '
+             f'overrides; TrainConfig fields: {", ".join(known)}')
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   try:
-    summary = train.run(FLAGS.config, FLAGS.workdir, steps=FLAGS.steps, resume=FLAGS.resume,
-                        overrides=FLAGS.set)
-  except (train.WorkdirError, configs.ConfigError, FileNotFoundError) as e:
+    summary = training.run(_CONFIG.value, _WORKDIR.value, resume=_RESUME.value)
+  except (training.WorkdirError, configs.ConfigError, FileNotFoundError) as e:
     sys.exit(f'error: {e}')
   print(json.dumps(summary))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

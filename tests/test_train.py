@@ -17,7 +17,7 @@ from PIL import Image
 from tiled_ldm_jax import checkpoint
 from tiled_ldm_jax import data
 from tiled_ldm_jax import masks
-from tiled_ldm_jax import train
+from tiled_ldm_jax import training
 from tiled_ldm_jax.models import configs
 from tiled_ldm_jax.models import vae as vae_lib
 
@@ -28,6 +28,7 @@ TINY_IMAGE_UNET = configs.UNetConfig(kind='image', dim=8, num_classes=5, dim_mul
                                      resnet_block_groups=4, block_per_layer=1)
 TINY_MASK_UNET = configs.UNetConfig(kind='mask', dim=8, num_classes=2, dim_mults=(1,),
                                     resnet_block_groups=4, block_per_layer=1)
+VAE_SCALE = 40.0   # the tiny VAE's exported latent scale (not the default 50)
 
 
 def _write_model_config(path, model: str, config) -> str:
@@ -46,11 +47,11 @@ def tiny(tmp_path_factory):
            'image': _write_model_config(root / 'image.py', 'image_unet', TINY_IMAGE_UNET),
            'mask': _write_model_config(root / 'mask.py', 'mask_unet', TINY_MASK_UNET),
            'vae_cfg': _write_model_config(root / 'vae_cfg.py', 'vae', TINY_VAE)}
-  vae_cfg = train.config_from_dict(dict(
+  vae_cfg = training.from_config(dict(
       task='vae', model=paths['vae_cfg'], steps=2, batch_size=4, image_size=16,
       region_size=8.0, mask_image_fraction=0.5, latent_stats_batches=1,
-      export_latent_std=5.0, log_every=1))
-  paths['vae_summary'] = train.train(vae_cfg, TINY_VAE, str(root / 'vae_run'))
+      export_latent_std=5.0, export_latent_scale=VAE_SCALE, log_every=1))
+  paths['vae_summary'] = training.train(vae_cfg, TINY_VAE, str(root / 'vae_run'))
   paths['vae'] = paths['vae_summary']['export']
   return paths
 
@@ -60,7 +61,7 @@ def _image_cfg(tiny, **kw):
            lr=3e-3, ema_every=2, ema_decay=0.9, save_every=15, log_every=10,
            region_size=8.0, vae=tiny['vae'], seed=3)
   d.update(kw)
-  return train.config_from_dict(d), TINY_IMAGE_UNET
+  return training.from_config(d), TINY_IMAGE_UNET
 
 
 def _leaves_equal(a, b) -> bool:
@@ -75,11 +76,11 @@ def _leaves_equal(a, b) -> bool:
 
 def test_train_step_overfits_fixed_batch(tiny):
   cfg, model_cfg = _image_cfg(tiny)
-  task = train.make_task(cfg, model_cfg)
-  state = train.init_state(task, cfg)
+  task = training.make_task(cfg, model_cfg)
+  state = training.init_state(task, cfg)
   batch = {k: jnp.asarray(v) for k, v in task.batches(0).items()}
   assert batch['image'].shape == (4, 16, 16, 3) and batch['labels'].shape == (4, 16, 16)
-  step = train.compiled_step(task, cfg)
+  step = training.compiled_step(task, cfg)
   losses = []
   for _ in range(cfg.steps):
     state, metrics = step(state, task.frozen, batch)
@@ -91,21 +92,21 @@ def test_train_step_overfits_fixed_batch(tiny):
 
 def test_resume_is_bitwise_exact(tiny, tmp_path):
   cfg, model_cfg = _image_cfg(tiny)
-  straight = train.train(cfg, model_cfg, str(tmp_path / 'a'))
+  straight = training.train(cfg, model_cfg, str(tmp_path / 'a'))
   assert straight['steps_done'] == 30 and straight['export']
-  first = train.train(cfg, model_cfg, str(tmp_path / 'b'), until=15)
+  first = training.train(cfg, model_cfg, str(tmp_path / 'b'), until=15)
   assert first['steps_done'] == 15 and first['export'] is None
   assert checkpoint.latest_step(str(tmp_path / 'b' / 'checkpoints')) == 15
-  with pytest.raises(train.WorkdirError, match='resume'):
-    train.train(cfg, model_cfg, str(tmp_path / 'b'))
+  with pytest.raises(training.WorkdirError, match='resume'):
+    training.train(cfg, model_cfg, str(tmp_path / 'b'))
   other = dataclasses.replace(cfg, lr=1e-3)
-  with pytest.raises(train.WorkdirError, match='lr'):
-    train.train(other, model_cfg, str(tmp_path / 'b'), resume=True)
-  second = train.train(cfg, model_cfg, str(tmp_path / 'b'), resume=True)
+  with pytest.raises(training.WorkdirError, match='lr'):
+    training.train(other, model_cfg, str(tmp_path / 'b'), resume=True)
+  second = training.train(cfg, model_cfg, str(tmp_path / 'b'), resume=True)
   assert second['start_step'] == 15 and second['steps_done'] == 30
 
-  task = train.make_task(cfg, model_cfg)
-  abstract = train.abstract_state(task, cfg)
+  task = training.make_task(cfg, model_cfg)
+  abstract = training.abstract_state(task, cfg)
   a = checkpoint.restore_train_state(str(tmp_path / 'a' / 'checkpoints'), abstract)
   b = checkpoint.restore_train_state(str(tmp_path / 'b' / 'checkpoints'), abstract)
   assert int(a.step) == int(b.step) == 30
@@ -119,12 +120,12 @@ def test_resume_is_bitwise_exact(tiny, tmp_path):
 def test_ema_update_rule():
   ema, params = {'w': jnp.full((3,), 1.0)}, {'w': jnp.full((3,), 3.0)}
   kw = dict(decay=0.75, every=10, warmup=5)
-  np.testing.assert_array_equal(train.ema_update(ema, params, 4, **kw)['w'], 3.0)  # copy
-  np.testing.assert_array_equal(train.ema_update(ema, params, 5, **kw)['w'], 1.0)  # held
-  np.testing.assert_array_equal(train.ema_update(ema, params, 19, **kw)['w'], 1.0)
-  np.testing.assert_allclose(train.ema_update(ema, params, 20, **kw)['w'], 1.5)
+  np.testing.assert_array_equal(training.ema_update(ema, params, 4, **kw)['w'], 3.0)  # copy
+  np.testing.assert_array_equal(training.ema_update(ema, params, 5, **kw)['w'], 1.0)  # held
+  np.testing.assert_array_equal(training.ema_update(ema, params, 19, **kw)['w'], 1.0)
+  np.testing.assert_allclose(training.ema_update(ema, params, 20, **kw)['w'], 1.5)
   # Under jit with a traced step, too.
-  f = jax.jit(lambda e, p, s: train.ema_update(e, p, s, decay=0.5, every=2))
+  f = jax.jit(lambda e, p, s: training.ema_update(e, p, s, decay=0.5, every=2))
   np.testing.assert_allclose(f(ema, params, jnp.int32(2))['w'], 2.0)
   np.testing.assert_allclose(f(ema, params, jnp.int32(3))['w'], 1.0)
 
@@ -133,40 +134,65 @@ def test_vae_training_exports_normalised_model(tiny):
   summary = tiny['vae_summary']
   assert summary['steps_done'] == 2 and np.isfinite(summary['loss'])
   kind, cfg, _ = checkpoint.load_model(summary['export'])
-  assert kind == 'vae' and cfg == TINY_VAE
+  # The export stores the latent scale it chose in the VAE's model.json.
+  assert kind == 'vae' and cfg == dataclasses.replace(TINY_VAE, latent_scale=VAE_SCALE)
   with open(os.path.join(os.path.dirname(summary['export']), 'export.json')) as f:
     info = json.load(f)
   assert info['latent_std_after'] == 5.0 and len(info['latent_std_before']) == 4
-  # std 5 / latent_scale 50: a 10-sigma excursion is needed to reach the clip.
+  assert info['latent_scale'] == VAE_SCALE
+  # std 5 / latent_scale 40: an 8-sigma excursion is needed to reach the clip.
   assert info['clipped_fraction'] < 1e-3
+  with open(os.path.join(os.path.dirname(summary['export']), 'metrics.jsonl')) as f:
+    lines = [json.loads(line) for line in f]
+  assert [r['step'] for r in lines] == [1, 2] and all(np.isfinite(r['loss']) for r in lines)
 
 
 def test_clipped_fraction_follows_latent_scale(tiny):
-  """The share of diffusion latents outside DDIM's [-1, 1] x0 clip: all of them for a tiny
-  latent_scale, none for a huge one, something in between for one near their size."""
+  """The share of diffusion latents outside DDIM's [-1, 1] x0 clip, at the VAE config's
+  latent scale: all of them for a tiny scale, none for a huge one, something in between
+  for one near their size."""
   params = checkpoint.load_model(tiny['vae'])[2]
   batches = lambda step: {'image': np.random.default_rng(step).uniform(0, 1, (2, 16, 16, 3))
                           .astype(np.float32)}
-  frac = lambda scale: train.clipped_fraction(
-      train.config_from_dict(dict(task='vae', model=tiny['vae_cfg'], steps=2, batch_size=2,
-                                  image_size=16,
-                                  latent_scale=scale)), TINY_VAE, params, batches, 2)
+  cfg = training.from_config(dict(task='vae', model=tiny['vae_cfg'], steps=2, batch_size=2,
+                                  image_size=16))
+  frac = lambda scale: training.clipped_fraction(
+      cfg, dataclasses.replace(TINY_VAE, latent_scale=scale), params, batches, 2)
   assert frac(1e-6) == 1.0 and frac(1e6) == 0.0
   assert 0.0 < frac(5.0) < 1.0
+
+
+def test_unet_tasks_use_the_vae_latent_scale(tiny, tmp_path):
+  """The image U-Net's loss sees latents divided by the scale stored with the VAE: the
+  same VAE params saved with another scale give another loss, the same scale the same."""
+  _, vae_cfg, vae_params = checkpoint.load_model(tiny['vae'])
+  for name, scale in (('same', VAE_SCALE), ('other', 2.0)):
+    checkpoint.save_model(str(tmp_path / name), 'vae',
+                          dataclasses.replace(vae_cfg, latent_scale=scale), vae_params)
+  cfg, model_cfg = _image_cfg(tiny)
+  task = training.make_task(cfg, model_cfg)
+  params = training.init_state(task, cfg).params
+  batch = {k: jnp.asarray(v) for k, v in task.batches(0).items()}
+
+  def loss(vae):
+    t = training.make_task(dataclasses.replace(cfg, vae=str(tmp_path / vae)), model_cfg)
+    return float(t.loss(params, t.frozen, batch, training.rng_key(0))[0])
+  assert loss('same') == float(task.loss(params, task.frozen, batch, training.rng_key(0))[0])
+  assert loss('other') != loss('same')
 
 
 def test_mask_unet_train_step_shapes(tiny):
   """The mask U-Net's step, traced (not compiled, to keep this file fast): the state keeps
   its shapes, the loss is a scalar; batches carry label maps at 1/mask_downscale scale."""
-  cfg = train.config_from_dict(dict(
+  cfg = training.from_config(dict(
       task='mask_unet', model=tiny['mask'], steps=2, batch_size=2, image_size=16,
       region_size=32.0, mask_downscale=2, vae=tiny['vae']))
-  task = train.make_task(cfg, TINY_MASK_UNET)
+  task = training.make_task(cfg, TINY_MASK_UNET)
   batch = task.batches(0)
   assert set(batch) == {'labels', 'layout_class'} and batch['labels'].shape == (2, 16, 16)
   assert batch['layout_class'].max() < TINY_MASK_UNET.num_classes
-  state = train.abstract_state(task, cfg)
-  new_state, metrics = jax.eval_shape(train.compiled_step(task, cfg), state, task.frozen,
+  state = training.abstract_state(task, cfg)
+  new_state, metrics = jax.eval_shape(training.compiled_step(task, cfg), state, task.frozen,
                                       batch)
   assert jax.tree_util.tree_structure(new_state) == jax.tree_util.tree_structure(state)
   assert all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(
@@ -180,7 +206,7 @@ def test_normalize_vae_latents_is_exact(tiny):
   enc, dec = jax.jit(vae_lib.encode_fn(TINY_VAE)), jax.jit(vae_lib.decode_fn(TINY_VAE))
   mean0, logvar0 = enc(params, x)
   mu, sd = np.array([0.1, -0.2, 0.3, 0.0]), np.array([0.5, 2.0, 1.0, 0.25])
-  new = train.normalize_vae_latents(params, mu, sd, 10.0)
+  new = training.normalize_vae_latents(params, mu, sd, 10.0)
   new = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), new)
   mean1, logvar1 = enc(new, x)
   c = 10.0 / sd
@@ -192,7 +218,7 @@ def test_normalize_vae_latents_is_exact(tiny):
 def test_pick_label_cond():
   labels = jnp.asarray([[[0, 2], [3, 2]], [[0, 0], [0, 0]], [[4, 4], [4, 1]]], jnp.int32)
   for seed in range(5):
-    cond = np.asarray(train.pick_label_cond(labels, train.rng_key(seed), 5))
+    cond = np.asarray(training.pick_label_cond(labels, training.rng_key(seed), 5))
     for b in range(3):
       ids = set(np.unique(cond[b])) - {0}
       assert len(ids) <= 1
@@ -203,22 +229,21 @@ def test_pick_label_cond():
         assert b == 1
 
 
-def test_demo_configs_load_and_overrides():
+def test_demo_configs_load():
   for name, task in (('image', 'image_unet'), ('mask', 'mask_unet'), ('vae', 'vae')):
-    cfg, model_cfg = train.load_config(os.path.join(REPO, 'configs', f'demo_train_{name}.py'),
-                                       overrides=['batch_size=3', 'augment=false'], steps=7)
-    assert cfg.task == task and cfg.steps == 7 and cfg.batch_size == 3 and not cfg.augment
-    assert os.path.isfile(cfg.model)
+    cfg, model_cfg = training.load_config(
+        os.path.join(REPO, 'configs', f'demo_train_{name}.py'))
+    assert cfg.task == task and os.path.isfile(cfg.model)
     if task != 'vae':
       assert model_cfg.kind == task.split('_')[0]
     else:
       assert model_cfg.downsample_factor == 8
-  with pytest.raises(configs.ConfigError, match='unknown'):
-    train.config_from_dict({'task': 'vae', 'model': 'x', 'steps': 1, 'batch_size': 1,
-                            'image_size': 8, 'bogus': 1})
-  with pytest.raises(configs.ConfigError, match='vae'):
-    train.config_from_dict({'task': 'image_unet', 'model': 'x', 'steps': 1, 'batch_size': 1,
-                            'image_size': 8})
+  with pytest.raises(configs.ConfigError, match="unknown TrainConfig fields: \\['bogus'\\]"):
+    training.from_config({'task': 'vae', 'model': 'x', 'steps': 1, 'batch_size': 1,
+                          'image_size': 8, 'bogus': 1})
+  with pytest.raises(configs.ConfigError, match='needs `vae`'):
+    training.from_config({'task': 'image_unet', 'model': 'x', 'steps': 1, 'batch_size': 1,
+                          'image_size': 8})
 
 
 # ----------------------------------------------------------------------------- data

@@ -75,7 +75,8 @@ def test_decode_parity_no_jit(small_vae):
 def test_decode_bfloat16_close(small_vae):
   """Compute in bfloat16 (params float32): same network, looser agreement."""
   config, params, cases = small_vae
-  bf16 = configs.vae_config_from_dict({**configs.config_to_dict(config), 'dtype': 'bfloat16'})
+  bf16 = configs.from_dict(configs.VAEConfig,
+                          {**configs.config_to_dict(config), 'dtype': 'bfloat16'})
   out = jax.jit(vae.decode_fn(bf16))(params, cases['z'])
   assert out.dtype == jnp.bfloat16
   err = np.abs(np.asarray(out, np.float32) - cases['decoded']).max()
@@ -218,7 +219,7 @@ def test_other_config_round_trip():
 def test_config_dict_round_trip():
   config = configs.VAEConfig(latents_mean=(0.1, 0.2, 0.3, 0.4), latents_std=(1., 1., 1., 1.))
   d = json.loads(json.dumps(configs.config_to_dict(config)))
-  assert configs.vae_config_from_dict(d) == config
+  assert configs.from_dict(configs.VAEConfig, d) == config
 
 
 def test_config_rejects_unknown_key():

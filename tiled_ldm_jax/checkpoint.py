@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 
 from tiled_ldm_jax.models import configs as configs_lib
 
-MODEL_KINDS = ('image_unet', 'mask_unet', 'vae')
+MODEL_KINDS = tuple(configs_lib.MODEL_KINDS)
 
 
 @contextlib.contextmanager
@@ -44,12 +44,6 @@ def _abstract(model: str, config):
     return vae_lib.abstract_params(config)
   from tiled_ldm_jax.models import unet as unet_lib  # pylint: disable=g-import-not-at-top
   return unet_lib.abstract_params(config)
-
-
-def config_from_dict(model: str, d: dict[str, Any]):
-  if model == 'vae':
-    return configs_lib.vae_config_from_dict(d)
-  return configs_lib.unet_config_from_dict(d)
 
 
 def save_model(directory: str, model: str, config, params) -> None:
@@ -105,7 +99,7 @@ def read_model_json(directory: str) -> tuple[str, Any]:
   if meta.get('format') != _FORMAT or meta.get('model') not in MODEL_KINDS:
     raise ValueError(f'{path}: unsupported format {meta.get("format")!r} / model '
                      f'{meta.get("model")!r}')
-  return meta['model'], config_from_dict(meta['model'], meta['config'])
+  return meta['model'], configs_lib.model_config(meta['model'], meta['config'])
 
 
 def load_model(directory: str, expect: str | None = None):

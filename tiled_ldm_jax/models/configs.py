@@ -1,4 +1,8 @@
-"""Typed model configs, built from `configs/*.py` dicts or checkpoint `config.json` files.
+"""Typed configs, and the one path to them from a dict: `from_dict`.
+
+`from_dict` serves `configs/*.py` files (ConfigDicts), checkpoint `model.json` files and
+the training config alike; the PyTorch/diffusers readers below translate foreign
+`config.json` files.
 
 Construction is strict: an option this port does not implement (or implements only at
 its default value) is rejected with its name, so a checkpoint can never be converted
@@ -8,6 +12,8 @@ into a model that silently computes something else.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from typing import Any, Mapping
 
 import jax.numpy as jnp
@@ -143,22 +149,6 @@ def unet_config_from_torch(kind: str, cfg: Mapping[str, Any], **overrides) -> UN
   return UNetConfig(kind=kind, **args)
 
 
-def config_to_dict(config) -> dict[str, Any]:
-  d = dataclasses.asdict(config)
-  return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-
-def unet_config_from_dict(d: Mapping[str, Any]) -> UNetConfig:
-  """Inverse of `config_to_dict` (used when loading a converted checkpoint folder)."""
-  fields = {f.name for f in dataclasses.fields(UNetConfig)}
-  unknown = set(d) - fields
-  if unknown:
-    raise ConfigError(f'unknown UNetConfig fields: {sorted(unknown)}')
-  d = dict(d)
-  d['dim_mults'] = tuple(d['dim_mults'])
-  return UNetConfig(**d)
-
-
 # ----------------------------------------------------------------------------- VAE
 
 
@@ -267,16 +257,70 @@ def vae_config_from_diffusers(d: Mapping[str, Any], **overrides) -> VAEConfig:
   return VAEConfig(**args)
 
 
-def vae_config_from_dict(d: Mapping[str, Any]) -> VAEConfig:
-  """Inverse of `config_to_dict` for a VAEConfig."""
-  fields = {f.name for f in dataclasses.fields(VAEConfig)}
-  unknown = set(d) - fields
+# ----------------------------------------------------------------------------- dicts
+
+
+def config_to_dict(config) -> dict[str, Any]:
+  """A config dataclass as a JSON-ready dict (tuples as lists); `from_dict` inverts it."""
+  d = dataclasses.asdict(config)
+  return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _tuple_item_type(hint):
+  """The item type of `tuple[X, ...]` or `tuple[X, ...] | None`, else None."""
+  for h in typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,):
+    if typing.get_origin(h) is tuple:
+      args = typing.get_args(h)
+      return args[0] if args else object
+  return None
+
+
+def _coerce(cls, name: str, hint, value):
+  """`value` as field `name` of `cls` holds it: sequences of tuple fields as tuples of
+  their item type, ints of float fields as floats; a plainly wrong scalar type is an error."""
+  item = _tuple_item_type(hint)
+  if item is not None and isinstance(value, (list, tuple)):
+    return tuple(item(v) if item in (int, float) else v for v in value)
+  if hint is float and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if hint in (int, float, str, bool) and not (
+      isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+    raise ConfigError(f'{cls.__name__}.{name} must be {hint.__name__}, got {value!r}')
+  return value
+
+
+def from_dict(cls, d: Mapping[str, Any]):
+  """`cls(**d)` for a config dataclass, strictly: unknown keys and missing required fields
+  are errors naming them; see `_coerce` for the value conversions. `d` may be any mapping
+  (a dict, a `model.json` section, an `ml_collections.ConfigDict`)."""
+  if hasattr(d, 'to_dict'):
+    d = d.to_dict()
+  hints = typing.get_type_hints(cls)
+  fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+  unknown = sorted(set(d) - set(fields))
   if unknown:
-    raise ConfigError(f'unknown VAEConfig fields: {sorted(unknown)}')
-  d = dict(d)
-  if 'block_out_channels' in d:
-    d['block_out_channels'] = tuple(int(c) for c in d['block_out_channels'])
-  for key in ('latents_mean', 'latents_std'):
-    if key in d:
-      d[key] = _optional_floats(d[key])
-  return VAEConfig(**d)
+    raise ConfigError(f'unknown {cls.__name__} fields: {unknown} (known: {sorted(fields)})')
+  missing = sorted(n for n, f in fields.items() if d.get(n) is None and f.default is
+                   dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+  if missing:
+    raise ConfigError(f'{cls.__name__} lacks required fields: {missing}')
+  return cls(**{k: _coerce(cls, k, hints[k], v) for k, v in d.items()})
+
+
+# Model kinds of `model.json` and `configs/*.py` files -> (config class, fixed fields).
+MODEL_KINDS = {'image_unet': (UNetConfig, {'kind': 'image'}),
+               'mask_unet': (UNetConfig, {'kind': 'mask'}),
+               'vae': (VAEConfig, {})}
+
+
+def model_config(model: str, d: Mapping[str, Any]):
+  """The typed config of a `model` kind (image_unet | mask_unet | vae) from its fields;
+  the U-Nets' `kind` follows from `model` (and must agree if `d` holds it)."""
+  if model not in MODEL_KINDS:
+    raise ConfigError(f'model must be one of {sorted(MODEL_KINDS)}, got {model!r}')
+  cls, fixed = MODEL_KINDS[model]
+  d = dict(d.to_dict() if hasattr(d, 'to_dict') else d)
+  for key, value in fixed.items():
+    if d.setdefault(key, value) != value:
+      raise ConfigError(f'a {model} config has {key}={d[key]!r}, expected {value!r}')
+  return from_dict(cls, d)
