@@ -17,19 +17,22 @@ import numpy as np
 
 from tiled_ldm_jax import checkpoint
 from tiled_ldm_jax import decode
+from tiled_ldm_jax import geometry
 from tiled_ldm_jax import writers
 from tiled_ldm_jax.models import vae
 
 _VAE = flags.DEFINE_string('vae_ckpt', None, 'Converted VAE folder (scripts/convert_torch.py).')
 _LATENT = flags.DEFINE_string('latent', None, '.npy latent, NHWC.')
 _RANDOM = flags.DEFINE_string('random_latent', None, 'HxW: decode a random normal latent.')
-_RANDOM_STD = flags.DEFINE_float('random_std', 0.02,
-                                 'Std of --random_latent (0.02 x scale 50: decoder input ~N(0,1)).')
+_RANDOM_STD = flags.DEFINE_float('random_std', None,
+                                 'Std of --random_latent (default 1 / latent scale: decoder '
+                                 'input ~N(0,1)).')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of --random_latent.')
 _OUTPUT = flags.DEFINE_string('output', None, '.png, .jpg, .tif or .tiff')
 _PATCH = flags.DEFINE_integer('patch_size', 512, 'Pixel tile side p (multiple of 16).')
 _TILE_BATCH = flags.DEFINE_integer('tile_batch', 8, 'Tiles per decoder call.')
-_SCALE = flags.DEFINE_float('latent_scale', 50.0, 'Decoder input = latent * latent_scale.')
+_SCALE = flags.DEFINE_float('latent_scale', None, 'Decoder input = latent * latent_scale '
+                            '(default: the scale stored with the VAE).')
 flags.mark_flags_as_required(['vae_ckpt', 'output'])
 
 
@@ -38,18 +41,24 @@ def main(argv):
   if (_LATENT.value is None) == (_RANDOM.value is None):
     raise app.UsageError('give exactly one of --latent, --random_latent')
   _, config, params = checkpoint.load_model(_VAE.value, expect='vae')
+  geom = geometry.LatentGeometry.of_vae(config)
+  scale = _SCALE.value or geom.scale
   if _LATENT.value:
     z = np.load(_LATENT.value)
   else:
     h, w = (int(v) for v in _RANDOM.value.lower().split('x'))
     z = (np.random.default_rng(_SEED.value).standard_normal((h, w, config.latent_channels),
-                                                            np.float32) * _RANDOM_STD.value)
+                                                            np.float32) * (_RANDOM_STD.value or 1 / scale))
   start = time.perf_counter()
   settings = decode.TiledDecodeSettings(patch_size=_PATCH.value, tile_batch=_TILE_BATCH.value,
-                                        latent_scale=_SCALE.value,
-                                        factor=config.downsample_factor)
-  paths = writers.write_decoded(_OUTPUT.value, vae.decode_fn(config), params, z, settings)
-  print(json.dumps({'written': paths, 'latent_shape': list(np.shape(z)),
+                                        latent_scale=scale, factor=geom.factor)
+  fn, shape = vae.decode_fn(config), decode.output_shape(np.shape(z), settings)
+  if _OUTPUT.value.lower().endswith(writers.TIFF_SUFFIXES):
+    bands = decode.iter_decode_bands(fn, params, z, settings, uint8=True)
+    writers.write_tiff(_OUTPUT.value, bands, shape)
+  else:
+    writers.write_image(_OUTPUT.value, decode.decode_image(fn, params, z, settings, uint8=True))
+  print(json.dumps({'written': _OUTPUT.value, 'latent_shape': list(np.shape(z)),
                     'image_shape': list(decode.output_shape(np.shape(z), settings)),
                     'seconds': round(time.perf_counter() - start, 2)}))
 

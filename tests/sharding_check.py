@@ -23,7 +23,7 @@ def pipeline_check(reference_dir):
   """The whole command on 2 of the 8 devices (batch of 2) vs on one device."""
   import tempfile  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  from tiled_ldm_jax import convert, masks, pipeline  # pylint: disable=g-import-not-at-top
+  from tiled_ldm_jax import convert, generate, masks, sharding  # pylint: disable=g-import-not-at-top
   tmp = tempfile.mkdtemp()
   convert.convert_checkpoint('image_unet', f'{reference_dir}/image_unet/model-1.pt',
                              f'{tmp}/unet')
@@ -33,16 +33,17 @@ def pipeline_check(reference_dir):
   masks.write_label_png(f'{tmp}/mask.png', labels)
   images = {}
   for devices in (1, 0):
-    cfg = pipeline.GenerationConfig(
+    cfg = generate.GenerationConfig(
         unet_ckpt=f'{tmp}/unet', vae_ckpt=f'{tmp}/vae', mask=f'{tmp}/mask.png',
         imgs_path=f'{tmp}/out{devices}', image_size=256, patch_size=128, sampling_steps=2,
         n_images=2, batch_size=2, devices=devices, progress_every=0)
-    pipeline.generate(cfg)
+    generate.generate(cfg)
     images[devices] = [np.asarray(Image.open(f'{tmp}/out{devices}/sample{i:04d}.png'), np.int16)
                        for i in range(2)]
   for a, b in zip(images[1], images[0]):
     assert np.abs(a - b).max() <= 1, np.abs(a - b).max()
-  return len(pipeline._mesh(cfg).devices)  # pylint: disable=protected-access
+  mesh = sharding.make_mesh(cfg.batch_size, cfg.patches_per_step, cfg.devices)
+  return len(mesh.devices)
 
 
 def main():

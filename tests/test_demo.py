@@ -11,7 +11,7 @@ from tiled_ldm_jax import checkpoint
 from tiled_ldm_jax import decode
 from tiled_ldm_jax import demo
 from tiled_ldm_jax import masks
-from tiled_ldm_jax import pipeline
+from tiled_ldm_jax import generate
 
 
 def test_demo_models_load_and_are_small():
@@ -29,10 +29,10 @@ def test_demo_models_load_and_are_small():
 
 
 def _sample(out, blend_mode):
-  cfg = pipeline.GenerationConfig(imgs_path=str(out), image_size=512, mask='demo',
+  cfg = generate.GenerationConfig(imgs_path=str(out), image_size=512, mask='demo',
                                   progress_every=0, sampling_steps=SAMPLE_STEPS,
                                   patches_per_step=2, seed=SAMPLE_SEED, blend_mode=blend_mode)
-  [record] = pipeline.generate(cfg)
+  [record] = generate.generate(cfg)
   img = np.asarray(Image.open(out / 'sample0000.png'))
   labels = masks.read_label_png(out / 'sample0000_mask.png')
   return img, labels, record

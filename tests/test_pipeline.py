@@ -11,7 +11,7 @@ from PIL import Image
 
 from tiled_ldm_jax import convert
 from tiled_ldm_jax import masks
-from tiled_ldm_jax import pipeline
+from tiled_ldm_jax import generate
 
 SCRIPT = os.path.join(os.path.dirname(__file__), '..', 'scripts', 'sample_large_image.py')
 
@@ -30,7 +30,7 @@ def config(models, imgs_path, **kw):
               mask_unet_ckpt=models['mask_unet'], imgs_path=str(imgs_path), image_size=256,
               sampling_steps=10, patch_size=128, progress_every=0)
   args.update(kw)
-  return pipeline.GenerationConfig(**args)
+  return generate.GenerationConfig(**args)
 
 
 @pytest.fixture(scope='module')
@@ -61,7 +61,7 @@ def _check_outputs(folder, number, size, record_keys=('seed', 'checkpoint_sha256
 
 
 def test_with_mask_model(models, tmp_path):
-  records = pipeline.generate(config(models, tmp_path))
+  records = generate.generate(config(models, tmp_path))
   img, mask, record = _check_outputs(tmp_path, 0, 256)
   assert set(np.unique(mask)) <= set(range(5))
   assert record['mask_stage']['denoiser_evaluations'] > 0
@@ -72,8 +72,8 @@ def test_with_mask_model(models, tmp_path):
 
 def test_with_given_mask_numbering_and_repeatability(models, given_mask, tmp_path):
   cfg = config(models, tmp_path, mask=given_mask, n_images=2, batch_size=2)
-  pipeline.generate(cfg)
-  pipeline.generate(cfg)   # same flags again: numbering continues, nothing overwritten
+  generate.generate(cfg)
+  generate.generate(cfg)   # same flags again: numbering continues, nothing overwritten
   names = sorted(os.listdir(tmp_path))
   assert names == [f'sample{i:04d}{ext}' for i in range(4)
                    for ext in ('.json', '.png', '_mask.png')]
@@ -93,9 +93,9 @@ def test_with_given_mask_numbering_and_repeatability(models, given_mask, tmp_pat
 
 
 def test_image_does_not_depend_on_batch_size(models, given_mask, tmp_path):
-  pipeline.generate(config(models, tmp_path / 'b4', mask=given_mask, n_images=4, batch_size=4,
+  generate.generate(config(models, tmp_path / 'b4', mask=given_mask, n_images=4, batch_size=4,
                            sampling_steps=4))
-  pipeline.generate(config(models, tmp_path / 'b1', mask=given_mask, n_images=4, batch_size=1,
+  generate.generate(config(models, tmp_path / 'b1', mask=given_mask, n_images=4, batch_size=1,
                            sampling_steps=4))
   for n in (1, 3):
     a = np.asarray(Image.open(tmp_path / 'b4' / f'sample{n:04d}.png'), np.int16)
@@ -144,21 +144,21 @@ def test_bad_inputs(models, given_mask, tmp_path):
   bad_mask = tmp_path / 'bad.png'
   masks.write_label_png(bad_mask, np.full((8, 8), 7, np.int32))
   with pytest.raises(ValueError, match=r'out of range \[0, 5\): 7'):
-    pipeline.validate(config(models, tmp_path, mask=str(bad_mask)))
+    generate.prepare(config(models, tmp_path, mask=str(bad_mask)))
   with pytest.raises(ValueError, match='cannot load'):
-    pipeline.validate(config(models, tmp_path, unet_ckpt=models['vae']))   # wrong kind
+    generate.prepare(config(models, tmp_path, unet_ckpt=models['vae']))   # wrong kind
   blocker = tmp_path / 'a_file'
   blocker.write_text('x')
   with pytest.raises(ValueError, match='not writable'):
-    pipeline.validate(config(models, str(blocker / 'sub'), mask=given_mask))
+    generate.prepare(config(models, str(blocker / 'sub'), mask=given_mask))
   with pytest.raises(ValueError, match='mask_unet_ckpt'):
-    pipeline.validate(config(models, tmp_path, mask_unet_ckpt=None))
+    generate.prepare(config(models, tmp_path, mask_unet_ckpt=None))
   with pytest.raises(ValueError, match='label 7'):
-    pipeline.validate(config(models, tmp_path, label=7))
+    generate.prepare(config(models, tmp_path, label=7))
   with pytest.raises(ValueError, match='--mask'):
-    pipeline.validate(config(models, tmp_path, mask=str(tmp_path / 'missing.png')))
+    generate.prepare(config(models, tmp_path, mask=str(tmp_path / 'missing.png')))
   with pytest.raises(ValueError, match='blend_mode'):
-    pipeline.validate(config(models, tmp_path, mask=given_mask, blend_mode='average'))
+    generate.prepare(config(models, tmp_path, mask=given_mask, blend_mode='average'))
 
 
 def test_interrupted_write_leaves_no_complete_looking_file(models, given_mask, tmp_path,
@@ -169,5 +169,5 @@ def test_interrupted_write_leaves_no_complete_looking_file(models, given_mask, t
     raise KeyboardInterrupt
   monkeypatch.setattr(writers, 'write_image', boom)
   with pytest.raises(KeyboardInterrupt):
-    pipeline.generate(config(models, tmp_path, mask=given_mask, sampling_steps=2))
+    generate.generate(config(models, tmp_path, mask=given_mask, sampling_steps=2))
   assert not [n for n in os.listdir(tmp_path) if n.startswith('sample')]

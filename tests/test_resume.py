@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tiled_ldm_jax import masks
-from tiled_ldm_jax import pipeline
+from tiled_ldm_jax import generate
 from tiled_ldm_jax import sampler
 
 from test_pipeline import config, given_mask, models  # noqa: F401  (fixtures)
@@ -40,17 +40,17 @@ def _files(folder):
 @pytest.mark.parametrize('stop_at', [2, 5])   # 2: in the mask stage; 5: in the image stage
 def test_resume_mask_and_image_stages_byte_identical(models, tmp_path, monkeypatch, stop_at):
   kw = dict(sampling_steps=3, checkpoint_every=4)
-  pipeline.generate(config(models, tmp_path / 'whole', **kw))
+  generate.generate(config(models, tmp_path / 'whole', **kw))
   count = interrupt_after(monkeypatch, stop_at)
   with pytest.raises(Interrupt):
-    pipeline.generate(config(models, tmp_path / 'cut', **kw))
+    generate.generate(config(models, tmp_path / 'cut', **kw))
   assert count['n'] == stop_at
   assert os.path.isdir(tmp_path / 'cut' / 'checkpoint')
   assert not [n for n in os.listdir(tmp_path / 'cut') if n.startswith('sample')]
   monkeypatch.undo()
   with pytest.raises(ValueError, match='unfinished run'):    # a fresh run is refused
-    pipeline.validate(config(models, tmp_path / 'cut', **kw))
-  pipeline.generate(config(models, tmp_path / 'cut', resume=True, **kw))
+    generate.prepare(config(models, tmp_path / 'cut', **kw))
+  generate.generate(config(models, tmp_path / 'cut', resume=True, **kw))
   assert not os.path.exists(tmp_path / 'cut' / 'checkpoint')
   whole, cut = _files(tmp_path / 'whole'), _files(tmp_path / 'cut')
   assert whole.keys() == cut.keys() and len(whole) == 2
@@ -60,14 +60,14 @@ def test_resume_mask_and_image_stages_byte_identical(models, tmp_path, monkeypat
 def test_resume_across_batches_with_given_mask(models, given_mask, tmp_path, monkeypatch):
   kw = dict(sampling_steps=3, checkpoint_every=5, mask=given_mask, n_images=2)
   count = interrupt_after(monkeypatch, None)
-  pipeline.generate(config(models, tmp_path / 'whole', **kw))
+  generate.generate(config(models, tmp_path / 'whole', **kw))
   monkeypatch.undo()
   interrupt_after(monkeypatch, count['n'] - 1)     # in the last batch's chunks
   with pytest.raises(Interrupt):
-    pipeline.generate(config(models, tmp_path / 'cut', **kw))
+    generate.generate(config(models, tmp_path / 'cut', **kw))
   monkeypatch.undo()
   assert os.path.exists(tmp_path / 'cut' / 'sample0000.png')
-  pipeline.generate(config(models, tmp_path / 'cut', resume=True, **kw))
+  generate.generate(config(models, tmp_path / 'cut', resume=True, **kw))
   assert _files(tmp_path / 'whole') == _files(tmp_path / 'cut')
 
 
@@ -79,14 +79,14 @@ def test_resume_with_changed_flag_is_refused(models, given_mask, tmp_path, monke
   kw = dict(sampling_steps=3, checkpoint_every=3, mask=given_mask)
   interrupt_after(monkeypatch, 2)
   with pytest.raises(Interrupt):
-    pipeline.generate(config(models, tmp_path, **kw))
+    generate.generate(config(models, tmp_path, **kw))
   monkeypatch.undo()
   with pytest.raises(ValueError, match=f'would change the result: {name}'):
-    pipeline.validate(config(models, tmp_path, resume=True, **{**kw, **change}))
+    generate.prepare(config(models, tmp_path, resume=True, **{**kw, **change}))
   # Neutral settings may change.
-  pipeline.validate(config(models, tmp_path, resume=True, **{**kw, 'progress_every': 7}))
+  generate.prepare(config(models, tmp_path, resume=True, **{**kw, 'progress_every': 7}))
 
 
 def test_resume_without_checkpoint(models, given_mask, tmp_path):
   with pytest.raises(ValueError, match='no saved run'):
-    pipeline.validate(config(models, tmp_path, resume=True, mask=given_mask))
+    generate.prepare(config(models, tmp_path, resume=True, mask=given_mask))

@@ -45,7 +45,7 @@ def test_tiled_equals_full_image_ddim_for_pixel_local_model(h, w, p, k):
   assert state.x.shape == (2, h, w, 4) and state.x.dtype == jnp.float32
   assert (np.asarray(state.times) == steps).all()
   np.testing.assert_allclose(state.x, full_image_ddim(keys, labels, steps), atol=1e-5)
-  assert smp.traces == 1
+  assert smp.compiles() == 1
 
 
 def test_each_pixel_takes_exactly_s_steps_and_levels_stay_within_one():
@@ -69,7 +69,7 @@ def test_each_pixel_takes_exactly_s_steps_and_levels_stay_within_one():
       assert (prev[n][moved] == prev[n].min()).all()
     prev = times
   assert (prev == steps).all()
-  assert smp.traces == 1  # one compile for every iteration
+  assert smp.compiles() == 1  # one compile for every iteration
 
 
 def test_same_key_same_output_different_keys_differ():
@@ -80,7 +80,7 @@ def test_same_key_same_output_different_keys_differ():
   c = smp.sample(A, sampler.image_keys(8, [0]), labels).x
   np.testing.assert_array_equal(a, b)
   assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-2
-  assert smp.traces == 1  # a new key does not recompile
+  assert smp.compiles() == 1  # a new key does not recompile
 
 
 def test_image_does_not_depend_on_its_batch():
@@ -101,30 +101,37 @@ def test_counters():
   assert int(state.iterations) >= 2 * 4  # at least (16/8)^2 patches per level
 
 
-@pytest.mark.parametrize('kwargs,match', [
-    (dict(image_hw=(64, 64), patch_size=128, steps=10), 'larger than the image'),
-    (dict(image_hw=(60, 64), patch_size=32, steps=10), 'multiple of 8'),
-    (dict(image_hw=(64, 64), patch_size=36, steps=10), 'multiple of 8'),
-    (dict(image_hw=(64, 64), patch_size=32, steps=0), 'sampling steps'),
-    (dict(image_hw=(64, 64), patch_size=32, steps=1001), 'sampling steps'),
-    (dict(image_hw=(64, 64), patch_size=16, steps=10, unet_multiple=4), 'multiple of 32'),
+@pytest.mark.parametrize('image_hw,patch,multiple,match', [
+    ((64, 64), 128, 1, 'larger than the image'),
+    ((60, 64), 32, 1, 'multiple of 8'),
+    ((64, 64), 36, 1, 'multiple of 8'),
+    ((64, 64), 16, 4, 'multiple of 32'),
 ])
-def test_bad_requests(kwargs, match):
+def test_bad_requests(image_hw, patch, multiple, match):
+  from tiled_ldm_jax import geometry, pipeline
   with pytest.raises(ValueError, match=match):
-    sampler.validate_request(**kwargs)
+    pipeline._check_patch(geometry.LatentGeometry(), image_hw, patch, multiple, 'patch_size')  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize('steps', [0, 1001])
+def test_bad_step_counts(steps):
+  from tiled_ldm_jax import pipeline
+  with pytest.raises(ValueError, match='sampling steps'):
+    pipeline.Options(sampling_steps=steps)
 
 
 def test_bad_labels_fail_before_compute():
-  from tiled_ldm_jax.models.configs import UNetConfig
+  from tiled_ldm_jax import pipeline
+  from tiled_ldm_jax.models.configs import UNetConfig, VAEConfig
   cfg = UNetConfig(kind='image', dim=8, num_classes=3, dim_mults=(1, 2), resnet_block_groups=2)
+  vae = VAEConfig(block_out_channels=(8, 8, 8, 8), norm_num_groups=4)
+  pipe = pipeline.Pipeline(pipeline.Model(cfg, None), pipeline.Model(vae, None))
   labels = np.zeros((1, 64, 64), np.int32)
   labels[0, 0, 0] = 3
   with pytest.raises(ValueError, match=r'out of range \[0, 3\): 3'):
-    sampler.sample_image_latents(cfg, None, labels, sampler.image_keys(0, [0]),
-                                 patch_size=32, steps=5)
+    pipe.sample_latents(labels, patch_size=32, sampling_steps=5)
   with pytest.raises(ValueError, match='larger than the image'):
-    sampler.sample_image_latents(cfg, None, labels * 0, sampler.image_keys(0, [0]),
-                                 patch_size=128, steps=5)
+    pipe.sample_latents(labels * 0, patch_size=128, sampling_steps=5)
 
 
 def test_chunked_run_equals_uninterrupted():
@@ -141,4 +148,4 @@ def test_chunked_run_equals_uninterrupted():
   assert chunks > 2
   np.testing.assert_array_equal(state.x, whole.x)
   assert int(state.iterations) == int(whole.iterations)
-  assert smp.traces == 1  # the chunk length is dynamic: no recompiles
+  assert smp.compiles() == 1  # the chunk length is dynamic: no recompiles

@@ -18,12 +18,13 @@ used here.
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Sequence
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
+
+from tiled_ldm_jax import atomic
 
 MIN_FILTER_SIZE = 6
 _READ_MODES = ('1', 'L', 'P', 'I', 'I;16', 'I;16L', 'I;16B', 'I;16N')
@@ -232,7 +233,7 @@ def write_label_png(path: str | os.PathLike, labels: np.ndarray) -> None:
   """Writes label ids as a PNG: 8-bit gray if `max < 256`, else 16-bit ('I;16').
 
   The file is written under a temporary name in the same folder and then renamed
-  (`os.replace`), so `path` is never a half-written PNG.
+  (`atomic.atomic_path`), so `path` is never a half-written PNG.
 
   Args:
     path: destination.
@@ -247,20 +248,8 @@ def write_label_png(path: str | os.PathLike, labels: np.ndarray) -> None:
                      f'got [{labels.min()}, {labels.max()}]')
   wide = labels.size and labels.max() >= 256
   img = Image.fromarray(np.ascontiguousarray(labels, dtype=np.uint16 if wide else np.uint8))
-  path = os.fspath(path)
-  folder, name = os.path.split(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(prefix=f'.{name}.', suffix='.tmp', dir=folder)
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      img.save(f, format='PNG')
-      f.flush()
-      os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)   # mkstemp creates 0600
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  with atomic.atomic_path(path) as tmp:
+    img.save(tmp, format='PNG')
 
 
 # Distinct colours for label ids 0..7 (0, the unknown/background label, is white);

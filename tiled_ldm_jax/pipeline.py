@@ -1,246 +1,117 @@
-"""End to end (SPEC section 5): mask stage, image stage, tiled decode, files on disk.
+"""The in-memory library API: label maps -> latents -> images, as numpy / jax arrays.
 
-For each batch of images: a label map per image (from `--mask`, or sampled by the mask
-model, decoded, quantized and cleaned), then the image model samples the latent with the
-random-patch sampler, the VAE decodes it with the Hann-blended tiled decode, and the
-writer streams it to `sampleNNNN.<ext>` beside `sampleNNNN_mask.png` and
-`sampleNNNN.json` (provenance and figures). Every file is written under a temporary
-name and renamed when complete, so an interrupted run leaves nothing that looks whole.
+    import tiled_ldm_jax
+    pipe = tiled_ldm_jax.Pipeline.from_pretrained()          # the bundled demo models
+    result = pipe(label=1, image_size=512, seed=0)           # mask model, image model, decode
+    result.images      # [N, H, W, 3] uint8;  result.labels: [N, H, W] label ids
 
-Image n of a run uses key `fold_in(key(seed), n)` (mask stage: `fold_in(., 0)`, image
-stage: `fold_in(., 1)`), so it does not depend on the batch it was sampled in.
+or stage by stage (the same bytes for the same request):
+
+    labels = pipe.sample_labels(label=1, image_size=512, seed=0)   # [N, H, W]
+    latents = pipe.sample_latents(labels, seed=0)                  # [N, H/f, W/f, C]
+    images = pipe.decode(latents)                                  # [N, H, W, 3] uint8
+
+Randomness (SPEC 5): image n of a request uses `fold_in(key(seed), n)` (`indices` picks
+other n, so a batch can continue a run), the mask stage `fold_in(., 0)` of it and the
+image stage `fold_in(., 1)`: an image does not depend on the batch it is sampled in.
+
+Every request is checked before any compute (`ValueError` with one line). The command
+`scripts/sample_large_image.py` and its file outputs (`generate.py`) are a layer over
+this module; its defaults are `Options`'.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import hashlib
-import json
-import os
-import re
-import time
-from typing import Any
+import math
+from typing import Any, Iterator, NamedTuple
 
-from absl import logging
 import jax
 import numpy as np
 
 from tiled_ldm_jax import checkpoint
 from tiled_ldm_jax import decode as decode_lib
 from tiled_ldm_jax import demo
+from tiled_ldm_jax import denoisers
+from tiled_ldm_jax import diffusion
+from tiled_ldm_jax import geometry
 from tiled_ldm_jax import masks as masks_lib
-from tiled_ldm_jax import resume
-from tiled_ldm_jax import sharding
 from tiled_ldm_jax import sampler as sampler_lib
-from tiled_ldm_jax import writers
+from tiled_ldm_jax import sharding
+from tiled_ldm_jax.models import unet as unet_lib
 from tiled_ldm_jax.models import vae as vae_lib
 
-FORMATS = ('png', 'jpg', 'tiff')
-MASK_DOWNSCALE = 4  # the mask model works at a quarter of the image size
+MASK_DOWNSCALE = 4       # the mask model works at a quarter of the image size
+DEFAULT_PATCH_SIZE = 512  # image-model patch of the released DiffInfinite models (pixels)
+
+
+def _help(text: str, default=None):
+  return dataclasses.field(default=default, metadata={'help': text})
 
 
 @dataclasses.dataclass(frozen=True)
-class GenerationConfig:
-  """What to generate; mirrors the command's flags."""
-  unet_ckpt: str | None = None          # converted image model folder (None: demo models)
-  vae_ckpt: str | None = None           # converted VAE folder
-  mask_unet_ckpt: str | None = None     # converted mask model folder (unless `mask`)
-  mask: str | None = None               # PNG of label ids (any size, resized nearest), or "demo"
-  imgs_path: str = './results/large'    # output folder
-  n_images: int = 1                     # images to generate
-  batch_size: int = 1                   # images sampled together (one compiled program)
-  label: int = 1                        # class the mask model generates a layout for
-  image_size: int = 1024                # image side in pixels (multiple of 8)
-  cond_scale: float = 3.0               # image model guidance w: null + (1+w)(cond-null)
-  mask_cond_scale: float = 0.0          # mask model guidance (the original uses 0)
-  sampling_steps: int = 50              # DDIM steps S for both stages
-  patch_size: int | None = None         # image model patch and decode tile, pixels
-                                        # (None: 512, or 128 for the demo models)
-  mask_patch_size: int | None = None    # mask model patch and decode tile (None: 128)
-  patches_per_step: int = 1             # K non-overlapping patches per iteration
-  eta: float = 1.0                      # DDIM eta
-  seed: int = 0                         # root PRNG seed
-  output_format: str = 'png'            # png | jpg | tiff (pyramidal BigTIFF)
-  tile_batch: int = 4                   # VAE tiles per decoder call
-  blend_mode: str = 'original'          # decode blend: 'original' (SPEC 4, parity) or
-                                        # 'partition' (no residual seam; decode.py)
-  latent_scale: float = 50.0            # DiffInfinite latents are SD2 latents / 50
-  progress_every: int = 50              # sampler progress log period (iterations; 0: off)
-  checkpoint_every: int = 0             # save the sampler state every N iterations (0: off)
-  resume: bool = False                  # continue the run saved in <imgs_path>/checkpoint
-  devices: int = 0                      # devices to shard over (0: all JAX sees)
+class Options:
+  """How to sample and decode; the single home of these defaults (CLI flags included)."""
+  sampling_steps: int = _help('DDIM steps S for both stages.', 50)
+  cond_scale: float = _help('Image guidance w: null + (1+w)(cond - null).', 3.0)
+  mask_cond_scale: float = _help('Mask model guidance (the original uses 0).', 0.0)
+  patch_size: int | None = _help('Image model patch and decode tile, pixels (default 512; '
+                                 '128 with the demo models).')
+  mask_patch_size: int | None = _help('Mask model patch and decode tile, pixels (default '
+                                      '128).')
+  patches_per_step: int = _help('K non-overlapping patches per image per sampler '
+                                'iteration.', 1)
+  eta: float = _help('DDIM eta (0: deterministic given the initial noise).', 1.0)
+  tile_batch: int = _help('VAE tiles per decoder call.', 4)
+  blend_mode: str = _help("Tiled decode blend: 'original' (the original's, parity) or "
+                          "'partition' (weights that leave no residual seam).", 'original')
+  progress_every: int = _help('Sampler progress log period in iterations (0: off).', 0)
+
+  def __post_init__(self):
+    for name in ('cond_scale', 'mask_cond_scale', 'eta'):
+      value = getattr(self, name)
+      if not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f'{name} must be a finite number, got {value!r}')
+    if self.eta < 0:
+      raise ValueError(f'eta must be >= 0, got {self.eta}')
+    for name in ('patches_per_step', 'tile_batch'):
+      if getattr(self, name) < 1:
+        raise ValueError(f'{name} must be >= 1, got {getattr(self, name)}')
+    if self.progress_every < 0:
+      raise ValueError(f'progress_every must be >= 0, got {self.progress_every}')
+    diffusion.time_pairs(self.sampling_steps)          # 1 <= S <= T
+    if self.blend_mode not in decode_lib.BLEND_MODES:
+      raise ValueError(f'blend_mode must be one of {decode_lib.BLEND_MODES}, got '
+                       f'{self.blend_mode!r}')
 
 
-@functools.lru_cache(maxsize=4)
-def _vae_decode(config):
-  """One decode function per VAE config, so its compiled tiled decode is reused."""
-  return vae_lib.decode_fn(config)
+class Model(NamedTuple):
+  """A loaded model: its typed config and params."""
+  config: Any
+  params: Any
 
 
-def _fail(msg: str):
-  raise ValueError(msg)
+class Result(NamedTuple):
+  images: np.ndarray     # [N, H, W, 3] uint8
+  labels: np.ndarray     # [N, H, W] int32 label ids the images were sampled for
+  stats: dict            # per stage: patch iterations, denoiser evaluations
 
 
-def _hash_folder(path: str) -> str:
-  """sha256 over the files of a converted model folder (names and bytes)."""
-  h = hashlib.sha256()
-  for root, dirs, files in sorted(os.walk(path)):
-    dirs.sort()
-    for name in sorted(files):
-      full = os.path.join(root, name)
-      h.update(os.path.relpath(full, path).encode())
-      with open(full, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-          h.update(chunk)
-  return h.hexdigest()
-
-
-def _load(path: str | None, expect: str, flag: str):
-  if not path:
-    _fail(f'--{flag} is required')
-  if not os.path.isdir(path):
-    _fail(f'--{flag}: checkpoint folder not found: {path}')
+def _load(path: str, kind: str, what: str) -> Model:
   try:
-    return checkpoint.load_model(path, expect=expect)[1:]
+    return Model(*checkpoint.load_model(path, expect=kind)[1:])
   except (OSError, ValueError) as e:
-    _fail(f'--{flag}: cannot load {path}: {e}')
+    raise ValueError(f'{what}: cannot load {path}: {e}') from None
 
 
-def _check_output_dir(path: str) -> None:
-  try:
-    os.makedirs(path, exist_ok=True)
-    probe = os.path.join(path, f'.write-test-{os.getpid()}')
-    with open(probe, 'w') as f:
-      f.write('ok')
-    os.remove(probe)
-  except OSError as e:
-    _fail(f'output folder {path} is not writable: {e}')
+def mask_size(image_size: int, factor: int) -> int:
+  """Side of the mask model's image: a quarter of the image, rounded up to a latent pixel."""
+  return max(-(-image_size // MASK_DOWNSCALE // factor), 1) * factor
 
 
-def next_index(path: str) -> int:
-  """First free sample number: one past the largest `sampleNNNN*` in the folder."""
-  numbers = [int(m[1]) for name in os.listdir(path)
-             if (m := re.match(r'sample(\d+)', name))]
-  return max(numbers, default=-1) + 1
-
-
-@dataclasses.dataclass
-class _Models:
-  unet: tuple[Any, Any]
-  vae: tuple[Any, Any]
-  mask_unet: tuple[Any, Any] | None
-
-
-@dataclasses.dataclass
-class Prepared:
-  """What `validate` found: the resolved config, loaded models, the given mask, model
-  hashes, resume meta."""
-  cfg: GenerationConfig
-  models: _Models
-  mask: np.ndarray | None
-  hashes: dict[str, str]
-  resume_meta: dict[str, Any] | None
-
-
-def resolve_defaults(cfg: GenerationConfig) -> GenerationConfig:
-  """Fills the demo models when no checkpoint is given, and the patch sizes."""
-  given = [n for n in ('unet_ckpt', 'vae_ckpt', 'mask_unet_ckpt') if getattr(cfg, n)]
-  use_demo = not given
-  if use_demo:
-    if not demo.available():
-      _fail(f'no checkpoint flags given and the demo models are missing from {demo.DEMO_DIR}')
-    cfg = dataclasses.replace(cfg, unet_ckpt=demo.model_path('image_unet'),
-                              vae_ckpt=demo.model_path('vae'),
-                              mask_unet_ckpt=demo.model_path('mask_unet'))
-  elif not (cfg.unet_ckpt and cfg.vae_ckpt):
-    _fail('give --unet_ckpt and --vae_ckpt (and --mask_unet_ckpt or --mask), or no '
-          'checkpoint flag at all to use the bundled demo models')
-  if cfg.mask == 'demo':
-    cfg = dataclasses.replace(cfg, mask=demo.mask_path())
-  if cfg.patch_size is None:
-    cfg = dataclasses.replace(cfg, patch_size=demo.PATCH_SIZE if use_demo else 512)
-  if cfg.mask_patch_size is None:
-    cfg = dataclasses.replace(cfg, mask_patch_size=demo.MASK_PATCH_SIZE)
-  return cfg
-
-
-def validate(cfg: GenerationConfig) -> Prepared:
-  """Every check that can fail, before any compute (on `resolve_defaults(cfg)`)."""
-  cfg = resolve_defaults(cfg)
-  if cfg.output_format not in FORMATS:
-    _fail(f'output_format must be one of {FORMATS}, got {cfg.output_format!r}')
-  if cfg.blend_mode not in decode_lib.BLEND_MODES:
-    _fail(f'blend_mode must be one of {decode_lib.BLEND_MODES}, got {cfg.blend_mode!r}')
-  if cfg.n_images < 1 or cfg.batch_size < 1 or cfg.n_images % cfg.batch_size:
-    _fail(f'n_images ({cfg.n_images}) must be a positive multiple of batch_size '
-          f'({cfg.batch_size})')
-  unet = _load(cfg.unet_ckpt, 'image_unet', 'unet_ckpt')
-  vae = _load(cfg.vae_ckpt, 'vae', 'vae_ckpt')
-  size = (cfg.image_size, cfg.image_size)
-  try:
-    sampler_lib.validate_request(size, cfg.patch_size, cfg.sampling_steps,
-                                 unet[0].downsample_factor)
-  except ValueError as e:
-    _fail(str(e))
-  mask, mask_unet = None, None
-  if cfg.mask:
-    try:
-      mask = masks_lib.resize_labels(masks_lib.read_label_png(cfg.mask), size)
-      masks_lib.validate_labels(mask, unet[0].num_classes)
-    except (OSError, ValueError) as e:
-      _fail(f'--mask {cfg.mask}: {e}')
-  else:
-    mask_unet = _load(cfg.mask_unet_ckpt, 'mask_unet', 'mask_unet_ckpt (or give --mask)')
-    if not 0 <= cfg.label < mask_unet[0].num_classes:
-      _fail(f'label {cfg.label} is outside the mask model\'s classes '
-            f'[0, {mask_unet[0].num_classes})')
-    msize = _mask_size(cfg.image_size)
-    try:
-      sampler_lib.validate_request((msize, msize), min(cfg.mask_patch_size, msize),
-                                   cfg.sampling_steps, mask_unet[0].downsample_factor)
-    except ValueError as e:
-      _fail(f'mask stage: {e}')
-  try:
-    _mesh(cfg)
-  except ValueError as e:
-    _fail(f'--devices: {e}')
-  if cfg.checkpoint_every < 0:
-    _fail(f'checkpoint_every must be >= 0, got {cfg.checkpoint_every}')
-  _check_output_dir(cfg.imgs_path)
-  hashes = {name: _hash_folder(path) for name, path in
-            (('unet', cfg.unet_ckpt), ('vae', cfg.vae_ckpt), ('mask_unet', cfg.mask_unet_ckpt))
-            if path and (name != 'mask_unet' or mask is None)}
-  run_ckpt = resume.RunCheckpoint(cfg.imgs_path)
-  meta = None
-  if cfg.resume:
-    if not run_ckpt.exists():
-      _fail(f'--resume: no saved run in {run_ckpt.path}')
-    meta = run_ckpt.check(cfg, hashes)
-  elif run_ckpt.exists():
-    _fail(f'{cfg.imgs_path} holds an unfinished run ({run_ckpt.path}); pass --resume with '
-          f'the same flags to continue it, or remove that folder')
-  return Prepared(cfg, _Models(unet, vae, mask_unet), mask, hashes, meta)
-
-
-def _mask_size(image_size: int) -> int:
-  """Side of the mask model's image: a quarter of the image, rounded up to 8 pixels."""
-  return -(-image_size // MASK_DOWNSCALE // 8) * 8 if image_size >= 32 else 8
-
-
-def _stage_keys(cfg: GenerationConfig, indices, stage: int) -> jax.Array:
-  keys = sampler_lib.image_keys(cfg.seed, indices)
+def _stage_keys(seed: int, indices, stage: int) -> jax.Array:
+  keys = sampler_lib.image_keys(seed, indices)
   return jax.vmap(lambda k: jax.random.fold_in(k, stage))(keys)
-
-
-def _run_stage(cfg: GenerationConfig, smp, params, state, latent_labels, save):
-  """Runs a sampler to the end in chunks of `checkpoint_every`, saving after each."""
-  every = cfg.checkpoint_every or None
-  while int(state.times.min()) < cfg.sampling_steps:       # one host sync per chunk
-    state = smp.run(params, state, latent_labels, max_iterations=every)
-    if every and int(state.times.min()) < cfg.sampling_steps:
-      save(state)
-  return state
 
 
 def _stats(state) -> dict:
@@ -248,179 +119,227 @@ def _stats(state) -> dict:
           'denoiser_evaluations': int(state.evaluations)}
 
 
-def _mask_sampler(cfg: GenerationConfig, m_cfg):
-  msize = _mask_size(cfg.image_size)
-  patch = min(cfg.mask_patch_size, msize)
-  if patch != cfg.mask_patch_size:
-    logging.info('mask stage: mask image %d px is smaller than mask_patch_size %d; using %d',
-                 msize, cfg.mask_patch_size, patch)
-  settings = sampler_lib.SamplerSettings(
-      steps=cfg.sampling_steps, patch=patch // 8, patches_per_step=cfg.patches_per_step,
-      eta=cfg.eta, progress_every=cfg.progress_every, progress_label='mask stage')
-  return (sampler_lib.mask_sampler(m_cfg, cfg.mask_cond_scale, settings, _mesh(cfg)), msize,
-          patch)
+class Pipeline:
+  """Loaded models plus the compiled samplers and decoders they need (cached per shape).
 
-
-def sample_masks(cfg: GenerationConfig, models: _Models, indices, state=None,
-                 save=None) -> tuple[np.ndarray, dict]:
-  """[B, N, N] label maps from the mask model (sample, tiled decode, quantize, clean).
-
-  `state`: a restored mask-stage `SamplerState` to continue; `save(state)`: checkpoint.
+  Build with `from_pretrained`. Immutable apart from its caches of compiled programs.
   """
-  m_cfg, m_params = models.mask_unet
-  v_cfg, v_params = models.vae
-  num_labels = models.unet[0].num_classes
-  smp, msize, patch = _mask_sampler(cfg, m_cfg)
-  classes = np.full((len(indices), msize // 8, msize // 8), cfg.label, np.int32)
-  if state is None:
-    state = smp.init(_stage_keys(cfg, indices, 0), classes.shape, m_cfg.channels)
-  state = _run_stage(cfg, smp, m_params, state, classes, save)
-  dec = decode_lib.TiledDecodeSettings(patch_size=patch, tile_batch=cfg.tile_batch,
-                                       latent_scale=cfg.latent_scale,
-                                       blend_mode=cfg.blend_mode)
-  out = []
-  for zi in sharding.to_host(state.x):
-    img = decode_lib.decode_image(_vae_decode(v_cfg), v_params, zi, dec)
-    q = masks_lib.quantize_mask_image(img, num_labels)
-    out.append(masks_lib.clean_mask(q, num_labels, (cfg.image_size, cfg.image_size)))
-  return np.stack(out), _stats(state)
+
+  def __init__(self, unet: Model, vae: Model, mask_unet: Model | None = None, *,
+               default_patch_size: int = DEFAULT_PATCH_SIZE, devices: int = 0,
+               paths: dict[str, str] | None = None):
+    if unet.config.kind != 'image' or (mask_unet and mask_unet.config.kind != 'mask'):
+      raise ValueError('unet must be an image model and mask_unet a mask model')
+    if unet.config.channels != vae.config.latent_channels:
+      raise ValueError(f'the image model has {unet.config.channels} latent channels, the '
+                       f'VAE {vae.config.latent_channels}')
+    self.unet, self.vae, self.mask_unet = unet, vae, mask_unet
+    self.geometry = geometry.LatentGeometry.of_vae(vae.config)
+    self.default_patch_size = default_patch_size
+    self.devices = devices
+    self.paths = dict(paths or {})
+    self._samplers: dict[Any, sampler_lib.Sampler] = {}
+    self._decode = vae_lib.decode_fn(vae.config)
+
+  @classmethod
+  def from_pretrained(cls, unet: str | None = None, vae: str | None = None,
+                      mask_unet: str | None = None, *, devices: int = 0) -> 'Pipeline':
+    """Loads converted model folders; with none given, the bundled demo models.
+
+    `mask_unet` may be None when label maps are always given. `devices`: shard over at
+    most this many devices (0: all JAX sees).
+    """
+    use_demo = not (unet or vae or mask_unet)
+    if use_demo:
+      if not demo.available():
+        raise ValueError(f'no model folders given and the demo models are missing from '
+                         f'{demo.DEMO_DIR}')
+      unet, vae, mask_unet = (demo.model_path(k) for k in ('image_unet', 'vae', 'mask_unet'))
+    elif not (unet and vae):
+      raise ValueError('give unet and vae (and mask_unet, or label maps), or no model '
+                       'folder at all to use the bundled demo models')
+    paths = {'unet': unet, 'vae': vae}
+    models = {'unet': _load(unet, 'image_unet', 'unet'), 'vae': _load(vae, 'vae', 'vae')}
+    if mask_unet:
+      paths['mask_unet'] = mask_unet
+      models['mask_unet'] = _load(mask_unet, 'mask_unet', 'mask_unet')
+    return cls(**models, devices=devices, paths=paths,
+               default_patch_size=demo.PATCH_SIZE if use_demo else DEFAULT_PATCH_SIZE)
+
+  # ------------------------------------------------------------------------- options
+
+  def resolve(self, options: Options | None = None, **overrides) -> Options:
+    """`options` with `overrides`, and the model-dependent patch sizes filled in."""
+    o = dataclasses.replace(options or Options(), **overrides)
+    return dataclasses.replace(
+        o, patch_size=o.patch_size or self.default_patch_size,
+        mask_patch_size=o.mask_patch_size or demo.MASK_PATCH_SIZE)
+
+  def check_image_request(self, image_hw, o: Options) -> None:
+    """ValueError for an image size or patch the image model cannot take."""
+    _check_patch(self.geometry, image_hw, o.patch_size, self.unet.config.downsample_factor,
+                 'patch_size')
+
+  def check_mask_request(self, image_size: int, label: int, o: Options) -> None:
+    if self.mask_unet is None:
+      raise ValueError('this pipeline has no mask model: give label maps')
+    classes = self.mask_unet.config.num_classes
+    if not 0 <= label < classes:
+      raise ValueError(f"label {label} is outside the mask model's classes [0, {classes})")
+    msize = mask_size(image_size, self.geometry.factor)
+    _check_patch(self.geometry, (msize, msize), self._mask_patch(msize, o),
+                 self.mask_unet.config.downsample_factor, 'mask stage: mask_patch_size')
+
+  def check_labels(self, labels: np.ndarray) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+      raise ValueError(f'labels must be [N, H, W], got shape {labels.shape}')
+    return masks_lib.validate_labels(labels, self.unet.config.num_classes).astype(np.int32)
+
+  @staticmethod
+  def _mask_patch(msize: int, o: Options) -> int:
+    return min(o.mask_patch_size, msize)
+
+  # ------------------------------------------------------------------------- samplers
+
+  def _sampler(self, which: str, o: Options, patch_px: int, n_images: int):
+    key = (which, o.sampling_steps, o.patches_per_step, o.eta, o.progress_every,
+           o.cond_scale if which == 'image' else o.mask_cond_scale, patch_px, n_images)
+    if key not in self._samplers:
+      model = self.unet if which == 'image' else self.mask_unet
+      eps = unet_lib.eps_fn(model.config)
+      denoise = (denoisers.image_denoiser(eps, model.config.num_classes, o.cond_scale)
+                 if which == 'image' else denoisers.mask_denoiser(eps, o.mask_cond_scale))
+      settings = sampler_lib.SamplerSettings(
+          steps=o.sampling_steps, patch=patch_px // self.geometry.factor,
+          patches_per_step=o.patches_per_step, eta=o.eta, progress_every=o.progress_every,
+          progress_label=f'{which} stage')
+      mesh = sharding.make_mesh(n_images, o.patches_per_step, self.devices)
+      self._samplers[key] = sampler_lib.Sampler(denoise, settings, mesh, n_images)
+    return self._samplers[key]
+
+  def mask_stage(self, o: Options, image_size: int, label: int, indices, seed: int):
+    """(sampler, initial state, class map) of the mask stage for images `indices`."""
+    msize = mask_size(image_size, self.geometry.factor)
+    side = msize // self.geometry.factor
+    smp = self._sampler('mask', o, self._mask_patch(msize, o), len(indices))
+    classes = np.full((len(indices), side, side), label, np.int32)
+    state = smp.init(_stage_keys(seed, indices, 0), classes.shape,
+                     self.mask_unet.config.channels)
+    return smp, state, classes
+
+  def image_stage(self, o: Options, labels: np.ndarray, indices, seed: int):
+    """(sampler, initial state, latent label map) of the image stage."""
+    latent = masks_lib.latent_labels(labels, self.geometry.factor)
+    smp = self._sampler('image', o, o.patch_size, len(indices))
+    state = smp.init(_stage_keys(seed, indices, 1), latent.shape, self.unet.config.channels)
+    return smp, state, latent
+
+  def labels_from_mask_latents(self, z, image_size: int, o: Options) -> np.ndarray:
+    """Mask-model latents -> [N, H, W] label ids (decode, quantize, clean, upsample)."""
+    num_labels = self.unet.config.num_classes
+    msize = z.shape[1] * self.geometry.factor
+    settings = self._decode_settings(o, self._mask_patch(msize, o))
+    out = []
+    for zi in sharding.to_host(z):
+      img = decode_lib.decode_image(self._decode, self.vae.params, zi, settings)
+      q = masks_lib.quantize_mask_image(img, num_labels)
+      out.append(masks_lib.clean_mask(q, num_labels, (image_size, image_size)))
+    return np.stack(out)
+
+  # ------------------------------------------------------------------------- stages
+
+  def sample_labels(self, label: int = 1, image_size: int = 1024, n_images: int = 1,
+                    seed: int = 0, *, indices=None, options: Options | None = None,
+                    **overrides) -> np.ndarray:
+    """[N, H, W] int32 label maps from the mask model for class `label`.
+
+    `overrides`: `Options` fields (sampling_steps, mask_patch_size, ...).
+    """
+    o = self.resolve(options, **overrides)
+    return self._labels(o, label, image_size, _indices(indices, n_images), seed)[0]
+
+  def sample_latents(self, labels, seed: int = 0, *, indices=None,
+                     options: Options | None = None, **overrides) -> jax.Array:
+    """[N, H/f, W/f, C] diffusion latents for pixel label maps `labels` [N, H, W]."""
+    o = self.resolve(options, **overrides)
+    labels = self.check_labels(labels)
+    return self._latents(o, labels, _indices(indices, len(labels)), seed)[0]
+
+  def _labels(self, o: Options, label: int, image_size: int, indices, seed: int):
+    self.check_mask_request(image_size, label, o)
+    smp, state, classes = self.mask_stage(o, image_size, label, indices, seed)
+    state = smp.run(self.mask_unet.params, state, classes)
+    return self.labels_from_mask_latents(state.x, image_size, o), _stats(state)
+
+  def _latents(self, o: Options, labels: np.ndarray, indices, seed: int):
+    self.check_image_request(labels.shape[1:], o)
+    if len(indices) != len(labels):
+      raise ValueError(f'{len(labels)} label maps but {len(indices)} indices')
+    smp, state, latent = self.image_stage(o, labels, indices, seed)
+    state = smp.run(self.unet.params, state, latent)
+    return state.x, _stats(state)
+
+  # ------------------------------------------------------------------------- decode
+
+  def _decode_settings(self, o: Options, patch_px: int) -> decode_lib.TiledDecodeSettings:
+    return decode_lib.TiledDecodeSettings(
+        patch_size=patch_px, factor=self.geometry.factor, tile_batch=o.tile_batch,
+        latent_scale=self.geometry.scale, blend_mode=o.blend_mode)
+
+  def iter_decode(self, latent, *, options: Options | None = None, **overrides
+                  ) -> Iterator[tuple[int, np.ndarray]]:
+    """One latent [h, w, C] -> `(row_start, uint8 rows [r, W, 3])` bands (bounded memory)."""
+    o = self.resolve(options, **overrides)
+    return decode_lib.iter_decode_bands(self._decode, self.vae.params, latent,
+                                        self._decode_settings(o, o.patch_size), uint8=True)
+
+  def decode(self, latents, *, options: Options | None = None, **overrides) -> np.ndarray:
+    """[N, h, w, C] diffusion latents -> [N, H, W, 3] uint8 images (Hann-blended tiles)."""
+    o = self.resolve(options, **overrides)
+    latents = sharding.to_host(latents)
+    if latents.ndim != 4:
+      raise ValueError(f'latents must be [N, h, w, C], got shape {latents.shape}')
+    settings = self._decode_settings(o, o.patch_size)
+    return np.stack([decode_lib.decode_image(self._decode, self.vae.params, z, settings,
+                                             uint8=True) for z in latents])
+
+  # ------------------------------------------------------------------------- all stages
+
+  def __call__(self, label: int = 1, labels=None, image_size: int = 1024,
+               n_images: int = 1, seed: int = 0, *, indices=None,
+               options: Options | None = None, **overrides) -> Result:
+    """Images for label maps `labels` [N, H, W], or for mask-model layouts of class `label`
+    (`image_size` square, `n_images` of them). Same bytes as the staged calls."""
+    o = self.resolve(options, **overrides)
+    stats = {}
+    if labels is None:
+      indices = _indices(indices, n_images)
+      self.check_image_request((image_size, image_size), o)   # before the mask stage runs
+      labels, stats['mask_stage'] = self._labels(o, label, image_size, indices, seed)
+    labels = self.check_labels(labels)
+    latents, stats['image_stage'] = self._latents(
+        o, labels, _indices(indices, len(labels)), seed)
+    return Result(self.decode(latents, options=o), labels, stats)
 
 
-def _image_sampler(cfg: GenerationConfig, u_cfg):
-  settings = sampler_lib.SamplerSettings(
-      steps=cfg.sampling_steps, patch=cfg.patch_size // 8,
-      patches_per_step=cfg.patches_per_step, eta=cfg.eta,
-      progress_every=cfg.progress_every, progress_label='image stage')
-  return sampler_lib.image_sampler(u_cfg, cfg.cond_scale, settings, _mesh(cfg))
+def _indices(indices, n: int) -> np.ndarray:
+  if indices is None:
+    if n < 1:
+      raise ValueError(f'n_images must be >= 1, got {n}')
+    return np.arange(n)
+  return np.asarray(indices)
 
 
-def _mesh(cfg: GenerationConfig):
-  return sharding.make_mesh(cfg.batch_size, cfg.patches_per_step, cfg.devices)
-
-
-def sample_latents(cfg: GenerationConfig, models: _Models, labels: np.ndarray, indices,
-                   state=None, save=None):
-  """[B, H/8, W/8, C] image latents for pixel label maps [B, H, W] (see sample_masks)."""
-  u_cfg, u_params = models.unet
-  smp = _image_sampler(cfg, u_cfg)
-  latent = masks_lib.latent_labels(np.asarray(labels, np.int32), sampler_lib.LATENT_FACTOR)
-  if state is None:
-    state = smp.init(_stage_keys(cfg, indices, 1), latent.shape, u_cfg.channels)
-  state = _run_stage(cfg, smp, u_params, state, latent, save)
-  return sharding.to_host(state.x), _stats(state)
-
-
-def _write_sample(cfg: GenerationConfig, models: _Models, number: int, z: np.ndarray,
-                  labels: np.ndarray, record: dict) -> dict:
-  v_cfg, v_params = models.vae
-  dec = decode_lib.TiledDecodeSettings(patch_size=cfg.patch_size, tile_batch=cfg.tile_batch,
-                                       latent_scale=cfg.latent_scale,
-                                       blend_mode=cfg.blend_mode)
-  if not sharding.is_writer():   # multi-host: process 0 writes
-    return record
-  base = os.path.join(cfg.imgs_path, f'sample{number:04d}')
-  start = time.perf_counter()
-  image_path = base + ('.tif' if cfg.output_format == 'tiff' else f'.{cfg.output_format}')
-  written = writers.write_decoded(image_path, _vae_decode(v_cfg), v_params, z, dec,
-                                  labels=labels)
-  record['seconds']['decode_and_write'] = time.perf_counter() - start
-  record['files'] = {'image': os.path.basename(written[0]),
-                     'mask': os.path.basename(written[1])}
-  with writers.atomic_path(base + '.json') as tmp:   # last: its presence marks a complete sample
-    with open(tmp, 'w') as f:
-      json.dump(record, f, indent=1, default=str)
-  return record
-
-
-def _fresh_state(cfg: GenerationConfig, models: _Models, stage: str, indices):
-  """The initial state of a stage (also the shape template for restoring one)."""
-  if stage == 'mask':
-    smp, msize, _ = _mask_sampler(cfg, models.mask_unet[0])
-    shape, channels = (len(indices), msize // 8, msize // 8), models.mask_unet[0].channels
-  else:
-    smp = _image_sampler(cfg, models.unet[0])
-    shape = (len(indices), cfg.image_size // 8, cfg.image_size // 8)
-    channels = models.unet[0].channels
-  return smp, smp.init(_stage_keys(cfg, indices, 0 if stage == 'mask' else 1), shape, channels)
-
-
-def _restore(cfg, models, run_ckpt: resume.RunCheckpoint, meta, indices):
-  """(stage, state, labels) of the saved batch."""
-  stage = meta['stage']
-  smp, like = _fresh_state(cfg, models, stage, indices)
-  labels_shape = (len(indices), cfg.image_size, cfg.image_size) if meta['has_labels'] else None
-  state, labels = run_ckpt.load(like, labels_shape)
-  logging.info('resuming batch at image %d, %s stage, iteration %d', meta['batch_start'],
-               stage, meta['iterations'])
-  return stage, smp.place(state), labels
-
-
-def generate(cfg: GenerationConfig, *, flags_used: dict | None = None,
-             prepared: Prepared | None = None) -> list[dict]:
-  """Generates `cfg.n_images` images into `cfg.imgs_path`; returns their JSON records.
-
-  `prepared`: what `validate(cfg)` returned, if the caller already ran it. With
-  `checkpoint_every`, progress is saved under `<imgs_path>/checkpoint` (see resume.py);
-  `resume` continues such a run.
-  """
-  prep = prepared or validate(cfg)
-  cfg = prep.cfg
-  models, given_mask, hashes, meta = prep.models, prep.mask, prep.hashes, prep.resume_meta
-  run_ckpt = resume.RunCheckpoint(cfg.imgs_path)
-  first = meta['first_sample'] if meta else next_index(cfg.imgs_path)
-  start_batch = meta['batch_start'] if meta else 0
-  records = []
-  total_start = time.perf_counter()
-  for b0 in range(start_batch, cfg.n_images, cfg.batch_size):
-    indices = np.arange(b0, b0 + cfg.batch_size)
-    save = functools.partial(run_ckpt.save, cfg=cfg, hashes=hashes, batch_start=b0,
-                             first_sample=first)
-    stage, state, labels, extra = 'mask', None, None, {}
-    if meta is not None and b0 == start_batch:
-      stage, state, labels = _restore(cfg, models, run_ckpt, meta, indices)
-      extra = meta.get('extra', {})
-    seconds = dict(extra.get('seconds', {}))
-    mask_stats = extra.get('mask_stats')
-    if given_mask is not None:
-      labels = np.broadcast_to(given_mask, (cfg.batch_size,) + given_mask.shape)
-      stage = 'image'
-    elif stage == 'mask':
-      logging.info('images %d-%d: mask stage', b0, b0 + cfg.batch_size - 1)
-      start = time.perf_counter()
-      labels, mask_stats = sample_masks(
-          cfg, models, indices, state, lambda st: save(stage='mask', state=st))
-      seconds['mask_stage'] = time.perf_counter() - start
-      state = None
-      if cfg.checkpoint_every:   # the image stage starts from here after an interruption
-        _, fresh = _fresh_state(cfg, models, 'image', indices)
-        save(stage='image', state=fresh, labels=labels,
-             extra={'mask_stats': mask_stats, 'seconds': seconds})
-    logging.info('images %d-%d: image stage', b0, b0 + cfg.batch_size - 1)
-    start = time.perf_counter()
-    image_extra = {'mask_stats': mask_stats, 'seconds': seconds}
-    z, image_stats = sample_latents(
-        cfg, models, labels, indices, state,
-        lambda st: save(stage='image', state=st, labels=labels, extra=image_extra))
-    seconds['image_stage'] = time.perf_counter() - start
-    for j, index in enumerate(indices):
-      record = {
-          'sample': first + int(index), 'image_index': int(index), 'seed': cfg.seed,
-          'config': dataclasses.asdict(cfg), 'flags': flags_used or {},
-          'checkpoint_sha256': hashes, 'image_size': [cfg.image_size, cfg.image_size],
-          'labels_present': sorted(int(v) for v in np.unique(labels[j])),
-          'mask_stage': mask_stats, 'image_stage': image_stats,
-          'batch': {'size': cfg.batch_size, 'stats_are_per_batch': True},
-          'seconds': dict(seconds), 'device': str(jax.devices()[0].device_kind),
-          'tiled_ldm_jax_version': __import__('tiled_ldm_jax').__version__,
-      }
-      records.append(_write_sample(cfg, models, first + int(index), z[j], labels[j], record))
-      logging.info('wrote sample%04d (%d/%d, %.0f s so far)', first + int(index),
-                   len(records), cfg.n_images, time.perf_counter() - total_start)
-    if cfg.checkpoint_every and b0 + cfg.batch_size < cfg.n_images:
-      nxt = indices + cfg.batch_size    # the next batch starts from scratch
-      _, fresh = _fresh_state(cfg, models, 'image' if given_mask is not None else 'mask', nxt)
-      run_ckpt.save(cfg=cfg, hashes=hashes, batch_start=b0 + cfg.batch_size,
-                    first_sample=first, stage='image' if given_mask is not None else 'mask',
-                    state=fresh)
-  run_ckpt.remove()
-  return records
+def _check_patch(geom: geometry.LatentGeometry, image_hw, patch_px: int, unet_multiple: int,
+                 what: str) -> None:
+  """Clear errors for sizes before anything is compiled or run."""
+  h, w = image_hw
+  geom.latent_size(h, 'image height')
+  geom.latent_size(w, 'image width')
+  p = geom.latent_size(patch_px, what)
+  if patch_px > min(h, w):
+    raise ValueError(f'{what} {patch_px} is larger than the image {h}x{w}')
+  if p % unet_multiple:
+    raise ValueError(f'{what} {patch_px} gives a latent patch of {p}, which the U-Net '
+                     f'cannot take: use a multiple of {geom.factor * unet_multiple} pixels')

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any, Callable
+from typing import Callable
 
 from absl import logging
 import flax.struct
@@ -30,8 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from tiled_ldm_jax import diffusion
+from tiled_ldm_jax import sharding as sharding_lib
 
 # `(params, x [B,P,P,C], t [B], labels [B,P,P]) -> (eps [B,P,P,C], samples evaluated)`.
+# Built by `denoisers.py` from a model's eps function; the sampler never imports a model.
 Denoiser = Callable[..., tuple[jax.Array, jax.Array]]
 
 
@@ -46,7 +48,6 @@ class SamplerState:
   iterations: jax.Array   # [] int32: loop iterations (one batch of N*K patches each)
   patches: jax.Array      # [] int32: patches advanced (valid slots)
   evaluations: jax.Array  # [] int32: samples run through the U-Net
-  original_evaluations: jax.Array  # [] int32: what the original would have run (if counted)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +59,6 @@ class SamplerSettings:
   eta: float = 1.0            # DDIM eta (0: deterministic)
   progress_every: int = 0     # log progress every N iterations (0: silent)
   progress_label: str = 'sampling'
-  count_original: bool = False  # count the original's U-Net samples (needs denoise.original_passes)
 
   def __post_init__(self):
     diffusion.time_pairs(self.steps)  # validates S
@@ -84,7 +84,7 @@ def init_state(keys: jax.Array, shape: tuple[int, int], channels: int) -> Sample
   zero = lambda: jnp.zeros((), jnp.int32)  # distinct buffers: step_patch donates the state
   return SamplerState(x=x, x_low=jnp.copy(x), times=jnp.zeros((n, h, w), jnp.int32),
                       keys=_copy_keys(keys), image_iters=jnp.zeros((n,), jnp.int32), iterations=zero(),
-                      patches=zero(), evaluations=zero(), original_evaluations=zero())
+                      patches=zero(), evaluations=zero())
 
 
 def _choose_patches(times, key, patch: int, k_slots: int):
@@ -120,32 +120,56 @@ def _paste(a, corner, value):
   return jax.lax.dynamic_update_slice(a, value, start)
 
 
+class _ProgressLog:
+  """Host side of the progress callback (a logging helper, not sampler state)."""
+
+  def __init__(self, label: str):
+    self.label = label
+    self.started = time.monotonic()
+
+  def restart(self) -> None:
+    self.started = time.monotonic()
+
+  def __call__(self, done, total, iteration) -> None:
+    frac = float(done) / float(total)
+    elapsed = time.monotonic() - self.started
+    eta = elapsed * (1 - frac) / frac if frac > 0 else float('nan')
+    logging.info('%s: %5.1f%% (%d iterations, %.0f s elapsed, ETA %.0f s)', self.label,
+                 100 * frac, int(iteration), elapsed, eta)
+
+
 class Sampler:
-  """Compiled random-patch sampler for one denoiser and one `SamplerSettings`.
+  """Compiled random-patch sampler for one denoiser, one `SamplerSettings`, one placement.
+
+  Immutable after construction: the work split over `mesh` (a 1-D `jax.sharding.Mesh`)
+  is decided here from the batch size `n_images` -- the images of the batch when N is a
+  multiple of the device count, otherwise the N*K patches of each iteration (which must
+  then be a multiple of it; the latent is replicated).
 
   `sample` runs the whole loop as one compiled program (per input shape). `run` continues
   a `SamplerState` for at most a given number of iterations (a dynamic argument: chunks
   do not recompile), which is how long runs are checkpointed and resumed; chunked and
   uninterrupted runs give identical states. `step_patch` (one iteration, state donated)
-  is exposed for tests and tools that drive the loop from Python. `traces` counts how
-  often the loop body was traced (i.e. compiles), for tests.
-
-  With a `mesh` (a 1-D `jax.sharding.Mesh`), work is split over its devices: the images
-  of the batch when N is a multiple of the device count, otherwise the N*K patches of
-  each iteration (which must then be a multiple of it; the latent is replicated).
+  is exposed for tests and tools that drive the loop from Python. `compiles()` counts the
+  programs compiled so far (tests assert there is one per shape).
   """
 
-  def __init__(self, denoise: Denoiser, settings: SamplerSettings, mesh=None):
+  def __init__(self, denoise: Denoiser, settings: SamplerSettings, mesh=None,
+               n_images: int | None = None):
     self.denoise = denoise
     self.settings = settings
     self.mesh = mesh
+    self.n_images = n_images
+    self.split = _choose_split(mesh, n_images, settings.patches_per_step)
     self.pairs = diffusion.time_pairs(settings.steps)          # [S, 2]
     self.schedule = diffusion.Schedule()
-    self.traces = 0
-    self._started = time.monotonic()
-    self._shard_patches = False
+    self._log = _ProgressLog(settings.progress_label)
     self._run_jit = jax.jit(self._run, donate_argnums=(1,))
     self.step_patch = jax.jit(self._step_patch, donate_argnums=(1,))
+
+  def compiles(self) -> int:
+    """Programs compiled so far (loop and single step)."""
+    return self._run_jit._cache_size() + self.step_patch._cache_size()  # pylint: disable=protected-access
 
   # --------------------------------------------------------------------------- one step
 
@@ -154,7 +178,6 @@ class Sampler:
 
     labels: [N, h, w] int label ids at latent resolution.
     """
-    self.traces += 1
     s = self.settings
     p, k_slots, n_steps = s.patch, s.patches_per_step, s.steps
     n = state.x.shape[0]
@@ -186,9 +209,6 @@ class Sampler:
     new = diffusion.ddim_step(self.schedule, b_x, eps, b_t, b_tn, b_noise,
                               s.eta).reshape(x_p.shape)
 
-    original = state.original_evaluations
-    if s.count_original:
-      original = original + self.denoise.original_passes(flat(lab_p), valid.reshape(-1))
     write = behind & valid[:, :, None, None]                            # [N, K, P, P]
     x_out = jnp.where(write[..., None], new, x_p)
     low_out = jnp.where(write[..., None], x_p, low_p)
@@ -209,27 +229,19 @@ class Sampler:
         image_iters=state.image_iters + active.astype(jnp.int32),
         iterations=state.iterations + 1,
         patches=state.patches + valid.sum().astype(jnp.int32),
-        evaluations=state.evaluations + jnp.asarray(evals, jnp.int32),
-        original_evaluations=original)
+        evaluations=state.evaluations + jnp.asarray(evals, jnp.int32))
 
   # --------------------------------------------------------------------------- the loop
 
   def _progress(self, state: SamplerState):
-    s = self.settings
-    if not s.progress_every:
+    every = self.settings.progress_every
+    if not every:
       return
-    total = state.times.size * s.steps
-
-    def report(done, iteration):
-      frac = float(done) / total
-      elapsed = time.monotonic() - self._started
-      eta = elapsed * (1 - frac) / frac if frac > 0 else float('nan')
-      logging.info('%s: %5.1f%% (%d iterations, %.0f s elapsed, ETA %.0f s)',
-                   s.progress_label, 100 * frac, iteration, elapsed, eta)
+    total = state.times.size * self.settings.steps
 
     def emit(_):
-      jax.debug.callback(report, state.times.sum(), state.iterations)
-    jax.lax.cond(state.iterations % s.progress_every == 0, emit, lambda _: None, None)
+      jax.debug.callback(self._log, state.times.sum(), total, state.iterations)
+    jax.lax.cond(state.iterations % every == 0, emit, lambda _: None, None)
 
   def _run(self, params, state: SamplerState, labels, max_iterations):
     stop = state.iterations + max_iterations
@@ -259,7 +271,7 @@ class Sampler:
       raise ValueError(f'labels {labels.shape} do not match the state {state.times.shape}')
     limit = np.iinfo(np.int32).max - int(state.iterations) if max_iterations is None \
         else max_iterations
-    self._started = time.monotonic()  # for the progress ETA (includes a first compile)
+    self._log.restart()  # for the progress ETA (includes a first compile)
     return self._run_jit(params, state, self._place_labels(labels), jnp.int32(limit))
 
   def sample(self, params, keys, labels, channels: int = 4) -> SamplerState:
@@ -275,39 +287,48 @@ class Sampler:
 
   # --------------------------------------------------------------------------- sharding
 
-  def _spec(self, images_axis: bool):
+  def _sharding(self, by_image: bool):
     from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
-    return NamedSharding(self.mesh, PartitionSpec(self.mesh.axis_names[0]) if images_axis
+    return NamedSharding(self.mesh, PartitionSpec(self.mesh.axis_names[0]) if by_image
                          else PartitionSpec())
 
   def place(self, state: SamplerState) -> SamplerState:
     """Puts the state on the mesh: split by image, or replicated (patch split)."""
     if self.mesh is None:
       return state
-    n, devices = state.times.shape[0], self.mesh.devices.size
-    k = self.settings.patches_per_step
-    if n % devices == 0:
-      self._shard_patches = False
-    elif (n * k) % devices == 0:
-      self._shard_patches = True
-    else:
-      raise ValueError(f'{devices} devices: need the image batch ({n}) or the patch batch '
-                       f'(images x patches_per_step = {n * k}) to be a multiple of it')
-    by_image = not self._shard_patches
+    if state.times.shape[0] != self.n_images:
+      raise ValueError(f'this sampler was built for {self.n_images} images, got '
+                       f'{state.times.shape[0]}')
+    by_image = self.split == 'images'
     return jax.tree_util.tree_map(
-        lambda a: jax.device_put(a, self._spec(by_image and a.ndim > 0)), state)
+        lambda a: sharding_lib.put_global(a, self._sharding(by_image and a.ndim > 0)), state)
 
   def _place_labels(self, labels):
     if self.mesh is None:
       return labels
-    return jax.device_put(labels, self._spec(not self._shard_patches))
+    return sharding_lib.put_global(labels, self._sharding(self.split == 'images'))
 
   def _constrain_patches(self, *arrays):
     """Inside the step: split the flattened patch batch over the devices."""
-    if self.mesh is None or not self._shard_patches:
+    if self.split != 'patches':
       return arrays
-    spec = self._spec(True)
+    spec = self._sharding(True)
     return tuple(jax.lax.with_sharding_constraint(a, spec) for a in arrays)
+
+
+def _choose_split(mesh, n_images: int | None, k: int) -> str | None:
+  """'images', 'patches' or None (no mesh): how a batch of N images uses the mesh."""
+  if mesh is None:
+    return None
+  if n_images is None:
+    raise ValueError('a sampler with a mesh needs n_images (the batch size)')
+  devices = mesh.devices.size
+  if n_images % devices == 0:
+    return 'images'
+  if (n_images * k) % devices == 0:
+    return 'patches'
+  raise ValueError(f'{devices} devices: need the image batch ({n_images}) or the patch batch '
+                   f'(images x patches_per_step = {n_images * k}) to be a multiple of it')
 
 
 def check_shapes(labels_shape, patch: int, multiple: int = 1) -> None:
@@ -316,8 +337,7 @@ def check_shapes(labels_shape, patch: int, multiple: int = 1) -> None:
     raise ValueError(f'labels must be [N, h, w] at latent resolution, got {labels_shape}')
   _, h, w = labels_shape
   if h < patch or w < patch:
-    raise ValueError(f'latent {h}x{w} is smaller than the patch {patch}x{patch} '
-                     f'(image {8 * h}x{8 * w} px < patch {8 * patch} px)')
+    raise ValueError(f'latent {h}x{w} is smaller than the patch {patch}x{patch}')
   if patch % multiple:
     raise ValueError(f'latent patch side {patch} must be a multiple of {multiple} '
                      f'(the U-Net downsamples by {multiple})')
@@ -327,82 +347,3 @@ def image_keys(seed: int | jax.Array, indices) -> jax.Array:
   """[N] keys `fold_in(root, image_index)`: image n is the same in any batch."""
   root = jax.random.key(seed) if isinstance(seed, int) else seed
   return jax.vmap(lambda i: jax.random.fold_in(root, i))(jnp.asarray(indices, jnp.uint32))
-
-
-def image_denoiser(eps_fn, num_classes: int, cond_scale: float) -> Denoiser:
-  """The image model's multi-label guided step (L+1 passes)."""
-  def denoise(params, x, t, labels):
-    return diffusion.multilabel_eps(eps_fn, params, x, t, labels, num_classes=num_classes,
-                                    w=cond_scale)
-  denoise.original_passes = functools.partial(diffusion.original_pass_count,
-                                              num_classes=num_classes, w=cond_scale)
-  return denoise
-
-
-def mask_denoiser(eps_fn, cond_scale: float) -> Denoiser:
-  """The mask model's class-conditioned step; the class is read from the label map."""
-  def denoise(params, x, t, labels):
-    return diffusion.class_eps(eps_fn, params, x, t, labels[:, 0, 0], w=cond_scale)
-  return denoise
-
-
-LATENT_FACTOR = 8  # VAE downsampling: pixels per latent pixel
-
-
-def validate_request(image_hw: tuple[int, int], patch_size: int, steps: int,
-                     unet_multiple: int = 1) -> None:
-  """Clear errors for sizes and S before anything is compiled or run."""
-  h, w = image_hw
-  for name, v in (('image height', h), ('image width', w), ('patch_size', patch_size)):
-    if v <= 0 or v % LATENT_FACTOR:
-      raise ValueError(f'{name} must be a positive multiple of {LATENT_FACTOR}, got {v}')
-  if patch_size > min(h, w):
-    raise ValueError(f'patch_size {patch_size} is larger than the image {h}x{w}')
-  p = patch_size // LATENT_FACTOR
-  if p % unet_multiple:
-    raise ValueError(f'patch_size {patch_size} gives a latent patch of {p}, which the U-Net '
-                     f'cannot take: use a multiple of {LATENT_FACTOR * unet_multiple} pixels')
-  diffusion.time_pairs(steps)
-
-
-def sample_image_latents(unet_config, params, labels, keys, *, patch_size: int, steps: int,
-                         cond_scale: float = 0.0, patches_per_step: int = 1, eta: float = 1.0,
-                         progress_every: int = 0) -> SamplerState:
-  """Samples image-model latents for pixel-resolution label maps.
-
-  Args:
-    unet_config: the image model's `UNetConfig`; params: its params.
-    labels: [N, H, W] int label ids at pixel resolution (H, W multiples of 8).
-    keys: [N] PRNG keys (`image_keys(seed, indices)`).
-  Returns:
-    The final `SamplerState`; `.x` is [N, H/8, W/8, channels].
-  """
-  from tiled_ldm_jax import masks as masks_lib  # pylint: disable=g-import-not-at-top
-  labels = np.asarray(labels)
-  if labels.ndim != 3:
-    raise ValueError(f'labels must be [N, H, W], got shape {labels.shape}')
-  validate_request(labels.shape[1:], patch_size, steps, unet_config.downsample_factor)
-  masks_lib.validate_labels(labels, unet_config.num_classes)
-  latent = masks_lib.latent_labels(labels, LATENT_FACTOR)
-  settings = SamplerSettings(steps=steps, patch=patch_size // LATENT_FACTOR,
-                             patches_per_step=patches_per_step, eta=eta,
-                             progress_every=progress_every, progress_label='image latents')
-  return image_sampler(unet_config, cond_scale, settings).sample(params, keys, latent,
-                                                                 unet_config.channels)
-
-
-@functools.lru_cache(maxsize=16)
-def image_sampler(unet_config, cond_scale: float, settings: SamplerSettings,
-                  mesh=None) -> Sampler:
-  """A cached image-model Sampler: repeated calls reuse its compiled program."""
-  from tiled_ldm_jax.models import unet as unet_lib  # pylint: disable=g-import-not-at-top
-  denoise = image_denoiser(unet_lib.eps_fn(unet_config), unet_config.num_classes, cond_scale)
-  return Sampler(denoise, settings, mesh=mesh)
-
-
-@functools.lru_cache(maxsize=16)
-def mask_sampler(unet_config, cond_scale: float, settings: SamplerSettings,
-                 mesh=None) -> Sampler:
-  """A cached mask-model Sampler."""
-  from tiled_ldm_jax.models import unet as unet_lib  # pylint: disable=g-import-not-at-top
-  return Sampler(mask_denoiser(unet_lib.eps_fn(unet_config), cond_scale), settings, mesh=mesh)

@@ -63,6 +63,22 @@ def make_mesh(n_images: int, patches_per_step: int, devices: int | None = None,
   return Mesh(np.array(pool[:d]), (AXIS,)) if d > 1 else None
 
 
+def put_global(a, sharding):
+  """`a` (the same value on every process) as a global array with `sharding`.
+
+  One process: `device_put`. Several: `device_put` refuses a sharding over devices this
+  process cannot address, so each process builds its own shards from its host copy
+  (typed PRNG keys travel as their key data).
+  """
+  if jax.process_count() == 1:
+    return jax.device_put(a, sharding)
+  if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+    data = put_global(jax.random.key_data(a), sharding)
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(a))
+  host = np.asarray(a)
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 def to_host(x) -> np.ndarray:
   """A (possibly multi-host sharded) array as one numpy array on every process."""
   if jax.process_count() > 1:

@@ -1,0 +1,317 @@
+"""Files on disk from a `Pipeline`: what `scripts/sample_large_image.py` runs (SPEC 5).
+
+For each batch of images: label maps (`--mask`, or the mask model), the image stage, the
+tiled decode (whole for PNG/JPEG, band by band for TIFF), then the writers:
+`sampleNNNN.<ext>` beside `sampleNNNN_mask.png` and `sampleNNNN.json` (provenance and
+figures). Every file is written under a temporary name and renamed when complete
+(`atomic.py`), so an interrupted run leaves nothing that looks whole. With
+`checkpoint_every`, progress is saved under `<imgs_path>/checkpoint` (`resume.py`).
+
+`prepare(cfg)` does every check that can fail (and loads the models) before any
+compute; `run(plan)` generates. Image n of a run uses the keys the `Pipeline` gives
+index n, so it does not depend on the batch it was sampled in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import re
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import numpy as np
+
+from tiled_ldm_jax import atomic
+from tiled_ldm_jax import demo
+from tiled_ldm_jax import masks as masks_lib
+from tiled_ldm_jax import pipeline as pipeline_lib
+from tiled_ldm_jax import resume
+from tiled_ldm_jax import sharding
+from tiled_ldm_jax import writers
+
+FORMATS = ('png', 'jpg', 'tiff')
+_help = pipeline_lib._help  # pylint: disable=protected-access
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig(pipeline_lib.Options):
+  """A run of the command: the `Options` fields plus what and where. Each field is a flag."""
+  unet_ckpt: str | None = _help('Converted image model folder (none of the three: the demo '
+                                'models).')
+  vae_ckpt: str | None = _help('Converted VAE folder.')
+  mask_unet_ckpt: str | None = _help('Converted mask model folder (unless --mask).')
+  mask: str | None = _help('PNG of label ids (any size; resized nearest), or "demo" for the '
+                           'bundled one. Replaces the mask model.')
+  imgs_path: str = _help('Output folder.', './results/large')
+  n_images: int = _help('Images to generate.', 1)
+  batch_size: int = _help('Images sampled together (n_images must be a multiple).', 1)
+  label: int = _help('Class the mask model lays out (ignored with --mask).', 1)
+  image_size: int = _help('Image side in pixels (a multiple of the VAE factor, 8).', 1024)
+  seed: int = _help('Root PRNG seed; image n uses fold_in(seed, n).', 0)
+  output_format: str = _help(f'Image file format: {" | ".join(FORMATS)} (tiff: pyramidal '
+                             'BigTIFF, streamed).', 'png')
+  checkpoint_every: int = _help('Save the sampler state every N iterations under '
+                                'imgs_path/checkpoint (0: off).', 0)
+  resume: bool = _help('Continue the run saved under imgs_path/checkpoint (same flags '
+                       'required).', False)
+  devices: int = _help('Devices to shard the batch/patches over (0: all).', 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What `prepare` checked and loaded; `run` only computes and writes."""
+  cfg: GenerationConfig             # with demo paths and patch sizes resolved
+  options: pipeline_lib.Options
+  pipe: pipeline_lib.Pipeline
+  mask: np.ndarray | None           # [H, W] the given label map, resized
+  hashes: dict[str, str]            # sha256 of each model folder used
+  resume_meta: dict[str, Any] | None
+
+
+def options_of(cfg: GenerationConfig) -> pipeline_lib.Options:
+  return pipeline_lib.Options(**{f.name: getattr(cfg, f.name)
+                                 for f in dataclasses.fields(pipeline_lib.Options)})
+
+
+def _hash_folder(path: str) -> str:
+  """sha256 over the files of a converted model folder (names and bytes)."""
+  h = hashlib.sha256()
+  for root, dirs, files in sorted(os.walk(path)):
+    dirs.sort()
+    for name in sorted(files):
+      full = os.path.join(root, name)
+      h.update(os.path.relpath(full, path).encode())
+      with open(full, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+          h.update(chunk)
+  return h.hexdigest()
+
+
+def _check_writable(path: str) -> None:
+  """The folder exists and is writable, or could be created (nothing is created here)."""
+  probe = os.path.abspath(path)
+  while not os.path.exists(probe):
+    probe = os.path.dirname(probe)
+  if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+    raise ValueError(f'output folder {path} is not writable ({probe} is not a writable '
+                     f'folder)')
+
+
+def next_index(path: str) -> int:
+  """First free sample number: one past the largest `sampleNNNN*` in the folder."""
+  if not os.path.isdir(path):
+    return 0
+  numbers = [int(m[1]) for name in os.listdir(path) if (m := re.match(r'sample(\d+)', name))]
+  return max(numbers, default=-1) + 1
+
+
+def _load_pipeline(cfg: GenerationConfig) -> pipeline_lib.Pipeline:
+  paths = (cfg.unet_ckpt, cfg.vae_ckpt, None if cfg.mask else cfg.mask_unet_ckpt)
+  for flag, path in zip(('unet_ckpt', 'vae_ckpt', 'mask_unet_ckpt'), paths):
+    if path and not os.path.isdir(path):
+      raise ValueError(f'--{flag}: checkpoint folder not found: {path}')
+  if any(paths[:2]) and not cfg.mask and not cfg.mask_unet_ckpt:
+    raise ValueError('give --mask_unet_ckpt or --mask')
+  try:
+    return pipeline_lib.Pipeline.from_pretrained(*paths, devices=cfg.devices)
+  except ValueError as e:
+    if any((cfg.unet_ckpt, cfg.vae_ckpt, cfg.mask_unet_ckpt)):
+      raise
+    raise ValueError(f'{e} (no checkpoint flags given)') from None
+
+
+def prepare(cfg: GenerationConfig) -> Plan:
+  """Every check that can fail, before any compute: flags, models, mask file, output
+  folder, resume. Raises ValueError (one line) or OSError."""
+  if cfg.output_format not in FORMATS:
+    raise ValueError(f'output_format must be one of {FORMATS}, got {cfg.output_format!r}')
+  if cfg.n_images < 1 or cfg.batch_size < 1 or cfg.n_images % cfg.batch_size:
+    raise ValueError(f'n_images ({cfg.n_images}) must be a positive multiple of batch_size '
+                     f'({cfg.batch_size})')
+  if cfg.checkpoint_every < 0:
+    raise ValueError(f'checkpoint_every must be >= 0, got {cfg.checkpoint_every}')
+  if cfg.devices < 0:
+    raise ValueError(f'devices must be >= 0, got {cfg.devices}')
+  if cfg.devices > jax.device_count():
+    raise ValueError(f'--devices: asked for {cfg.devices} devices, JAX sees '
+                     f'{jax.device_count()}')
+  if cfg.mask == 'demo':
+    cfg = dataclasses.replace(cfg, mask=demo.mask_path())
+  pipe = _load_pipeline(cfg)
+  o = pipe.resolve(options_of(cfg))
+  cfg = dataclasses.replace(cfg, patch_size=o.patch_size, mask_patch_size=o.mask_patch_size,
+                            unet_ckpt=pipe.paths['unet'], vae_ckpt=pipe.paths['vae'],
+                            mask_unet_ckpt=pipe.paths.get('mask_unet'))
+  size = (cfg.image_size, cfg.image_size)
+  pipe.check_image_request(size, o)
+  mask = None
+  if cfg.mask:
+    try:
+      mask = masks_lib.resize_labels(masks_lib.read_label_png(cfg.mask), size)
+      pipe.check_labels(mask[None])
+    except (OSError, ValueError) as e:
+      raise ValueError(f'--mask {cfg.mask}: {e}') from None
+  else:
+    pipe.check_mask_request(cfg.image_size, cfg.label, o)
+  _check_writable(cfg.imgs_path)
+  used = {k: v for k, v in pipe.paths.items() if k != 'mask_unet' or mask is None}
+  hashes = {name: _hash_folder(path) for name, path in used.items()}
+  run_ckpt = resume.RunCheckpoint(cfg.imgs_path)
+  meta = None
+  if cfg.resume:
+    if not run_ckpt.exists():
+      raise ValueError(f'--resume: no saved run in {run_ckpt.path}')
+    meta = run_ckpt.check(cfg, hashes)
+  elif run_ckpt.exists():
+    raise ValueError(f'{cfg.imgs_path} holds an unfinished run ({run_ckpt.path}); pass '
+                     f'--resume with the same flags to continue it, or remove that folder')
+  return Plan(cfg, o, pipe, mask, hashes, meta)
+
+
+def _run_stage(smp, params, state, labels, steps: int, every: int, save):
+  """Runs a sampler to the end in chunks of `every` iterations, saving after each."""
+  every = every or None
+  while int(state.times.min()) < steps:       # one host sync per chunk
+    state = smp.run(params, state, labels, max_iterations=every)
+    if every and int(state.times.min()) < steps:
+      save(state)
+  return state
+
+
+def _stats(state) -> dict:
+  return {'patch_iterations': int(state.iterations),
+          'denoiser_evaluations': int(state.evaluations)}
+
+
+def _write_sample(plan: Plan, number: int, z, labels: np.ndarray, record: dict) -> dict:
+  """Decodes one latent (bands for TIFF, whole otherwise) and writes image, mask, JSON."""
+  cfg = plan.cfg
+  if not sharding.is_writer():   # multi-host: process 0 writes
+    return record
+  base = os.path.join(cfg.imgs_path, f'sample{number:04d}')
+  start = time.perf_counter()
+  if cfg.output_format == 'tiff':
+    image_path = base + '.tif'
+    h, w = labels.shape
+    writers.write_tiff(image_path, plan.pipe.iter_decode(z, options=plan.options), (h, w, 3))
+  else:
+    image_path = base + f'.{cfg.output_format}'
+    writers.write_image(image_path, plan.pipe.decode(z[None], options=plan.options)[0])
+  writers.write_labels(writers.mask_path(image_path), labels)
+  record['seconds']['decode_and_write'] = time.perf_counter() - start
+  record['files'] = {'image': os.path.basename(image_path),
+                     'mask': os.path.basename(writers.mask_path(image_path))}
+  with atomic.atomic_path(base + '.json') as tmp:   # last: its presence marks a complete sample
+    with open(tmp, 'w') as f:
+      json.dump(record, f, indent=1, default=str)
+  return record
+
+
+def _fresh(plan: Plan, stage: str, indices):
+  """(sampler, initial state, sampler labels) of a stage (also the template to restore)."""
+  cfg, pipe = plan.cfg, plan.pipe
+  if stage == 'mask':
+    return pipe.mask_stage(plan.options, cfg.image_size, cfg.label, indices, cfg.seed)
+  shape = (len(indices), cfg.image_size, cfg.image_size)
+  return pipe.image_stage(plan.options, np.zeros(shape, np.int32), indices, cfg.seed)
+
+
+def _mask_stage(plan: Plan, indices, state, save):
+  pipe, cfg = plan.pipe, plan.cfg
+  smp, fresh, classes = _fresh(plan, 'mask', indices)
+  state = _run_stage(smp, pipe.mask_unet.params, fresh if state is None else smp.place(state),
+                     classes, cfg.sampling_steps, cfg.checkpoint_every, save)
+  return pipe.labels_from_mask_latents(state.x, cfg.image_size, plan.options), _stats(state)
+
+
+def _image_stage(plan: Plan, labels, indices, state, save):
+  pipe, cfg = plan.pipe, plan.cfg
+  smp, fresh, latent = pipe.image_stage(plan.options, labels, indices, cfg.seed)
+  state = _run_stage(smp, pipe.unet.params, fresh if state is None else smp.place(state),
+                     latent, cfg.sampling_steps, cfg.checkpoint_every, save)
+  return sharding.to_host(state.x), _stats(state)
+
+
+def _record(plan: Plan, number: int, index: int, labels, stats: dict, seconds: dict,
+            flags_used) -> dict:
+  cfg = plan.cfg
+  return {
+      'sample': number, 'image_index': index, 'seed': cfg.seed,
+      'config': dataclasses.asdict(cfg), 'flags': flags_used or {},
+      'checkpoint_sha256': plan.hashes, 'image_size': [cfg.image_size, cfg.image_size],
+      'labels_present': sorted(int(v) for v in np.unique(labels)),
+      'mask_stage': stats.get('mask'), 'image_stage': stats['image'],
+      'batch': {'size': cfg.batch_size, 'stats_are_per_batch': True},
+      'seconds': dict(seconds), 'device': str(jax.devices()[0].device_kind),
+      'tiled_ldm_jax_version': __import__('tiled_ldm_jax').__version__,
+  }
+
+
+def run(plan: Plan, *, flags_used: dict | None = None) -> list[dict]:
+  """Generates `cfg.n_images` images into `cfg.imgs_path`; returns their JSON records."""
+  cfg, meta = plan.cfg, plan.resume_meta
+  run_ckpt = resume.RunCheckpoint(cfg.imgs_path)
+  os.makedirs(cfg.imgs_path, exist_ok=True)
+  first = meta['first_sample'] if meta else next_index(cfg.imgs_path)
+  start_batch = meta['batch_start'] if meta else 0
+  first_stage = 'image' if plan.mask is not None else 'mask'
+  records, total_start = [], time.perf_counter()
+  for b0 in range(start_batch, cfg.n_images, cfg.batch_size):
+    indices = np.arange(b0, b0 + cfg.batch_size)
+    save = functools.partial(run_ckpt.save, cfg=cfg, hashes=plan.hashes, batch_start=b0,
+                             first_sample=first)
+    stage, state, labels, extra = first_stage, None, None, {}
+    if meta is not None and b0 == start_batch:
+      stage = meta['stage']
+      like = _fresh(plan, stage, indices)[1]
+      labels_shape = (len(indices), cfg.image_size, cfg.image_size) \
+          if meta['has_labels'] else None
+      state, labels = run_ckpt.load(like, labels_shape)
+      extra = meta.get('extra', {})
+      logging.info('resuming batch at image %d, %s stage, iteration %d', b0, stage,
+                   meta['iterations'])
+    seconds = dict(extra.get('seconds', {}))
+    stats = {'mask': extra.get('mask_stats')}
+    if plan.mask is not None:
+      labels = np.broadcast_to(plan.mask, (cfg.batch_size,) + plan.mask.shape)
+    elif stage == 'mask':
+      logging.info('images %d-%d: mask stage', b0, indices[-1])
+      start = time.perf_counter()
+      labels, stats['mask'] = _mask_stage(plan, indices, state,
+                                          lambda st: save(stage='mask', state=st))
+      seconds['mask_stage'] = time.perf_counter() - start
+      state = None
+      if cfg.checkpoint_every:   # the image stage starts from here after an interruption
+        save(stage='image', state=_fresh(plan, 'image', indices)[1], labels=labels,
+             extra={'mask_stats': stats['mask'], 'seconds': seconds})
+    logging.info('images %d-%d: image stage', b0, indices[-1])
+    start = time.perf_counter()
+    image_extra = {'mask_stats': stats['mask'], 'seconds': seconds}
+    z, stats['image'] = _image_stage(
+        plan, labels, indices, state,
+        lambda st: save(stage='image', state=st, labels=labels, extra=image_extra))
+    seconds['image_stage'] = time.perf_counter() - start
+    for j, index in enumerate(indices):
+      number = first + int(index)
+      record = _record(plan, number, int(index), labels[j], stats, seconds, flags_used)
+      records.append(_write_sample(plan, number, z[j], labels[j], record))
+      logging.info('wrote sample%04d (%d/%d, %.0f s so far)', number, len(records),
+                   cfg.n_images, time.perf_counter() - total_start)
+    if cfg.checkpoint_every and b0 + cfg.batch_size < cfg.n_images:
+      nxt = indices + cfg.batch_size    # the next batch starts from scratch
+      run_ckpt.save(cfg=cfg, hashes=plan.hashes, batch_start=b0 + cfg.batch_size,
+                    first_sample=first, stage=first_stage,
+                    state=_fresh(plan, first_stage, nxt)[1])
+  run_ckpt.remove()
+  return records
+
+
+def generate(cfg: GenerationConfig, *, flags_used: dict | None = None) -> list[dict]:
+  """`run(prepare(cfg))`."""
+  return run(prepare(cfg), flags_used=flags_used)
