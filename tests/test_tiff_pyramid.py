@@ -112,6 +112,7 @@ def test_tifffile_sees_one_multiscale_series(tmp_path, compression):
       assert first.tags['YCbCrSubSampling'].value == (2, 2)
     else:
       assert first.compression == {'zlib': 8, 'none': 1}[compression]
+      assert first.predictor == (2 if compression == 'zlib' else 1)
       for got, want in zip(levels, reference_pyramid(img, 4)):
         np.testing.assert_array_equal(got.asarray(), want)
 

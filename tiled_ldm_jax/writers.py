@@ -140,9 +140,16 @@ def downsample2x(rows: np.ndarray) -> np.ndarray:
   """uint8 [2n, W, C] -> [n, ceil(W/2), C], rounded 2x2 mean (odd last column doubled)."""
   if rows.shape[1] % 2:
     rows = np.concatenate([rows, rows[:, -1:]], axis=1)
-  n, w2, c = rows.shape[0] // 2, rows.shape[1] // 2, rows.shape[2]
-  s = rows.reshape(n, 2, w2, 2, c).astype(np.uint16).sum(axis=(1, 3))
-  return ((s + 2) // 4).astype(np.uint8)
+  n, w, c = rows.shape
+  # Row pairs, and pixel pairs seen as 2C samples: two contiguous adds (a multi-axis
+  # sum over a strided 5-d view is ~20x slower and was the writers' bottleneck).
+  pairs = rows.reshape(n // 2, 2, w // 2, 2 * c)
+  s = pairs[:, 0].astype(np.uint16)
+  s += pairs[:, 1]
+  s = s[..., :c] + s[..., c:]
+  s += 2
+  s >>= 2
+  return s.astype(np.uint8)
 
 
 class PyramidBuilder:
@@ -259,7 +266,12 @@ def _tile_encoder(compression: str, channels: int, tile: int, jpeg_quality: int)
     return _pad_tile(t, tile).tobytes()
 
   def deflate(t):
-    return zlib.compress(_pad_tile(t, tile).tobytes(), ZLIB_LEVEL)
+    # TIFF horizontal predictor (Predictor 2): each sample minus its left neighbour's,
+    # modulo 256. A third smaller and ~3x faster to deflate on image content.
+    t = _pad_tile(t, tile)
+    d = t.copy()
+    d[:, 1:] -= t[:, :-1]
+    return zlib.compress(d.tobytes(), ZLIB_LEVEL)
 
   # RGB: 4:2:0 chroma subsampling, as written in the YCbCrSubSampling tag (2, 2).
   # Grayscale: libjpeg's 1x1 sampling (libtiff rejects a single component at 2x2).
@@ -375,8 +387,9 @@ def write_tiff(path, bands: Iterable[tuple[int, Any]], shape: Sequence[int], *,
     shape: `(H, W, C)` (C in 1, 3, 4; JPEG: 1 or 3).
     tile: TIFF tile side (a multiple of 16).
     levels: number of levels including level 0; default: halve until one tile.
-    compression: 'jpeg' (Pillow, YCbCr 4:2:0, `jpeg_quality`), 'zlib' or 'none' (None
-      is 'none'); tiles are compressed on `workers` threads.
+    compression: 'jpeg' (Pillow, YCbCr 4:2:0, `jpeg_quality`), 'zlib' (with the
+      horizontal predictor) or 'none' (None is 'none'); tiles are compressed on
+      `workers` threads.
     jpeg_quality: 1..100, for 'jpeg'.
     mpp: microns per pixel of level 0, written as the TIFF resolution (pixels per cm) of
       each level; None writes no resolution.
@@ -422,6 +435,7 @@ def write_tiff(path, bands: Iterable[tuple[int, Any]], shape: Sequence[int], *,
               # tifffile writes YCbCr photometric, this subsampling and
               # ReferenceBlackWhite for RGB JPEG, matching Pillow's 4:2:0 tiles.
               subsampling=(2, 2) if compression == 'jpeg' and channels == 3 else None,
+              predictor=2 if compression == 'zlib' else None,
               extrasamples=('unassalpha',) if channels == 4 else None,
               subfiletype=1 if level else 0, metadata=None, **_resolution(mpp, level))
 
