@@ -19,14 +19,16 @@ import numpy as np
 
 from tiled_ldm_jax import checkpoint
 from tiled_ldm_jax import decode
+from tiled_ldm_jax import geometry
 from tiled_ldm_jax.models import vae
 
 _VAE = flags.DEFINE_string('vae_ckpt', None, 'Converted VAE folder.')
 _SIZE = flags.DEFINE_string('size', '2048', 'Output image side in pixels, or HxW.')
 _PATCH = flags.DEFINE_integer('patch_size', 512, 'Pixel tile side p.')
 _TILE_BATCH = flags.DEFINE_list('tile_batch', ['1', '8'], 'Tile batches to time.')
-_SCALE = flags.DEFINE_float('latent_scale', 50.0, 'Decoder input = latent * latent_scale.')
-_STD = flags.DEFINE_float('random_std', 0.02, 'Std of the random latent.')
+_SCALE = flags.DEFINE_float('latent_scale', None, 'Decoder input = latent * latent_scale '
+                            '(default: the scale stored with the VAE).')
+_STD = flags.DEFINE_float('random_std', None, 'Std of the random latent (default 1 / scale).')
 _BLEND = flags.DEFINE_bool('blend', True, 'False: time the unblended tiled decode.')
 flags.mark_flag_as_required('vae_ckpt')
 
@@ -35,17 +37,18 @@ def main(argv):
   del argv
   _, config, params = checkpoint.load_model(_VAE.value, expect='vae')
   params = jax.device_put(params)
-  f = config.downsample_factor
+  geom = geometry.LatentGeometry.of_vae(config)
+  f, scale = geom.factor, _SCALE.value or geom.scale
   hw = [int(v) for v in _SIZE.value.lower().split('x')]
   h, w = (hw * 2)[:2]
   if h % f or w % f:
     raise app.UsageError(f'size must be a multiple of {f}')
   z = (np.random.default_rng(0).standard_normal((h // f, w // f, config.latent_channels),
-                                                 np.float32) * _STD.value)
+                                                 np.float32) * (_STD.value or 1 / scale))
   fn = vae.decode_fn(config)
   for tb in (int(v) for v in _TILE_BATCH.value):
     s = decode.TiledDecodeSettings(patch_size=_PATCH.value, factor=f, tile_batch=tb,
-                                   latent_scale=_SCALE.value, blend=_BLEND.value)
+                                   latent_scale=scale, blend=_BLEND.value)
     start = time.perf_counter()
     decode.decode_image(fn, params, z[:s.latent_patch], s)
     compile_s = time.perf_counter() - start

@@ -11,7 +11,7 @@ import sys
 from absl import app
 from absl import flags
 
-from tiled_ldm_jax import benchmark
+from tiled_ldm_jax.evaluation import benchmark
 from tiled_ldm_jax import checkpoint
 
 _CKPT = flags.DEFINE_string('unet_ckpt', None, 'Converted image model folder.')

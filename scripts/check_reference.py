@@ -12,7 +12,7 @@ import tempfile
 from absl import app
 from absl import flags
 
-from tiled_ldm_jax import reference_check
+from tiled_ldm_jax.evaluation import reference_check
 
 _REF = flags.DEFINE_string('reference_dir', None, 'Folder laid out like shared/reference.')
 _OUT = flags.DEFINE_string('output_dir', None,

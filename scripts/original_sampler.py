@@ -284,7 +284,7 @@ def time_original(original_repo: str, checkpoint_pt: str, config_json: str,
 def main(argv):
   """Builds the benchmark label map, times the original, prints one JSON line."""
   del argv
-  from tiled_ldm_jax.benchmark import benchmark_label_map  # pylint: disable=g-import-not-at-top
+  from tiled_ldm_jax.evaluation.benchmark import benchmark_label_map  # pylint: disable=g-import-not-at-top
 
   with open(_CONFIG.value) as f:
     num_classes = json.load(f)['unet']['num_classes']

@@ -16,7 +16,7 @@ import json
 from absl import app
 from absl import flags
 
-from tiled_ldm_jax import adherence
+from tiled_ldm_jax.evaluation import adherence
 
 _SAMPLE = flags.DEFINE_string('sample', None, 'Image written by sample_large_image.py.')
 _MASK = flags.DEFINE_string('mask', None, 'Label PNG (default: <sample>_mask.png).')

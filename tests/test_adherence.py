@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tiled_ldm_jax import adherence
+from tiled_ldm_jax.evaluation import adherence
 from tiled_ldm_jax import data
 
 

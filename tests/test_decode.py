@@ -7,6 +7,7 @@ import pytest
 
 from tiled_ldm_jax import convert
 from tiled_ldm_jax import decode
+from tiled_ldm_jax.evaluation import seams
 from tiled_ldm_jax.models import vae
 
 TOL = 1e-4
@@ -217,17 +218,17 @@ def test_batch_uint8_and_errors():
 
 def test_seam_ratio_definition():
   x = np.tile(np.arange(128, dtype=np.float64), (128, 1))         # constant gradient 1
-  assert decode.seam_ratio(x, 32) == pytest.approx(1.0)
-  assert decode.seam_ratio(x, 32, neighbours=None) == pytest.approx(1.0)
+  assert seams.seam_ratio(x, 32) == pytest.approx(1.0)
+  assert seams.seam_ratio(x, 32, neighbours=None) == pytest.approx(1.0)
   step = x + 2.0 * (np.arange(128) // 32)                         # +2 at every x = 32k
   # Boundary lines: 3 vertical (gradient 3), 3 horizontal (0): mean 1.5. Reference lines
   # (+-4 of each): 24 vertical (1), 24 horizontal (0): mean 0.5. Ratio 3.
-  assert decode.seam_ratio(step, 32, neighbours=4) == pytest.approx(3.0)
+  assert seams.seam_ratio(step, 32, neighbours=4) == pytest.approx(3.0)
   # Global reference: 124 vertical lines (1) + 124 horizontal (0): also 0.5.
-  assert decode.seam_ratio(step, 32, neighbours=None) == pytest.approx(3.0)
-  assert decode.seam_ratio(step, 32, offset=16) == pytest.approx(
-      decode.seam_ratio(x, 32, offset=16))
-  assert np.isnan(decode.seam_ratio(x[:16, :16], 32))
+  assert seams.seam_ratio(step, 32, neighbours=None) == pytest.approx(3.0)
+  assert seams.seam_ratio(step, 32, offset=16) == pytest.approx(
+      seams.seam_ratio(x, 32, offset=16))
+  assert np.isnan(seams.seam_ratio(x[:16, :16], 32))
 
 
 def test_seams_blended_vs_unblended(ref):
@@ -235,13 +236,13 @@ def test_seams_blended_vs_unblended(ref):
   unblended 1.638 (random 64x64 latents of the same std: 1.03-1.05 vs 1.72-1.75). The
   blend leaves some structure at boundaries by design (the original's H blend carries
   img_h's vertical seams with weight w(1-w) <= 1/4), hence < 1.15, not == 1."""
-  blended = decode.seam_ratio(ref['out']['blended'], ref['p'])
-  plain = decode.seam_ratio(ref['out']['tiled_no_blend'], ref['p'])
+  blended = seams.seam_ratio(ref['out']['blended'], ref['p'])
+  plain = seams.seam_ratio(ref['out']['tiled_no_blend'], ref['p'])
   assert blended < 1.15, blended
   assert plain > 1.4, plain
   assert plain - 1 > 5 * (blended - 1), (plain, blended)
   # The reference's own arrays score the same.
-  assert decode.seam_ratio(_nhwc(ref['d']['blended']), ref['p']) == pytest.approx(
+  assert seams.seam_ratio(_nhwc(ref['d']['blended']), ref['p']) == pytest.approx(
       blended, abs=1e-3)
 
 
@@ -260,7 +261,7 @@ def test_partition_blend_removes_the_residual_seam_on_the_demo_vae():
   for name, kw in (('plain', dict(blend=False)), ('original', {}),
                    ('partition', dict(blend_mode='partition'))):
     img = decode.decode_image(f, params, z / 50, patch_size=128, tile_batch=4, **kw)
-    ratio[name] = decode.seam_ratio(img, 128)
+    ratio[name] = seams.seam_ratio(img, 128)
   assert ratio['plain'] > 2.5 and ratio['original'] < 1.5, ratio
   assert ratio['partition'] < 1.12, ratio
   assert ratio['partition'] - 1 < 0.5 * (ratio['original'] - 1), ratio

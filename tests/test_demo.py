@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tiled_ldm_jax import adherence
+from tiled_ldm_jax.evaluation import adherence
+from tiled_ldm_jax.evaluation import seams
 from tiled_ldm_jax import checkpoint
-from tiled_ldm_jax import decode
 from tiled_ldm_jax import demo
 from tiled_ldm_jax import masks
 from tiled_ldm_jax import generate
@@ -68,7 +68,7 @@ def test_demo_sample_follows_its_mask(demo_samples, classifier):
 
 
 def test_demo_sample_has_no_seams(demo_samples):
-  ratio = {mode: decode.seam_ratio(img.astype(np.float32) / 255, demo.PATCH_SIZE)
+  ratio = {mode: seams.seam_ratio(img.astype(np.float32) / 255, demo.PATCH_SIZE)
            for mode, (img, _, _) in demo_samples.items()}
   assert ratio['original'] < SEAM_MAX, ratio
   assert ratio['partition'] < SEAM_MAX_PARTITION, ratio

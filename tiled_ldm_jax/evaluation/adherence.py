@@ -131,12 +131,12 @@ def vae_round_trip(vae_config, vae_params) -> Callable[[np.ndarray], np.ndarray]
 def score_sample(img: np.ndarray, labels: np.ndarray, classifier: TextureClassifier,
                  tile: int) -> dict:
   """Mask adherence (see `mask_adherence`) plus the decode's seam ratio at `tile` px."""
-  from tiled_ldm_jax import decode                 # local: keeps this module numpy-light
+  from tiled_ldm_jax.evaluation import seams  # pylint: disable=g-import-not-at-top
   img = np.asarray(img)             # uint8 or [0, 1] float: both measures take either
   if img.shape[:2] != labels.shape:
     raise ValueError(f'image {img.shape[:2]} and mask {labels.shape} differ in size')
   out = mask_adherence(img, labels, classifier)
-  out['seam_ratio'] = float(decode.seam_ratio(img, tile))
+  out['seam_ratio'] = float(seams.seam_ratio(img, tile))
   return out
 
 

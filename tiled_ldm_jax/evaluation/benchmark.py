@@ -103,7 +103,7 @@ def run_sampler_benchmark(config, params, *, image_size: int, patch_size: int, s
   batch = batch_size * patches_per_step
   evaluations = int(state.evaluations)
   calls = evaluations // batch
-  denoiser_seconds = (time_denoiser_calls(config, params, batch, patch_size // 8, calls)
+  denoiser_seconds = (time_denoiser_calls(config, params, batch, patch_size // geom.factor, calls)
                       if time_denoiser else float('nan'))
   return {
       'image_size': image_size, 'patch_size': patch_size, 'steps': steps,

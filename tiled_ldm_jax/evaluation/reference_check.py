@@ -20,6 +20,7 @@ import numpy as np
 from tiled_ldm_jax import checkpoint
 from tiled_ldm_jax import convert
 from tiled_ldm_jax import diffusion
+from tiled_ldm_jax import geometry
 from tiled_ldm_jax import masks as masks_lib
 
 TOL = 1e-4   # float32 outputs of size ~1
@@ -174,7 +175,7 @@ def _blend_cases(ctx: Context) -> Iterator[Case]:
     config, params = ctx.model('vae')
     # The reference z is already divided by 50; the decode multiplies by 50 and clips.
     out = decode.decode_image(vae.decode_fn(config), params, nhwc(d['z']), patch_size=p,
-                              factor=config.downsample_factor, latent_scale=50.0,
+                              factor=config.downsample_factor, latent_scale=geometry.DIFFINFINITE_LATENT_SCALE,
                               clip=(0.0, 1.0), blend=blend)
     return max_err(out, d[key])
 
