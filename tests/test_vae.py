@@ -97,55 +97,68 @@ def test_encode_non_square(small_vae):
   np.testing.assert_allclose(np.asarray(mean0), np.asarray(mean[:1]), atol=1e-5)
 
 
-def _torch_functional_encode(state_dict, config, x_nchw):
-  """An independent torch.nn.functional encoder (the reference data has no encode case);
-  its decoder twin reproduces the diffusers `decoded` reference to ~1e-5."""
-  import torch  # pylint: disable=g-import-not-at-top
-  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
-  w = {k: torch.from_numpy(np.asarray(v)) for k, v in state_dict.items()}
+def _np_conv(x, weight, bias, stride=1, padding=0):
+  """NCHW float64 conv2d with OIHW weights (numpy, an implementation independent of XLA)."""
+  if padding:
+    x = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+  kh, kw = weight.shape[2:]
+  win = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(2, 3))
+  win = win[:, :, ::stride, ::stride]                              # [B, I, H', W', kh, kw]
+  return np.einsum('bihwyx,oiyx->bohw', win, weight) + bias[None, :, None, None]
+
+
+def _numpy_encode(state_dict, config, x_nchw):
+  """An independent numpy encoder in float64 (the reference data has no encode case),
+  written from the diffusers layer layout: NCHW, OIHW weights, as the checkpoint holds."""
+  w = {k: np.asarray(v, np.float64) for k, v in state_dict.items()}
+  silu = lambda v: v / (1 + np.exp(-v))
 
   def gn(x, p):
-    return F.group_norm(x, config.norm_num_groups, w[p + '.weight'], w[p + '.bias'], eps=1e-6)
+    b, c, hh, ww = x.shape
+    g = x.reshape(b, config.norm_num_groups, -1)
+    g = (g - g.mean(-1, keepdims=True)) / np.sqrt(g.var(-1, keepdims=True) + 1e-6)
+    return (g.reshape(b, c, hh, ww) * w[p + '.weight'][None, :, None, None]
+            + w[p + '.bias'][None, :, None, None])
 
   def conv(x, p, **kw):
-    return F.conv2d(x, w[p + '.weight'], w[p + '.bias'], **kw)
+    return _np_conv(x, w[p + '.weight'], w[p + '.bias'], **kw)
 
   def res(x, p):
-    h = conv(F.silu(gn(x, p + '.norm1')), p + '.conv1', padding=1)
-    h = conv(F.silu(gn(h, p + '.norm2')), p + '.conv2', padding=1)
+    h = conv(silu(gn(x, p + '.norm1')), p + '.conv1', padding=1)
+    h = conv(silu(gn(h, p + '.norm2')), p + '.conv2', padding=1)
     return (conv(x, p + '.conv_shortcut') if p + '.conv_shortcut.weight' in w else x) + h
 
   def attn(x, p):
     b, c, hh, ww = x.shape
-    n = gn(x, p + '.group_norm').reshape(b, c, hh * ww).transpose(1, 2)
-    q, k, v = (F.linear(n, w[f'{p}.{s}.weight'], w[f'{p}.{s}.bias'])
-               for s in ('to_q', 'to_k', 'to_v'))
-    o = F.linear(F.scaled_dot_product_attention(q, k, v), w[p + '.to_out.0.weight'],
-                 w[p + '.to_out.0.bias'])
-    return o.transpose(1, 2).reshape(b, c, hh, ww) + x
+    n = gn(x, p + '.group_norm').reshape(b, c, hh * ww).transpose(0, 2, 1)
+    q, k, v = (n @ w[f'{p}.{s}.weight'].T + w[f'{p}.{s}.bias'] for s in ('to_q', 'to_k', 'to_v'))
+    logits = q @ k.transpose(0, 2, 1) / np.sqrt(c)
+    att = np.exp(logits - logits.max(-1, keepdims=True))
+    o = (att / att.sum(-1, keepdims=True)) @ v
+    o = o @ w[p + '.to_out.0.weight'].T + w[p + '.to_out.0.bias']
+    return o.transpose(0, 2, 1).reshape(b, c, hh, ww) + x
 
   n_blocks = len(config.block_out_channels)
-  with torch.no_grad():
-    h = conv(torch.from_numpy(x_nchw), 'encoder.conv_in', padding=1)
-    for i in range(n_blocks):
-      for j in range(config.layers_per_block):
-        h = res(h, f'encoder.down_blocks.{i}.resnets.{j}')
-      if i < n_blocks - 1:
-        h = conv(F.pad(h, (0, 1, 0, 1)), f'encoder.down_blocks.{i}.downsamplers.0.conv',
-                 stride=2)
-    h = res(h, 'encoder.mid_block.resnets.0')
-    h = attn(h, 'encoder.mid_block.attentions.0')
-    h = res(h, 'encoder.mid_block.resnets.1')
-    h = conv(F.silu(gn(h, 'encoder.conv_norm_out')), 'encoder.conv_out', padding=1)
-    mean, logvar = torch.chunk(conv(h, 'quant_conv'), 2, dim=1)
-  return mean.numpy(), logvar.clamp(-30, 20).numpy()
+  h = conv(x_nchw.astype(np.float64), 'encoder.conv_in', padding=1)
+  for i in range(n_blocks):
+    for j in range(config.layers_per_block):
+      h = res(h, f'encoder.down_blocks.{i}.resnets.{j}')
+    if i < n_blocks - 1:   # diffusers pads right/bottom by one before the stride-2 conv
+      h = conv(np.pad(h, ((0, 0), (0, 0), (0, 1), (0, 1))),
+               f'encoder.down_blocks.{i}.downsamplers.0.conv', stride=2)
+  h = res(h, 'encoder.mid_block.resnets.0')
+  h = attn(h, 'encoder.mid_block.attentions.0')
+  h = res(h, 'encoder.mid_block.resnets.1')
+  h = conv(silu(gn(h, 'encoder.conv_norm_out')), 'encoder.conv_out', padding=1)
+  mean, logvar = np.split(conv(h, 'quant_conv'), 2, axis=1)
+  return mean, np.clip(logvar, -30, 20)
 
 
-def test_encode_matches_torch_functional(reference_dir, small_vae):
+def test_encode_matches_numpy_reference(reference_dir, small_vae):
   config, params, _ = small_vae
   _, state_dict = convert.read_diffusers_folder(str(reference_dir / 'vae'))
   x = np.random.default_rng(0).uniform(-1, 1, (2, 3, 48, 64)).astype(np.float32)  # NCHW
-  want_mean, want_logvar = _torch_functional_encode(state_dict, config, x)
+  want_mean, want_logvar = _numpy_encode(state_dict, config, x)
   mean, logvar = jax.jit(vae.encode_fn(config))(params, np.transpose(x, (0, 2, 3, 1)))
   np.testing.assert_allclose(np.transpose(np.asarray(mean), (0, 3, 1, 2)), want_mean, atol=TOL)
   np.testing.assert_allclose(np.transpose(np.asarray(logvar), (0, 3, 1, 2)), want_logvar,
