@@ -14,7 +14,6 @@ latents grows with it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Callable
 
@@ -23,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tiled_ldm_jax import atomic
 from tiled_ldm_jax import checkpoint
 from tiled_ldm_jax import geometry
 from tiled_ldm_jax.models import vae as vae_lib
@@ -111,14 +111,7 @@ def export(cfg: TrainConfig, model_cfg, task: Task, ema_params, export_dir: str,
       params, stats = _normalised_vae(cfg, model_cfg, params, task)
       info.update(stats)
   checkpoint.save_model(export_dir, cfg.task, model_cfg, params)
-  write_json(os.path.join(workdir, 'export.json'), info)
+  atomic.write_json(os.path.join(workdir, 'export.json'), info)
   logging.info('exported EMA params to %s', export_dir)
   return export_dir
 
-
-def write_json(path: str, obj) -> None:
-  """`obj` as JSON at `path`, replaced in one rename (never a partial file)."""
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)

@@ -27,9 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tiled_ldm_jax import atomic
 from tiled_ldm_jax import checkpoint
 from tiled_ldm_jax.models import configs as configs_lib
-from tiled_ldm_jax.training.export import export, write_json
+from tiled_ldm_jax.training.export import export
 from tiled_ldm_jax.training import step as step_lib
 from tiled_ldm_jax.training.config import TrainConfig, WorkdirError, load_config
 from tiled_ldm_jax.training.tasks import Task, make_task
@@ -94,7 +95,7 @@ def _prepare_workdir(cfg: TrainConfig, model_cfg, workdir: str, ckpt_dir: str,
                        'pass resume=True (--resume) to continue it, or use a new workdir')
   if os.path.exists(cfg_path) and latest is not None:
     _check_resume_config(cfg_path, record)
-  write_json(cfg_path, record)
+  atomic.write_json(cfg_path, record)
   return latest
 
 
