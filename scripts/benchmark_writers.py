@@ -41,13 +41,16 @@ class SyntheticBands:
     x = np.arange(width, dtype=np.float32) / cell
     x0 = x.astype(np.int64)
     wx = (x - x0)[None, :, None]
-    coarse_x = coarse[:, x0] * (1 - wx) + coarse[:, x0 + 1] * wx      # [rows/cell+2, W, 3]
-    y = np.arange(rows, dtype=np.float32) / cell
-    y0 = y.astype(np.int64)
-    wy = (y - y0)[:, None, None]
-    img = coarse_x[y0] * (1 - wy) + coarse_x[y0 + 1] * wy
-    img += rng.integers(-6, 7, img.shape)                              # grain
-    self.pool = np.clip(np.rint(img), 0, 255).astype(np.uint8).reshape(pool, band, width, 3)
+    self.pool = np.empty((rows, width, 3), np.uint8)
+    for r0 in range(0, rows, 32):          # 32 rows at a time: small temporaries
+      y = np.arange(r0, min(r0 + 32, rows), dtype=np.float32) / cell
+      y0 = y.astype(np.int64)
+      wy = (y - y0)[:, None, None]
+      c = coarse[y0] * (1 - wy) + coarse[y0 + 1] * wy                 # [n, W/cell+2, 3]
+      img = c[:, x0] * (1 - wx) + c[:, x0 + 1] * wx
+      img += rng.integers(-6, 7, img.shape).astype(np.float32)        # grain
+      self.pool[r0:r0 + len(y)] = np.clip(np.rint(img), 0, 255)
+    self.pool = self.pool.reshape(pool, band, width, 3)
     self.pool_mib = self.pool.nbytes / 2 ** 20
 
   def __iter__(self):
@@ -60,6 +63,7 @@ def run_one(writer: str, size: int, band: int, tile: int, workers: int | None,
   from tiled_ldm_jax import ome_zarr  # pylint: disable=g-import-not-at-top
   from tiled_ldm_jax import writers  # pylint: disable=g-import-not-at-top
   bands = SyntheticBands(size, size, band)
+  rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   shape = (size, size, 3)
   start = time.perf_counter()
   if writer == 'zarr':
@@ -78,6 +82,7 @@ def run_one(writer: str, size: int, band: int, tile: int, workers: int | None,
           'mpix_per_s': round(size * size / 1e6 / seconds, 2),
           'bytes': nbytes, 'bytes_per_megapixel': round(nbytes / (size * size / 1e6)),
           'peak_rss_mib': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+          'peak_rss_before_writing_mib': round(rss_before, 1),
           'workers': workers or writers.default_workers(), 'tile': tile, 'band': band}
 
 
