@@ -15,12 +15,13 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from tiled_ldm_jax import flag_util
 from tiled_ldm_jax import generate
 from tiled_ldm_jax import sharding
-from tiled_ldm_jax import flag_util
 
 _FIELDS = flag_util.define_dataclass_flags(generate.GenerationConfig,
                                            progress_every=50)  # the CLI logs progress
+_CACHE = flag_util.define_compilation_cache_flag()
 flags.DEFINE_string('coordinator_address', None, 'Multi-host: host:port of process 0 '
                     '(GPU hosts; TPU pods and SLURM read the environment).')
 flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
@@ -33,6 +34,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  flag_util.use_compilation_cache(_CACHE.value)
   if FLAGS.distributed or FLAGS.coordinator_address:
     sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                     FLAGS.process_id)

@@ -20,7 +20,7 @@ def local_eps(params, x, t, labels):
 
 def full_image_ddim(keys, labels, steps, eta=0.0):
   n, h, w = labels.shape
-  x = sampler.init_state(keys, (h, w), 4).x
+  x = sampler.init_state(keys, (h, w), 4, 1).x
   sched = diffusion.Schedule()
   for t, tn in diffusion.time_pairs(steps):
     tt, tnn = jnp.full((n,), t), jnp.full((n,), tn)
@@ -54,7 +54,7 @@ def test_each_pixel_takes_exactly_s_steps_and_levels_stay_within_one():
   keys = sampler.image_keys(3, [0, 1])
   smp = sampler.Sampler(local_eps, sampler.SamplerSettings(steps=steps, patch=p,
                                                            patches_per_step=k, eta=1.0))
-  state = sampler.init_state(keys, labels.shape[1:], 4)
+  state = smp.init(keys, labels.shape)
   prev = np.asarray(state.times)
   for _ in range(10_000):
     if prev.min() >= steps:
@@ -142,7 +142,7 @@ def test_chunked_run_equals_uninterrupted():
   whole = smp.sample(A, keys, labels)
   state = smp.init(keys, labels.shape)
   chunks = 0
-  while int(state.times.min()) < 3:
+  while int(state.level.min()) < 3:
     state = smp.run(A, state, labels, max_iterations=4)
     chunks += 1
   assert chunks > 2

@@ -49,12 +49,13 @@ def test_stream_tiff_equals_in_memory_png(small_vae, tmp_path):
   f, params = small_vae
   z = np.random.default_rng(0).normal(size=(1, 27, 21, 4)).astype(np.float32) * 0.02
   labels = (np.arange(216)[:, None] // 50 + np.arange(168)[None] // 60).astype(np.int32)
-  png = writers.write_decoded(tmp_path / 'a.png', f, params, z, labels=labels,
-                              patch_size=64, tile_batch=8)
-  tif = writers.write_decoded(tmp_path / 'a.tif', f, params, z, labels=labels,
-                              patch_size=64, tile_batch=8, tile=64)
-  assert png == [str(tmp_path / 'a.png'), str(tmp_path / 'a_mask.png')]
-  assert tif == [str(tmp_path / 'a.tif'), str(tmp_path / 'a_mask.tif')]
+  settings = decode.TiledDecodeSettings(patch_size=64, tile_batch=8)
+  writers.write_image(tmp_path / 'a.png', decode.decode_image(f, params, z, settings,
+                                                              uint8=True)[0])
+  writers.write_labels(writers.mask_path(tmp_path / 'a.png'), labels)
+  bands = decode.iter_decode_bands(f, params, z, settings, uint8=True)
+  writers.write_tiff(tmp_path / 'a.tif', bands, (216, 168, 3), tile=64, compression='zlib')
+  writers.write_labels(writers.mask_path(tmp_path / 'a.tif'), labels, tile=64)
   img = np.asarray(Image.open(tmp_path / 'a.png'))
   assert img.shape == (216, 168, 3)
   levels = _levels(tmp_path / 'a.tif')

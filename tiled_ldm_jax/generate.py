@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
 import re
 import time
@@ -30,12 +31,13 @@ import numpy as np
 from tiled_ldm_jax import atomic
 from tiled_ldm_jax import demo
 from tiled_ldm_jax import masks as masks_lib
+from tiled_ldm_jax import ome_zarr
 from tiled_ldm_jax import pipeline as pipeline_lib
 from tiled_ldm_jax import resume
 from tiled_ldm_jax import sharding
 from tiled_ldm_jax import writers
 
-FORMATS = ('png', 'jpg', 'tiff')
+FORMATS = ('png', 'jpg', 'tiff', 'zarr')
 _help = pipeline_lib._help  # pylint: disable=protected-access
 
 
@@ -55,7 +57,13 @@ class GenerationConfig(pipeline_lib.Options):
   image_size: int = _help('Image side in pixels (a multiple of the VAE factor, 8).', 1024)
   seed: int = _help('Root PRNG seed; image n uses fold_in(seed, n).', 0)
   output_format: str = _help(f'Image file format: {" | ".join(FORMATS)} (tiff: pyramidal '
-                             'BigTIFF, streamed).', 'png')
+                             'BigTIFF that OpenSlide reads; zarr: OME-Zarr store with a '
+                             'labels group; both streamed band by band).', 'png')
+  tiff_compression: str = _help('TIFF tiles: jpeg | zlib | none (label masks stay '
+                                'lossless).', 'jpeg')
+  jpeg_quality: int = _help('JPEG quality (jpg output and JPEG TIFF tiles), 1-100.', 90)
+  mpp: float | None = _help('Microns per pixel written as the TIFF resolution and OME-Zarr '
+                            'scale (none: no resolution written).')
   checkpoint_every: int = _help('Save the sampler state every N iterations under '
                                 'imgs_path/checkpoint (0: off).', 0)
   resume: bool = _help('Continue the run saved under imgs_path/checkpoint (same flags '
@@ -134,6 +142,13 @@ def prepare(cfg: GenerationConfig) -> Plan:
   if cfg.n_images < 1 or cfg.batch_size < 1 or cfg.n_images % cfg.batch_size:
     raise ValueError(f'n_images ({cfg.n_images}) must be a positive multiple of batch_size '
                      f'({cfg.batch_size})')
+  if cfg.tiff_compression not in writers.TIFF_COMPRESSIONS:
+    raise ValueError(f'tiff_compression must be one of {writers.TIFF_COMPRESSIONS}, got '
+                     f'{cfg.tiff_compression!r}')
+  if not 1 <= cfg.jpeg_quality <= 100:
+    raise ValueError(f'jpeg_quality must be in [1, 100], got {cfg.jpeg_quality}')
+  if cfg.mpp is not None and not (math.isfinite(cfg.mpp) and cfg.mpp > 0):
+    raise ValueError(f'mpp must be a positive finite number, got {cfg.mpp}')
   if cfg.checkpoint_every < 0:
     raise ValueError(f'checkpoint_every must be >= 0, got {cfg.checkpoint_every}')
   if cfg.devices < 0:
@@ -177,9 +192,9 @@ def prepare(cfg: GenerationConfig) -> Plan:
 def _run_stage(smp, params, state, labels, steps: int, every: int, save):
   """Runs a sampler to the end in chunks of `every` iterations, saving after each."""
   every = every or None
-  while int(state.times.min()) < steps:       # one host sync per chunk
+  while int(state.level.min()) < steps:       # one host sync per chunk
     state = smp.run(params, state, labels, max_iterations=every)
-    if every and int(state.times.min()) < steps:
+    if every and int(state.level.min()) < steps:
       save(state)
   return state
 
@@ -196,17 +211,26 @@ def _write_sample(plan: Plan, number: int, z, labels: np.ndarray, record: dict) 
     return record
   base = os.path.join(cfg.imgs_path, f'sample{number:04d}')
   start = time.perf_counter()
-  if cfg.output_format == 'tiff':
+  h, w = labels.shape
+  bands = lambda: plan.pipe.iter_decode(z, options=plan.options)
+  if cfg.output_format == 'zarr':   # labels go into the store's labels/ group
+    image_path = mask_file = base + '.zarr'
+    ome_zarr.write_ome_zarr(image_path, bands(), (h, w, 3), labels=labels, mpp=cfg.mpp)
+    mask_file += '/labels'
+  elif cfg.output_format == 'tiff':
     image_path = base + '.tif'
-    h, w = labels.shape
-    writers.write_tiff(image_path, plan.pipe.iter_decode(z, options=plan.options), (h, w, 3))
+    writers.write_tiff(image_path, bands(), (h, w, 3), compression=cfg.tiff_compression,
+                       jpeg_quality=cfg.jpeg_quality, mpp=cfg.mpp)
   else:
     image_path = base + f'.{cfg.output_format}'
-    writers.write_image(image_path, plan.pipe.decode(z[None], options=plan.options)[0])
-  writers.write_labels(writers.mask_path(image_path), labels)
+    writers.write_image(image_path, plan.pipe.decode(z[None], options=plan.options)[0],
+                        quality=cfg.jpeg_quality)
+  if cfg.output_format != 'zarr':
+    mask_file = writers.mask_path(image_path)
+    writers.write_labels(mask_file, labels)
   record['seconds']['decode_and_write'] = time.perf_counter() - start
   record['files'] = {'image': os.path.basename(image_path),
-                     'mask': os.path.basename(writers.mask_path(image_path))}
+                     'mask': os.path.relpath(mask_file, cfg.imgs_path)}
   with atomic.atomic_path(base + '.json') as tmp:   # last: its presence marks a complete sample
     with open(tmp, 'w') as f:
       json.dump(record, f, indent=1, default=str)

@@ -37,10 +37,15 @@ from tiled_ldm_jax import diffusion
 from tiled_ldm_jax import geometry
 from tiled_ldm_jax import masks as masks_lib
 from tiled_ldm_jax import sampler as sampler_lib
+from tiled_ldm_jax import schedules
 from tiled_ldm_jax import sharding
 from tiled_ldm_jax.models import unet as unet_lib
 from tiled_ldm_jax.models import vae as vae_lib
 
+DTYPES = ('float32', 'bfloat16')
+# Grid schedule: default window batch = all windows of a level, capped at this many latent
+# pixels per U-Net call (e.g. 256 demo windows of 16^2, 16 full-size windows of 64^2).
+GRID_BATCH_PIXELS = 1 << 16
 MASK_DOWNSCALE = 4       # the mask model works at a quarter of the image size
 DEFAULT_PATCH_SIZE = 512  # image-model patch of the released DiffInfinite models (pixels)
 
@@ -59,8 +64,18 @@ class Options:
                                  '128 with the demo models).')
   mask_patch_size: int | None = _help('Mask model patch and decode tile, pixels (default '
                                       '128).')
-  patches_per_step: int = _help('K non-overlapping patches per image per sampler '
-                                'iteration.', 1)
+  patches_per_step: int | None = _help(
+      'K patches (windows) per image per sampler iteration (default: 1 for random; for '
+      'grid all windows of a level, at most GRID_BATCH_PIXELS latent pixels per call).')
+  schedule: str = _help("Patch placement: 'random' (the original's distribution) or "
+                        "'grid' (shifted non-overlapping windows, ~1 evaluation per pixel "
+                        "and step; schedules.py).", 'random')
+  grid_margin: int = _help('Grid: pixels of context on each side of a window that the '
+                           'model sees but that are not written (multiple of the latent '
+                           'factor; the window advances patch - 2 margin).', 0)
+  dtype: str = _help('Compute dtype of the U-Nets and the VAE: float32 or bfloat16 '
+                     '(params, norms, softmax, DDIM and the sampler state stay float32).',
+                     'float32')
   eta: float = _help('DDIM eta (0: deterministic given the initial noise).', 1.0)
   tile_batch: int = _help('VAE tiles per decoder call.', 4)
   blend_mode: str = _help("Tiled decode blend: 'original' (the original's, parity) or "
@@ -74,9 +89,17 @@ class Options:
         raise ValueError(f'{name} must be a finite number, got {value!r}')
     if self.eta < 0:
       raise ValueError(f'eta must be >= 0, got {self.eta}')
-    for name in ('patches_per_step', 'tile_batch'):
-      if getattr(self, name) < 1:
-        raise ValueError(f'{name} must be >= 1, got {getattr(self, name)}')
+    if self.tile_batch < 1:
+      raise ValueError(f'tile_batch must be >= 1, got {self.tile_batch}')
+    if self.patches_per_step is not None and self.patches_per_step < 1:
+      raise ValueError(f'patches_per_step must be >= 1, got {self.patches_per_step}')
+    if self.schedule not in sampler_lib.SCHEDULES:
+      raise ValueError(f'schedule must be one of {sampler_lib.SCHEDULES}, got '
+                       f'{self.schedule!r}')
+    if self.grid_margin < 0:
+      raise ValueError(f'grid_margin must be >= 0, got {self.grid_margin}')
+    if self.dtype not in DTYPES:
+      raise ValueError(f'dtype must be one of {DTYPES}, got {self.dtype!r}')
     if self.progress_every < 0:
       raise ValueError(f'progress_every must be >= 0, got {self.progress_every}')
     diffusion.time_pairs(self.sampling_steps)          # 1 <= S <= T
@@ -139,7 +162,7 @@ class Pipeline:
     self.devices = devices
     self.paths = dict(paths or {})
     self._samplers: dict[Any, sampler_lib.Sampler] = {}
-    self._decode = vae_lib.decode_fn(vae.config)
+    self._decoders = {}
 
   @classmethod
   def from_pretrained(cls, unet: str | None = None, vae: str | None = None,
@@ -179,6 +202,7 @@ class Pipeline:
     """ValueError for an image size or patch the image model cannot take."""
     _check_patch(self.geometry, image_hw, o.patch_size, self.unet.config.downsample_factor,
                  'patch_size')
+    _check_margin(self.geometry, o.grid_margin, o.patch_size, 'patch_size')
 
   def check_mask_request(self, image_size: int, label: int, o: Options) -> None:
     if self.mask_unet is None:
@@ -189,6 +213,8 @@ class Pipeline:
     msize = mask_size(image_size, self.geometry.factor)
     _check_patch(self.geometry, (msize, msize), self._mask_patch(msize, o),
                  self.mask_unet.config.downsample_factor, 'mask stage: mask_patch_size')
+    _check_margin(self.geometry, o.grid_margin, self._mask_patch(msize, o),
+                  'mask stage: mask_patch_size')
 
   def check_labels(self, labels: np.ndarray) -> np.ndarray:
     labels = np.asarray(labels)
@@ -202,27 +228,42 @@ class Pipeline:
 
   # ------------------------------------------------------------------------- samplers
 
-  def _sampler(self, which: str, o: Options, patch_px: int, n_images: int):
-    key = (which, o.sampling_steps, o.patches_per_step, o.eta, o.progress_every,
-           o.cond_scale if which == 'image' else o.mask_cond_scale, patch_px, n_images)
+  def _sampler(self, which: str, o: Options, patch_px: int, latent_hw, n_images: int):
+    """The compiled sampler of a stage (cached: one instance per settings and batch)."""
+    f = self.geometry.factor
+    patch, margin = patch_px // f, self.geometry.latent_size(o.grid_margin, 'grid_margin') \
+        if o.grid_margin else 0
+    k = self.patches_per_step(o, patch, margin, latent_hw)
+    key = (which, o.sampling_steps, k, o.eta, o.progress_every, o.schedule, margin, o.dtype,
+           o.cond_scale if which == 'image' else o.mask_cond_scale, patch, n_images)
     if key not in self._samplers:
       model = self.unet if which == 'image' else self.mask_unet
-      eps = unet_lib.eps_fn(model.config)
+      eps = unet_lib.eps_fn(dataclasses.replace(model.config, dtype=o.dtype))
       denoise = (denoisers.image_denoiser(eps, model.config.num_classes, o.cond_scale)
                  if which == 'image' else denoisers.mask_denoiser(eps, o.mask_cond_scale))
       settings = sampler_lib.SamplerSettings(
-          steps=o.sampling_steps, patch=patch_px // self.geometry.factor,
-          patches_per_step=o.patches_per_step, eta=o.eta, progress_every=o.progress_every,
-          progress_label=f'{which} stage')
-      mesh = sharding.make_mesh(n_images, o.patches_per_step, self.devices)
+          steps=o.sampling_steps, patch=patch, patches_per_step=k, eta=o.eta,
+          progress_every=o.progress_every, progress_label=f'{which} stage',
+          schedule=o.schedule, grid_margin=margin)
+      mesh = sharding.make_mesh(n_images, k, self.devices)
       self._samplers[key] = sampler_lib.Sampler(denoise, settings, mesh, n_images)
     return self._samplers[key]
+
+  @staticmethod
+  def patches_per_step(o: Options, patch: int, margin: int, latent_hw) -> int:
+    """K: as given; else 1 (random) or every window of a level up to GRID_BATCH_PIXELS."""
+    if o.patches_per_step:
+      return o.patches_per_step
+    if o.schedule == 'random':
+      return 1
+    n_r, n_c = schedules.grid_cells(*latent_hw, patch - 2 * margin)
+    return max(1, min(n_r * n_c, GRID_BATCH_PIXELS // patch ** 2))
 
   def mask_stage(self, o: Options, image_size: int, label: int, indices, seed: int):
     """(sampler, initial state, class map) of the mask stage for images `indices`."""
     msize = mask_size(image_size, self.geometry.factor)
     side = msize // self.geometry.factor
-    smp = self._sampler('mask', o, self._mask_patch(msize, o), len(indices))
+    smp = self._sampler('mask', o, self._mask_patch(msize, o), (side, side), len(indices))
     classes = np.full((len(indices), side, side), label, np.int32)
     state = smp.init(_stage_keys(seed, indices, 0), classes.shape,
                      self.mask_unet.config.channels)
@@ -231,7 +272,7 @@ class Pipeline:
   def image_stage(self, o: Options, labels: np.ndarray, indices, seed: int):
     """(sampler, initial state, latent label map) of the image stage."""
     latent = masks_lib.latent_labels(labels, self.geometry.factor)
-    smp = self._sampler('image', o, o.patch_size, len(indices))
+    smp = self._sampler('image', o, o.patch_size, latent.shape[1:], len(indices))
     state = smp.init(_stage_keys(seed, indices, 1), latent.shape, self.unet.config.channels)
     return smp, state, latent
 
@@ -242,7 +283,7 @@ class Pipeline:
     settings = self._decode_settings(o, self._mask_patch(msize, o))
     out = []
     for zi in sharding.to_host(z):
-      img = decode_lib.decode_image(self._decode, self.vae.params, zi, settings)
+      img = decode_lib.decode_image(self._decoder(o), self.vae.params, zi, settings)
       q = masks_lib.quantize_mask_image(img, num_labels)
       out.append(masks_lib.clean_mask(q, num_labels, (image_size, image_size)))
     return np.stack(out)
@@ -282,6 +323,12 @@ class Pipeline:
 
   # ------------------------------------------------------------------------- decode
 
+  def _decoder(self, o: Options):
+    if o.dtype not in self._decoders:
+      self._decoders[o.dtype] = vae_lib.decode_fn(
+          dataclasses.replace(self.vae.config, dtype=o.dtype))
+    return self._decoders[o.dtype]
+
   def _decode_settings(self, o: Options, patch_px: int) -> decode_lib.TiledDecodeSettings:
     return decode_lib.TiledDecodeSettings(
         patch_size=patch_px, factor=self.geometry.factor, tile_batch=o.tile_batch,
@@ -291,7 +338,7 @@ class Pipeline:
                   ) -> Iterator[tuple[int, np.ndarray]]:
     """One latent [h, w, C] -> `(row_start, uint8 rows [r, W, 3])` bands (bounded memory)."""
     o = self.resolve(options, **overrides)
-    return decode_lib.iter_decode_bands(self._decode, self.vae.params, latent,
+    return decode_lib.iter_decode_bands(self._decoder(o), self.vae.params, latent,
                                         self._decode_settings(o, o.patch_size), uint8=True)
 
   def decode(self, latents, *, options: Options | None = None, **overrides) -> np.ndarray:
@@ -301,7 +348,7 @@ class Pipeline:
     if latents.ndim != 4:
       raise ValueError(f'latents must be [N, h, w, C], got shape {latents.shape}')
     settings = self._decode_settings(o, o.patch_size)
-    return np.stack([decode_lib.decode_image(self._decode, self.vae.params, z, settings,
+    return np.stack([decode_lib.decode_image(self._decoder(o), self.vae.params, z, settings,
                                              uint8=True) for z in latents])
 
   # ------------------------------------------------------------------------- all stages
@@ -343,3 +390,10 @@ def _check_patch(geom: geometry.LatentGeometry, image_hw, patch_px: int, unet_mu
   if p % unet_multiple:
     raise ValueError(f'{what} {patch_px} gives a latent patch of {p}, which the U-Net '
                      f'cannot take: use a multiple of {geom.factor * unet_multiple} pixels')
+
+
+def _check_margin(geom: geometry.LatentGeometry, margin_px: int, patch_px: int, what: str):
+  if margin_px:
+    geom.latent_size(margin_px, 'grid_margin')
+  if 2 * margin_px >= patch_px:
+    raise ValueError(f'grid_margin {margin_px} must be less than half of {what} {patch_px}')

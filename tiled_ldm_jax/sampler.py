@@ -11,9 +11,17 @@ Hence `max(times) - min(times) <= 1` always, and every pixel takes exactly S ste
 Fixes of the original (SPEC 3): the loop runs until every pixel has taken all S steps
 (the final step to x0 included); the lower-level copy starts equal to `x`.
 
-Randomness: image n uses only `keys[n]`: its initial noise from `fold_in(key, 0)`, and
-for its i-th iteration `fold_in(fold_in(key, 1), i)`, split by `fold_in` per patch slot.
-So an image does not depend on the other images of its batch.
+Where the patches go is the schedule's business (`schedules.py`): 'random' (the
+original's distribution, kept with per-block counts so that an iteration costs
+O(K^2 P^2 + (h/P)(w/P)), not O(h w)) or 'grid' (a shifted grid of windows per level,
+about one evaluation per pixel and step). Level and termination come from per-image
+counters, never from a reduction over the latent.
+
+Randomness: image n uses only `keys[n]`: its initial noise from `fold_in(key, 0)`; random
+schedule: for its i-th iteration `fold_in(fold_in(key, 1), i)`, split by `fold_in` per
+patch slot; grid: the offset of level L from `fold_in(fold_in(key, 2), L)` and the DDIM
+noise of window j from `fold_in(fold_in(fold_in(key, 3), L), j)`. So an image does not
+depend on the other images of its batch (nor, on the grid, on K or the device count).
 """
 
 from __future__ import annotations
@@ -30,7 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from tiled_ldm_jax import diffusion
+from tiled_ldm_jax import schedules
 from tiled_ldm_jax import sharding as sharding_lib
+
+SCHEDULES = ('random', 'grid')
 
 # `(params, x [B,P,P,C], t [B], labels [B,P,P]) -> (eps [B,P,P,C], samples evaluated)`.
 # Built by `denoisers.py` from a model's eps function; the sampler never imports a model.
@@ -41,8 +52,15 @@ Denoiser = Callable[..., tuple[jax.Array, jax.Array]]
 class SamplerState:
   """The while-loop carry. N images, latent h x w with C channels."""
   x: jax.Array            # [N, h, w, C] float32: current value of every latent pixel
-  x_low: jax.Array        # [N, h, w, C] float32: value one level lower (read for pixels ahead)
+  x_low: jax.Array        # [N, h, w, C] float32: random: value one level lower (read for
+                          # pixels ahead); grid: the second buffer (levels alternate
+                          # reading x / x_low and writing the other)
   times: jax.Array        # [N, h, w] int32: DDIM steps each pixel has taken (0..S)
+  level: jax.Array        # [N] int32: the image's lowest level (grid: its current level)
+  remaining: jax.Array    # [N] int32: random: pixels still at `level`; grid: window
+                          # batches of the level already done
+  counts: jax.Array       # [N, bh, bw] int32: random: lowest-level pixels per P x P block
+                          # (`schedules.block_sizes` layout); grid: unused
   keys: jax.Array         # [N] typed PRNG keys, one per image
   image_iters: jax.Array  # [N] int32: iterations in which the image advanced patches
   iterations: jax.Array   # [] int32: loop iterations (one batch of N*K patches each)
@@ -59,9 +77,16 @@ class SamplerSettings:
   eta: float = 1.0            # DDIM eta (0: deterministic)
   progress_every: int = 0     # log progress every N iterations (0: silent)
   progress_label: str = 'sampling'
+  schedule: str = 'random'    # 'random' (the original's) or 'grid' (schedules.py)
+  grid_margin: int = 0        # grid: latent pixels of context each side, not written
 
   def __post_init__(self):
     diffusion.time_pairs(self.steps)  # validates S
+    if self.schedule not in SCHEDULES:
+      raise ValueError(f'schedule must be one of {SCHEDULES}, got {self.schedule!r}')
+    if self.grid_margin < 0 or 2 * self.grid_margin >= self.patch:
+      raise ValueError(f'grid_margin must be in [0, patch/2) = [0, {-(-self.patch // 2)}) '
+                       f'latent pixels, got {self.grid_margin}')
     if self.patch < 1:
       raise ValueError(f'patch side must be >= 1 latent pixel, got {self.patch}')
     if self.patches_per_step < 1:
@@ -76,43 +101,40 @@ def _copy_keys(keys):
                                   impl=jax.random.key_impl(keys))
 
 
-def init_state(keys: jax.Array, shape: tuple[int, int], channels: int) -> SamplerState:
-  """x ~ N(0, 1) per image from `fold_in(key, 0)`; x_low = x; times = 0."""
+def init_state(keys: jax.Array, shape: tuple[int, int], channels: int,
+               patch: int, schedule: str = 'random') -> SamplerState:
+  """x ~ N(0, 1) per image from `fold_in(key, 0)`; x_low = x; times = 0; level 0."""
   h, w = shape
   x = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), (h, w, channels)))(keys)
   n = keys.shape[0]
   zero = lambda: jnp.zeros((), jnp.int32)  # distinct buffers: step_patch donates the state
+  sizes = schedules.block_sizes(h, w, patch)
   return SamplerState(x=x, x_low=jnp.copy(x), times=jnp.zeros((n, h, w), jnp.int32),
-                      keys=_copy_keys(keys), image_iters=jnp.zeros((n,), jnp.int32), iterations=zero(),
-                      patches=zero(), evaluations=zero())
-
-
-def _choose_patches(times, key, patch: int, k_slots: int):
-  """Top-left corners [K, 2] and validity [K] of up to K non-overlapping patches.
-
-  Slot k draws uniformly among lowest-level pixels whose clamped patch does not overlap
-  the patches of slots < k; a slot with no such pixel is invalid.
-  """
-  h, w = times.shape
-  eligible = times == times.min()
-  ys = jnp.clip(jnp.arange(h) - patch // 2, 0, h - patch)     # patch row of a centre row
-  xs = jnp.clip(jnp.arange(w) - patch // 2, 0, w - patch)
-  corners, valid = [], []
-  for k in range(k_slots):
-    score = jnp.where(eligible, jax.random.uniform(jax.random.fold_in(key, k), (h, w)), -1.0)
-    idx = jnp.argmax(score)
-    ok = score.reshape(-1)[idx] >= 0
-    cy, cx = ys[idx // w], xs[idx % w]
-    overlap = (jnp.abs(ys - cy) < patch)[:, None] & (jnp.abs(xs - cx) < patch)[None, :]
-    eligible = eligible & ~(overlap & ok)
-    corners.append(jnp.stack([cy, cx]))
-    valid.append(ok)
-  return jnp.stack(corners), jnp.stack(valid)
+                      level=jnp.zeros((n,), jnp.int32),
+                      remaining=jnp.full((n,), h * w if schedule == 'random' else 0,
+                                         jnp.int32),
+                      counts=jnp.broadcast_to(sizes, (n,) + sizes.shape).copy(),
+                      keys=_copy_keys(keys), image_iters=jnp.zeros((n,), jnp.int32),
+                      iterations=zero(), patches=zero(), evaluations=zero())
 
 
 def _crop(a, corner, patch):  # [h, w, ...] -> [P, P, ...]
   start = (corner[0], corner[1]) + (0,) * (a.ndim - 2)
   return jax.lax.dynamic_slice(a, start, (patch, patch) + a.shape[2:])
+
+
+def _paste_all(a, values, corners, masks, *, patch: int):
+  """Writes patch k of `values` [K, P, P, ...] at corners[k] where masks[k] (broadcast
+  to the patch; e.g. [K, 1, 1] per slot or [K, P, P] per pixel).
+
+  No two slots' masks share a pixel, but their windows may overlap (an idle slot's, or
+  grid windows with a margin), so each writes back what is there now elsewhere, not its
+  stale crop."""
+  for k in range(corners.shape[0]):
+    keep = _crop(a, corners[k], patch)
+    m = jnp.reshape(masks[k], masks[k].shape + (1,) * (keep.ndim - masks[k].ndim))
+    a = _paste(a, corners[k], jnp.where(m, values[k], keep))
+  return a
 
 
 def _paste(a, corner, value):
@@ -174,19 +196,40 @@ class Sampler:
   # --------------------------------------------------------------------------- one step
 
   def _step_patch(self, params, state: SamplerState, labels) -> SamplerState:
-    """Advances up to K patches of every unfinished image by one step at its level.
+    """One iteration: up to K patches (windows) of every unfinished image advance a step.
 
     labels: [N, h, w] int label ids at latent resolution.
     """
+    if self.settings.schedule == 'grid':
+      return self._step_grid(params, state, labels)
+    return self._step_random(params, state, labels)
+
+  def _denoise_patches(self, params, model_in, lab_p, valid, level, noise):
+    """DDIM step at each image's `level` for patches [N, K, P, P, C]; (new, evaluations)."""
     s = self.settings
-    p, k_slots, n_steps = s.patch, s.patches_per_step, s.steps
-    n = state.x.shape[0]
-    level = state.times.reshape(n, -1).min(axis=1)                      # [N]
-    active = level < n_steps
+    n, k_slots = valid.shape
+    pair = jnp.asarray(self.pairs)[jnp.minimum(level, s.steps - 1)]      # [N, 2]
+    t_cur = jnp.broadcast_to(pair[:, None, 0], (n, k_slots)).reshape(-1)
+    t_next = jnp.broadcast_to(pair[:, None, 1], (n, k_slots)).reshape(-1)
+    flat = lambda a: a.reshape((n * k_slots,) + a.shape[2:])
+    lab_in = jnp.where(valid[:, :, None, None], lab_p, 0)               # idle slots: cheap
+    b_x, b_t, b_tn, b_lab, b_noise = self._constrain_patches(
+        flat(model_in), t_cur, t_next, flat(lab_in), flat(noise))
+    eps, evals = self.denoise(params, b_x, b_t, b_lab)
+    new = diffusion.ddim_step(self.schedule, b_x, eps, b_t, b_tn, b_noise, s.eta)
+    return new.reshape(model_in.shape), jnp.asarray(evals, jnp.int32)
+
+  def _step_random(self, params, state: SamplerState, labels) -> SamplerState:
+    s = self.settings
+    p, k_slots = s.patch, s.patches_per_step
+    n, h, w = state.times.shape
+    level = state.level                                                 # [N]
+    active = level < s.steps
     it_keys = jax.vmap(lambda k, i: jax.random.fold_in(jax.random.fold_in(k, 1), i))(
         state.keys, state.image_iters)
-    corners, valid = jax.vmap(functools.partial(_choose_patches, patch=p, k_slots=k_slots))(
-        state.times, it_keys)                                           # [N, K, 2], [N, K]
+    corners, _, valid = jax.vmap(functools.partial(
+        schedules.choose_random, patch=p, k_slots=k_slots))(
+            state.times, state.counts, level, it_keys)                  # [N, K, 2], [N, K]
     valid = valid & active[:, None]
 
     crop = jax.vmap(jax.vmap(functools.partial(_crop, patch=p), (None, 0)), (0, 0))
@@ -194,53 +237,103 @@ class Sampler:
                                                          labels))     # [N, K, P, P, ...]
     behind = t_p == level[:, None, None, None]                          # at the lowest level
     model_in = jnp.where(behind[..., None], x_p, low_p)
-    pair = jnp.asarray(self.pairs)[jnp.minimum(level, n_steps - 1)]     # [N, 2]
-    t_cur = jnp.broadcast_to(pair[:, None, 0], (n, k_slots)).reshape(-1)
-    t_next = jnp.broadcast_to(pair[:, None, 1], (n, k_slots)).reshape(-1)
     noise = jax.vmap(lambda key: jax.vmap(
         lambda j: jax.random.normal(jax.random.fold_in(key, k_slots + j), x_p.shape[2:]))(
             jnp.arange(k_slots)))(it_keys)                              # [N, K, P, P, C]
-
-    flat = lambda a: a.reshape((n * k_slots,) + a.shape[2:])
-    lab_in = jnp.where(valid[:, :, None, None], lab_p, 0)               # idle slots: cheap
-    b_x, b_t, b_tn, b_lab, b_noise = self._constrain_patches(
-        flat(model_in), t_cur, t_next, flat(lab_in), flat(noise))
-    eps, evals = self.denoise(params, b_x, b_t, b_lab)
-    new = diffusion.ddim_step(self.schedule, b_x, eps, b_t, b_tn, b_noise,
-                              s.eta).reshape(x_p.shape)
+    new, evals = self._denoise_patches(params, model_in, lab_p, valid, level, noise)
 
     write = behind & valid[:, :, None, None]                            # [N, K, P, P]
-    x_out = jnp.where(write[..., None], new, x_p)
-    low_out = jnp.where(write[..., None], x_p, low_p)
-    t_out = t_p + write.astype(jnp.int32)
-
-    def paste_all(a, values, corners, valid):
-      # Valid slots never overlap; an invalid slot's window may overlap a valid one, so
-      # it writes back what is there now, not its stale crop.
-      for k in range(k_slots):
-        keep = _crop(a, corners[k], p)
-        a = _paste(a, corners[k], jnp.where(valid[k], values[k], keep))
-      return a
-    paste = jax.vmap(paste_all)
+    paste = jax.vmap(functools.partial(_paste_all, patch=p))
+    counts = jax.vmap(functools.partial(schedules.update_counts, patch=p))(
+        state.counts, corners, write)
+    remaining = state.remaining - write.sum(axis=(1, 2, 3)).astype(jnp.int32)
+    next_level = active & (remaining == 0)     # every pixel is now one level up
+    sizes = schedules.block_sizes(h, w, p)
+    slot = valid[:, :, None, None]
     return state.replace(
-        x=paste(state.x, x_out, corners, valid),
-        x_low=paste(state.x_low, low_out, corners, valid),
-        times=paste(state.times, t_out, corners, valid),
+        x=paste(state.x, jnp.where(write[..., None], new, x_p), corners, slot),
+        x_low=paste(state.x_low, jnp.where(write[..., None], x_p, low_p), corners, slot),
+        times=paste(state.times, t_p + write.astype(jnp.int32), corners, slot),
+        level=level + next_level.astype(jnp.int32),
+        remaining=jnp.where(next_level, h * w, remaining),
+        counts=jnp.where(next_level[:, None, None], sizes, counts),
         image_iters=state.image_iters + active.astype(jnp.int32),
         iterations=state.iterations + 1,
         patches=state.patches + valid.sum().astype(jnp.int32),
-        evaluations=state.evaluations + jnp.asarray(evals, jnp.int32))
+        evaluations=state.evaluations + evals)
+
+  def grid_shape(self, h: int, w: int) -> tuple[int, int]:
+    """(cells per level, iterations per level) of the grid schedule on an h x w latent."""
+    s = self.settings
+    n_r, n_c = schedules.grid_cells(h, w, s.patch - 2 * s.grid_margin)
+    return n_r * n_c, -(-(n_r * n_c) // s.patches_per_step)
+
+  def _step_grid(self, params, state: SamplerState, labels) -> SamplerState:
+    s = self.settings
+    p, k_slots, m = s.patch, s.patches_per_step, s.grid_margin
+    n, h, w = state.times.shape
+    n_cells, per_level = self.grid_shape(h, w)
+    level, batch = state.level, state.remaining                         # [N] each
+    active = level < s.steps
+    offsets = jax.vmap(lambda k, lv: jax.random.randint(
+        jax.random.fold_in(jax.random.fold_in(k, 2), lv), (2,), 0, p - 2 * m))(
+            state.keys, level)                                          # [N, 2]
+    index = batch[:, None] * k_slots + jnp.arange(k_slots)[None, :]     # [N, K]
+    corners, rects = jax.vmap(functools.partial(
+        schedules.grid_windows, h=h, w=w, patch=p, margin=m))(index, offsets)
+    valid = ((index < n_cells) & (rects[..., 0] < rects[..., 1])
+             & (rects[..., 2] < rects[..., 3]) & active[:, None])
+    odd = (level % 2 == 1)[:, None, None, None, None]                   # read x_low, write x
+    crop = jax.vmap(jax.vmap(functools.partial(_crop, patch=p), (None, 0)), (0, 0))
+    x_p, low_p, t_p, lab_p = (crop(a, corners) for a in (state.x, state.x_low, state.times,
+                                                         labels))
+    model_in = jnp.where(odd, low_p, x_p)
+    noise = jax.vmap(lambda key, lv, idx: jax.vmap(lambda j: jax.random.normal(
+        jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, 3), lv), j),
+        x_p.shape[2:]))(idx))(state.keys, level, index)                 # [N, K, P, P, C]
+    new, evals = self._denoise_patches(params, model_in, lab_p, valid, level, noise)
+
+    rows = corners[..., 0, None] + jnp.arange(p)                        # [N, K, P]
+    cols = corners[..., 1, None] + jnp.arange(p)
+    inside = lambda v, lo, hi: (v >= lo[..., None]) & (v < hi[..., None])
+    write = (inside(rows, rects[..., 0], rects[..., 1])[..., :, None]
+             & inside(cols, rects[..., 2], rects[..., 3])[..., None, :]
+             & valid[..., None, None])                                  # [N, K, P, P]
+    paste = jax.vmap(functools.partial(_paste_all, patch=p))
+    to_x = write & odd[..., 0]
+    to_low = write & ~odd[..., 0]
+    done = active & (batch + 1 == per_level)
+    return state.replace(
+        x=paste(state.x, new, corners, to_x),
+        x_low=paste(state.x_low, new, corners, to_low),
+        times=paste(state.times, t_p + 1, corners, write),
+        level=level + done.astype(jnp.int32),
+        remaining=jnp.where(done, 0, batch + active.astype(jnp.int32)),
+        image_iters=state.image_iters + active.astype(jnp.int32),
+        iterations=state.iterations + 1,
+        patches=state.patches + valid.sum().astype(jnp.int32),
+        evaluations=state.evaluations + evals)
 
   # --------------------------------------------------------------------------- the loop
+
+  def _fraction(self, state: SamplerState):
+    """Share of the work done, from the counters (no reduction over the latent)."""
+    s = self.settings
+    n, h, w = state.times.shape
+    if s.schedule == 'grid':
+      within = state.remaining / self.grid_shape(h, w)[1]
+    else:
+      within = 1.0 - state.remaining / (h * w)
+    done = jnp.minimum(state.level + jnp.where(state.level < s.steps, within, 0.0), s.steps)
+    return done.sum() / (n * s.steps)
 
   def _progress(self, state: SamplerState):
     every = self.settings.progress_every
     if not every:
       return
-    total = state.times.size * self.settings.steps
 
     def emit(_):
-      jax.debug.callback(self._log, state.times.sum(), total, state.iterations)
+      jax.debug.callback(self._log, self._fraction(state), 1.0, state.iterations)
     jax.lax.cond(state.iterations % every == 0, emit, lambda _: None, None)
 
   def _run(self, params, state: SamplerState, labels, max_iterations):
@@ -252,15 +345,21 @@ class Sampler:
       return state
 
     def cond(st):
-      return (st.times.min() < self.settings.steps) & (st.iterations < stop)
-    return jax.lax.while_loop(cond, body, state)
+      return (st.level.min() < self.settings.steps) & (st.iterations < stop)
+    state = jax.lax.while_loop(cond, body, state)
+    if self.settings.schedule == 'grid' and self.settings.steps % 2 == 1:
+      # The last level (S - 1, even) wrote x_low: make x the result once all are done.
+      done = (state.level >= self.settings.steps)[:, None, None, None]
+      state = state.replace(x=jnp.where(done, state.x_low, state.x))
+    return state
 
   def init(self, keys, labels_shape, channels: int = 4) -> SamplerState:
     """The initial state for N images (one key each) of latent labels [N, h, w]."""
     check_shapes(labels_shape, self.settings.patch)
     if keys.shape != tuple(labels_shape[:1]):
       raise ValueError(f'need one key per image: keys {keys.shape}, labels {labels_shape}')
-    return self.place(init_state(keys, tuple(labels_shape[1:]), channels))
+    return self.place(init_state(keys, tuple(labels_shape[1:]), channels,
+                                 self.settings.patch, self.settings.schedule))
 
   def run(self, params, state: SamplerState, labels,
           max_iterations: int | None = None) -> SamplerState:

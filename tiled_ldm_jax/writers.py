@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import contextlib
 import io
 import os
 import tempfile
@@ -41,6 +40,7 @@ import numpy as np
 from PIL import Image
 
 from tiled_ldm_jax import decode as decode_lib
+from tiled_ldm_jax.atomic import atomic_path  # re-exported: writers use the one helper
 from tiled_ldm_jax import masks as masks_lib
 
 PIL_FORMATS = {'.png': 'PNG', '.jpg': 'JPEG', '.jpeg': 'JPEG'}
@@ -60,30 +60,6 @@ def _tifffile():
 
 def _suffix(path) -> str:
   return os.path.splitext(os.fspath(path))[1].lower()
-
-
-@contextlib.contextmanager
-def atomic_path(path) -> Iterator[str]:
-  """Yields a temporary path in `path`'s folder; renamed to `path` if the body succeeds.
-
-  The temporary file keeps `path`'s suffix (some writers dispatch on it), starts with
-  '.' and is removed on any exception, so `path` is either untouched or complete.
-  """
-  path = os.path.abspath(os.fspath(path))
-  folder, name = os.path.split(path)
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f'.{name}.', suffix='.tmp' + _suffix(path), dir=folder)
-  os.close(fd)
-  try:
-    yield tmp
-    with open(tmp, 'rb+') as f:
-      os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)    # mkstemp creates 0600
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(tmp)
-    raise
 
 
 def as_uint8(img) -> np.ndarray:
@@ -479,47 +455,3 @@ def write_labels(path, labels, *, tile: int = DEFAULT_TILE) -> None:
   with atomic_path(path) as tmp:
     tifffile.imwrite(tmp, labels.astype(dtype), bigtiff=True, tile=(tile, tile),
                      photometric='minisblack', compression='zlib', metadata=None)
-
-
-# ----------------------------------------------------------------------------- decode + write
-
-
-def write_decoded(path, decode: decode_lib.DecodeFn, params, z,
-                  settings: decode_lib.TiledDecodeSettings | None = None, *,
-                  labels=None, tile: int = DEFAULT_TILE, compression: str | None = 'zlib',
-                  quality: int = 95, **overrides) -> list[str]:
-  """Decodes one latent (`decode.iter_decode_bands`) and writes it, plus its mask.
-
-  `.png/.jpg/.jpeg`: decoded in memory (`decode_image`), written with Pillow.
-  `.tif/.tiff`: streamed band by band into a pyramidal BigTIFF (bounded memory).
-  `labels` (`[H, W]` label ids at image resolution), if given, go to `mask_path(path)`.
-
-  Returns:
-    The paths written.
-  """
-  suffix = _suffix(path)
-  s = decode_lib._resolve(settings, overrides)  # pylint: disable=protected-access
-  if suffix in TIFF_SUFFIXES:
-    h, w, _ = decode_lib.output_shape(np.shape(z), s)
-    bands = decode_lib.iter_decode_bands(decode, params, z, s, uint8=True)
-    first = next(bands)                         # the decoder's channel count
-    def all_bands():
-      yield first
-      yield from bands
-    write_tiff(path, all_bands(), (h, w, first[1].shape[-1]), tile=tile,
-               compression=compression)
-  elif suffix in PIL_FORMATS:
-    write_image(path, decode_lib.decode_image(decode, params, z, s, uint8=True),
-                quality=quality)
-  else:
-    raise ValueError(f'unknown image suffix {suffix!r}: use one of '
-                     f'{sorted(PIL_FORMATS) + list(TIFF_SUFFIXES)}')
-  written = [os.fspath(path)]
-  if labels is not None:
-    labels = np.asarray(labels)
-    h, w, _ = decode_lib.output_shape(np.shape(z), s)
-    if labels.shape != (h, w):
-      raise ValueError(f'labels shape {labels.shape} != image {(h, w)}')
-    write_labels(mask_path(path), labels, tile=tile)
-    written.append(mask_path(path))
-  return written

@@ -1,0 +1,161 @@
+"""Where the sampler puts its patches: the random schedule and the shifted grid.
+
+Random (SPEC 3, the original's distribution). Each slot draws a centre uniformly among
+the pixels at the image's lowest level whose clamped P x P patch does not overlap the
+patches of earlier slots. Instead of scoring every latent pixel, it keeps `counts`, the
+number of lowest-level pixels in each P x P block of the latent: a block is drawn with
+probability count / total (one cumulative sum over the blocks), then a pixel uniformly
+among the eligible pixels of that block (one P x P crop). Earlier slots' exclusion zones
+(the centres whose patch would overlap them: a rectangle of at most ~3P x 3P) are
+subtracted from the counts exactly, so the draw is uniform over the same set as the
+full-latent argmax it replaces. Writing a patch subtracts its advanced pixels from the
+(at most 2 x 2) blocks it covers; when no pixel is left at the lowest level, every pixel
+is at the next one and the counts are reset to the block sizes. Per iteration this costs
+O(K^2 P^2 + blocks) with blocks = (h / P) (w / P), instead of O(K h w).
+
+Grid (`schedule='grid'`; SpotDiffusion-like). At each level a grid of cells of side
+G = P - 2m (m: `grid_margin`) with a random offset per image and level covers the latent;
+the window of a cell is the cell widened by m on each side, clamped into the latent.
+Every cell is advanced once per level, K windows per iteration; windows read the values
+of the start of the level and write only their cell, so the result does not depend on K,
+on the order, or on the device count. About one evaluation per pixel and step (x P^2/G^2).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+PAD_BLOCKS = 3   # zero blocks past the bottom/right: exclusion windows span <= 4 blocks
+
+
+def block_sizes(h: int, w: int, patch: int):
+  """[nbh + PAD, nbw + PAD] int32: pixels of each P x P block (edge blocks are partial)."""
+  rows = jnp.clip(h - jnp.arange(-(-h // patch) + PAD_BLOCKS) * patch, 0, patch)
+  cols = jnp.clip(w - jnp.arange(-(-w // patch) + PAD_BLOCKS) * patch, 0, patch)
+  return (rows[:, None] * cols[None, :]).astype(jnp.int32)
+
+
+def _corner(c, size: int, patch: int):
+  """Clamped patch start for centre c (the original's placement)."""
+  return jnp.clip(c - patch // 2, 0, size - patch)
+
+
+def _exclusion(c, size: int, patch: int):
+  """[lo, hi]: the centres whose clamped patch overlaps a patch starting at c (one axis)."""
+  lo = jnp.where(c - patch < 0, 0, c - patch + patch // 2 + 1)
+  hi = jnp.where(c + patch > size - patch, size - 1, c + patch + patch // 2 - 1)
+  return lo, hi
+
+
+def _window(size: int, patch: int):
+  """Static side of the crop used to count a zone: <= 4 blocks, at most the latent."""
+  return min(4 * patch, size)
+
+
+def _zone_counts(times, level, rect, earlier, patch: int):
+  """Eligible pixels per block inside `rect` and outside the rectangles `earlier`.
+
+  rect: [4] (ylo, yhi, xlo, xhi); earlier: list of such. Returns (counts [4, 4] for blocks
+  starting at block (rect ylo // P, xlo // P), that block's index).
+  """
+  h, w = times.shape
+  wh, ww = _window(h, patch), _window(w, patch)
+  b0 = rect[0] // patch, rect[2] // patch
+  s0 = jnp.minimum(b0[0] * patch, h - wh), jnp.minimum(b0[1] * patch, w - ww)
+  rows, cols = s0[0] + jnp.arange(wh), s0[1] + jnp.arange(ww)
+
+  def inside(r):
+    return (((rows >= r[0]) & (rows <= r[1]))[:, None]
+            & ((cols >= r[2]) & (cols <= r[3]))[None, :])
+  mask = inside(rect) & (jax.lax.dynamic_slice(times, s0, (wh, ww)) == level)
+  for r in earlier:
+    mask = mask & ~inside(r)
+  onehot_r = (rows // patch - b0[0])[:, None] == jnp.arange(4)[None, :]   # [wh, 4]
+  onehot_c = (cols // patch - b0[1])[:, None] == jnp.arange(4)[None, :]
+  counts = onehot_r.T.astype(jnp.int32) @ mask.astype(jnp.int32) @ onehot_c.astype(jnp.int32)
+  return counts, b0
+
+
+def _add_blocks(counts, delta, b0):
+  cur = jax.lax.dynamic_slice(counts, b0, delta.shape)
+  return jax.lax.dynamic_update_slice(counts, cur + delta, b0)
+
+
+def choose_random(times, counts, level, key, patch: int, k_slots: int):
+  """Corners [K, 2], centres [K, 2] and validity [K] of up to K non-overlapping patches.
+
+  times: [h, w]; counts: lowest-level pixels per block (`block_sizes` layout); level: [].
+  """
+  h, w = times.shape
+  nbw = counts.shape[1]
+  avail = counts
+  corners, centres, valid, rects = [], [], [], []
+  for k in range(k_slots):
+    kk = jax.random.fold_in(key, k)
+    cum = jnp.cumsum(avail.reshape(-1))
+    total = cum[-1]
+    u = jax.random.randint(jax.random.fold_in(kk, 0), (), 0, jnp.maximum(total, 1))
+    b = jnp.searchsorted(cum, u, side='right')               # first block with cum > u
+    bi, bj = b // nbw, b % nbw
+    r0, c0 = jnp.minimum(bi * patch, h - patch), jnp.minimum(bj * patch, w - patch)
+    rows, cols = r0 + jnp.arange(patch), c0 + jnp.arange(patch)
+    elig = (((rows // patch) == bi)[:, None] & ((cols // patch) == bj)[None, :]
+            & (jax.lax.dynamic_slice(times, (r0, c0), (patch, patch)) == level))
+    for r in rects:
+      elig = elig & ~((((rows >= r[0]) & (rows <= r[1]))[:, None])
+                      & ((cols >= r[2]) & (cols <= r[3]))[None, :])
+    score = jnp.where(elig, jax.random.uniform(jax.random.fold_in(kk, 1), (patch, patch)),
+                      -1.0)
+    idx = jnp.argmax(score)
+    ok = (total > 0) & (score.reshape(-1)[idx] >= 0)
+    cy, cx = rows[idx // patch], cols[idx % patch]
+    corner = jnp.stack([_corner(cy, h, patch), _corner(cx, w, patch)])
+    corners.append(corner)
+    centres.append(jnp.stack([cy, cx]))
+    valid.append(ok)
+    if k + 1 < k_slots:   # take this patch's exclusion zone out of the later draws
+      rect = jnp.stack(_exclusion(corner[0], h, patch) + _exclusion(corner[1], w, patch))
+      zone, b0 = _zone_counts(times, level, rect, rects, patch)
+      avail = _add_blocks(avail, -jnp.where(ok, zone, 0), b0)
+      rects.append(jnp.where(ok, rect, jnp.array([1, 0, 1, 0])))   # invalid: empty rect
+  return jnp.stack(corners), jnp.stack(centres), jnp.stack(valid)
+
+
+def written_per_block(corner, write, patch: int):
+  """Pixels a patch at `corner` advanced, per block: ([2, 2] counts, first block)."""
+  b0 = corner[0] // patch, corner[1] // patch
+  rows, cols = corner[0] + jnp.arange(patch), corner[1] + jnp.arange(patch)
+  onehot_r = ((rows // patch - b0[0])[:, None] == jnp.arange(2)[None, :]).astype(jnp.int32)
+  onehot_c = ((cols // patch - b0[1])[:, None] == jnp.arange(2)[None, :]).astype(jnp.int32)
+  return onehot_r.T @ write.astype(jnp.int32) @ onehot_c, b0
+
+
+def update_counts(counts, corners, writes, patch: int):
+  """Subtracts the pixels each patch advanced. corners [K, 2], writes [K, P, P] bool."""
+  for k in range(corners.shape[0]):
+    delta, b0 = written_per_block(corners[k], writes[k], patch)
+    counts = _add_blocks(counts, -delta, b0)
+  return counts
+
+
+# ----------------------------------------------------------------------------- grid
+
+
+def grid_cells(h: int, w: int, cell: int) -> tuple[int, int]:
+  """Cells per column and row of the shifted grid (some are empty for some offsets)."""
+  return -(-(h + cell - 1) // cell), -(-(w + cell - 1) // cell)
+
+
+def grid_windows(index, offset, h: int, w: int, patch: int, margin: int):
+  """Window corners [K, 2] and written cell rectangles [K, 4] (y0, y1, x0, x1: half-open)
+  of cells `index` [K] (row-major) under a grid offset [2]."""
+  cell = patch - 2 * margin
+  _, n_c = grid_cells(h, w, cell)
+  j, i = index // n_c, index % n_c
+  y0, x0 = j * cell - offset[0], i * cell - offset[1]
+  rect = jnp.stack([jnp.maximum(y0, 0), jnp.minimum(y0 + cell, h),
+                    jnp.maximum(x0, 0), jnp.minimum(x0 + cell, w)], axis=-1)
+  corner = jnp.stack([jnp.clip(y0 - margin, 0, h - patch),
+                      jnp.clip(x0 - margin, 0, w - patch)], axis=-1)
+  return corner, rect
