@@ -91,3 +91,32 @@ def test_from_pretrained_errors(tmp_path):
     tiled_ldm_jax.Pipeline.from_pretrained(unet=str(tmp_path), vae=str(tmp_path))
   with pytest.raises(ValueError, match='give unet and vae'):
     tiled_ldm_jax.Pipeline.from_pretrained(unet=str(tmp_path))
+
+
+def test_grid_schedule_and_bfloat16(pipe):
+  labels = np.ones((1, 256, 256), np.int32)
+  labels[:, 128:] = 2
+  grid = pipe(labels=labels, seed=0, sampling_steps=2, schedule='grid', grid_margin=16)
+  assert grid.images.shape == (1, 256, 256, 3)
+  assert grid.stats['image_stage']['patch_iterations'] > 0
+  f32 = pipe(labels=labels, seed=0, sampling_steps=2)
+  bf16 = pipe(labels=labels, seed=0, sampling_steps=2, dtype='bfloat16')
+  mse = np.mean((f32.images.astype(np.float64) - bf16.images) ** 2)
+  psnr = 10 * np.log10(255 ** 2 / max(mse, 1e-12))
+  assert 20 < psnr < 200, psnr          # close to float32, yet a different computation
+  with pytest.raises(ValueError, match='grid_margin'):
+    pipe(labels=labels, sampling_steps=2, schedule='grid', grid_margin=64)
+
+
+def test_generate_zarr_and_tiff_outputs(tmp_path):
+  from tiled_ldm_jax import generate
+  for fmt in ('zarr', 'tiff'):
+    cfg = generate.GenerationConfig(mask='demo', image_size=256, sampling_steps=2,
+                                    imgs_path=str(tmp_path / fmt), output_format=fmt,
+                                    mpp=0.5, schedule='grid')
+    [record] = generate.generate(cfg)
+    assert os.path.exists(tmp_path / fmt / record['files']['image'])
+    assert os.path.exists(tmp_path / fmt / record['files']['mask'])
+  with pytest.raises(ValueError, match='mpp'):
+    generate.prepare(generate.GenerationConfig(mask='demo', mpp=-1.0,
+                                               imgs_path=str(tmp_path / 'x')))
