@@ -13,6 +13,7 @@ from absl import flags
 
 from tiled_ldm_jax.evaluation import benchmark
 from tiled_ldm_jax import checkpoint
+from tiled_ldm_jax import flag_util
 
 _CKPT = flags.DEFINE_string('unet_ckpt', None, 'Converted image model folder.')
 _SIZE = flags.DEFINE_integer('image_size', 256, 'Image side in pixels.')
@@ -22,6 +23,9 @@ _W = flags.DEFINE_float('cond_scale', 3.0, 'Guidance weight w: null + (1+w)(cond
 _K = flags.DEFINE_integer('patches_per_step', 1, 'Non-overlapping patches per iteration.')
 _BATCH = flags.DEFINE_integer('batch_size', 1, 'Images sampled together.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Root PRNG seed.')
+_SCHEDULE = flags.DEFINE_enum('schedule', 'random', ['random', 'grid'], 'Patch placement.')
+_MARGIN = flags.DEFINE_integer('grid_margin', 0, 'Grid: latent pixels of context per side.')
+_CACHE = flag_util.define_compilation_cache_flag()
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed runs after the compile run.')
 _DEVICES = flags.DEFINE_integer('devices', 1, 'If > 1: seconds per image on 1 device vs this '
                                 'many (the batch split over them) and the scaling efficiency.')
@@ -40,12 +44,15 @@ def main(argv):
   kwargs = dict(image_size=_SIZE.value, patch_size=_PATCH.value, steps=_STEPS.value,
                 cond_scale=_W.value, patches_per_step=_K.value, seed=_SEED.value,
                 repeats=_REPEATS.value)
+  flag_util.use_compilation_cache(_CACHE.value)
   if _DEVICES.value > 1:
     result = benchmark.run_scaling_benchmark(
         config, params, devices=_DEVICES.value,
         batch_size=_BATCH.value if _BATCH.value > 1 else None, **kwargs)
   else:
-    result = benchmark.run_sampler_benchmark(config, params, batch_size=_BATCH.value, **kwargs)
+    result = benchmark.run_sampler_benchmark(config, params, batch_size=_BATCH.value,
+                                             schedule=_SCHEDULE.value,
+                                             grid_margin=_MARGIN.value, **kwargs)
     if _ORIG_REPO.value:   # side by side, in the same process and conditions
       sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
       import original_sampler  # pylint: disable=g-import-not-at-top

@@ -75,7 +75,8 @@ def original_evaluations(config, cond_scale: float, settings, keys, latent) -> i
 def run_sampler_benchmark(config, params, *, image_size: int, patch_size: int, steps: int,
                           cond_scale: float, patches_per_step: int, seed: int = 0,
                           repeats: int = 3, batch_size: int = 1, mesh=None,
-                          time_denoiser: bool = True) -> dict:
+                          time_denoiser: bool = True, schedule: str = 'random',
+                          grid_margin: int = 0) -> dict:
   """Times `Sampler.sample` (compile separately) and the denoiser calls it makes."""
   labels = benchmark_label_map(image_size, image_size, config.num_classes)
   labels = np.broadcast_to(labels, (batch_size,) + labels.shape)
@@ -83,7 +84,8 @@ def run_sampler_benchmark(config, params, *, image_size: int, patch_size: int, s
   pipeline._check_patch(geom, (image_size, image_size), patch_size,  # pylint: disable=protected-access
                         config.downsample_factor, 'patch_size')
   settings = sampler_lib.SamplerSettings(steps=steps, patch=patch_size // geom.factor,
-                                         patches_per_step=patches_per_step)
+                                         patches_per_step=patches_per_step,
+                                         schedule=schedule, grid_margin=grid_margin)
   denoise = denoisers.image_denoiser(unet_lib.eps_fn(config), config.num_classes, cond_scale)
   smp = sampler_lib.Sampler(denoise, settings, mesh=mesh, n_images=batch_size)
   latent = jnp.asarray(labels[:, ::geom.factor, ::geom.factor])
@@ -113,12 +115,18 @@ def run_sampler_benchmark(config, params, *, image_size: int, patch_size: int, s
       'patch_iterations': int(state.iterations), 'patches': int(state.patches),
       'denoiser_evaluations': evaluations, 'denoiser_calls': calls,
       'original_evaluations': (original_evaluations(config, cond_scale, settings, keys, latent)
-                               if patches_per_step == 1 and batch_size == 1 else None),
+                               if patches_per_step == 1 and batch_size == 1
+                               and schedule == 'random' else None),
       'denoiser_seconds': denoiser_seconds,
       'overhead_ratio': seconds / denoiser_seconds,
       'device': str(jax.devices()[0].device_kind),
       'devices': 1 if mesh is None else int(mesh.devices.size),
       'seconds_per_image': seconds / batch_size,
+      'schedule': schedule, 'grid_margin': grid_margin,
+      'seconds_per_patch_iteration': seconds / int(state.iterations),
+      # patches x P^2 / (h w S): 1.0 is a perfect tiling (latent pixels, per image)
+      'coverage': int(state.patches) * (patch_size // geom.factor) ** 2
+                  / (batch_size * (image_size // geom.factor) ** 2 * steps),
   }
 
 
