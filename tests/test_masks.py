@@ -240,7 +240,8 @@ def test_write_label_png_failure_leaves_nothing(tmp_path, monkeypatch):
   path.write_bytes(b'previous')
 
   def broken_save(self, fp, *args, **kwargs):
-    fp.write(b'\x89PNG partial')
+    with open(fp, 'wb') as f:    # the atomic helper hands Pillow a temporary path
+      f.write(b'\x89PNG partial')
     raise OSError('disk full')
 
   monkeypatch.setattr(Image.Image, 'save', broken_save)
