@@ -42,7 +42,7 @@ def pipeline_check(reference_dir):
                        for i in range(2)]
   for a, b in zip(images[1], images[0]):
     assert np.abs(a - b).max() <= 1, np.abs(a - b).max()
-  mesh = sharding.make_mesh(cfg.batch_size, cfg.patches_per_step, cfg.devices)
+  mesh = sharding.make_mesh(cfg.batch_size, cfg.patches_per_step or 1, cfg.devices)
   return len(mesh.devices)
 
 
@@ -55,7 +55,8 @@ def main():
     keys = sampler.image_keys(0, range(n))
     settings = sampler.SamplerSettings(steps=3, patch=8, patches_per_step=k)
     one = sampler.Sampler(local_eps, settings).sample(A, keys, labels)
-    smp = sampler.Sampler(local_eps, settings, mesh=mesh)
+    smp = sampler.Sampler(local_eps, settings, mesh=mesh, n_images=n)
+    assert smp.split == mode
     many = smp.sample(A, keys, labels)
     shards = len(many.x.sharding.device_set)
     # Same randomness, so the same patches in the same order: identical step counts and
