@@ -10,7 +10,7 @@ from tiled_ldm_jax import ome_zarr
 
 zarr = pytest.importorskip('zarr')
 
-from test_tiff_pyramid import reference_pyramid, smooth_noise  # pylint: disable=g-import-not-at-top,wrong-import-position
+from test_tiff_pyramid import failing_bands, reference_pyramid, smooth_noise  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def bands_of(img, n):
@@ -132,18 +132,11 @@ def test_row_ranges_must_align_with_the_levels(tmp_path):
     ome_zarr.write_bands(store, [(0, img[:16]), (32, img[32:])])
 
 
-def _failing_bands(img, fail_at):
-  for r in range(0, img.shape[0], 16):
-    if r >= fail_at:
-      raise RuntimeError('decoder crashed')
-    yield r, img[r:r + 16]
-
-
 def test_failure_mid_stream_leaves_no_store(tmp_path):
   img = smooth_noise(128, 96, seed=7)
   path = tmp_path / 'sample0001.zarr'
   with pytest.raises(RuntimeError, match='decoder crashed'):
-    ome_zarr.write_ome_zarr(path, _failing_bands(img, 80), img.shape, tile=32,
+    ome_zarr.write_ome_zarr(path, failing_bands(img, 80), img.shape, tile=32,
                             labels=label_image(128, 96))
   assert os.listdir(tmp_path) == []
   # Too few rows: an error, not a store missing its bottom.
@@ -153,7 +146,7 @@ def test_failure_mid_stream_leaves_no_store(tmp_path):
   # A complete store already at the name survives a failed rewrite, then is replaced.
   ome_zarr.write_ome_zarr(path, [(0, img)], img.shape, tile=32)
   with pytest.raises(RuntimeError, match='decoder crashed'):
-    ome_zarr.write_ome_zarr(path, _failing_bands(255 - img, 48), img.shape, tile=32)
+    ome_zarr.write_ome_zarr(path, failing_bands(255 - img, 48), img.shape, tile=32)
   assert os.listdir(tmp_path) == ['sample0001.zarr']
   np.testing.assert_array_equal(read_level(zarr.open_group(str(path), mode='r'), 0), img)
   ome_zarr.write_ome_zarr(path, [(0, 255 - img)], img.shape, tile=32)

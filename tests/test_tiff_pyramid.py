@@ -42,6 +42,14 @@ def psnr(a, b):
   return np.inf if mse == 0 else 10 * np.log10(255 ** 2 / mse)
 
 
+def failing_bands(img, fail_at):
+  """16-row bands of img, raising once row `fail_at` is reached (a crashed decoder)."""
+  for r in range(0, img.shape[0], 16):
+    if r >= fail_at:
+      raise RuntimeError('decoder crashed')
+    yield r, img[r:r + 16]
+
+
 def bands_of(img, n):
   return ((r, img[r:r + n]) for r in range(0, img.shape[0], n))
 

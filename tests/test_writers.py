@@ -13,6 +13,8 @@ from tiled_ldm_jax import masks
 from tiled_ldm_jax import writers
 from tiled_ldm_jax.models import vae
 
+from test_tiff_pyramid import failing_bands, reference_pyramid
+
 tifffile = pytest.importorskip('tifffile')
 
 
@@ -30,17 +32,11 @@ def _levels(path):
 
 
 def _pyramid(img):
-  """Reference pyramid of a uint8 [H, W, C] image: rounded 2x2 means, edges doubled."""
-  out = [img]
-  while max(out[-1].shape[:2]) > 64:
-    x = out[-1].astype(np.int64)
-    if x.shape[0] % 2:
-      x = np.concatenate([x, x[-1:]])
-    if x.shape[1] % 2:
-      x = np.concatenate([x, x[:, -1:]], axis=1)
-    s = x[0::2, 0::2] + x[1::2, 0::2] + x[0::2, 1::2] + x[1::2, 1::2]
-    out.append(((s + 2) // 4).astype(np.uint8))
-  return out
+  """Reference pyramid down to a level of at most 64 px (the writer's default stop)."""
+  n, side = 1, max(img.shape[:2])
+  while side > 64:
+    side, n = -(-side // 2), n + 1
+  return reference_pyramid(img, n)
 
 
 def test_stream_tiff_equals_in_memory_png(small_vae, tmp_path):
@@ -95,22 +91,15 @@ def test_write_tiff_float_bands_and_fixed_levels(tmp_path):
   np.testing.assert_array_equal(levels[0], decode.to_uint8(x))
 
 
-def _failing_bands(img, fail_at):
-  for r in range(0, img.shape[0], 16):
-    if r >= fail_at:
-      raise RuntimeError('decoder crashed')
-    yield r, img[r:r + 16]
-
-
 def test_failure_mid_write_leaves_no_file(tmp_path):
   img = np.zeros((128, 64, 3), np.uint8)
   with pytest.raises(RuntimeError, match='decoder crashed'):
-    writers.write_tiff(tmp_path / 'x.tif', _failing_bands(img, 96), img.shape, tile=32)
+    writers.write_tiff(tmp_path / 'x.tif', failing_bands(img, 96), img.shape, tile=32)
   assert os.listdir(tmp_path) == []
   # An existing file at the final name is left as it was.
   (tmp_path / 'x.tif').write_bytes(b'old')
   with pytest.raises(RuntimeError, match='decoder crashed'):
-    writers.write_tiff(tmp_path / 'x.tif', _failing_bands(img, 32), img.shape, tile=32)
+    writers.write_tiff(tmp_path / 'x.tif', failing_bands(img, 32), img.shape, tile=32)
   assert os.listdir(tmp_path) == ['x.tif'] and (tmp_path / 'x.tif').read_bytes() == b'old'
   # Too few rows is an error too, not a truncated file.
   with pytest.raises(ValueError, match='bands ended at row 64'):
