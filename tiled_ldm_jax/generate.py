@@ -199,11 +199,6 @@ def _run_stage(smp, params, state, labels, steps: int, every: int, save):
   return state
 
 
-def _stats(state) -> dict:
-  return {'patch_iterations': int(state.iterations),
-          'denoiser_evaluations': int(state.evaluations)}
-
-
 def _write_sample(plan: Plan, number: int, z, labels: np.ndarray, record: dict) -> dict:
   """Decodes one latent (bands for TIFF, whole otherwise) and writes image, mask, JSON."""
   cfg = plan.cfg
@@ -251,7 +246,8 @@ def _mask_stage(plan: Plan, indices, state, save):
   smp, fresh, classes = _fresh(plan, 'mask', indices)
   state = _run_stage(smp, pipe.mask_unet.params, fresh if state is None else smp.place(state),
                      classes, cfg.sampling_steps, cfg.checkpoint_every, save)
-  return pipe.labels_from_mask_latents(state.x, cfg.image_size, plan.options), _stats(state)
+  labels = pipe.labels_from_mask_latents(state.x, cfg.image_size, plan.options)
+  return labels, pipeline_lib.stage_stats(state)
 
 
 def _image_stage(plan: Plan, labels, indices, state, save):
@@ -259,7 +255,7 @@ def _image_stage(plan: Plan, labels, indices, state, save):
   smp, fresh, latent = pipe.image_stage(plan.options, labels, indices, cfg.seed)
   state = _run_stage(smp, pipe.unet.params, fresh if state is None else smp.place(state),
                      latent, cfg.sampling_steps, cfg.checkpoint_every, save)
-  return sharding.to_host(state.x), _stats(state)
+  return sharding.to_host(state.x), pipeline_lib.stage_stats(state)
 
 
 def _record(plan: Plan, number: int, index: int, labels, stats: dict, seconds: dict,

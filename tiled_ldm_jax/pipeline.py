@@ -137,7 +137,8 @@ def _stage_keys(seed: int, indices, stage: int) -> jax.Array:
   return jax.vmap(lambda k: jax.random.fold_in(k, stage))(keys)
 
 
-def _stats(state) -> dict:
+def stage_stats(state) -> dict:
+  """A finished stage's counters, as JSON-able ints."""
   return {'patch_iterations': int(state.iterations),
           'denoiser_evaluations': int(state.evaluations)}
 
@@ -311,7 +312,7 @@ class Pipeline:
     self.check_mask_request(image_size, label, o)
     smp, state, classes = self.mask_stage(o, image_size, label, indices, seed)
     state = smp.run(self.mask_unet.params, state, classes)
-    return self.labels_from_mask_latents(state.x, image_size, o), _stats(state)
+    return self.labels_from_mask_latents(state.x, image_size, o), stage_stats(state)
 
   def _latents(self, o: Options, labels: np.ndarray, indices, seed: int):
     self.check_image_request(labels.shape[1:], o)
@@ -319,7 +320,7 @@ class Pipeline:
       raise ValueError(f'{len(labels)} label maps but {len(indices)} indices')
     smp, state, latent = self.image_stage(o, labels, indices, seed)
     state = smp.run(self.unet.params, state, latent)
-    return state.x, _stats(state)
+    return state.x, stage_stats(state)
 
   # ------------------------------------------------------------------------- decode
 
