@@ -1,10 +1,14 @@
-"""Benchmarks the random-patch sampler on a converted image model; prints one JSON line.
+"""Benchmarks the patch sampler on an image model; prints one JSON line.
 
   python scripts/benchmark_sampler.py --unet_ckpt=/tmp/image_unet --image_size=256 \
       --patch_size=128 --steps=20 --cond_scale=3 --patches_per_step=1
+  # no checkpoint: random weights in the released model's shapes (GPU/TPU benchmark)
+  python scripts/benchmark_sampler.py --full_size --image_size=2048 --patch_size=512 \
+      --steps=50 --schedule=grid --dtype=bfloat16
 """
 
 import json
+import math
 import os
 import sys
 
@@ -13,14 +17,28 @@ from absl import flags
 
 from tiled_ldm_jax.evaluation import benchmark
 from tiled_ldm_jax import checkpoint
+from tiled_ldm_jax import config_files
 from tiled_ldm_jax import flag_util
+from tiled_ldm_jax import geometry
+from tiled_ldm_jax import pipeline
+from tiled_ldm_jax.models import unet as unet_lib
 
 _CKPT = flags.DEFINE_string('unet_ckpt', None, 'Converted image model folder.')
+_FULL = flags.DEFINE_bool('full_size', False, 'Instead of --unet_ckpt: random weights in the '
+                          'shapes of --unet_config (default: the released 5-class model).')
+_UNET_CONFIG = flags.DEFINE_string('unet_config', 'configs/image_unet_5class.py',
+                                   '--full_size: the model config file.')
+_COUNT = flags.DEFINE_bool('count_only', False, 'Do not run the U-Net: count the patch '
+                           'iterations, U-Net samples and FLOPs the run needs (a zero model).')
+_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
+                           'U-Net compute dtype (params and sampler state stay float32).')
 _SIZE = flags.DEFINE_integer('image_size', 256, 'Image side in pixels.')
 _PATCH = flags.DEFINE_integer('patch_size', 128, 'Patch side in pixels.')
 _STEPS = flags.DEFINE_integer('steps', 20, 'DDIM sampling steps.')
 _W = flags.DEFINE_float('cond_scale', 3.0, 'Guidance weight w: null + (1+w)(cond-null).')
-_K = flags.DEFINE_integer('patches_per_step', 1, 'Non-overlapping patches per iteration.')
+_K = flags.DEFINE_integer('patches_per_step', 1, 'Non-overlapping patches per iteration; 0: '
+                         'the pipeline default (random 1; grid every window of a level, '
+                         'capped by a memory budget).')
 _BATCH = flags.DEFINE_integer('batch_size', 1, 'Images sampled together.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Root PRNG seed.')
 _SCHEDULE = flags.DEFINE_enum('schedule', 'random', ['random', 'grid'], 'Patch placement.')
@@ -35,24 +53,67 @@ _ORIG_CKPT = flags.DEFINE_string('original_checkpoint', None,
                                  'The model-N.pt the converted --unet_ckpt came from.')
 _ORIG_CONFIG = flags.DEFINE_string('original_config', None, 'Its config.json.')
 _ORIG_THREADS = flags.DEFINE_integer('original_threads', 2, 'torch threads for the original.')
-flags.mark_flag_as_required('unet_ckpt')
+
+
+def _fail(message: str):
+  sys.exit(f'error: {message}')
+
+
+def _model():
+  """(config, params) of the checkpoint, or random ones of the config file's shapes."""
+  if _FULL.value == bool(_CKPT.value):
+    _fail('give exactly one of --unet_ckpt and --full_size')
+  try:
+    if _CKPT.value:
+      _, config, params = checkpoint.load_model(_CKPT.value, expect='image_unet')
+      return config, params
+    kind, config = config_files.load_model_config(_UNET_CONFIG.value)
+  except (OSError, ValueError) as e:
+    _fail(str(e))
+  if kind != 'image_unet':
+    _fail(f'{_UNET_CONFIG.value} is a {kind} config, not an image_unet one')
+  import jax  # pylint: disable=g-import-not-at-top
+  if _COUNT.value:    # shapes are enough to count FLOPs
+    return config, unet_lib.abstract_params(config)
+  return config, jax.jit(unet_lib.init_params, static_argnums=0)(config, jax.random.key(0))
+
+
+def _patches_per_step() -> int:
+  if _K.value:
+    return _K.value
+  f = geometry.LatentGeometry().factor
+  o = pipeline.Options(schedule=_SCHEDULE.value, grid_margin=_MARGIN.value)
+  side = _SIZE.value // f
+  return pipeline.Pipeline.patches_per_step(o, _PATCH.value // f, _MARGIN.value, (side, side))
 
 
 def main(argv):
   del argv
-  _, config, params = checkpoint.load_model(_CKPT.value, expect='image_unet')
-  kwargs = dict(image_size=_SIZE.value, patch_size=_PATCH.value, steps=_STEPS.value,
-                cond_scale=_W.value, patches_per_step=_K.value, seed=_SEED.value,
-                repeats=_REPEATS.value)
+  for name, value in (('image_size', _SIZE.value), ('patch_size', _PATCH.value),
+                      ('steps', _STEPS.value), ('patches_per_step', _K.value + 1),
+                      ('batch_size', _BATCH.value), ('repeats', _REPEATS.value),
+                      ('devices', _DEVICES.value)):
+    if value < 1:
+      _fail(f'--{name} must be >= 1, got {value}')
+  if not math.isfinite(_W.value) or _W.value < 0:
+    _fail(f'--cond_scale must be a finite number >= 0, got {_W.value}')
   flag_util.use_compilation_cache(_CACHE.value)
-  if _DEVICES.value > 1:
+  config, params = _model()
+  kwargs = dict(image_size=_SIZE.value, patch_size=_PATCH.value, steps=_STEPS.value,
+                cond_scale=_W.value, patches_per_step=_patches_per_step(), seed=_SEED.value,
+                repeats=_REPEATS.value)
+  if _COUNT.value:
+    result = benchmark.count_work(config, params, schedule=_SCHEDULE.value,
+                                  grid_margin=_MARGIN.value, **kwargs)
+  elif _DEVICES.value > 1:
     result = benchmark.run_scaling_benchmark(
         config, params, devices=_DEVICES.value,
         batch_size=_BATCH.value if _BATCH.value > 1 else None, **kwargs)
   else:
     result = benchmark.run_sampler_benchmark(config, params, batch_size=_BATCH.value,
                                              schedule=_SCHEDULE.value,
-                                             grid_margin=_MARGIN.value, **kwargs)
+                                             grid_margin=_MARGIN.value, dtype=_DTYPE.value,
+                                             **kwargs)
     if _ORIG_REPO.value:   # side by side, in the same process and conditions
       sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
       import original_sampler  # pylint: disable=g-import-not-at-top

@@ -8,6 +8,7 @@ Python/jax imports and the input pool) on a synthetic uint8 RGB image: smooth co
 noise (random colours on a 48 px grid, bilinear) plus a +-6 grain, handed over in bands
 of `--band` rows cycling through two distinct bands made before the clock starts, so
 `mpix_per_s` is the writer's alone (pyramid levels, compression, file I/O). Prints JSON.
+`--input=x.npy` writes a decoded image instead (e.g. `decode_latent.py --output=x.npy`).
 """
 
 from __future__ import annotations
@@ -58,11 +59,27 @@ class SyntheticBands:
       yield r0, self.pool[i % len(self.pool)][:self.height - r0]
 
 
+class FileBands:
+  """`(row_start, uint8 rows)` bands of a raw [H, W, 3] .npy image (memory-mapped: a
+  decoded image, e.g. `decode_latent.py --output=x.npy`); read before the clock starts."""
+
+  def __init__(self, path: str, band: int):
+    self.image = np.load(path, mmap_mode='r')
+    self.band = band
+    self.pool_mib = 0.0
+    for r0 in range(0, len(self.image), band):    # into the page cache: time no disk reads
+      np.asarray(self.image[r0:r0 + band]).sum()
+
+  def __iter__(self):
+    for r0 in range(0, len(self.image), self.band):
+      yield r0, np.asarray(self.image[r0:r0 + self.band])
+
+
 def run_one(writer: str, size: int, band: int, tile: int, workers: int | None,
-            out_dir: str, jpeg_quality: int) -> dict:
+            out_dir: str, jpeg_quality: int, source: str | None = None) -> dict:
   from tiled_ldm_jax import ome_zarr  # pylint: disable=g-import-not-at-top
   from tiled_ldm_jax import writers  # pylint: disable=g-import-not-at-top
-  bands = SyntheticBands(size, size, band)
+  bands = FileBands(source, band) if source else SyntheticBands(size, size, band)
   rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   shape = (size, size, 3)
   start = time.perf_counter()
@@ -89,6 +106,8 @@ def run_one(writer: str, size: int, band: int, tile: int, workers: int | None,
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--sizes', default='4096', help='comma-separated square image sides')
+  p.add_argument('--input', default=None, help='a square uint8 [H, W, 3] .npy image to write '
+                 'instead of synthetic ones (--sizes is then its side)')
   p.add_argument('--writers', default=','.join(WRITERS))
   p.add_argument('--band', type=int, default=512, help='rows per band handed to a writer')
   p.add_argument('--tile', type=int, default=256)
@@ -103,9 +122,14 @@ def main(argv=None) -> None:
   if args._one:  # pylint: disable=protected-access
     writer, size = args._one  # pylint: disable=protected-access
     print(json.dumps(run_one(writer, int(size), args.band, args.tile, args.workers,
-                             out_dir, args.jpeg_quality)))
+                             out_dir, args.jpeg_quality, args.input)))
     return
   results = []
+  if args.input:
+    side = np.load(args.input, mmap_mode='r').shape
+    if len(side) != 3 or side[0] != side[1] or side[2] != 3:
+      raise SystemExit(f'error: --input must be a square [H, W, 3] image, got {side}')
+    args.sizes = str(side[0])
   try:
     for size in (int(s) for s in args.sizes.split(',')):
       for writer in args.writers.split(','):
@@ -116,6 +140,8 @@ def main(argv=None) -> None:
                str(args.jpeg_quality), '--out_dir', out_dir]
         if args.workers:
           cmd += ['--workers', str(args.workers)]
+        if args.input:
+          cmd += ['--input', args.input]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))
   finally:

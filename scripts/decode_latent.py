@@ -4,7 +4,7 @@
       --output=/tmp/out.tif --patch_size=64 --tile_batch=8
 
 `--latent` is a .npy NHWC [1, h, w, C] or [h, w, C] latent in the sampler's scale
-(the decoder sees latent * latent_scale). .tif/.tiff streams band by band (bounded memory);
+(the decoder sees latent * latent_scale). .tif/.tiff, .zarr and .npy stream band by band (bounded memory);
 .png/.jpg decode in memory.
 """
 
@@ -15,9 +15,11 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from tiled_ldm_jax import atomic
 from tiled_ldm_jax import checkpoint
 from tiled_ldm_jax import decode
 from tiled_ldm_jax import geometry
+from tiled_ldm_jax import ome_zarr
 from tiled_ldm_jax import writers
 from tiled_ldm_jax.models import vae
 
@@ -28,7 +30,9 @@ _RANDOM_STD = flags.DEFINE_float('random_std', None,
                                  'Std of --random_latent (default 1 / latent scale: decoder '
                                  'input ~N(0,1)).')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of --random_latent.')
-_OUTPUT = flags.DEFINE_string('output', None, '.png, .jpg, .tif or .tiff')
+_OUTPUT = flags.DEFINE_string('output', None, '.png, .jpg, .tif, .tiff, .zarr (OME-Zarr) or .npy (raw uint8)')
+_COMPRESSION = flags.DEFINE_enum('tiff_compression', 'jpeg', ['jpeg', 'zlib', 'none'],
+                                 'TIFF tile compression.')
 _PATCH = flags.DEFINE_integer('patch_size', 512, 'Pixel tile side p (multiple of 16).')
 _TILE_BATCH = flags.DEFINE_integer('tile_batch', 8, 'Tiles per decoder call.')
 _SCALE = flags.DEFINE_float('latent_scale', None, 'Decoder input = latent * latent_scale '
@@ -53,9 +57,18 @@ def main(argv):
   settings = decode.TiledDecodeSettings(patch_size=_PATCH.value, tile_batch=_TILE_BATCH.value,
                                         latent_scale=scale, factor=geom.factor)
   fn, shape = vae.decode_fn(config), decode.output_shape(np.shape(z), settings)
+  bands = decode.iter_decode_bands(fn, params, z, settings, uint8=True)
   if _OUTPUT.value.lower().endswith(writers.TIFF_SUFFIXES):
-    bands = decode.iter_decode_bands(fn, params, z, settings, uint8=True)
-    writers.write_tiff(_OUTPUT.value, bands, shape)
+    writers.write_tiff(_OUTPUT.value, bands, shape, compression=_COMPRESSION.value)
+  elif _OUTPUT.value.lower().rstrip('/').endswith('.zarr'):
+    ome_zarr.write_ome_zarr(_OUTPUT.value, bands, shape)
+  elif _OUTPUT.value.lower().endswith('.npy'):   # raw uint8 [H, W, 3], e.g. writer benchmarks
+    with atomic.atomic_path(_OUTPUT.value) as tmp:
+      out = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.uint8, shape=tuple(shape))
+      for r0, rows in bands:
+        out[r0:r0 + len(rows)] = rows
+      out.flush()
+      del out
   else:
     writers.write_image(_OUTPUT.value, decode.decode_image(fn, params, z, settings, uint8=True))
   print(json.dumps({'written': _OUTPUT.value, 'latent_shape': list(np.shape(z)),

@@ -252,13 +252,16 @@ class Pipeline:
 
   @staticmethod
   def patches_per_step(o: Options, patch: int, margin: int, latent_hw) -> int:
-    """K: as given; else 1 (random) or every window of a level up to GRID_BATCH_PIXELS."""
+    """K: as given; else 1 (random) or every window of a level up to GRID_BATCH_PIXELS
+    (split evenly over the calls a level then needs)."""
     if o.patches_per_step:
       return o.patches_per_step
     if o.schedule == 'random':
       return 1
     n_r, n_c = schedules.grid_cells(*latent_hw, patch - 2 * margin)
-    return max(1, min(n_r * n_c, GRID_BATCH_PIXELS // patch ** 2))
+    cap = max(1, GRID_BATCH_PIXELS // patch ** 2)
+    calls = -(-(n_r * n_c) // cap)
+    return -(-(n_r * n_c) // calls)   # the fewest calls, then the fewest idle slots
 
   def mask_stage(self, o: Options, image_size: int, label: int, indices, seed: int):
     """(sampler, initial state, class map) of the mask stage for images `indices`."""

@@ -275,9 +275,8 @@ class Sampler:
     n_cells, per_level = self.grid_shape(h, w)
     level, batch = state.level, state.remaining                         # [N] each
     active = level < s.steps
-    offsets = jax.vmap(lambda k, lv: jax.random.randint(
-        jax.random.fold_in(jax.random.fold_in(k, 2), lv), (2,), 0, p - 2 * m))(
-            state.keys, level)                                          # [N, 2]
+    offsets = jax.vmap(functools.partial(schedules.grid_offset, cell=p - 2 * m))(
+        state.keys, level)                                              # [N, 2]
     index = batch[:, None] * k_slots + jnp.arange(k_slots)[None, :]     # [N, K]
     corners, rects = jax.vmap(functools.partial(
         schedules.grid_windows, h=h, w=w, patch=p, margin=m))(index, offsets)

@@ -159,3 +159,10 @@ def grid_windows(index, offset, h: int, w: int, patch: int, margin: int):
   corner = jnp.stack([jnp.clip(y0 - margin, 0, h - patch),
                       jnp.clip(x0 - margin, 0, w - patch)], axis=-1)
   return corner, rect
+
+
+def grid_offset(key, level, cell: int):
+  """[2] int32: the grid's shift (rows, cols) at `level` of the image with `key`; cell
+  borders lie at `k * cell - offset`."""
+  return jax.random.randint(jax.random.fold_in(jax.random.fold_in(key, 2), level), (2,), 0,
+                            cell)

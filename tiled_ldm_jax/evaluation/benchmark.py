@@ -7,6 +7,7 @@ ratio near 1 means the patch bookkeeping (choice, crops, writes, while loop) is 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
@@ -54,6 +55,17 @@ def time_denoiser_calls(config, params, batch: int, patch: int, calls: int,
   return best * calls
 
 
+def forward_flops(config, params, batch: int, patch: int) -> float:
+  """FLOPs of one U-Net call on `batch` latent patches of side `patch` (XLA's count)."""
+  eps = jax.jit(unet_lib.eps_fn(config))
+  x = jax.ShapeDtypeStruct((batch, patch, patch, config.channels), jnp.float32)
+  t = jax.ShapeDtypeStruct((batch,), jnp.int32)
+  labels = jax.ShapeDtypeStruct((batch, patch, patch), jnp.int32)
+  cost = eps.lower(params, x, t, labels).cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get('flops', float('nan'))) if cost else float('nan')
+
+
 def original_evaluations(config, cond_scale: float, settings, keys, latent) -> int:
   """U-Net samples the original's `ddim_multimask` would run for the same patches.
 
@@ -76,8 +88,12 @@ def run_sampler_benchmark(config, params, *, image_size: int, patch_size: int, s
                           cond_scale: float, patches_per_step: int, seed: int = 0,
                           repeats: int = 3, batch_size: int = 1, mesh=None,
                           time_denoiser: bool = True, schedule: str = 'random',
-                          grid_margin: int = 0) -> dict:
-  """Times `Sampler.sample` (compile separately) and the denoiser calls it makes."""
+                          grid_margin: int = 0, dtype: str = 'float32') -> dict:
+  """Times `Sampler.sample` (compile separately) and the denoiser calls it makes.
+
+  `dtype`: the U-Net's compute dtype (params as given; the sampler state stays float32).
+  """
+  config = dataclasses.replace(config, dtype=dtype)
   labels = benchmark_label_map(image_size, image_size, config.num_classes)
   labels = np.broadcast_to(labels, (batch_size,) + labels.shape)
   geom = geometry.LatentGeometry()
@@ -119,15 +135,47 @@ def run_sampler_benchmark(config, params, *, image_size: int, patch_size: int, s
                                and schedule == 'random' else None),
       'denoiser_seconds': denoiser_seconds,
       'overhead_ratio': seconds / denoiser_seconds,
+      # U-Net samples x FLOPs of one (batch-1) forward: the work a perfect device must do
+      'denoiser_gflop': evaluations * forward_flops(
+          config, params, 1, patch_size // geom.factor) / 1e9,
       'device': str(jax.devices()[0].device_kind),
       'devices': 1 if mesh is None else int(mesh.devices.size),
       'seconds_per_image': seconds / batch_size,
-      'schedule': schedule, 'grid_margin': grid_margin,
+      'schedule': schedule, 'grid_margin': grid_margin, 'dtype': dtype,
       'seconds_per_patch_iteration': seconds / int(state.iterations),
       # patches x P^2 / (h w S): 1.0 is a perfect tiling (latent pixels, per image)
       'coverage': int(state.patches) * (patch_size // geom.factor) ** 2
                   / (batch_size * (image_size // geom.factor) ** 2 * steps),
   }
+
+
+def count_work(config, params, *, image_size: int, patch_size: int, steps: int,
+               cond_scale: float, patches_per_step: int, seed: int = 0,
+               schedule: str = 'random', grid_margin: int = 0, **unused) -> dict:
+  """The U-Net work of a run without running the U-Net: the sampler with a zero model.
+
+  Placement never depends on latent values and the guided step's pass count only on the
+  labels, so the counts equal the real run's. FLOPs = samples x one batch-1 forward.
+  """
+  del unused
+  geom = geometry.LatentGeometry()
+  p = patch_size // geom.factor
+  settings = sampler_lib.SamplerSettings(steps=steps, patch=p, patches_per_step=patches_per_step,
+                                         schedule=schedule, grid_margin=grid_margin)
+  zero = lambda params, x, t, cond, null=None: jnp.zeros(x.shape, jnp.float32)
+  denoise = denoisers.image_denoiser(zero, config.num_classes, cond_scale)
+  labels = benchmark_label_map(image_size, image_size, config.num_classes)
+  latent = jnp.asarray(labels[None, ::geom.factor, ::geom.factor])
+  state = sampler_lib.Sampler(denoise, settings).sample(
+      None, sampler_lib.image_keys(seed, [0]), latent, config.channels)
+  flops = forward_flops(config, params, 1, p)
+  return {'image_size': image_size, 'patch_size': patch_size, 'steps': steps,
+          'schedule': schedule, 'grid_margin': grid_margin,
+          'patches_per_step': patches_per_step, 'patch_iterations': int(state.iterations),
+          'denoiser_evaluations': int(state.evaluations),
+          'gflop_per_forward': flops / 1e9,
+          'denoiser_gflop': int(state.evaluations) * flops / 1e9,
+          'coverage': int(state.patches) * p * p / ((image_size // geom.factor) ** 2 * steps)}
 
 
 def run_scaling_benchmark(config, params, *, devices: int, batch_size: int | None = None,

@@ -7,7 +7,8 @@ import math
 import numpy as np
 
 
-def seam_ratio(img, tile: int, offset: int = 0, neighbours: int | None = 4) -> float:
+def seam_ratio(img, tile: int, offset: int = 0, neighbours: int | None = 4,
+               axes=(0, 1)) -> float:
   """How visible tile boundaries are: ~1 for no seams, clearly > 1 for seams.
 
   A line is the border between two neighbouring pixel columns (or rows) j-1 and j; its
@@ -30,6 +31,7 @@ def seam_ratio(img, tile: int, offset: int = 0, neighbours: int | None = 4) -> f
     tile: tile side in pixels.
     offset: where the grid starts (0 for the unshifted decode).
     neighbours: half-width of the local reference, or None for a global one.
+    axes: 0 for the lines between rows, 1 between columns (default both).
 
   Returns:
     The ratio (nan when there is no boundary or no reference line).
@@ -42,7 +44,7 @@ def seam_ratio(img, tile: int, offset: int = 0, neighbours: int | None = 4) -> f
   if x.ndim != 3:
     raise ValueError(f'image must be [H, W] or [H, W, ch], got shape {np.shape(img)}')
   seam_sum = seam_n = ref_sum = ref_n = 0.0
-  for axis in (0, 1):
+  for axis in axes:
     d = np.abs(np.diff(x, axis=axis))             # line j-1|j at index j-1 along axis
     per_line = d.sum(axis=tuple(a for a in range(3) if a != axis))      # [n_lines]
     count = d.size // d.shape[axis]               # values per line

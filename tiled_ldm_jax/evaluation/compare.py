@@ -1,0 +1,123 @@
+"""Side-by-side measurements of sampler options on one set of models (evaluation only).
+
+`compare_schedules`: random vs grid placement (and grid margins) on the same label map
+and seeds: coverage, seconds, mask adherence and seam visibility.
+`compare_dtypes`: float32 vs bfloat16 compute on the same seed: PSNR of the decoded image
+and seconds.
+
+Both time the stage after a warm-up call with the same settings (so compile time is not
+in `seconds`) and return plain dicts, one per run, for a script to print as JSON.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import jax
+import numpy as np
+
+from tiled_ldm_jax import schedules
+from tiled_ldm_jax.evaluation import adherence
+from tiled_ldm_jax.evaluation import seams
+
+WARMUP_SEED = 10_000   # never one of the measured seeds
+
+
+def demo_labels(image_size: int) -> np.ndarray:
+  """[H, W] int32: the bundled 512 px demo mask scaled (nearest) to `image_size`."""
+  from tiled_ldm_jax import demo  # pylint: disable=g-import-not-at-top
+  from tiled_ldm_jax import masks  # pylint: disable=g-import-not-at-top
+  m = masks.read_label_png(demo.mask_path())
+  rows = np.arange(image_size) * m.shape[0] // image_size
+  cols = np.arange(image_size) * m.shape[1] // image_size
+  return m[rows][:, cols].astype(np.int32)
+
+
+def _timed_latents(pipe, labels, seed, o):
+  start = time.perf_counter()
+  smp, state, latent = pipe.image_stage(o, labels, np.arange(len(labels)), seed)
+  state = smp.run(pipe.unet.params, state, latent)
+  jax.block_until_ready(state.x)
+  return state, time.perf_counter() - start
+
+
+def last_level_grid(pipe, o, image_hw, seed: int) -> tuple[int, int, int]:
+  """(cell px, first row border px, first col border px) of the grid schedule's last
+  level for image 0: borders lie at `first + k * cell`."""
+  smp, state, _ = pipe.image_stage(o, np.zeros((1,) + tuple(image_hw), np.int32), [0], seed)
+  s = smp.settings
+  cell = s.patch - 2 * s.grid_margin
+  off = np.asarray(schedules.grid_offset(state.keys[0], s.steps - 1, cell))
+  f = pipe.geometry.factor
+  return cell * f, int((-off[0]) % cell) * f, int((-off[1]) % cell) * f
+
+
+def grid_seam_ratio(img: np.ndarray, tile: int, first_row: int, first_col: int) -> float:
+  """Seam ratio at the borders of one shifted grid (rows and columns pooled equally)."""
+  x = img.astype(np.float32) / 255
+  # seam_ratio counts borders at offset + k * tile for k >= 1: start one tile earlier.
+  return float(np.mean([seams.seam_ratio(x, tile, first_row - tile, axes=(0,)),
+                        seams.seam_ratio(x, tile, first_col - tile, axes=(1,))]))
+
+
+def compare_schedules(pipe, labels: np.ndarray, seeds, variants, *, classifier=None,
+                      **options) -> list[dict]:
+  """One row per (variant, seed). `variants`: [(schedule, grid_margin_px)], `labels` [H, W].
+
+  Seams are measured at the last level's window borders (grid) or at the patch grid from
+  the origin (random: its patches have no grid, so this is the control value).
+  """
+  labels = np.asarray(labels, np.int32)[None]
+  if classifier is None:
+    classifier = adherence.fit_texture_classifier(
+        pipe.unet.config.num_classes, n_images=12,
+        transform=adherence.vae_round_trip(pipe.vae.config, pipe.vae.params))
+  rows = []
+  for schedule, margin in variants:
+    o = pipe.resolve(schedule=schedule, grid_margin=margin, **options)
+    _timed_latents(pipe, labels, WARMUP_SEED, o)
+    for seed in seeds:
+      state, seconds = _timed_latents(pipe, labels, seed, o)
+      img = pipe.decode(state.x, options=o)[0]
+      if schedule == 'grid':
+        tile, r0, c0 = last_level_grid(pipe, o, labels.shape[1:], seed)
+        seam = grid_seam_ratio(img, tile, r0, c0)
+      else:
+        tile = o.patch_size
+        seam = seams.seam_ratio(img.astype(np.float32) / 255, tile, 0)
+      n, h, w = state.times.shape
+      p = pipe.geometry.latent_size(o.patch_size, 'patch_size')
+      rows.append({
+          'schedule': schedule, 'grid_margin': margin, 'seed': int(seed),
+          'seconds': seconds,
+          'coverage': int(state.patches) * p * p / (n * h * w * o.sampling_steps),
+          'patch_iterations': int(state.iterations),
+          'adherence': adherence.mask_adherence(img, labels[0], classifier)['adherence'],
+          'seam_ratio': seam, 'seam_tile': tile})
+  return rows
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+  """PSNR in dB of two uint8 images (inf when equal)."""
+  mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+  return math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
+
+
+def compare_dtypes(pipe, labels: np.ndarray, seed: int, dtypes=('float32', 'bfloat16'),
+                   **options) -> list[dict]:
+  """One row per dtype: sampling and decode seconds, PSNR of the image against dtypes[0]."""
+  labels = np.asarray(labels, np.int32)[None]
+  rows, first = [], None
+  for dtype in dtypes:
+    o = pipe.resolve(dtype=dtype, **options)
+    pipe.decode(_timed_latents(pipe, labels, WARMUP_SEED, o)[0].x, options=o)   # compile
+    state, seconds = _timed_latents(pipe, labels, seed, o)
+    start = time.perf_counter()
+    img = pipe.decode(state.x, options=o)[0]
+    decode_seconds = time.perf_counter() - start
+    first = img if first is None else first
+    rows.append({'dtype': dtype, 'seed': seed, 'sample_seconds': seconds,
+                 'decode_seconds': decode_seconds, 'psnr_vs_' + dtypes[0]: psnr(img, first),
+                 'image_size': labels.shape[1], 'device': jax.devices()[0].device_kind})
+  return rows
