@@ -65,8 +65,9 @@ def compare_schedules(pipe, labels: np.ndarray, seeds, variants, *, classifier=N
                       **options) -> list[dict]:
   """One row per (variant, seed). `variants`: [(schedule, grid_margin_px)], `labels` [H, W].
 
-  Seams are measured at the last level's window borders (grid) or at the patch grid from
-  the origin (random: its patches have no grid, so this is the control value).
+  Seams (`seams.seam_ratio`, ~1 when invisible) are measured for every variant at the
+  cell borders of the last level of the margin-0 grid of that seed (for random placement
+  these lines are a control) and, for a grid, also at its own last level's borders.
   """
   labels = np.asarray(labels, np.int32)[None]
   if classifier is None:
@@ -80,12 +81,13 @@ def compare_schedules(pipe, labels: np.ndarray, seeds, variants, *, classifier=N
     for seed in seeds:
       state, seconds = _timed_latents(pipe, labels, seed, o)
       img = pipe.decode(state.x, options=o)[0]
-      if schedule == 'grid':
-        tile, r0, c0 = last_level_grid(pipe, o, labels.shape[1:], seed)
-        seam = grid_seam_ratio(img, tile, r0, c0)
-      else:
-        tile = o.patch_size
-        seam = seams.seam_ratio(img.astype(np.float32) / 255, tile, 0)
+      # The same lines for every variant: the margin-0 grid's last-level cell borders
+      # (random: a control; a grid with a margin: its cells are smaller, see seam_own).
+      tile, r0, c0 = last_level_grid(pipe, pipe.resolve(o, schedule='grid', grid_margin=0),
+                                     labels.shape[1:], seed)
+      seam = grid_seam_ratio(img, tile, r0, c0)
+      seam_own = (grid_seam_ratio(img, *last_level_grid(pipe, o, labels.shape[1:], seed))
+                  if schedule == 'grid' else seam)
       n, h, w = state.times.shape
       p = pipe.geometry.latent_size(o.patch_size, 'patch_size')
       rows.append({
@@ -94,7 +96,8 @@ def compare_schedules(pipe, labels: np.ndarray, seeds, variants, *, classifier=N
           'coverage': int(state.patches) * p * p / (n * h * w * o.sampling_steps),
           'patch_iterations': int(state.iterations),
           'adherence': adherence.mask_adherence(img, labels[0], classifier)['adherence'],
-          'seam_ratio': seam, 'seam_tile': tile})
+          'denoiser_evaluations': int(state.evaluations),
+          'seam_ratio': seam, 'seam_ratio_own_grid': seam_own})
   return rows
 
 
