@@ -29,6 +29,8 @@ _SIZE = flags.DEFINE_integer('image_size', 1024, 'Image side in pixels.')
 _PATCH = flags.DEFINE_integer('patch_size', None, 'Patch side in px (default: the model\'s).')
 _STEPS = flags.DEFINE_integer('sampling_steps', 20, 'DDIM steps.')
 _SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds (dtype: the first only).')
+_MARGINS = flags.DEFINE_list('grid_margins', None, 'schedules: grid margins in px to compare '
+                             '(default: 0 and patch_size / 8).')
 _CACHE = flag_util.define_compilation_cache_flag()
 
 
@@ -72,7 +74,16 @@ def main(argv):
   except ValueError as e:
     _fail(str(e))
   if _COMPARE.value == 'schedules':
-    variants = [('random', 0), ('grid', 0), ('grid', o.patch_size // 8)]
+    try:
+      margins = [int(m) for m in _MARGINS.value or (0, o.patch_size // 8)]
+    except ValueError:
+      _fail(f'--grid_margins must be integers, got {_MARGINS.value}')
+    variants = [('random', 0)] + [('grid', m) for m in margins]
+    for _, m in variants:
+      try:
+        pipe.check_image_request(labels.shape, pipe.resolve(o, grid_margin=m))
+      except ValueError as e:
+        _fail(str(e))
     rows = compare.compare_schedules(pipe, labels, seeds, variants, **options)
     summary = _summary(rows, lambda r: f"{r['schedule']} margin {r['grid_margin']}")
   else:
