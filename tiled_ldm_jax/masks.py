@@ -192,6 +192,8 @@ def validate_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
   """
   labels = np.asarray(labels)
   _check_integer(labels)
+  if labels.size == 0 or (labels.min() >= 0 and labels.max() < num_classes):
+    return labels    # no temporaries of the labels' size (whole-slide maps are GiBs)
   bad = np.unique(labels[(labels < 0) | (labels >= num_classes)])
   if bad.size:
     shown = ', '.join(str(v) for v in bad[:20]) + (', ...' if bad.size > 20 else '')

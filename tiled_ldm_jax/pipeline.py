@@ -221,7 +221,8 @@ class Pipeline:
     labels = np.asarray(labels)
     if labels.ndim != 3:
       raise ValueError(f'labels must be [N, H, W], got shape {labels.shape}')
-    return masks_lib.validate_labels(labels, self.unet.config.num_classes).astype(np.int32)
+    return masks_lib.validate_labels(labels, self.unet.config.num_classes).astype(
+        np.int32, copy=False)
 
   @staticmethod
   def _mask_patch(msize: int, o: Options) -> int:
