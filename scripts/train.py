@@ -3,6 +3,7 @@
   python scripts/train.py --config=configs/demo_train_vae.py --workdir=runs/demo/vae
   python scripts/train.py --config=configs/demo_train_image.py --workdir=runs/demo/image_unet \
       [--resume] [--config.steps=N --config.batch_size=8 --config.vae=/path/to/vae/model]
+      [--devices=N] [--coordinator_address=host:port --num_processes=P --process_id=i]
 
 `--config.<field>=value` overrides any `TrainConfig` field (ml_collections config flags;
 types are checked, unknown fields are an error). Checkpoints go to <workdir>/checkpoints,
@@ -17,6 +18,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from tiled_ldm_jax import flag_util
+from tiled_ldm_jax import sharding
 from tiled_ldm_jax import training
 from tiled_ldm_jax.models import configs
 
@@ -26,6 +29,16 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string('workdir', None,
                                'Run folder: checkpoints, metrics, exported model.')
 _RESUME = flags.DEFINE_bool('resume', False, 'Continue from the newest checkpoint in --workdir.')
+_DEVICES = flags.DEFINE_integer('devices', 0, 'Data-parallel over this many devices (0: all, '
+                                'every process\'s in a multi-host run); the global batch '
+                                '--config.batch_size must divide by it.')
+_CACHE = flag_util.define_compilation_cache_flag()
+flags.DEFINE_bool('distributed', False, 'Multi-host: call jax.distributed.initialize() '
+                  '(arguments from the cluster environment or the flags below).')
+flags.DEFINE_string('coordinator_address', None, 'Multi-host: host:port of process 0 '
+                    '(implies --distributed).')
+flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
+flags.DEFINE_integer('process_id', None, 'Multi-host: this process\'s index.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -47,11 +60,19 @@ def _parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if _DEVICES.value < 0:
+    sys.exit(f'error: --devices must be >= 0, got {_DEVICES.value}')
+  flag_util.use_compilation_cache(_CACHE.value)
+  if flags.FLAGS.distributed or flags.FLAGS.coordinator_address:
+    sharding.initialize_distributed(flags.FLAGS.coordinator_address,
+                                    flags.FLAGS.num_processes, flags.FLAGS.process_id)
   try:
-    summary = training.run(_CONFIG.value, _WORKDIR.value, resume=_RESUME.value)
+    summary = training.run(_CONFIG.value, _WORKDIR.value, resume=_RESUME.value,
+                           devices=_DEVICES.value or None)
   except (training.WorkdirError, configs.ConfigError, FileNotFoundError) as e:
     sys.exit(f'error: {e}')
-  print(json.dumps(summary))
+  if sharding.is_writer():
+    print(json.dumps(summary))
 
 
 if __name__ == '__main__':

@@ -46,8 +46,9 @@ def _abstract(model: str, config):
   return unet_lib.abstract_params(config)
 
 
-def save_model(directory: str, model: str, config, params) -> None:
-  """Writes `directory` atomically (a temporary sibling renamed at the end)."""
+def save_model(directory: str, model: str, config, params, extra: dict | None = None) -> None:
+  """Writes `directory` atomically (a temporary sibling renamed at the end); `extra`:
+  further model.json entries (e.g. a trained U-Net's `objective`)."""
   if model not in MODEL_KINDS:
     raise ValueError(f'model must be one of {MODEL_KINDS}, got {model!r}')
   directory = os.path.abspath(directory)
@@ -62,7 +63,8 @@ def save_model(directory: str, model: str, config, params) -> None:
     params = jax.tree_util.tree_map(np.asarray, params)
     with quiet_orbax(), ocp.PyTreeCheckpointer() as ckptr:
       ckptr.save(os.path.join(tmp, 'params'), params)
-    meta = {'format': _FORMAT, 'model': model, 'config': configs_lib.config_to_dict(config)}
+    meta = {**(extra or {}), 'format': _FORMAT, 'model': model,
+            'config': configs_lib.config_to_dict(config)}
     with open(os.path.join(tmp, 'model.json'), 'w') as f:
       json.dump(meta, f, indent=1)
     if os.path.exists(directory):
@@ -148,8 +150,16 @@ def latest_step(directory: str) -> int | None:
 
 
 def save_train_state(directory: str, step: int, state, max_to_keep: int | None = None) -> None:
-  """Saves `state` as step `step` (synchronously); keeps the newest `max_to_keep` steps."""
-  host = jax.tree_util.tree_map(np.asarray, jax.device_get(state))
+  """Saves `state` as step `step` (synchronously); keeps the newest `max_to_keep` steps.
+
+  Collective in a multi-process run (every process calls it): leaves sharded over other
+  processes' devices are handed to orbax as global arrays, each process writing its
+  shards; the rest are saved from a host copy."""
+  def host(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+      return x
+    return np.asarray(jax.device_get(x))
+  host = jax.tree_util.tree_map(host, state)
   flat, meta = _leaf_table(host)
   with quiet_orbax(), _train_manager(directory, max_to_keep) as mngr:
     mngr.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(flat),

@@ -21,6 +21,7 @@ from tiled_ldm_jax import geometry
 from tiled_ldm_jax.models import configs as configs_lib
 
 TASKS = ('image_unet', 'mask_unet', 'vae')
+OBJECTIVES = ('eps', 'v', 'flow')
 
 
 class WorkdirError(ValueError):
@@ -49,6 +50,14 @@ class TrainConfig:
   keep_checkpoints: int = 2          # newest checkpoints kept
   log_every: int = 50                # log loss, steps/s and ETA every this many steps
   seed: int = 0                      # init, data order and step randomness
+  shard_params: bool = False         # data-parallel runs: shard params and optimizer state
+                                     # FSDP-style over the devices (else replicated)
+  objective: str = 'eps'             # U-Nets: what the network predicts. eps: the noise;
+                                     # v: sqrt(abar_t) * noise - sqrt(1 - abar_t) * x0;
+                                     # flow: t ~ U[0, 1], x_t = (1 - t) x0 + t noise, the
+                                     # velocity noise - x0, with time input t * 1000 (a
+                                     # float: the sinusoidal embedding sees the range of
+                                     # the diffusion timesteps). Stored in model.json.
   data: str = 'synthetic'            # 'synthetic' or a folder of name.jpg + name_mask.png
   augment: bool = True               # folder data: random flips and 90-degree rotations
   num_labels: int = 5                # label ids 0..num_labels-1 (image U-Net: its num_classes)
@@ -85,6 +94,8 @@ class TrainConfig:
       raise err(f'warmup_frac must be in (0, 1), got {self.warmup_frac}')
     if not 0.0 <= self.ema_decay < 1.0:
       raise err(f'ema_decay must be in [0, 1), got {self.ema_decay}')
+    if self.objective not in OBJECTIVES:
+      raise err(f'objective must be one of {OBJECTIVES}, got {self.objective!r}')
     if self.recon_loss not in ('l1', 'l2'):
       raise err(f"recon_loss must be 'l1' or 'l2', got {self.recon_loss!r}")
     if self.task != 'vae' and not self.vae:

@@ -110,7 +110,13 @@ def export(cfg: TrainConfig, model_cfg, task: Task, ema_params, export_dir: str,
     if cfg.export_latent_std > 0:
       params, stats = _normalised_vae(cfg, model_cfg, params, task)
       info.update(stats)
-  checkpoint.save_model(export_dir, cfg.task, model_cfg, params)
+  extra = {}
+  if cfg.task != 'vae':
+    # What the U-Net predicts (eps | v | flow; flow's time input is t * 1000): a sampler
+    # reads it from model.json to pick the prediction type.
+    info['objective'] = cfg.objective
+    extra = {'objective': cfg.objective}
+  checkpoint.save_model(export_dir, cfg.task, model_cfg, params, extra=extra)
   atomic.write_json(os.path.join(workdir, 'export.json'), info)
   logging.info('exported EMA params to %s', export_dir)
   return export_dir

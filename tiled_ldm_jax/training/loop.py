@@ -24,20 +24,21 @@ from typing import Any, Callable, Iterable
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from tiled_ldm_jax import atomic
 from tiled_ldm_jax import checkpoint
+from tiled_ldm_jax import sharding
 from tiled_ldm_jax.models import configs as configs_lib
 from tiled_ldm_jax.training.export import export
+from tiled_ldm_jax.training import parallel
 from tiled_ldm_jax.training import step as step_lib
 from tiled_ldm_jax.training.config import TrainConfig, WorkdirError, load_config
 from tiled_ldm_jax.training.tasks import Task, make_task
 
 
 def train(cfg: TrainConfig, model_cfg, workdir: str, *, resume: bool = False,
-          until: int | None = None) -> dict[str, Any]:
+          until: int | None = None, devices: int | None = None) -> dict[str, Any]:
   """Trains (or resumes) in `workdir`; exports `<workdir>/model` when all steps are done.
 
   Args:
@@ -46,36 +47,42 @@ def train(cfg: TrainConfig, model_cfg, workdir: str, *, resume: bool = False,
     resume: continue from the newest checkpoint (without it, existing checkpoints are
       an error, so a run is never silently overwritten).
     until: stop (after a checkpoint) once this many steps are done, without exporting.
+    devices: data-parallel over this many devices (None: all JAX sees, every process's
+      in a multi-host run); the global batch `cfg.batch_size` is split over them.
 
   Returns:
     A summary: steps done, last logged loss, steps/s, seconds, export folder (or None).
   """
   workdir = os.path.abspath(workdir)
+  mesh = parallel.make_mesh(cfg.batch_size, devices)
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   latest = _prepare_workdir(cfg, model_cfg, workdir, ckpt_dir, resume)
   task = make_task(cfg, model_cfg)
-  state = _initial_state(task, cfg, ckpt_dir, latest)
+  state = _initial_state(task, cfg, ckpt_dir, latest, mesh)
   start = int(state.step)
   stop = cfg.steps if until is None else min(int(until), cfg.steps)
   n_params = sum(int(np.size(p)) for p in jax.tree_util.tree_leaves(state.params))
-  logging.info('%s: %d params, steps %d -> %d of %d, batch %d, %d px', cfg.task, n_params,
-               start, stop, cfg.steps, cfg.batch_size, cfg.image_size)
+  logging.info('%s: %d params, steps %d -> %d of %d, batch %d over %d devices, %d px',
+               cfg.task, n_params, start, stop, cfg.steps, cfg.batch_size, mesh.devices.size,
+               cfg.image_size)
   log = _MetricsLog(os.path.join(workdir, 'metrics.jsonl'), cfg)
-  state = _run_steps(task, cfg, state, range(start, stop), log, ckpt_dir)
+  state = _run_steps(task, cfg, state, range(start, stop), log, ckpt_dir, mesh)
   summary = {'task': cfg.task, 'start_step': start, 'steps_done': int(state.step),
              'loss': log.loss, 'steps_per_s': log.rate, 'seconds': log.seconds(),
              'export': None}
   if int(state.step) >= cfg.steps:
-    summary['export'] = export(cfg, model_cfg, task, state.ema_params,
-                               os.path.join(workdir, 'model'), workdir)
+    ema = parallel.to_host(state.ema_params)   # collective: every process gathers
+    summary['export'] = os.path.join(workdir, 'model')
+    if sharding.is_writer():
+      export(cfg, model_cfg, task, ema, summary['export'], workdir)
   return summary
 
 
-def run(config, workdir: str, *, resume: bool = False,
-        until: int | None = None) -> dict[str, Any]:
+def run(config, workdir: str, *, resume: bool = False, until: int | None = None,
+        devices: int | None = None) -> dict[str, Any]:
   """The `scripts/train.py` entry point: a config (file path or ConfigDict), train, export."""
   cfg, model_cfg = load_config(config)
-  return train(cfg, model_cfg, workdir, resume=resume, until=until)
+  return train(cfg, model_cfg, workdir, resume=resume, until=until, devices=devices)
 
 
 # ----------------------------------------------------------------------------- workdir
@@ -95,7 +102,8 @@ def _prepare_workdir(cfg: TrainConfig, model_cfg, workdir: str, ckpt_dir: str,
                        'pass resume=True (--resume) to continue it, or use a new workdir')
   if os.path.exists(cfg_path) and latest is not None:
     _check_resume_config(cfg_path, record)
-  atomic.write_json(cfg_path, record)
+  if sharding.is_writer():
+    atomic.write_json(cfg_path, record)
   return latest
 
 
@@ -113,26 +121,31 @@ def _check_resume_config(path: str, record: dict) -> None:
                        + ', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in diff))
 
 
-def _initial_state(task: Task, cfg: TrainConfig, ckpt_dir: str, latest: int | None):
-  """A fresh state, or the one checkpointed at step `latest`."""
+def _initial_state(task: Task, cfg: TrainConfig, ckpt_dir: str, latest: int | None, mesh):
+  """A fresh state, or the one checkpointed at step `latest`, in the run's shardings."""
   if latest is None:
-    return step_lib.init_state(task, cfg)
+    return step_lib.init_state(task, cfg, mesh)
   abstract = step_lib.abstract_state(task, cfg)
   state = checkpoint.restore_train_state(ckpt_dir, abstract, latest)
   logging.info('resumed from step %d', latest)
-  return jax.tree_util.tree_map(lambda v, s: jnp.asarray(v, s.dtype), state, abstract)
+  state = jax.tree_util.tree_map(lambda v, s: np.asarray(v, s.dtype), state, abstract)
+  return parallel.put(state, parallel.state_shardings(abstract, mesh, cfg.shard_params))
 
 
 # ----------------------------------------------------------------------------- steps
 
 
 def _run_steps(task: Task, cfg: TrainConfig, state, steps: range, log: '_MetricsLog',
-               ckpt_dir: str):
-  """Runs `steps` (batches prefetched in a thread), logging and checkpointing."""
-  step_fn = step_lib.compiled_step(task, cfg)
+               ckpt_dir: str, mesh):
+  """Runs `steps` (batches prefetched in a thread), logging and checkpointing. Every
+  process builds the whole global batch (a pure function of the step) and puts its
+  devices' share of it on them."""
+  step_fn = step_lib.compiled_step(task, cfg, mesh)
+  frozen = parallel.put(task.frozen, jax.tree_util.tree_map(
+      lambda _: parallel.replicated(mesh), task.frozen))
   for step, host_batch in _prefetch(task.batches, steps):
-    batch = {k: jnp.asarray(v) for k, v in host_batch.items()}
-    state, metrics = step_fn(state, task.frozen, batch)
+    batch = parallel.put_batch(host_batch, mesh)
+    state, metrics = step_fn(state, frozen, batch)
     done = step + 1
     log.add(done, metrics, last=done == steps.stop)
     if done % cfg.save_every == 0 or done == steps.stop:
@@ -191,8 +204,10 @@ class _MetricsLog:
       self.t_log, self.n, self.loss_sum = now, 0, 0.0
 
   def _append(self, done: int, metrics: dict, **timing) -> dict[str, float]:
-    """One metrics.jsonl line: step, loss, `timing`, the other metrics of this step."""
+    """One metrics.jsonl line (process 0 only): step, loss, `timing`, the other metrics."""
     extra = {k: float(v) for k, v in metrics.items() if k != 'loss'}
+    if not sharding.is_writer():
+      return extra
     with open(self.path, 'a') as f:
       f.write(json.dumps({'step': done, 'loss': self.loss, **timing, **extra}) + '\n')
     return extra

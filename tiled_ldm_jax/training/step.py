@@ -20,6 +20,7 @@ import optax
 
 from tiled_ldm_jax.models import unet as unet_lib
 from tiled_ldm_jax.models import vae as vae_lib
+from tiled_ldm_jax.training import parallel
 from tiled_ldm_jax.training.config import TrainConfig, canonical
 from tiled_ldm_jax.training.tasks import Task
 
@@ -63,8 +64,13 @@ def ema_update(ema, params, step, *, decay: float, every: int, warmup: int = 0):
   return jax.tree_util.tree_map(leaf, ema, params)
 
 
-def make_train_step(loss_fn, tx: optax.GradientTransformation, cfg: TrainConfig):
-  """`(state, frozen, batch) -> (state, metrics)`, jitted, the state donated."""
+def make_train_step(loss_fn, tx: optax.GradientTransformation, cfg: TrainConfig,
+                    shardings=None):
+  """`(state, frozen, batch) -> (state, metrics)`, jitted, the state donated.
+
+  shardings: None, or (state shardings, batch sharding, replicated sharding): the state
+  keeps its sharding across steps, the batch is split, frozen params and metrics are
+  replicated (see `parallel`)."""
 
   def step(state: TrainState, frozen, batch):
     rng, key = jax.random.split(jax.random.wrap_key_data(state.rng, impl=RNG_IMPL))
@@ -78,34 +84,60 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, cfg: TrainConfig)
     metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), **aux}
     return TrainState(step=new_step, params=params, ema_params=ema, opt_state=opt_state,
                       rng=jax.random.key_data(rng)), metrics
-  return jax.jit(step, donate_argnums=0)
+  if shardings is None:
+    return jax.jit(step, donate_argnums=0)
+  state_sh, batch_sh, repl = shardings
+  return jax.jit(step, donate_argnums=0, in_shardings=(state_sh, repl, batch_sh),
+                 out_shardings=(state_sh, repl))
 
 
-def compiled_step(task: Task, cfg: TrainConfig):
-  """The jitted `(state, task.frozen, batch) -> (state, metrics)` of this run (state donated)."""
-  return _cached_step(task.loss, canonical(cfg))
+def compiled_step(task: Task, cfg: TrainConfig, mesh=None):
+  """The jitted `(state, task.frozen, batch) -> (state, metrics)` of this run (state
+  donated); on `mesh` (a `parallel.make_mesh`) data-parallel, else on the default device."""
+  return _cached_step(task.loss, task.kind, task.model_config, canonical(cfg), mesh)
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_step(loss_fn, cfg: TrainConfig):
-  """One jitted step per (loss, config): equal runs in a process compile once."""
-  return make_train_step(loss_fn, make_optimizer(cfg), cfg)
+def _cached_step(loss_fn, kind, model_cfg, cfg: TrainConfig, mesh):
+  """One jitted step per (loss, config, mesh): equal runs in a process compile once."""
+  shardings = None
+  if mesh is not None:
+    abstract = _abstract(kind, model_cfg, cfg)
+    shardings = (parallel.state_shardings(abstract, mesh, cfg.shard_params),
+                 parallel.batch_sharding(mesh), parallel.replicated(mesh))
+  return make_train_step(loss_fn, make_optimizer(cfg), cfg, shardings)
 
 
-def init_state(task: Task, cfg: TrainConfig) -> TrainState:
-  """Step 0: fresh params (from `cfg.seed`), EMA = a copy of them, empty optimizer state."""
-  params, opt_state, rng = _jit_init_state(task.kind, task.model_config, canonical(cfg))(
-      np.int32(cfg.seed))
-  # The EMA gets buffers of its own (the state is donated; no buffer may appear twice).
-  ema = jax.device_put(jax.device_get(params))
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=ema,
-                    opt_state=opt_state, rng=rng)
+def init_state(task: Task, cfg: TrainConfig, mesh=None) -> TrainState:
+  """Step 0: fresh params (from `cfg.seed`), EMA = a copy of them, empty optimizer state;
+  on `mesh` created directly in the run's shardings (a model need not fit one device)."""
+  ccfg = canonical(cfg)
+  init = _jit_init_state(task.kind, task.model_config, ccfg)
+  if mesh is None:
+    params, opt_state, rng = init(np.int32(cfg.seed))
+    # The EMA gets buffers of its own (the state is donated; no buffer may appear twice).
+    ema = jax.device_put(jax.device_get(params))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=ema,
+                      opt_state=opt_state, rng=rng)
+  sh = parallel.state_shardings(_abstract(task.kind, task.model_config, ccfg), mesh,
+                                cfg.shard_params)
+  params, opt_state, rng = jax.jit(
+      init, out_shardings=(sh.params, sh.opt_state, sh.rng))(np.int32(cfg.seed))
+  # jnp.copy in its own program: fresh buffers for the EMA (the state is donated).
+  ema = jax.jit(lambda p: jax.tree_util.tree_map(jnp.copy, p),
+                out_shardings=sh.ema_params)(params)
+  step = jax.jit(lambda: jnp.zeros((), jnp.int32), out_shardings=sh.step)()
+  return TrainState(step=step, params=params, ema_params=ema, opt_state=opt_state, rng=rng)
 
 
 def abstract_state(task: Task, cfg: TrainConfig) -> TrainState:
   """The TrainState's shapes and dtypes (no compute): the target of a restore."""
-  params, opt_state, rng = jax.eval_shape(
-      _jit_init_state(task.kind, task.model_config, canonical(cfg)), np.int32(cfg.seed))
+  return _abstract(task.kind, task.model_config, canonical(cfg))
+
+
+def _abstract(kind: str, model_cfg, cfg: TrainConfig) -> TrainState:
+  params, opt_state, rng = jax.eval_shape(_jit_init_state(kind, model_cfg, cfg),
+                                          np.int32(cfg.seed))
   return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                     ema_params=params, opt_state=opt_state, rng=rng)
 

@@ -3,7 +3,8 @@
 Objectives (DiffInfinite's, SPEC sections 1, 2 and 5):
 - image U-Net: diffusion latents of the images (the VAE's posterior mean, or a sample,
   mapped by the VAE's `LatentGeometry`: divided by the latent scale stored with it),
-  cosine schedule, t uniform in [0, 1000), predict the noise, L2 loss. The conditioning
+  cosine schedule, t uniform in [0, 1000), predict the noise, L2 loss (`objective` eps;
+  v and flow predict other targets, see `objective_inputs`). The conditioning
   is the label map at latent resolution (`labels[::f, ::f]`), by default reduced to one
   label l present in the patch, `(labels == l) * l` -- exactly the form the sampler feeds
   (SPEC 2, multi-label patches) -- and replaced by all zeros with probability
@@ -77,6 +78,31 @@ def _noised(z, key, timesteps: int):
   return jnp.sqrt(a) * z + jnp.sqrt(1.0 - a) * noise, t, noise
 
 
+FLOW_TIME_SCALE = 1000.0   # flow: the U-Net's time input is t * this (t in [0, 1])
+
+
+def objective_inputs(objective: str, z, key, timesteps: int = diffusion.NUM_TRAIN_STEPS):
+  """(x_t, the U-Net's time input, the regression target) of one batch of latents z.
+
+  eps: the cosine-schedule x_t, integer t in [0, timesteps), target the noise (the
+  original objective; draws exactly as before). v: same x_t and t, target
+  sqrt(abar_t) * noise - sqrt(1 - abar_t) * z. flow: t ~ U[0, 1), x_t = (1 - t) z +
+  t noise, target the velocity noise - z, time input t * FLOW_TIME_SCALE (float), so the
+  sinusoidal time embedding sees the range of the diffusion timesteps.
+  """
+  if objective == 'flow':
+    k_t, k_n = jax.random.split(key)
+    t = jax.random.uniform(k_t, (z.shape[0],), jnp.float32)
+    noise = jax.random.normal(k_n, z.shape, z.dtype)
+    tt = t.reshape(-1, 1, 1, 1)
+    return (1.0 - tt) * z + tt * noise, t * FLOW_TIME_SCALE, noise - z
+  x_t, t, noise = _noised(z, key, timesteps)
+  if objective == 'eps':
+    return x_t, t, noise
+  a = jnp.asarray(diffusion.Schedule(timesteps).alphas_cumprod)[t].reshape(-1, 1, 1, 1)
+  return x_t, t, jnp.sqrt(a) * noise - jnp.sqrt(1.0 - a) * z
+
+
 def pick_label_cond(labels, key, num_classes: int):
   """Per sample, `(labels == l) * l` for l drawn uniformly among the non-zero labels
   present; all zeros where none is. labels [B, h, w] -> [B, h, w]."""
@@ -90,8 +116,8 @@ def pick_label_cond(labels, key, num_classes: int):
   return jnp.where(sel & (lab[:, None, None] > 0), labels, 0)
 
 
-def _diffusion_loss(eps, noise):
-  return jnp.mean(jnp.square(eps.astype(jnp.float32) - noise))
+def _diffusion_loss(pred, target):
+  return jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
 
 
 def _source(cfg: TrainConfig, batch_size: int, *, with_images: bool, downscale: int,
@@ -152,8 +178,8 @@ def _image_unet_loss(cfg: TrainConfig, model_cfg, vae_cfg):
             else labels)
     drop = jax.random.bernoulli(k_drop, cfg.cond_drop_prob, (labels.shape[0],))
     cond = jnp.where(drop[:, None, None], 0, cond)
-    x_t, t, noise = _noised(z, k_noise, diffusion.NUM_TRAIN_STEPS)
-    return _diffusion_loss(apply(params, x_t, t, cond), noise), {}
+    x_t, t, target = objective_inputs(cfg.objective, z, k_noise)
+    return _diffusion_loss(apply(params, x_t, t, cond), target), {}
   return loss
 
 
@@ -190,8 +216,8 @@ def _mask_unet_loss(cfg: TrainConfig, model_cfg, vae_cfg):
     z = _encode_latents(encode, vae_params, images, k_z, cfg.latent_sample, geo)
     classes = batch['layout_class']
     null = jax.random.bernoulli(k_drop, cfg.cond_drop_prob, classes.shape)
-    x_t, t, noise = _noised(z, k_noise, diffusion.NUM_TRAIN_STEPS)
-    return _diffusion_loss(apply(params, x_t, t, classes, null), noise), {}
+    x_t, t, target = objective_inputs(cfg.objective, z, k_noise)
+    return _diffusion_loss(apply(params, x_t, t, classes, null), target), {}
   return loss
 
 
