@@ -4,6 +4,7 @@
   tasks   what each network trains on and its loss
   step    optimizer, EMA, train state, the jitted step
   export  the finished run as a model folder (VAE: latent normalisation and scale)
+  parallel  the 'data' mesh, state and batch shardings (data-parallel, FSDP option)
   loop    workdir, resume, metrics.jsonl, checkpoints: `train` and `run`
 """
 
@@ -13,7 +14,9 @@ from tiled_ldm_jax.training.config import WorkdirError
 from tiled_ldm_jax.training.config import default_config
 from tiled_ldm_jax.training.config import from_config
 from tiled_ldm_jax.training.config import load_config
+from tiled_ldm_jax.training.config import OBJECTIVES
 from tiled_ldm_jax.training.export import clipped_fraction
+from tiled_ldm_jax.training.export import export as export_model
 from tiled_ldm_jax.training.export import clipped_share
 from tiled_ldm_jax.training.export import held_out_latents
 from tiled_ldm_jax.training.export import normalize_vae_latents
