@@ -137,6 +137,20 @@ def _paste_all(a, values, corners, masks, *, patch: int):
   return a
 
 
+def _own_buffers(true, crops):
+  """The crops as buffers of their own, read before any write of the step (`true`: a
+  traced predicate that always holds).
+
+  Otherwise XLA fuses the crop of x_low into the in-place update of x (through the DDIM
+  step) and the crop of x into that of x_low: each fusion reads the buffer the other
+  writes, and copy insertion then duplicates x, x_low and times every iteration, an
+  O(h w) cost per patch. A conditional is a fusion boundary (an optimization barrier is
+  not: XLA:CPU expands it before fusing).
+  """
+  return jax.lax.cond(true, lambda c: c, lambda c: jax.tree_util.tree_map(jnp.zeros_like, c),
+                      crops)
+
+
 def _paste(a, corner, value):
   start = (corner[0], corner[1]) + (0,) * (a.ndim - 2)
   return jax.lax.dynamic_update_slice(a, value, start)
@@ -230,11 +244,11 @@ class Sampler:
     corners, _, valid = jax.vmap(functools.partial(
         schedules.choose_random, patch=p, k_slots=k_slots))(
             state.times, state.counts, level, it_keys)                  # [N, K, 2], [N, K]
-    valid = valid & active[:, None]
+    corners, valid = _own_buffers(state.iterations >= 0, (corners, valid & active[:, None]))
 
     crop = jax.vmap(jax.vmap(functools.partial(_crop, patch=p), (None, 0)), (0, 0))
-    x_p, low_p, t_p, lab_p = (crop(a, corners) for a in (state.x, state.x_low, state.times,
-                                                         labels))     # [N, K, P, P, ...]
+    x_p, low_p, t_p, lab_p = _own_buffers(state.iterations >= 0, tuple(
+        crop(a, corners) for a in (state.x, state.x_low, state.times, labels)))  # [N, K, P, P, ..]
     behind = t_p == level[:, None, None, None]                          # at the lowest level
     model_in = jnp.where(behind[..., None], x_p, low_p)
     noise = jax.vmap(lambda key: jax.vmap(
@@ -284,8 +298,8 @@ class Sampler:
              & (rects[..., 2] < rects[..., 3]) & active[:, None])
     odd = (level % 2 == 1)[:, None, None, None, None]                   # read x_low, write x
     crop = jax.vmap(jax.vmap(functools.partial(_crop, patch=p), (None, 0)), (0, 0))
-    x_p, low_p, t_p, lab_p = (crop(a, corners) for a in (state.x, state.x_low, state.times,
-                                                         labels))
+    x_p, low_p, t_p, lab_p = _own_buffers(state.iterations >= 0, tuple(
+        crop(a, corners) for a in (state.x, state.x_low, state.times, labels)))
     model_in = jnp.where(odd, low_p, x_p)
     noise = jax.vmap(lambda key, lv, idx: jax.vmap(lambda j: jax.random.normal(
         jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, 3), lv), j),

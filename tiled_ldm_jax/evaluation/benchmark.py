@@ -166,8 +166,11 @@ def count_work(config, params, *, image_size: int, patch_size: int, steps: int,
   denoise = denoisers.image_denoiser(zero, config.num_classes, cond_scale)
   labels = benchmark_label_map(image_size, image_size, config.num_classes)
   latent = jnp.asarray(labels[None, ::geom.factor, ::geom.factor])
-  state = sampler_lib.Sampler(denoise, settings).sample(
-      None, sampler_lib.image_keys(seed, [0]), latent, config.channels)
+  smp, keys = sampler_lib.Sampler(denoise, settings), sampler_lib.image_keys(seed, [0])
+  _block(smp.sample(None, keys, latent, config.channels))           # compile
+  start = time.perf_counter()
+  state = _block(smp.sample(None, keys, latent, config.channels))
+  seconds = time.perf_counter() - start
   flops = forward_flops(config, params, 1, p)
   return {'image_size': image_size, 'patch_size': patch_size, 'steps': steps,
           'schedule': schedule, 'grid_margin': grid_margin,
@@ -175,7 +178,10 @@ def count_work(config, params, *, image_size: int, patch_size: int, steps: int,
           'denoiser_evaluations': int(state.evaluations),
           'gflop_per_forward': flops / 1e9,
           'denoiser_gflop': int(state.evaluations) * flops / 1e9,
-          'coverage': int(state.patches) * p * p / ((image_size // geom.factor) ** 2 * steps)}
+          'coverage': int(state.patches) * p * p / ((image_size // geom.factor) ** 2 * steps),
+          # the sampler's own cost: the whole loop with a model that costs nothing
+          'zero_model_seconds': seconds,
+          'zero_model_seconds_per_patch_iteration': seconds / int(state.iterations)}
 
 
 def run_scaling_benchmark(config, params, *, devices: int, batch_size: int | None = None,
