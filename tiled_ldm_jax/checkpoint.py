@@ -21,6 +21,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from tiled_ldm_jax import sharding
 from tiled_ldm_jax.models import configs as configs_lib
 
 MODEL_KINDS = tuple(configs_lib.MODEL_KINDS)
@@ -199,25 +200,34 @@ def save_state(directory: str, tree, meta: dict[str, Any]) -> None:
   """Atomically replaces `directory` with `tree` (orbax) and `meta` (`meta.json`).
 
   Written into a sibling temporary folder and swapped in by rename, so `directory` is
-  always either the previous complete state or the new one.
+  always either the previous complete state or the new one. Multi-process: every process
+  calls this with the same (host) tree; orbax saves collectively and process 0 writes
+  the files, the meta and the renames.
   """
   directory = os.path.abspath(directory)
   parent = os.path.dirname(directory)
-  os.makedirs(parent, exist_ok=True)
-  tmp = os.path.join(parent, f'.tmp-{os.path.basename(directory)}-{uuid.uuid4().hex[:12]}')
+  writer = sharding.is_writer()
+  token = sharding.broadcast_int(uuid.uuid4().int % (1 << 48))   # one name on every process
+  tmp = os.path.join(parent, f'.tmp-{os.path.basename(directory)}-{token:012x}')
   old = tmp + '-old'
-  os.mkdir(tmp)
+  if writer:
+    os.makedirs(parent, exist_ok=True)
+    os.mkdir(tmp)
+  sharding.barrier('tiled_ldm_jax.save_state.mkdir')
   try:
     with quiet_orbax(), ocp.PyTreeCheckpointer() as ckptr:
       ckptr.save(os.path.join(tmp, 'state'), jax.tree_util.tree_map(np.asarray, tree))
-    with open(os.path.join(tmp, 'meta.json'), 'w') as f:
-      json.dump(meta, f, indent=1)
-    if os.path.exists(directory):
-      os.replace(directory, old)
-    os.replace(tmp, directory)
+    if writer:
+      with open(os.path.join(tmp, 'meta.json'), 'w') as f:
+        json.dump(meta, f, indent=1)
+      if os.path.exists(directory):
+        os.replace(directory, old)
+      os.replace(tmp, directory)
   finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
+    if writer:
+      shutil.rmtree(tmp, ignore_errors=True)
+      shutil.rmtree(old, ignore_errors=True)
+  sharding.barrier('tiled_ldm_jax.save_state.done')
 
 
 def load_state_meta(directory: str) -> dict[str, Any]:

@@ -199,33 +199,42 @@ def _run_stage(smp, params, state, labels, steps: int, every: int, save):
   return state
 
 
-def _write_sample(plan: Plan, number: int, z, labels: np.ndarray, record: dict) -> dict:
-  """Decodes one latent (bands for TIFF, whole otherwise) and writes image, mask, JSON."""
-  cfg = plan.cfg
-  if not sharding.is_writer():   # multi-host: process 0 writes
-    return record
+def _sample_files(cfg, number: int) -> tuple[str, str, str]:
+  """(base path, image file, mask file) of sample `number`."""
   base = os.path.join(cfg.imgs_path, f'sample{number:04d}')
+  if cfg.output_format == 'zarr':   # labels go into the store's labels/ group
+    return base, base + '.zarr', base + '.zarr/labels'
+  image_path = base + f'.{cfg.output_format if cfg.output_format != "tiff" else "tif"}'
+  return base, image_path, writers.mask_path(image_path)
+
+
+def _write_sample(plan: Plan, number: int, z, labels: np.ndarray, record: dict,
+                  mine: bool = True) -> dict:
+  """Decodes one latent (bands for TIFF/Zarr, whole otherwise), writes image, mask, JSON.
+
+  Multi-process: image j of a batch is decoded and written by process j % P (`mine`); no
+  collective runs here, so the processes stay in step whatever each one writes.
+  """
+  cfg = plan.cfg
+  base, image_path, mask_file = _sample_files(cfg, number)
+  record['files'] = {'image': os.path.basename(image_path),
+                     'mask': os.path.relpath(mask_file, cfg.imgs_path)}
+  if not mine:
+    return record
   start = time.perf_counter()
   h, w = labels.shape
   bands = lambda: plan.pipe.iter_decode(z, options=plan.options)
-  if cfg.output_format == 'zarr':   # labels go into the store's labels/ group
-    image_path = mask_file = base + '.zarr'
+  if cfg.output_format == 'zarr':
     ome_zarr.write_ome_zarr(image_path, bands(), (h, w, 3), labels=labels, mpp=cfg.mpp)
-    mask_file += '/labels'
   elif cfg.output_format == 'tiff':
-    image_path = base + '.tif'
     writers.write_tiff(image_path, bands(), (h, w, 3), compression=cfg.tiff_compression,
                        jpeg_quality=cfg.jpeg_quality, mpp=cfg.mpp)
   else:
-    image_path = base + f'.{cfg.output_format}'
     writers.write_image(image_path, plan.pipe.decode(z[None], options=plan.options)[0],
                         quality=cfg.jpeg_quality)
   if cfg.output_format != 'zarr':
-    mask_file = writers.mask_path(image_path)
     writers.write_labels(mask_file, labels)
   record['seconds']['decode_and_write'] = time.perf_counter() - start
-  record['files'] = {'image': os.path.basename(image_path),
-                     'mask': os.path.relpath(mask_file, cfg.imgs_path)}
   with atomic.atomic_path(base + '.json') as tmp:   # last: its presence marks a complete sample
     with open(tmp, 'w') as f:
       json.dump(record, f, indent=1, default=str)
@@ -278,7 +287,8 @@ def run(plan: Plan, *, flags_used: dict | None = None) -> list[dict]:
   cfg, meta = plan.cfg, plan.resume_meta
   run_ckpt = resume.RunCheckpoint(cfg.imgs_path)
   os.makedirs(cfg.imgs_path, exist_ok=True)
-  first = meta['first_sample'] if meta else next_index(cfg.imgs_path)
+  # every process numbers from process 0's view of the folder
+  first = sharding.broadcast_int(meta['first_sample'] if meta else next_index(cfg.imgs_path))
   start_batch = meta['batch_start'] if meta else 0
   first_stage = 'image' if plan.mask is not None else 'mask'
   records, total_start = [], time.perf_counter()
@@ -320,7 +330,8 @@ def run(plan: Plan, *, flags_used: dict | None = None) -> list[dict]:
     for j, index in enumerate(indices):
       number = first + int(index)
       record = _record(plan, number, int(index), labels[j], stats, seconds, flags_used)
-      records.append(_write_sample(plan, number, z[j], labels[j], record))
+      records.append(_write_sample(plan, number, z[j], labels[j], record,
+                                   mine=sharding.owns(j)))
       logging.info('wrote sample%04d (%d/%d, %.0f s so far)', number, len(records),
                    cfg.n_images, time.perf_counter() - total_start)
     if cfg.checkpoint_every and b0 + cfg.batch_size < cfg.n_images:
@@ -328,7 +339,9 @@ def run(plan: Plan, *, flags_used: dict | None = None) -> list[dict]:
       run_ckpt.save(cfg=cfg, hashes=plan.hashes, batch_start=b0 + cfg.batch_size,
                     first_sample=first, stage=first_stage,
                     state=_fresh(plan, first_stage, nxt)[1])
-  run_ckpt.remove()
+  sharding.barrier('tiled_ldm_jax.generate.done')   # every process has written its files
+  if sharding.is_writer():
+    run_ckpt.remove()
   return records
 
 

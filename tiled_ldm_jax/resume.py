@@ -79,8 +79,7 @@ class RunCheckpoint:
             'checkpoint_sha256': hashes, 'iterations': int(state.iterations),
             'has_labels': labels is not None, 'extra': extra or {}}
     tree = _state_tree(state, labels)    # every process takes part in the gather
-    if sharding.is_writer():
-      checkpoint.save_state(self.path, tree, meta)
+    checkpoint.save_state(self.path, tree, meta)   # and in orbax's save (process 0 writes)
 
   def load(self, like: SamplerState, labels_shape=None) -> tuple[SamplerState, Any]:
     """(state, labels or None) restored against the shapes of `like`."""

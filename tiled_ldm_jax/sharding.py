@@ -26,6 +26,9 @@ def initialize_distributed(coordinator_address: str | None = None,
   everything from the environment; on GPU hosts pass all three. Single-process runs do
   not call this.
   """
+  # CPU devices talk through gloo (the default 'none' has no cross-process collectives);
+  # it must be set before the backend starts.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   kwargs = {k: v for k, v in (('coordinator_address', coordinator_address),
                               ('num_processes', num_processes), ('process_id', process_id))
             if v is not None}
@@ -42,9 +45,24 @@ def usable_devices(n_images: int, patches_per_step: int, available: int) -> int:
   return 1
 
 
+def _balanced(pool: Sequence[jax.Device], d: int) -> list[jax.Device]:
+  """`d` devices of `pool`, the same number from each process (first ones of each)."""
+  by_process: dict[int, list[jax.Device]] = {}
+  for dev in pool:
+    by_process.setdefault(dev.process_index, []).append(dev)
+  per = d // len(by_process)
+  return [dev for p in sorted(by_process) for dev in by_process[p][:per]]
+
+
 def make_mesh(n_images: int, patches_per_step: int, devices: int | None = None,
               device_list: Sequence[jax.Device] | None = None) -> Mesh | None:
   """A 1-D mesh over as many devices as the batch can use; None for a single device.
+
+  With several processes the mesh takes the same number of devices from every process
+  (a process without a device in the mesh would skip its collectives and hang the
+  others); when no such count divides the batch, every process samples the whole
+  batch on its own first device (None: same keys, same result, no collectives). Every
+  process reaches the same decision from the same flags.
 
   Args:
     n_images: images sampled together; patches_per_step: K.
@@ -55,6 +73,21 @@ def make_mesh(n_images: int, patches_per_step: int, devices: int | None = None,
     if devices > len(pool):
       raise ValueError(f'asked for {devices} devices, JAX sees {len(pool)}')
     pool = pool[:devices]
+  counts = {}
+  for dev in pool:
+    counts[dev.process_index] = counts.get(dev.process_index, 0) + 1
+  if len(counts) > 1:
+    per, n_proc = min(counts.values()), len(counts)
+    for d in range(per * n_proc, n_proc - 1, -n_proc):
+      if n_images % d == 0 or (n_images * patches_per_step) % d == 0:
+        if d < len(pool):
+          logging.warning('using %d of %d devices (%d per process)', d, len(pool),
+                          d // n_proc)
+        return Mesh(np.array(_balanced(pool, d)), (AXIS,))
+    logging.warning('no device count that is a multiple of the %d processes divides the '
+                    'batch (%d images x %d patches): every process samples the whole batch '
+                    'on one device', n_proc, n_images, patches_per_step)
+    return None
   d = usable_devices(n_images, patches_per_step, len(pool))
   if d < len(pool):
     logging.warning('using %d of %d devices: neither the batch (%d images) nor the patch '
@@ -81,12 +114,32 @@ def put_global(a, sharding):
 
 def to_host(x) -> np.ndarray:
   """A (possibly multi-host sharded) array as one numpy array on every process."""
-  if jax.process_count() > 1:
+  if jax.process_count() > 1 and isinstance(x, jax.Array) and not x.is_fully_addressable:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(x)
+  return np.asarray(x)   # numpy, or a local array (no mesh): every process has it all
+
+
+def barrier(name: str) -> None:
+  """All processes wait here (no-op for one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def broadcast_int(value: int) -> int:
+  """Process 0's `value` on every process (a decision that reads the disk, made once)."""
+  if jax.process_count() == 1:
+    return int(value)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
+
+
+def owns(index: int) -> bool:
+  """Whether this process decodes and writes image `index` of a batch (round-robin)."""
+  return index % jax.process_count() == jax.process_index()
 
 
 def is_writer() -> bool:
-  """Only process 0 writes outputs."""
+  """Process 0 writes what is shared by the run (run checkpoint metadata, its removal)."""
   return jax.process_index() == 0

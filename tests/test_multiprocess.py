@@ -1,0 +1,158 @@
+"""Two real processes (2 emulated CPU devices each, gloo collectives) running
+`scripts/sample_large_image.py` against one single-process run.
+
+Image n uses the keys of index n whatever its batch, so one single-process run of 4
+images is the reference for every multi-process run here (batch split N=4, patch split
+N=2 over all 4 devices, N=3 which no even device count divides, a resume after both
+processes are killed). A hang (unequal collectives) fails the test after TIMEOUT s.
+"""
+
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = REPO / 'scripts' / 'sample_large_image.py'
+TIMEOUT = 150           # per launch; a hang at a collective fails here
+COMMON = ['--image_size=256', '--patch_size=128', '--sampling_steps=2', '--seed=5',
+          '--mask=demo']
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def _env(devices: int, cache: pathlib.Path) -> dict:
+  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_DISABLE_MOST_OPTIMIZATIONS='true',
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  env['PYTHONPATH'] = os.pathsep.join([str(REPO), env.get('PYTHONPATH', '')])
+  return env
+
+
+def _start(out: pathlib.Path, args, processes: int, cache: pathlib.Path):
+  """`processes` copies of the script (2 devices each; 1 device for a single process)."""
+  base = [sys.executable, str(SCRIPT), f'--imgs_path={out}',
+          f'--compilation_cache_dir={cache}'] + COMMON + list(args)
+  if processes == 1:
+    return [subprocess.Popen(base, env=_env(1, cache), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, start_new_session=True)]
+  port = _free_port()
+  return [subprocess.Popen(base + [f'--coordinator_address=localhost:{port}',
+                                   f'--num_processes={processes}', f'--process_id={i}'],
+                           env=_env(2, cache), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, start_new_session=True)
+          for i in range(processes)]
+
+
+def _kill(procs):
+  for p in procs:
+    if p.poll() is None:
+      os.killpg(p.pid, signal.SIGKILL)
+  for p in procs:
+    p.wait()
+
+
+def _finish(procs, timeout=TIMEOUT) -> list[str]:
+  """Waits for all; kills all and fails on a timeout or a non-zero exit."""
+  deadline = time.monotonic() + timeout
+  logs = []
+  try:
+    for p in procs:
+      out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+      logs.append(out.decode(errors='replace'))
+  except subprocess.TimeoutExpired:
+    _kill(procs)
+    pytest.fail(f'processes still running after {timeout} s (hang at a collective?)')
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log[-3000:]
+  return logs
+
+
+def _run(out, args, processes, cache):
+  start = time.perf_counter()
+  logs = _finish(_start(out, args, processes, cache))
+  return logs, time.perf_counter() - start
+
+
+@pytest.fixture(scope='module')
+def cache(tmp_path_factory):
+  return tmp_path_factory.mktemp('xla_cache')
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory, cache):
+  """4 images from one process on one device."""
+  out = tmp_path_factory.mktemp('single')
+  _run(out, ['--n_images=4', '--batch_size=4'], 1, cache)
+  return [np.asarray(Image.open(out / f'sample{n:04d}.png')) for n in range(4)]
+
+
+@pytest.fixture(scope='module')
+def reference_k2(tmp_path_factory, cache):
+  """2 images, 2 patches per iteration (K is part of the draw), one process."""
+  out = tmp_path_factory.mktemp('single_k2')
+  _run(out, ['--n_images=2', '--batch_size=2', '--patches_per_step=2'], 1, cache)
+  return [np.asarray(Image.open(out / f'sample{n:04d}.png')) for n in range(2)]
+
+
+def _close(a, b):
+  assert a.shape == b.shape
+  diff = np.abs(a.astype(int) - b.astype(int)).max()
+  assert diff <= 1, diff
+
+
+def test_batch_split_n4(tmp_path, cache, reference):
+  logs, _ = _run(tmp_path, ['--n_images=4', '--batch_size=4'], 2, cache)
+  assert 'wrote 4 image(s)' in logs[0]
+  for n in range(4):
+    _close(np.asarray(Image.open(tmp_path / f'sample{n:04d}.png')), reference[n])
+    assert (tmp_path / f'sample{n:04d}.json').is_file()
+  assert not (tmp_path / 'checkpoint').exists()
+
+
+def test_patch_split_n2_tiff_uses_all_devices(tmp_path, cache, reference_k2):
+  import tifffile  # pylint: disable=g-import-not-at-top
+  logs, _ = _run(tmp_path, ['--n_images=2', '--batch_size=2', '--patches_per_step=2',
+                            '--output_format=tiff', '--tiff_compression=zlib'], 2, cache)
+  assert 'using 2 of 4' not in logs[0] + logs[1]   # 2 images x 2 patches over 4 devices
+  for n in range(2):   # image 1 was decoded and written by process 1
+    _close(tifffile.imread(tmp_path / f'sample{n:04d}.tif', level=0), reference_k2[n])
+
+
+def test_n3_not_dividing_devices_zarr(tmp_path, cache, reference):
+  import zarr  # pylint: disable=g-import-not-at-top
+  _run(tmp_path, ['--n_images=3', '--batch_size=3', '--output_format=zarr'], 2, cache)
+  for n in range(3):
+    group = zarr.open_group(str(tmp_path / f'sample{n:04d}.zarr'), mode='r')
+    _close(np.asarray(group['0'][:]).transpose(1, 2, 0), reference[n])
+  assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith('.zarr')) == [
+      'sample0000.zarr', 'sample0001.zarr', 'sample0002.zarr']
+
+
+def test_resume_after_killing_both(tmp_path, cache, reference):
+  args = ['--n_images=2', '--batch_size=2', '--checkpoint_every=1']
+  procs = _start(tmp_path, args, 2, cache)
+  meta = tmp_path / 'checkpoint' / 'meta.json'
+  deadline = time.monotonic() + TIMEOUT
+  try:
+    while not meta.is_file():
+      assert all(p.poll() is None for p in procs), 'a process ended before a checkpoint'
+      assert time.monotonic() < deadline, 'no checkpoint written'
+      time.sleep(0.05)
+  finally:
+    _kill(procs)
+  assert not list(tmp_path.glob('sample*.png'))   # killed mid-sampling
+  _run(tmp_path, args + ['--resume'], 2, cache)
+  for n in range(2):
+    _close(np.asarray(Image.open(tmp_path / f'sample{n:04d}.png')), reference[n])
+  assert not (tmp_path / 'checkpoint').exists()
