@@ -17,7 +17,6 @@ from absl import logging
 
 from tiled_ldm_jax import convert
 from tiled_ldm_jax import geometry
-from tiled_ldm_jax.models import unet
 
 _KIND = flags.DEFINE_enum('kind', None, ['image_unet', 'mask_unet', 'vae'], 'Which model.')
 _CKPT = flags.DEFINE_string('torch_checkpoint', None,
@@ -48,13 +47,12 @@ def _latent_scale():
 def main(argv):
   del argv
   try:
-    config, params = convert.convert_checkpoint(_KIND.value, _CKPT.value, _OUT.value,
-                                                _CONFIG.value, latent_scale=_latent_scale())
+    config, _ = convert.convert_checkpoint(_KIND.value, _CKPT.value, _OUT.value, _CONFIG.value,
+                                           latent_scale=_latent_scale(), return_params=False)
   except (ValueError, OSError) as e:   # refused or unreadable input: no traceback
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
-  logging.info('wrote %s (%s params) to %s', _KIND.value, f'{unet.count_params(params):,}',
-               _OUT.value)
+  logging.info('wrote %s to %s', _KIND.value, _OUT.value)
   print(config)
 
 
