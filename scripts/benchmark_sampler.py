@@ -8,7 +8,6 @@ import json
 import os
 import sys
 
-from absl import app
 from absl import flags
 
 from tiled_ldm_jax.evaluation import benchmark
@@ -67,4 +66,9 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  flag_util.run(main, {
+      'unet_ckpt': 'model', 'image_size': 'int>0', 'patch_size': 'int>0', 'steps': 'int>0',
+      'cond_scale': 'finite', 'patches_per_step': 'int>0', 'batch_size': 'int>0',
+      'grid_margin': 'int>=0', 'repeats': 'int>0', 'devices': 'int>0',
+      'original_repo': 'dir', 'original_checkpoint': 'file', 'original_config': 'file',
+      'original_threads': 'int>0'})

@@ -11,10 +11,10 @@ A refused or unreadable input prints `error: ...` and exits 1, writing nothing.
 import math
 import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 
+from tiled_ldm_jax import flag_util
 from tiled_ldm_jax import convert
 from tiled_ldm_jax import geometry
 
@@ -57,4 +57,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  flag_util.run(main, {'torch_checkpoint': 'path', 'config_json': 'file'})
