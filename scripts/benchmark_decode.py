@@ -12,13 +12,13 @@ decoded four times (the four shifted tilings).
 import json
 import time
 
-from absl import app
 from absl import flags
 import jax
 import numpy as np
 
 from tiled_ldm_jax import checkpoint
 from tiled_ldm_jax import decode
+from tiled_ldm_jax import flag_util
 from tiled_ldm_jax import geometry
 from tiled_ldm_jax.models import vae
 
@@ -42,7 +42,7 @@ def main(argv):
   hw = [int(v) for v in _SIZE.value.lower().split('x')]
   h, w = (hw * 2)[:2]
   if h % f or w % f:
-    raise app.UsageError(f'size must be a multiple of {f}')
+    flag_util.fail(f'--size must be a multiple of {f}, got {_SIZE.value}')
   z = (np.random.default_rng(0).standard_normal((h // f, w // f, config.latent_channels),
                                                  np.float32) * (_STD.value or 1 / scale))
   fn = vae.decode_fn(config)
@@ -64,4 +64,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  flag_util.run(main, {
+      'vae_ckpt': 'model', 'size': 'hxw', 'patch_size': 'int>0', 'tile_batch': 'ints>0',
+      'latent_scale': 'float>0', 'random_std': 'float>0'})

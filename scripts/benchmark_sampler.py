@@ -8,11 +8,9 @@
 """
 
 import json
-import math
 import os
 import sys
 
-from absl import app
 from absl import flags
 
 from tiled_ldm_jax.evaluation import benchmark
@@ -89,14 +87,6 @@ def _patches_per_step() -> int:
 
 def main(argv):
   del argv
-  for name, value in (('image_size', _SIZE.value), ('patch_size', _PATCH.value),
-                      ('steps', _STEPS.value), ('patches_per_step', _K.value + 1),
-                      ('batch_size', _BATCH.value), ('repeats', _REPEATS.value),
-                      ('devices', _DEVICES.value)):
-    if value < 1:
-      _fail(f'--{name} must be >= 1, got {value}')
-  if not math.isfinite(_W.value) or _W.value < 0:
-    _fail(f'--cond_scale must be a finite number >= 0, got {_W.value}')
   flag_util.use_compilation_cache(_CACHE.value)
   config, params = _model()
   kwargs = dict(image_size=_SIZE.value, patch_size=_PATCH.value, steps=_STEPS.value,
@@ -128,4 +118,9 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  flag_util.run(main, {
+      'unet_ckpt': 'model', 'image_size': 'int>0', 'patch_size': 'int>0', 'steps': 'int>0',
+      'cond_scale': 'finite', 'patches_per_step': 'int>=0', 'batch_size': 'int>0',
+      'grid_margin': 'int>=0', 'repeats': 'int>0', 'devices': 'int>0',
+      'original_repo': 'dir', 'original_checkpoint': 'file', 'original_config': 'file',
+      'original_threads': 'int>0'})

@@ -25,6 +25,8 @@ import time
 
 import numpy as np
 
+from tiled_ldm_jax import flag_util
+
 WRITERS = ('tiff_jpeg', 'tiff_zlib', 'tiff_none', 'zarr')
 
 
@@ -103,6 +105,21 @@ def run_one(writer: str, size: int, band: int, tile: int, workers: int | None,
           'workers': workers or writers.default_workers(), 'tile': tile, 'band': band}
 
 
+def _check(args) -> None:
+  """Every argument, before any work (one `error:` line otherwise)."""
+  try:
+    for name, rule in (('sizes', 'ints>0'), ('band', 'int>0'), ('tile', 'int>0'),
+                       ('workers', 'int>0'), ('jpeg_quality', 'int>0')):
+      flag_util.check_value(name, getattr(args, name), rule)
+  except ValueError as e:
+    flag_util.fail(e)
+  if args.jpeg_quality > 100:
+    flag_util.fail(f'--jpeg_quality must be 1..100, got {args.jpeg_quality}')
+  unknown = [w for w in args.writers.split(',') if w not in WRITERS]
+  if unknown:
+    flag_util.fail(f'--writers: unknown {unknown}; choose from {list(WRITERS)}')
+
+
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--sizes', default='4096', help='comma-separated square image sides')
@@ -116,7 +133,9 @@ def main(argv=None) -> None:
   p.add_argument('--out_dir', default=None, help='where files go (default: a temp dir)')
   p.add_argument('--keep', action='store_true', help='keep the files written')
   p.add_argument('--_one', nargs=2, metavar=('WRITER', 'SIZE'), help=argparse.SUPPRESS)
+  p.error = flag_util.fail      # argparse's usage message -> one `error:` line
   args = p.parse_args(argv)
+  _check(args)
   out_dir = args.out_dir or tempfile.mkdtemp(prefix='bench_writers.')
   os.makedirs(out_dir, exist_ok=True)
   if args._one:  # pylint: disable=protected-access

@@ -11,13 +11,12 @@ A refused or unreadable input prints `error: ...` and exits 1, writing nothing.
 import math
 import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 
+from tiled_ldm_jax import flag_util
 from tiled_ldm_jax import convert
 from tiled_ldm_jax import geometry
-from tiled_ldm_jax.models import unet
 
 _KIND = flags.DEFINE_enum('kind', None, ['image_unet', 'mask_unet', 'vae'], 'Which model.')
 _CKPT = flags.DEFINE_string('torch_checkpoint', None,
@@ -48,15 +47,14 @@ def _latent_scale():
 def main(argv):
   del argv
   try:
-    config, params = convert.convert_checkpoint(_KIND.value, _CKPT.value, _OUT.value,
-                                                _CONFIG.value, latent_scale=_latent_scale())
+    config, _ = convert.convert_checkpoint(_KIND.value, _CKPT.value, _OUT.value, _CONFIG.value,
+                                           latent_scale=_latent_scale(), return_params=False)
   except (ValueError, OSError) as e:   # refused or unreadable input: no traceback
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
-  logging.info('wrote %s (%s params) to %s', _KIND.value, f'{unet.count_params(params):,}',
-               _OUT.value)
+  logging.info('wrote %s to %s', _KIND.value, _OUT.value)
   print(config)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  flag_util.run(main, {'torch_checkpoint': 'path', 'config_json': 'file'})

@@ -11,13 +11,13 @@
 import json
 import time
 
-from absl import app
 from absl import flags
 import numpy as np
 
 from tiled_ldm_jax import atomic
 from tiled_ldm_jax import checkpoint
 from tiled_ldm_jax import decode
+from tiled_ldm_jax import flag_util
 from tiled_ldm_jax import geometry
 from tiled_ldm_jax import ome_zarr
 from tiled_ldm_jax import writers
@@ -43,7 +43,9 @@ flags.mark_flags_as_required(['vae_ckpt', 'output'])
 def main(argv):
   del argv
   if (_LATENT.value is None) == (_RANDOM.value is None):
-    raise app.UsageError('give exactly one of --latent, --random_latent')
+    flag_util.fail('give exactly one of --latent, --random_latent')
+  if not _OUTPUT.value.lower().endswith(('.png', '.jpg', '.jpeg') + writers.TIFF_SUFFIXES):
+    flag_util.fail(f'--output must end in .png, .jpg, .tif or .tiff, got {_OUTPUT.value}')
   _, config, params = checkpoint.load_model(_VAE.value, expect='vae')
   geom = geometry.LatentGeometry.of_vae(config)
   scale = _SCALE.value or geom.scale
@@ -77,4 +79,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  flag_util.run(main, {
+      'vae_ckpt': 'model', 'latent': 'file', 'random_latent': 'hxw', 'random_std': 'float>0',
+      'output': 'out', 'patch_size': 'int>0', 'tile_batch': 'int>0',
+      'latent_scale': 'float>0'})

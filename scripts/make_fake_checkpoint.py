@@ -20,10 +20,10 @@ Tensors are generated one at a time while they are written, so this needs little
 import json
 import os
 
-from absl import app
 from absl import flags
 import numpy as np
 
+from tiled_ldm_jax import flag_util
 from tiled_ldm_jax import torch_zip_write as tzw
 
 _SHAPES = flags.DEFINE_string('shapes', None, 'A full_size_shapes/*.json listing.')
@@ -80,6 +80,9 @@ def main(argv):
   with open(_SHAPES.value) as f:
     listing = json.load(f)
   out = os.path.abspath(_OUTPUT.value)
+  if not {'state_dict', 'config', 'n_params'} <= set(listing):
+    flag_util.fail(f'--shapes {_SHAPES.value}: not a full_size_shapes listing (needs '
+                   '"state_dict", "config", "n_params")')
   os.makedirs(os.path.dirname(out), exist_ok=True)
   obj = _checkpoint(listing['state_dict'], _LAYOUT.value, _SEED.value)
   tzw.save(out, obj, archive_name=os.path.splitext(os.path.basename(out))[0])
@@ -92,4 +95,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  flag_util.run(main, {'shapes': 'file', 'output': 'out', 'seed': 'int>=0'})

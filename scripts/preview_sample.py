@@ -7,11 +7,11 @@ The mask defaults to `<sample>_mask.png`. Label colours: 0 white, 1 red, 2 green
 3 blue, 4 yellow (`masks.colour_labels`).
 """
 
-from absl import app
 from absl import flags
 import numpy as np
 from PIL import Image
 
+from tiled_ldm_jax import flag_util
 from tiled_ldm_jax import masks
 from tiled_ldm_jax import writers
 
@@ -25,10 +25,12 @@ flags.mark_flags_as_required(['sample', 'output'])
 def main(argv):
   del argv
   mask = _MASK.value or writers.mask_path(_SAMPLE.value)
+  flag_util.check_value('mask', mask, 'file')
   image = np.asarray(Image.open(_SAMPLE.value).convert('RGB'))
   writers.write_image(_OUTPUT.value, masks.preview(image, masks.read_label_png(mask),
                                                    _WIDTH.value))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  flag_util.run(main, {'sample': 'file', 'mask': 'file', 'output': 'out',
+                      'width': 'int>0'})

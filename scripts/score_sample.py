@@ -13,9 +13,9 @@ default to the sample's JSON.
 
 import json
 
-from absl import app
 from absl import flags
 
+from tiled_ldm_jax import flag_util
 from tiled_ldm_jax.evaluation import adherence
 
 _SAMPLE = flags.DEFINE_string('sample', None, 'Image written by sample_large_image.py.')
@@ -34,4 +34,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  flag_util.run(main, {'sample': 'file', 'mask': 'file', 'vae_ckpt': 'model',
+                      'tile': 'int>0', 'num_labels': 'int>0'})

@@ -17,6 +17,7 @@ import pytest
 from tiled_ldm_jax import checkpoint
 from tiled_ldm_jax import convert
 from tiled_ldm_jax import geometry
+from tiled_ldm_jax import torch_zip
 from tiled_ldm_jax import torch_zip_write
 from tiled_ldm_jax.models import configs
 from tiled_ldm_jax.models import unet
@@ -346,6 +347,7 @@ def saved_folder(tmp_path_factory):
 def test_orbax_round_trip_is_exact(saved_folder):
   folder, params = saved_folder
   assert sorted(p.name for p in folder.iterdir()) == ['model.json', 'params']
+  assert json.loads((folder / 'model.json').read_text())['format'] == 2
   assert not [p for p in folder.parent.iterdir() if p.name.startswith('.tmp-')]
   umask = os.umask(0)
   os.umask(umask)
@@ -358,6 +360,60 @@ def test_orbax_round_trip_is_exact(saved_folder):
     np.testing.assert_array_equal(a, b)
   with pytest.raises(FileExistsError):
     checkpoint.save_model(str(folder), 'image_unet', _SMALL, params)
+
+
+def test_save_in_parts_round_trips_and_streams(tmp_path):
+  """Leaves from a generator, written a few at a time (tiny parts), come back exactly."""
+  params = _random_params(_SMALL, 4)
+  leaves = jax.tree_util.tree_leaves(params)
+  def gen():
+    yield from leaves
+
+  part_bytes = 4 * 1024
+  folder = tmp_path / 'm'
+  checkpoint.save_model_leaves(str(folder), 'image_unet', _SMALL, gen(), part_bytes=part_bytes)
+  meta = json.loads((folder / 'model.json').read_text())
+  assert meta['format'] == 2 and len(meta['parts']) > 3
+  assert meta['parts'][0][0] == 0 and meta['parts'][-1][1] == len(leaves)
+  assert len(list((folder / 'params').iterdir())) == len(meta['parts'])
+  _, _, loaded = checkpoint.load_model(str(folder))
+  for a, b in zip(jax.tree_util.tree_leaves(loaded), leaves):
+    np.testing.assert_array_equal(a, b)
+  # A missing part is an error, not a partly random model.
+  shutil.rmtree(folder / 'params' / 'part_00001')
+  with pytest.raises((ValueError, OSError)):
+    checkpoint.load_model(str(folder))
+
+
+def test_format_1_folder_still_loads():
+  demo = os.path.join(os.path.dirname(checkpoint.__file__), 'demo', 'mask_unet')
+  meta = json.loads(open(os.path.join(demo, 'model.json')).read())
+  assert meta['format'] == 1
+  model, _, params = checkpoint.load_model(demo)
+  assert model == 'mask_unet' and jax.tree_util.tree_leaves(params)
+
+
+def test_mismatch_is_found_before_any_tensor_is_read(tmp_path, monkeypatch):
+  """Keys and shapes come from the pickle: a bad checkpoint is refused, and a good one is
+  checked, without reading one tensor; then tensors are read one per leaf yielded."""
+  params = _random_params(_SMALL, 5)
+  sd = _to_torch_layout(params, prefix='')
+  torch_zip_write.save(str(tmp_path / 'a.pt'), torch_zip_write.OrderedDict(
+      sd, **{'extra.weight': np.zeros(3, np.float32)}), archive_name='a')
+  reads = []
+  real = torch_zip.Tensor.numpy
+  monkeypatch.setattr(torch_zip.Tensor, 'numpy',
+                      lambda self, dtype=None: reads.append(1) or real(self, dtype))
+  lazy = torch_zip.StateDict(torch_zip.tensors_of(torch_zip.load(str(tmp_path / 'a.pt')), 'a'))
+  abstract = jax.tree_util.tree_map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), params)
+  with pytest.raises(convert.ConversionError, match='extra.weight'):
+    convert.converted_leaves(lazy, abstract)
+  good = torch_zip.StateDict({k: v for k, v in lazy._tensors.items() if k != 'extra.weight'})
+  it = convert.converted_leaves(good, abstract)
+  assert not reads
+  for n, (a, b) in enumerate(zip(it, jax.tree_util.tree_leaves(params)), 1):
+    assert len(reads) == n
+    np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize('field, value', [('dim', 16), ('num_classes', 4),

@@ -1,8 +1,12 @@
 """Converted model folders: an orbax checkpoint of the params plus `model.json`.
 
 The only module that imports orbax. Layout of a folder:
-  model.json   {"format": 1, "model": "image_unet"|"mask_unet"|"vae", "config": {...}}
-  params/      orbax PyTree checkpoint of the Flax params
+  model.json   {"format": 2, "model": "image_unet"|"mask_unet"|"vae", "config": {...},
+                "parts": [[0, 37], [37, 80], ...]}
+  params/part_NNNNN/   orbax PyTree checkpoints of {leaf index: array}, the param leaves in
+               `tree_leaves` order, about 16 MiB each (written one part at a time, so a
+               conversion never holds the whole model twice)
+Format 1 folders (one `params/` PyTree of the Flax params, no "parts") still load.
 Restores run against the abstract tree built from `model.json`, so a folder whose
 params do not fit its config is an error, not a silently different model.
 """
@@ -14,7 +18,7 @@ import json
 import os
 import shutil
 import uuid
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 from absl import logging as absl_logging
 import jax
@@ -36,7 +40,8 @@ def quiet_orbax():
     yield
   finally:
     absl_logging.set_verbosity(level)
-_FORMAT = 1
+_FORMAT = 2
+_FORMATS = (1, 2)   # 1: one `params/` tree; 2: `params/part_*` (save_model_leaves)
 
 
 def _abstract(model: str, config):
@@ -50,6 +55,35 @@ def _abstract(model: str, config):
 def save_model(directory: str, model: str, config, params, extra: dict | None = None) -> None:
   """Writes `directory` atomically (a temporary sibling renamed at the end); `extra`:
   further model.json entries (e.g. a trained U-Net's `objective`)."""
+  save_model_leaves(directory, model, config, jax.tree_util.tree_leaves(params), extra=extra)
+
+
+# Leaves are written in parts of about this many bytes: a converter that yields one leaf
+# at a time then holds one part, not the model (a whole-tree orbax save held about 2.5x it).
+PART_BYTES = 16 << 20
+
+
+def _parts(leaves: Iterable[Any], part_bytes: int) -> Iterator[list[np.ndarray]]:
+  part, size = [], 0
+  for leaf in leaves:
+    leaf = np.asarray(leaf)
+    part.append(leaf)
+    size += leaf.nbytes
+    if size >= part_bytes:
+      yield part
+      part, size = [], 0
+  if part:
+    yield part
+
+
+def save_model_leaves(directory: str, model: str, config, leaves: Iterable[Any],
+                      part_bytes: int = PART_BYTES, extra: dict | None = None) -> None:
+  """Like `save_model`, from the param leaves in `tree_leaves` order (any iterable: a
+  generator is consumed one part at a time and each part is freed once written).
+
+  Layout (format 2): `params/part_NNNNN/` orbax PyTrees of {leaf index: array}; the index
+  ranges are in `model.json` under "parts". Format 1 folders (one `params/` tree) load too.
+  """
   if model not in MODEL_KINDS:
     raise ValueError(f'model must be one of {MODEL_KINDS}, got {model!r}')
   directory = os.path.abspath(directory)
@@ -61,11 +95,18 @@ def save_model(directory: str, model: str, config, params, extra: dict | None = 
   tmp = os.path.join(parent, f'.tmp-{os.path.basename(directory)}-{uuid.uuid4().hex[:12]}')
   os.mkdir(tmp)
   try:
-    params = jax.tree_util.tree_map(np.asarray, params)
+    os.mkdir(os.path.join(tmp, 'params'))
+    ranges, start = [], 0
     with quiet_orbax(), ocp.PyTreeCheckpointer() as ckptr:
-      ckptr.save(os.path.join(tmp, 'params'), params)
+      for n, part in enumerate(_parts(leaves, part_bytes)):
+        flat = {f'{start + i:06d}': v for i, v in enumerate(part)}
+        ckptr.save(os.path.join(tmp, 'params', f'part_{n:05d}'), flat)
+        ranges.append([start, start + len(part)])
+        start += len(part)
+        del part, flat
     meta = {**(extra or {}), 'format': _FORMAT, 'model': model,
-            'config': configs_lib.config_to_dict(config)}
+            'config': configs_lib.config_to_dict(config),
+            'parts': ranges}
     with open(os.path.join(tmp, 'model.json'), 'w') as f:
       json.dump(meta, f, indent=1)
     if os.path.exists(directory):
@@ -73,6 +114,20 @@ def save_model(directory: str, model: str, config, params, extra: dict | None = 
     os.replace(tmp, directory)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _restore_parts(directory: str, abstract, ranges, what: str):
+  """The tree of `abstract` from the parts written by `save_model_leaves`."""
+  specs = jax.tree_util.tree_leaves(abstract)
+  if not ranges or ranges[0][0] != 0 or ranges[-1][1] != len(specs) or any(
+      a[1] != b[0] for a, b in zip(ranges, ranges[1:])):
+    raise ValueError(f'{what} (parts {ranges} do not cover {len(specs)} leaves)')
+  leaves = []
+  for n, (start, stop) in enumerate(ranges):
+    part = {f'{i:06d}': specs[i] for i in range(start, stop)}
+    got = _restore_tree(os.path.join(directory, 'params', f'part_{n:05d}'), part, what)
+    leaves.extend(got[f'{i:06d}'] for i in range(start, stop))
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract), leaves)
 
 
 def _restore_tree(path: str, abstract, what: str):
@@ -99,10 +154,17 @@ def read_model_json(directory: str) -> tuple[str, Any]:
     raise FileNotFoundError(f'not a converted model folder (no model.json): {directory}')
   with open(path) as f:
     meta = json.load(f)
-  if meta.get('format') != _FORMAT or meta.get('model') not in MODEL_KINDS:
+  if meta.get('format') not in _FORMATS or meta.get('model') not in MODEL_KINDS:
     raise ValueError(f'{path}: unsupported format {meta.get("format")!r} / model '
                      f'{meta.get("model")!r}')
   return meta['model'], configs_lib.model_config(meta['model'], meta['config'])
+
+
+def _read_parts(directory: str):
+  """The part ranges of a format 2 folder; None for format 1 (one `params/` tree)."""
+  with open(os.path.join(directory, 'model.json')) as f:
+    meta = json.load(f)
+  return meta.get('parts') if meta.get('format') == 2 else None
 
 
 def load_model(directory: str, expect: str | None = None):
@@ -112,8 +174,12 @@ def load_model(directory: str, expect: str | None = None):
   if expect is not None and model != expect:
     raise ValueError(f'{directory} holds a {model} model, expected {expect}')
   abstract = _abstract(model, config)
-  params = _restore_tree(os.path.join(directory, 'params'), abstract,
-                         f'{directory}: params do not fit model.json')
+  what = f'{directory}: params do not fit model.json'
+  ranges = _read_parts(directory)
+  if ranges is None:
+    params = _restore_tree(os.path.join(directory, 'params'), abstract, what)
+  else:
+    params = _restore_parts(directory, abstract, ranges, what)
   params = jax.tree_util.tree_map(lambda v, s: np.asarray(v, s.dtype), params, abstract)
   return model, config, params
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -65,6 +65,58 @@ def _path_names(path) -> tuple[str, ...]:
   return tuple(getattr(p, 'key', getattr(p, 'name', str(p))) for p in path)
 
 
+def _source_shape(state_dict: Mapping[str, Any], key: str) -> tuple[int, ...]:
+  """A value's shape without reading it (a `torch_zip.StateDict` knows it from the pickle)."""
+  if isinstance(state_dict, torch_zip.StateDict):
+    return tuple(state_dict.tensor(key).shape)
+  return tuple(np.shape(state_dict[key]))
+
+
+def converted_leaves(state_dict: Mapping[str, np.ndarray], abstract_params: Any, *,
+                     prefix: str = '', what: str = 'checkpoint') -> Iterator[np.ndarray]:
+  """The leaves of `abstract_params` (in `tree_leaves` order) filled from `state_dict`.
+
+  Every key and shape is checked first, from shapes alone, so a mismatch raises
+  `ConversionError` (listing all offending keys) before any tensor is read; the returned
+  iterator then reads, converts and yields one leaf at a time, so a consumer that writes
+  and drops each leaf holds one tensor, not the model.
+  """
+  # Keys only: a lazy mapping (torch_zip.StateDict) reads a tensor when it is looked up.
+  source = {k[len(prefix):]: k for k in state_dict.keys() if k.startswith(prefix)}
+  plan, missing, mismatched = [], [], []
+  for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params):
+    names = _path_names(path)
+    key = torch_key(names)
+    if key not in source:
+      missing.append(prefix + key)
+      continue
+    transform = _LEAF[names[-1]][1]
+    shape = _source_shape(state_dict, source[key])
+    # The layout rule applied to a zero-stride array of that shape: the shape it gives.
+    got = tuple(transform(np.broadcast_to(np.zeros((), np.float32), shape)).shape)
+    if got != tuple(leaf.shape):
+      mismatched.append(f'{prefix + key}: checkpoint {shape} -> {got}, model expects '
+                        f'{tuple(leaf.shape)}')
+    plan.append((source[key], transform, leaf.dtype))
+  used = {k for k, _, _ in plan}
+  unused = sorted(k for k in source.values() if k not in used)
+  if missing or unused or mismatched:
+    lines = [f'{what} does not match the model:']
+    for title, keys in (('missing keys', missing), ('unused keys', unused),
+                        ('shape mismatches', mismatched)):
+      if keys:
+        lines.append(f'  {title} ({len(keys)}):')
+        lines.extend(f'    {k}' for k in sorted(keys))
+    raise ConversionError('\n'.join(lines))
+
+  def leaves():
+    for key, transform, dtype in plan:
+      raw = np.asarray(state_dict[key], dtype=np.float32)
+      # A C-contiguous copy of the target dtype; `raw` (and any transposed view) is freed.
+      yield np.ascontiguousarray(transform(raw), dtype=dtype)
+  return leaves()
+
+
 def convert_state_dict(state_dict: Mapping[str, np.ndarray], abstract_params: Any, *,
                        prefix: str = '', what: str = 'checkpoint') -> Any:
   """Fills a Flax param tree (`jax.ShapeDtypeStruct` leaves) from `state_dict`.
@@ -80,38 +132,8 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], abstract_params: An
   Raises:
     ConversionError listing every missing key, unused key and shape mismatch.
   """
-  # Keys only: values are looked up leaf by leaf, so a lazy mapping (torch_zip.StateDict)
-  # reads one tensor at a time and frees it once converted.
-  source = {k[len(prefix):]: k for k in state_dict.keys() if k.startswith(prefix)}
-  used, missing, mismatched = set(), [], []
-
-  def fill(path, leaf):
-    names = _path_names(path)
-    key = torch_key(names)
-    if key not in source:
-      missing.append(prefix + key)
-      return None
-    used.add(key)
-    raw = np.asarray(state_dict[source[key]], dtype=np.float32)
-    value = _LEAF[names[-1]][1](raw)
-    if tuple(value.shape) != tuple(leaf.shape):
-      mismatched.append(f'{prefix + key}: checkpoint {tuple(raw.shape)} -> '
-                        f'{tuple(value.shape)}, model expects {tuple(leaf.shape)}')
-      return None
-    # A C-contiguous copy of the target dtype; `raw` (and any transposed view) is freed.
-    return np.ascontiguousarray(value, dtype=leaf.dtype)
-
-  params = jax.tree_util.tree_map_with_path(fill, abstract_params)
-  unused = sorted(prefix + k for k in set(source) - used)
-  if missing or unused or mismatched:
-    lines = [f'{what} does not match the model:']
-    for title, keys in (('missing keys', missing), ('unused keys', unused),
-                        ('shape mismatches', mismatched)):
-      if keys:
-        lines.append(f'  {title} ({len(keys)}):')
-        lines.extend(f'    {k}' for k in sorted(keys))
-    raise ConversionError('\n'.join(lines))
-  return params
+  leaves = list(converted_leaves(state_dict, abstract_params, prefix=prefix, what=what))
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract_params), leaves)
 
 
 # ----------------------------------------------------------------------------- readers
@@ -165,12 +187,17 @@ DIFFINFINITE_PREFIX = 'ema_model.model.'
 def convert_unet(kind: str, state_dict: Mapping[str, np.ndarray], torch_config: Mapping[str, Any],
                  *, prefix: str = DIFFINFINITE_PREFIX):
   """(UNetConfig, params) from a DiffInfinite state dict and its `config.json` dict."""
+  config, abstract, leaves = _unet_leaves(kind, state_dict, torch_config, prefix=prefix)
+  return config, jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract), leaves)
+
+
+def _unet_leaves(kind, state_dict, torch_config, *, prefix=DIFFINFINITE_PREFIX):
+  """(UNetConfig, abstract params, checked lazy leaf iterator)."""
   from tiled_ldm_jax.models import unet as unet_lib  # pylint: disable=g-import-not-at-top
   config = configs_lib.unet_config_from_torch(kind, torch_config)
   abstract = unet_lib.abstract_params(config)
-  params = convert_state_dict(state_dict, abstract, prefix=prefix,
-                              what=f'{kind} U-Net checkpoint')
-  return config, params
+  return config, abstract, converted_leaves(state_dict, abstract, prefix=prefix,
+                                            what=f'{kind} U-Net checkpoint')
 
 
 def convert_vae(diffusers_config: Mapping[str, Any], state_dict: Mapping[str, np.ndarray],
@@ -189,7 +216,8 @@ def convert_vae(diffusers_config: Mapping[str, Any], state_dict: Mapping[str, np
 
 
 def convert_checkpoint(kind: str, torch_checkpoint: str, output_dir: str,
-                       config_json: str | None = None, latent_scale: float | None = None):
+                       config_json: str | None = None, latent_scale: float | None = None,
+                       return_params: bool = True):
   """Converts a PyTorch checkpoint into a model folder (see `tiled_ldm_jax.checkpoint`).
 
   Args:
@@ -200,8 +228,10 @@ def convert_checkpoint(kind: str, torch_checkpoint: str, output_dir: str,
     config_json: U-Nets only: the constructor arguments (`{"unet": {...}, "dm": {...}}`);
       default `config.json` beside the checkpoint.
     latent_scale: VAE only: stored in its config (default DiffInfinite's 50).
+    return_params: False: params are not returned (None), so the model is never held
+      whole: leaves are converted and written one ~16 MiB part at a time.
   Returns:
-    (config, params) as written.
+    (config, params as written, read back from `output_dir`) or (config, None).
   """
   from tiled_ldm_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   if kind not in checkpoint_lib.MODEL_KINDS:
@@ -215,6 +245,8 @@ def convert_checkpoint(kind: str, torch_checkpoint: str, output_dir: str,
       raise FileNotFoundError(f'diffusers VAE folder not found: {torch_checkpoint}')
     scale = geometry.DIFFINFINITE_LATENT_SCALE if latent_scale is None else latent_scale
     config, params = convert_vae(*read_diffusers_folder(torch_checkpoint), latent_scale=scale)
+    leaves = jax.tree_util.tree_leaves(params)
+    del params
   else:
     if latent_scale is not None:
       raise ValueError('--latent_scale is stored with the VAE; not for the U-Nets')
@@ -224,7 +256,9 @@ def convert_checkpoint(kind: str, torch_checkpoint: str, output_dir: str,
       config_json = os.path.join(os.path.dirname(os.path.abspath(torch_checkpoint)),
                                  'config.json')
     torch_config = read_json(config_json)
-    config, params = convert_unet(kind.split('_')[0], read_diffinfinite_checkpoint(torch_checkpoint),
-                                  torch_config)
-  checkpoint_lib.save_model(output_dir, kind, config, params)
-  return config, params
+    config, _, leaves = _unet_leaves(kind.split('_')[0],
+                                     read_diffinfinite_checkpoint(torch_checkpoint), torch_config)
+  checkpoint_lib.save_model_leaves(output_dir, kind, config, leaves)
+  if not return_params:
+    return config, None
+  return config, checkpoint_lib.load_model(output_dir, expect=kind)[2]

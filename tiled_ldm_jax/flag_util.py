@@ -1,9 +1,14 @@
-"""absl flags from a dataclass's fields, so a command never restates a default."""
+"""absl flags from a dataclass's fields (so a command never restates a default), and the
+checks every script runs on its flags before any work."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import sys
 import typing
+from typing import Callable, NoReturn
 
 from absl import flags
 
@@ -56,3 +61,115 @@ def use_compilation_cache(path: str | None) -> None:
   jax.config.update('jax_compilation_cache_dir', path)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
+# ----------------------------------------------------------------------------- validation
+#
+# Every script checks its flags before any work: a bad value is one `error:` line on
+# stderr, exit status 1, no traceback and nothing written. Rules (a flag left None is not
+# checked; `required` flags are absl's business):
+#   'int>0' 'int>=0' 'float>0' 'float>=0' 'finite'   numbers (NaN and inf always refused)
+#   'ints>0'   a list (or comma string) of positive integers
+#   'hxw'      'N' or 'HxW', positive integers
+#   'file'     an existing file          'dir'  an existing folder
+#   'model'    a converted model folder (has model.json)
+#   'path'     an existing file or folder
+#   'out'      a path to write: not an existing folder, under a writable folder
+
+
+def _number(name: str, value, kind: type) -> float:
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise ValueError(f'--{name} must be a number, got {value!r}')
+  if kind is int and not float(value).is_integer():
+    raise ValueError(f'--{name} must be an integer, got {value!r}')
+  if not math.isfinite(value):
+    raise ValueError(f'--{name} must be a finite number, got {value}')
+  return value
+
+
+def _ints(name: str, value) -> list[int]:
+  items = value.split(',') if isinstance(value, str) else list(value)
+  try:
+    out = [int(v) for v in items]
+  except ValueError:
+    raise ValueError(f'--{name} must be positive integers, got {value!r}') from None
+  if not out or min(out) <= 0:
+    raise ValueError(f'--{name} must be positive integers, got {value!r}')
+  return out
+
+
+def check_value(name: str, value, rule: str) -> None:
+  """Raises ValueError (message names `--name`) if `value` breaks `rule` (see above)."""
+  if value is None:
+    return
+  if rule in ('int>0', 'int>=0', 'float>0', 'float>=0', 'finite'):
+    v = _number(name, value, int if rule.startswith('int') else float)
+    if rule.endswith('>0') and v <= 0:
+      raise ValueError(f'--{name} must be > 0, got {value}')
+    if rule.endswith('>=0') and v < 0:
+      raise ValueError(f'--{name} must be >= 0, got {value}')
+  elif rule == 'ints>0':
+    _ints(name, value)
+  elif rule == 'hxw':
+    parts = str(value).lower().split('x')
+    if len(parts) > 2:
+      raise ValueError(f'--{name} must be N or HxW, got {value!r}')
+    _ints(name, parts)
+  elif rule in ('file', 'dir', 'model', 'path'):
+    exists = {'file': os.path.isfile, 'dir': os.path.isdir, 'path': os.path.exists,
+              'model': lambda p: os.path.isfile(os.path.join(p, 'model.json'))}[rule]
+    if not exists(value):
+      what = {'file': 'file', 'dir': 'folder', 'path': 'path',
+              'model': 'converted model folder (with model.json)'}[rule]
+      raise ValueError(f'--{name}: {what} not found: {value}')
+  elif rule == 'out':
+    if os.path.isdir(value):
+      raise ValueError(f'--{name} is an existing folder, expected a file path: {value}')
+    parent = os.path.dirname(os.path.abspath(value))
+    while not os.path.exists(parent):    # missing folders are made by the writer
+      parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+      raise ValueError(f'--{name}: cannot write under {parent}')
+  else:
+    raise KeyError(f'unknown flag rule {rule!r}')
+
+
+def fail(message) -> NoReturn:
+  """Prints `error: message` (one line) on stderr and exits 1."""
+  print(f'error: {" ".join(str(message).split())}', file=sys.stderr)
+  sys.exit(1)
+
+
+def check_flags(rules: dict[str, str]) -> None:
+  """Checks absl flags `{name: rule}`; on the first bad one: `fail`."""
+  try:
+    for name, rule in rules.items():
+      check_value(name, flags.FLAGS[name].value, rule)
+  except ValueError as e:
+    fail(e)
+
+
+def checked_main(main: Callable, rules: dict[str, str]) -> Callable:
+  """`main` for `app.run` that checks `rules` first, and turns the ValueError / OSError
+  a library raises for a bad request into `fail` (one line, no traceback)."""
+  def run(argv):
+    check_flags(rules)
+    try:
+      return main(argv)
+    except (ValueError, OSError) as e:
+      fail(e)
+  return run
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing with a malformed or missing flag as one `error:` line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(e)
+
+
+def run(main: Callable, rules: dict[str, str]) -> None:
+  """`app.run(main)` with flags parsed by `parse_flags` and checked by `checked_main`."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  app.run(checked_main(main, rules), flags_parser=parse_flags)

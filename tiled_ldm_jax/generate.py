@@ -171,7 +171,9 @@ def prepare(cfg: GenerationConfig) -> Plan:
       mask = masks_lib.resize_labels(masks_lib.read_label_png(cfg.mask), size)
       pipe.check_labels(mask[None])
     except (OSError, ValueError) as e:
-      raise ValueError(f'--mask {cfg.mask}: {e}') from None
+      # read_label_png's messages start with the path already.
+      message = str(e) if cfg.mask in str(e) else f'{cfg.mask}: {e}'
+      raise ValueError(f'--mask {message}') from None
   else:
     pipe.check_mask_request(cfg.image_size, cfg.label, o)
   _check_writable(cfg.imgs_path)

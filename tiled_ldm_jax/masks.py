@@ -27,6 +27,9 @@ from PIL import Image
 from tiled_ldm_jax import atomic
 
 MIN_FILTER_SIZE = 6
+_HOW_TO_CONVERT = ('map each colour to its class id (0, 1, 2, ...) and save the ids as a '
+                   'single-channel PNG: mode L (ids < 256), I;16 or palette P, e.g. '
+                   'PIL.Image.fromarray(ids.astype(numpy.uint8)).save("mask.png")')
 _READ_MODES = ('1', 'L', 'P', 'I', 'I;16', 'I;16L', 'I;16B', 'I;16N')
 
 
@@ -221,13 +224,12 @@ def read_label_png(path: str | os.PathLike) -> np.ndarray:
     if mode == 'RGB':
       rgb = np.asarray(img)
       if not ((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 0] == rgb[..., 2]).all()):
-        raise ValueError(
-            f'{path}: RGB image whose channels differ is not a label map; '
-            'save label ids as a gray (L / I;16) or palette (P) PNG')
+        raise ValueError(f'{path}: RGB image whose channels differ is not a label map; '
+                         + _HOW_TO_CONVERT)
       return rgb[..., 0].astype(np.int32)
     if mode not in _READ_MODES:
       raise ValueError(f'{path}: image mode {mode!r} is not a label map (expected one of '
-                       f'{", ".join(_READ_MODES)} or gray RGB)')
+                       f'{", ".join(_READ_MODES)} or gray RGB); ' + _HOW_TO_CONVERT)
     return np.asarray(img).astype(np.int32)
 
 
