@@ -31,10 +31,12 @@ _SCALE = flags.DEFINE_float('latent_scale', None, 'Decoder input = latent * late
 _STD = flags.DEFINE_float('random_std', None, 'Std of the random latent (default 1 / scale).')
 _BLEND = flags.DEFINE_bool('blend', True, 'False: time the unblended tiled decode.')
 flags.mark_flag_as_required('vae_ckpt')
+_CACHE = flag_util.define_compilation_cache_flag()
 
 
 def main(argv):
   del argv
+  flag_util.use_compilation_cache(_CACHE.value)
   _, config, params = checkpoint.load_model(_VAE.value, expect='vae')
   params = jax.device_put(params)
   geom = geometry.LatentGeometry.of_vae(config)

@@ -12,16 +12,19 @@ import tempfile
 from absl import app
 from absl import flags
 
+from tiled_ldm_jax import flag_util
 from tiled_ldm_jax.evaluation import reference_check
 
 _REF = flags.DEFINE_string('reference_dir', None, 'Folder laid out like shared/reference.')
 _OUT = flags.DEFINE_string('output_dir', None,
                            'Where converted models go (default: a temporary folder).')
 flags.mark_flag_as_required('reference_dir')
+_CACHE = flag_util.define_compilation_cache_flag()
 
 
 def main(argv):
   del argv
+  flag_util.use_compilation_cache(_CACHE.value)
   with tempfile.TemporaryDirectory() as tmp:
     passed = failed = 0
     for result in reference_check.run_cases(_REF.value, _OUT.value or tmp):

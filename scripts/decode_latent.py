@@ -38,10 +38,12 @@ _TILE_BATCH = flags.DEFINE_integer('tile_batch', 8, 'Tiles per decoder call.')
 _SCALE = flags.DEFINE_float('latent_scale', None, 'Decoder input = latent * latent_scale '
                             '(default: the scale stored with the VAE).')
 flags.mark_flags_as_required(['vae_ckpt', 'output'])
+_CACHE = flag_util.define_compilation_cache_flag()
 
 
 def main(argv):
   del argv
+  flag_util.use_compilation_cache(_CACHE.value)
   if (_LATENT.value is None) == (_RANDOM.value is None):
     flag_util.fail('give exactly one of --latent, --random_latent')
   if not _OUTPUT.value.lower().endswith(('.png', '.jpg', '.jpeg') + writers.TIFF_SUFFIXES):

@@ -24,10 +24,12 @@ _VAE = flags.DEFINE_string('vae_ckpt', None, 'VAE folder (default: from the samp
 _TILE = flags.DEFINE_integer('tile', None, 'Decode tile in px (default: the JSON patch_size).')
 _LABELS = flags.DEFINE_integer('num_labels', None, 'Label count (default: the image model\'s).')
 flags.mark_flags_as_required(['sample'])
+_CACHE = flag_util.define_compilation_cache_flag()
 
 
 def main(argv):
   del argv
+  flag_util.use_compilation_cache(_CACHE.value)
   print(json.dumps(adherence.score_files(_SAMPLE.value, mask_path=_MASK.value,
                                          vae_dir=_VAE.value, tile=_TILE.value,
                                          num_labels=_LABELS.value)))
