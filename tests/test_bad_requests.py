@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import reference_path
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, 'tiled_ldm_jax', 'demo')
 VAE, UNET = os.path.join(DEMO, 'vae'), os.path.join(DEMO, 'image_unet')
-SHAPES = '/work/shared/reference/full_size_shapes/diffinfinite_mask_unet.json'
+SHAPES = str(reference_path() / 'full_size_shapes' / 'diffinfinite_mask_unet.json')
 
 # (script, flags ({out}: a path under the test's empty output folder; {rgb}: a colour
 # PNG; {rgba}: an RGBA PNG), a fragment of the expected error).
