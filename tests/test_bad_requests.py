@@ -85,6 +85,9 @@ CASES = [
      'cond_scale must be a finite number'),
     ('sample_large_image', ['--unet_ckpt=' + UNET, '--vae_ckpt=' + VAE, '--imgs_path={out}/s',
                             '--image_size=256', '--patch_size=128', '--eta=-1'], 'eta'),
+    ('sample_large_image', ['--unet_ckpt=' + UNET, '--vae_ckpt=' + VAE, '--imgs_path={out}/s',
+                            '--image_size=4000000', '--patch_size=128', '--mask=demo'],
+     'GiB of host memory'),
 ]
 
 

@@ -165,6 +165,8 @@ def prepare(cfg: GenerationConfig) -> Plan:
                             mask_unet_ckpt=pipe.paths.get('mask_unet'))
   size = (cfg.image_size, cfg.image_size)
   pipe.check_image_request(size, o)
+  pipe.check_memory(size, cfg.batch_size, o,
+                    whole_images=int(cfg.output_format in ('png', 'jpg')))
   mask = None
   if cfg.mask:
     try:

@@ -36,6 +36,7 @@ from tiled_ldm_jax import denoisers
 from tiled_ldm_jax import diffusion
 from tiled_ldm_jax import geometry
 from tiled_ldm_jax import masks as masks_lib
+from tiled_ldm_jax import memory
 from tiled_ldm_jax import sampler as sampler_lib
 from tiled_ldm_jax import schedules
 from tiled_ldm_jax import sharding
@@ -219,6 +220,18 @@ class Pipeline:
                  'patch_size')
     _check_margin(self.geometry, o.grid_margin, o.patch_size, 'patch_size')
 
+  def check_memory(self, image_hw, n_batch: int, o: Options, whole_images: int) -> None:
+    """ValueError if one batch of this request needs more host or device memory than
+    is available (`memory.request_bytes`), before any work."""
+    weights = sum(np.asarray(v).nbytes for m in (self.unet, self.vae)
+                  for v in jax.tree_util.tree_leaves(m.params))
+    need = memory.request_bytes(
+        image_hw=image_hw, n_batch=n_batch, latent_channels=self.unet.config.channels,
+        factor=self.geometry.factor, whole_images=whole_images, tile_px=o.patch_size,
+        weights_bytes=weights)
+    h, w = image_hw
+    memory.check(need, f'a {h}x{w} image (batch of {n_batch})')
+
   def check_mask_request(self, image_size: int, label: int, o: Options) -> None:
     if self.mask_unet is None:
       raise ValueError('this pipeline has no mask model: give label maps')
@@ -382,8 +395,12 @@ class Pipeline:
     if labels is None:
       indices = _indices(indices, n_images)
       self.check_image_request((image_size, image_size), o)   # before the mask stage runs
+      self.check_memory((image_size, image_size), n_images, o, whole_images=n_images)
       labels, stats['mask_stage'] = self._labels(o, label, image_size, indices, seed)
-    labels = self.check_labels(labels)
+      labels = self.check_labels(labels)
+    else:   # given label maps are already in memory: checked first, then their request
+      labels = self.check_labels(labels)
+      self.check_memory(labels.shape[1:3], len(labels), o, whole_images=len(labels))
     latents, stats['image_stage'] = self._latents(
         o, labels, _indices(indices, len(labels)), seed)
     return Result(self.decode(latents, options=o), labels, stats)
