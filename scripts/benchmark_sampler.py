@@ -53,23 +53,17 @@ _ORIG_CONFIG = flags.DEFINE_string('original_config', None, 'Its config.json.')
 _ORIG_THREADS = flags.DEFINE_integer('original_threads', 2, 'torch threads for the original.')
 
 
-def _fail(message: str):
-  sys.exit(f'error: {message}')
-
-
 def _model():
-  """(config, params) of the checkpoint, or random ones of the config file's shapes."""
+  """(config, params) of the checkpoint, or random ones of the config file's shapes.
+  ValueError / OSError become one `error:` line (flag_util.run)."""
   if _FULL.value == bool(_CKPT.value):
-    _fail('give exactly one of --unet_ckpt and --full_size')
-  try:
-    if _CKPT.value:
-      _, config, params = checkpoint.load_model(_CKPT.value, expect='image_unet')
-      return config, params
-    kind, config = config_files.load_model_config(_UNET_CONFIG.value)
-  except (OSError, ValueError) as e:
-    _fail(str(e))
+    raise ValueError('give exactly one of --unet_ckpt and --full_size')
+  if _CKPT.value:
+    _, config, params = checkpoint.load_model(_CKPT.value, expect='image_unet')
+    return config, params
+  kind, config = config_files.load_model_config(_UNET_CONFIG.value)
   if kind != 'image_unet':
-    _fail(f'{_UNET_CONFIG.value} is a {kind} config, not an image_unet one')
+    raise ValueError(f'{_UNET_CONFIG.value} is a {kind} config, not an image_unet one')
   import jax  # pylint: disable=g-import-not-at-top
   if _COUNT.value:    # shapes are enough to count FLOPs
     return config, unet_lib.abstract_params(config)

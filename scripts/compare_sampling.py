@@ -11,9 +11,7 @@ models); with other models it is reported but means nothing.
 
 import collections
 import json
-import sys
 
-from absl import app
 from absl import flags
 import numpy as np
 
@@ -34,10 +32,6 @@ _MARGINS = flags.DEFINE_list('grid_margins', None, 'schedules: grid margins in p
 _CACHE = flag_util.define_compilation_cache_flag()
 
 
-def _fail(message: str):
-  sys.exit(f'error: {message}')
-
-
 def _summary(rows, key):
   groups = collections.defaultdict(list)
   for r in rows:
@@ -49,17 +43,12 @@ def _summary(rows, key):
 
 def main(argv):
   del argv
-  if _SIZE.value <= 0 or _STEPS.value <= 0:
-    _fail('--image_size and --sampling_steps must be positive')
   try:
     seeds = [int(s) for s in _SEEDS.value]
   except ValueError:
-    _fail(f'--seeds must be integers, got {_SEEDS.value}')
+    raise ValueError(f'--seeds must be integers, got {_SEEDS.value}') from None
   flag_util.use_compilation_cache(_CACHE.value)
-  try:
-    pipe = pipeline.Pipeline.from_pretrained(_UNET.value, _VAE.value)
-  except ValueError as e:
-    _fail(str(e))
+  pipe = pipeline.Pipeline.from_pretrained(_UNET.value, _VAE.value)
   if _UNET.value:
     labels = benchmark.benchmark_label_map(_SIZE.value, _SIZE.value,
                                            pipe.unet.config.num_classes)
@@ -69,21 +58,15 @@ def main(argv):
   if _PATCH.value:
     options['patch_size'] = _PATCH.value
   o = pipe.resolve(**options)
-  try:
-    pipe.check_image_request(labels.shape, o)
-  except ValueError as e:
-    _fail(str(e))
+  pipe.check_image_request(labels.shape, o)
   if _COMPARE.value == 'schedules':
     try:
       margins = [int(m) for m in _MARGINS.value or (0, o.patch_size // 8)]
     except ValueError:
-      _fail(f'--grid_margins must be integers, got {_MARGINS.value}')
+      raise ValueError(f'--grid_margins must be integers, got {_MARGINS.value}') from None
     variants = [('random', 0)] + [('grid', m) for m in margins]
     for _, m in variants:
-      try:
-        pipe.check_image_request(labels.shape, pipe.resolve(o, grid_margin=m))
-      except ValueError as e:
-        _fail(str(e))
+      pipe.check_image_request(labels.shape, pipe.resolve(o, grid_margin=m))
     rows = compare.compare_schedules(pipe, labels, seeds, variants, **options)
     summary = _summary(rows, lambda r: f"{r['schedule']} margin {r['grid_margin']}")
   else:
@@ -94,4 +77,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  flag_util.run(main, {'unet_ckpt': 'model', 'vae_ckpt': 'model', 'image_size': 'int>0',
+                       'patch_size': 'int>0', 'sampling_steps': 'int>0'})

@@ -223,7 +223,7 @@ class Pipeline:
   def check_memory(self, image_hw, n_batch: int, o: Options, whole_images: int) -> None:
     """ValueError if one batch of this request needs more host or device memory than
     is available (`memory.request_bytes`), before any work."""
-    weights = sum(np.asarray(v).nbytes for m in (self.unet, self.vae)
+    weights = sum(v.nbytes for m in (self.unet, self.vae)   # no copy of the weights
                   for v in jax.tree_util.tree_leaves(m.params))
     need = memory.request_bytes(
         image_hw=image_hw, n_batch=n_batch, latent_channels=self.unet.config.channels,
