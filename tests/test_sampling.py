@@ -11,6 +11,7 @@ noise (eta > 0), which is drawn per patch slot, hence eta = 0 here (flow draws n
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -185,3 +186,13 @@ def test_every_type_on_eight_devices():
                        text=True, timeout=600)
   assert out.returncode == 0, out.stdout + out.stderr[-3000:]
   assert 'OK' in out.stdout, out.stdout
+
+
+def test_readme_example_runs():
+  text = (pathlib.Path(__file__).resolve().parents[1] / 'README.md').read_text()
+  blocks = re.findall(r'<!-- sampling-example -->\s*```python\n(.*?)```', text, re.S)
+  assert len(blocks) == 1, 'README must hold one marked sampling example'
+  scope = {}
+  exec(compile(blocks[0], 'README.md', 'exec'), scope)  # pylint: disable=exec-used
+  assert scope['x'].shape == (2, 96, 128, 4)
+  assert scope['error'] < 1e-5, scope['error']
