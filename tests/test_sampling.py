@@ -196,3 +196,16 @@ def test_readme_example_runs():
   exec(compile(blocks[0], 'README.md', 'exec'), scope)  # pylint: disable=exec-used
   assert scope['x'].shape == (2, 96, 128, 4)
   assert scope['error'] < 1e-5, scope['error']
+
+
+def test_dtype_is_the_denoisers_input_dtype():
+  seen = []
+
+  def denoise(params, x, t, cond):
+    seen.append(x.dtype)            # at trace time
+    return -x                       # bfloat16 out: the update stays float32
+  x = sampling.sample(denoise, None, None, keys=sampling.image_keys(0, [0]),
+                      latent_shape=(8, 8, 2), patch=8, steps=2, prediction='flow',
+                      dtype=jnp.bfloat16, devices=1)
+  assert seen and all(d == jnp.bfloat16 for d in seen)
+  assert x.dtype == jnp.float32
