@@ -7,11 +7,9 @@ x0 clipped to [-1, 1]), and max |sample - target| of an oracle denoiser (eta 0);
 tiled_ldm_jax/evaluation/sampling_check.py for why these must be ~0.
 """
 
-import sys
-
-from absl import app
 from absl import flags
 
+from tiled_ldm_jax import flag_util
 from tiled_ldm_jax.evaluation import sampling_check
 
 _FAST = flags.DEFINE_bool('fast_compile', True, 'jax_disable_most_optimizations (the '
@@ -19,8 +17,7 @@ _FAST = flags.DEFINE_bool('fast_compile', True, 'jax_disable_most_optimizations 
 
 
 def main(argv):
-  if len(argv) > 1:
-    sys.exit(f'error: unexpected arguments {argv[1:]}')
+  del argv
   if _FAST.value:
     import jax  # pylint: disable=g-import-not-at-top
     jax.config.update('jax_disable_most_optimizations', True)
@@ -32,4 +29,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  flag_util.run(main, {})
