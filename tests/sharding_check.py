@@ -54,10 +54,10 @@ def main():
     labels = jnp.asarray(np.random.RandomState(1).randint(0, 3, (n, 40, 40)), jnp.int32)
     keys = sampler.image_keys(0, range(n))
     settings = sampler.SamplerSettings(steps=3, patch=8, patches_per_step=k)
-    one = sampler.Sampler(local_eps, settings).sample(A, keys, labels)
+    one = sampler.Sampler(local_eps, settings).sample(A, keys, sampler.spatial(labels))
     smp = sampler.Sampler(local_eps, settings, mesh=mesh, n_images=n)
     assert smp.split == mode
-    many = smp.sample(A, keys, labels)
+    many = smp.sample(A, keys, sampler.spatial(labels))
     shards = len(many.x.sharding.device_set)
     # Same randomness, so the same patches in the same order: identical step counts and
     # patch choices. Values agree to float32 rounding, not bitwise: XLA compiles the

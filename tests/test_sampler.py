@@ -41,7 +41,7 @@ def test_tiled_equals_full_image_ddim_for_pixel_local_model(h, w, p, k):
   labels = random_labels(2, h, w)
   smp = sampler.Sampler(local_eps, sampler.SamplerSettings(steps=steps, patch=p,
                                                            patches_per_step=k, eta=0.0))
-  state = smp.sample(A, keys, labels)
+  state = smp.sample(A, keys, sampler.spatial(labels))
   assert state.x.shape == (2, h, w, 4) and state.x.dtype == jnp.float32
   assert (np.asarray(state.times) == steps).all()
   np.testing.assert_allclose(state.x, full_image_ddim(keys, labels, steps), atol=1e-5)
@@ -59,7 +59,7 @@ def test_each_pixel_takes_exactly_s_steps_and_levels_stay_within_one():
   for _ in range(10_000):
     if prev.min() >= steps:
       break
-    state = smp.step_patch(A, state, labels)
+    state = smp.step_patch(A, state, sampler.spatial(labels))
     times = np.asarray(state.times)
     assert ((times - prev) >= 0).all() and ((times - prev) <= 1).all()
     for n in range(times.shape[0]):
@@ -75,9 +75,9 @@ def test_each_pixel_takes_exactly_s_steps_and_levels_stay_within_one():
 def test_same_key_same_output_different_keys_differ():
   labels = random_labels(1, 16, 24)
   smp = sampler.Sampler(local_eps, sampler.SamplerSettings(steps=3, patch=8, eta=1.0))
-  a = smp.sample(A, sampler.image_keys(7, [0]), labels).x
-  b = smp.sample(A, sampler.image_keys(7, [0]), labels).x
-  c = smp.sample(A, sampler.image_keys(8, [0]), labels).x
+  a = smp.sample(A, sampler.image_keys(7, [0]), sampler.spatial(labels)).x
+  b = smp.sample(A, sampler.image_keys(7, [0]), sampler.spatial(labels)).x
+  c = smp.sample(A, sampler.image_keys(8, [0]), sampler.spatial(labels)).x
   np.testing.assert_array_equal(a, b)
   assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-2
   assert smp.compiles() == 1  # a new key does not recompile
@@ -87,15 +87,15 @@ def test_image_does_not_depend_on_its_batch():
   labels = random_labels(3, 16, 16)
   smp = sampler.Sampler(local_eps, sampler.SamplerSettings(steps=3, patch=8, eta=1.0,
                                                            patches_per_step=2))
-  batch = smp.sample(A, sampler.image_keys(5, [0, 1, 2]), labels)
-  alone = smp.sample(A, sampler.image_keys(5, [2]), labels[2:])
+  batch = smp.sample(A, sampler.image_keys(5, [0, 1, 2]), sampler.spatial(labels))
+  alone = smp.sample(A, sampler.image_keys(5, [2]), sampler.spatial(labels[2:]))
   np.testing.assert_allclose(batch.x[2], alone.x[0], atol=1e-6)
 
 
 def test_counters():
   labels = random_labels(1, 16, 16)
   state = sampler.Sampler(local_eps, sampler.SamplerSettings(steps=2, patch=8)).sample(
-      A, sampler.image_keys(0, [0]), labels)
+      A, sampler.image_keys(0, [0]), sampler.spatial(labels))
   # K = 1, one image: one patch and one denoiser sample per iteration.
   assert int(state.patches) == int(state.iterations) == int(state.evaluations)
   assert int(state.iterations) >= 2 * 4  # at least (16/8)^2 patches per level
@@ -139,11 +139,11 @@ def test_chunked_run_equals_uninterrupted():
   keys = sampler.image_keys(11, [0, 1])
   smp = sampler.Sampler(local_eps, sampler.SamplerSettings(steps=3, patch=8, eta=1.0,
                                                            patches_per_step=2))
-  whole = smp.sample(A, keys, labels)
+  whole = smp.sample(A, keys, sampler.spatial(labels))
   state = smp.init(keys, labels.shape)
   chunks = 0
   while int(state.level.min()) < 3:
-    state = smp.run(A, state, labels, max_iterations=4)
+    state = smp.run(A, state, sampler.spatial(labels), max_iterations=4)
     chunks += 1
   assert chunks > 2
   np.testing.assert_array_equal(state.x, whole.x)

@@ -101,7 +101,7 @@ def test_counters_track_the_latent_exactly():
       assert int(state.level[n]) == level
       assert int(state.remaining[n]) == (times[n] == level).sum()
       np.testing.assert_array_equal(np.asarray(state.counts[n]), _counts(times[n], level, p))
-    state = smp.step_patch(A, state, labels)
+    state = smp.step_patch(A, state, sampler.spatial(labels))
   assert (np.asarray(state.times) == steps).all()
   assert (np.asarray(state.level) == steps).all()
 
@@ -119,7 +119,7 @@ def test_grid_equals_full_image_ddim_for_pixel_local_model(h, w, p, k, margin):
     keys = sampler.image_keys(0, [0, 1])
     labels = random_labels(2, h, w)
     smp = grid(steps, p, k, margin)
-    state = smp.sample(A, keys, labels)
+    state = smp.sample(A, keys, sampler.spatial(labels))
     assert (np.asarray(state.times) == steps).all()
     np.testing.assert_allclose(state.x, full_image_ddim(keys, labels, steps), atol=1e-5)
     cells, per_level = smp.grid_shape(h, w)
@@ -134,14 +134,14 @@ def test_grid_does_not_depend_on_k_and_covers_each_pixel_once_per_level():
   keys = sampler.image_keys(9, [0, 1])
   one = grid(4, 8, 1, margin=1, eta=1.0)
   cells, _ = one.grid_shape(24, 32)
-  a = one.sample(A, keys, labels)
-  b = grid(4, 8, cells, margin=1, eta=1.0).sample(A, keys, labels)
+  a = one.sample(A, keys, sampler.spatial(labels))
+  b = grid(4, 8, cells, margin=1, eta=1.0).sample(A, keys, sampler.spatial(labels))
   np.testing.assert_allclose(a.x, b.x, atol=1e-6)
   smp = grid(3, 8, 2, margin=1, eta=1.0)
   state = smp.init(keys, labels.shape)
   for level in range(3):
     for _ in range(smp.grid_shape(24, 32)[1]):
-      state = smp.step_patch(A, state, labels)
+      state = smp.step_patch(A, state, sampler.spatial(labels))
     assert (np.asarray(state.times) == level + 1).all()
 
 
@@ -152,10 +152,10 @@ def test_grid_offsets_differ_between_levels_and_images():
   first = []
   for _ in range(2):   # the first window of level 0 and level 1
     before = np.asarray(state.times)
-    state = smp.step_patch(A, state, labels)
+    state = smp.step_patch(A, state, sampler.spatial(labels))
     first.append(np.argwhere(np.asarray(state.times) != before))
     while int(state.remaining[0]) != 0:
-      state = smp.step_patch(A, state, labels)
+      state = smp.step_patch(A, state, sampler.spatial(labels))
   assert first[0].size and first[1].size
 
 

@@ -1,20 +1,68 @@
-"""Denoisers for the sampler, built from a model's eps function (the sampler imports none).
+"""Denoisers for the sampler, built from a model's function (the sampler imports none).
 
-A denoiser is `(params, x [B, P, P, C], t [B], labels [B, P, P]) -> (eps [B, P, P, C],
-samples evaluated)`; `labels` are the patch's label ids at latent resolution.
+A denoiser is `(params, x [B, P, P, C], t [B], cond_patch) -> pred [B, P, P, C]`, or
+`(pred, samples evaluated)` so that the sampler's counters see guidance passes;
+`cond_patch` is the conditioning pytree cropped to the patch (`sampler.Spatial` leaves)
+or taken from the patch's image (other leaves). Guidance is a wrapper around a
+denoiser: `classifier_free_guidance` (one conditional and one unconditional pass) or
+`multilabel_guidance` (the image model's L+1 passes; SPEC 2). Both use the project's
+weight convention `null + (1 + w)(cond - null)` (w = 0: the conditional pass only).
 """
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
+
 from tiled_ldm_jax import diffusion
+
+
+def counted(out, batch: int):
+  """(prediction as float32, samples evaluated) of a denoiser's output."""
+  pred, evals = out if isinstance(out, tuple) else (out, batch)
+  return pred.astype(jnp.float32), evals
+
+
+def classifier_free_guidance(denoise, w: float, null_cond):
+  """`denoise` guided by weight w: conditional and unconditional passes as one batch 2B.
+
+  null_cond: the unconditional conditioning, either a pytree like the cond patch whose
+  leaves broadcast to it (e.g. `0` for a label map, a [D] null embedding for [B, D]), or
+  a function `cond_patch -> null cond_patch`.
+  """
+  def guided(params, x, t, cond):
+    b = x.shape[0]
+    if w == 0.0:
+      return counted(denoise(params, x, t, cond), b)
+    if callable(null_cond):
+      null = null_cond(cond)
+    else:
+      null = jax.tree_util.tree_map(
+          lambda n, c: jnp.broadcast_to(jnp.asarray(n, c.dtype), c.shape), null_cond, cond)
+    both = jax.tree_util.tree_map(lambda c, n: jnp.concatenate([c, n]), cond, null)
+    out, evals = counted(denoise(params, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                                 both), 2 * b)
+    c, n = jnp.split(out, 2)
+    return diffusion.guide(n, c, w), evals
+  return guided
+
+
+def multilabel_guidance(denoise, num_classes: int, w: float):
+  """The image model's multi-label guidance for a denoiser whose cond is a label map.
+
+  `denoise(params, x, t, labels [B, P, P]) -> pred`; label l > 0 pixels take the pass
+  with mask `(labels == l) * l`, guided by the all-zero-mask pass; label 0 pixels the
+  unconditional pass (L+1 passes; `diffusion.multilabel_eps`).
+  """
+  def fn(params, x, t, labels):
+    return diffusion.multilabel_eps(lambda *a: counted(denoise(*a), x.shape[0])[0], params,
+                                    x, t, labels, num_classes=num_classes, w=w)
+  return fn
 
 
 def image_denoiser(eps_fn, num_classes: int, cond_scale: float):
   """The image model's multi-label guided step (L+1 passes; SPEC 2)."""
-  def denoise(params, x, t, labels):
-    return diffusion.multilabel_eps(eps_fn, params, x, t, labels, num_classes=num_classes,
-                                    w=cond_scale)
-  return denoise
+  return multilabel_guidance(eps_fn, num_classes, cond_scale)
 
 
 def mask_denoiser(eps_fn, cond_scale: float):

@@ -28,14 +28,21 @@ def cosine_alphas_cumprod(timesteps: int = NUM_TRAIN_STEPS, s: float = 0.008) ->
 
 
 class Schedule:
-  """Per-time-index tables as float32 (computed in float64 like the original's buffers)."""
+  """Per-time-index tables as float32 (computed in float64 like the original's buffers).
 
-  def __init__(self, timesteps: int = NUM_TRAIN_STEPS):
-    ac = cosine_alphas_cumprod(timesteps)
-    self.timesteps = timesteps
+  The cosine schedule of `timesteps` steps, or any `alphas_cumprod` [T] (see
+  `processes.noise_schedule` for the linear ones).
+  """
+
+  def __init__(self, timesteps: int = NUM_TRAIN_STEPS, alphas_cumprod=None):
+    ac = (cosine_alphas_cumprod(timesteps) if alphas_cumprod is None
+          else np.asarray(alphas_cumprod, np.float64))
+    self.timesteps = len(ac)
     self.alphas_cumprod = ac.astype(np.float32)
     self.sqrt_recip = np.sqrt(1.0 / ac).astype(np.float32)
     self.sqrt_recipm1 = np.sqrt(1.0 / ac - 1).astype(np.float32)
+    self.sqrt_ac = np.sqrt(ac).astype(np.float32)             # v and x0 predictions
+    self.sqrt_1m_ac = np.sqrt(1.0 - ac).astype(np.float32)
 
 
 def time_pairs(steps: int, timesteps: int = NUM_TRAIN_STEPS) -> np.ndarray:
@@ -50,11 +57,32 @@ def time_pairs(steps: int, timesteps: int = NUM_TRAIN_STEPS) -> np.ndarray:
   return np.stack([times[:-1], times[1:]], axis=1)
 
 
-def ddim_step(sched: Schedule, x, eps, t, t_next, noise, eta: float = 1.0):
+PREDICTIONS = ('eps', 'v', 'x0')   # what a diffusion model predicts (see to_x0_eps)
+
+
+def to_x0_eps(sched: Schedule, x, pred, t_idx, prediction: str = 'eps'):
+  """(x0, eps) implied by a model's prediction at time indices t_idx [B] (x_t = sqrt(a) x0
+  + sqrt(1-a) eps; v = sqrt(a) eps - sqrt(1-a) x0)."""
+  bshape = (-1,) + (1,) * (x.ndim - 1)
+  table = lambda a: jnp.asarray(a)[t_idx].reshape(bshape)
+  if prediction == 'eps':
+    return table(sched.sqrt_recip) * x - table(sched.sqrt_recipm1) * pred, pred
+  if prediction == 'x0':
+    return pred, (x - table(sched.sqrt_ac) * pred) / table(sched.sqrt_1m_ac)
+  if prediction == 'v':
+    sa, s1a = table(sched.sqrt_ac), table(sched.sqrt_1m_ac)
+    return sa * x - s1a * pred, s1a * x + sa * pred
+  raise ValueError(f'prediction must be one of {PREDICTIONS}, got {prediction!r}')
+
+
+def ddim_step(sched: Schedule, x, eps, t, t_next, noise, eta: float = 1.0, *,
+              prediction: str = 'eps', clip: float | None = 1.0):
   """One DDIM step from time index t to t_next (per sample; x, eps, noise [B, ...]).
 
-  `x0 = clip(sqrt(1/a_t) x - sqrt(1/a_t - 1) eps, -1, 1)`; eps is not re-derived after
-  the clip. Where `t_next <= 0` (the original's `time_next > 0` test) the result is x0.
+  `eps` is the model's prediction of type `prediction`, turned into (x0, eps) first; for
+  eps models `x0 = clip(sqrt(1/a_t) x - sqrt(1/a_t - 1) eps, -1, 1)` (the original's;
+  `clip=None`: no clipping); eps is not re-derived after the clip. Where `t_next <= 0`
+  (the original's `time_next > 0` test) the result is x0.
   """
   bshape = (-1,) + (1,) * (x.ndim - 1)
   t_idx = jnp.clip(t, 0, sched.timesteps - 1)
@@ -62,9 +90,9 @@ def ddim_step(sched: Schedule, x, eps, t, t_next, noise, eta: float = 1.0):
   ac = jnp.asarray(sched.alphas_cumprod)
   a_t = ac[t_idx].reshape(bshape)
   a_n = ac[n_idx].reshape(bshape)
-  x0 = (jnp.asarray(sched.sqrt_recip)[t_idx].reshape(bshape) * x
-        - jnp.asarray(sched.sqrt_recipm1)[t_idx].reshape(bshape) * eps)
-  x0 = jnp.clip(x0, -1.0, 1.0)
+  x0, eps = to_x0_eps(sched, x, eps, t_idx, prediction)
+  if clip is not None:
+    x0 = jnp.clip(x0, -clip, clip)
   sigma = eta * jnp.sqrt((1 - a_t / a_n) * (1 - a_n) / (1 - a_t))
   c = jnp.sqrt(jnp.maximum(1 - a_n - sigma ** 2, 0.0))
   x_next = x0 * jnp.sqrt(a_n) + c * eps + sigma * noise

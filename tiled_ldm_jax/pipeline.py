@@ -44,9 +44,7 @@ from tiled_ldm_jax.models import unet as unet_lib
 from tiled_ldm_jax.models import vae as vae_lib
 
 DTYPES = ('float32', 'bfloat16')
-# Grid schedule: default window batch = all windows of a level, capped at this many latent
-# pixels per U-Net call (e.g. 256 demo windows of 16^2, 16 full-size windows of 64^2).
-GRID_BATCH_PIXELS = 1 << 16
+GRID_BATCH_PIXELS = schedules.GRID_BATCH_PIXELS   # grid: default window batch cap
 MASK_DOWNSCALE = 4       # the mask model works at a quarter of the image size
 DEFAULT_PATCH_SIZE = 512  # image-model patch of the released DiffInfinite models (pixels)
 
@@ -284,29 +282,25 @@ class Pipeline:
     (split evenly over the calls a level then needs)."""
     if o.patches_per_step:
       return o.patches_per_step
-    if o.schedule == 'random':
-      return 1
-    n_r, n_c = schedules.grid_cells(*latent_hw, patch - 2 * margin)
-    cap = max(1, GRID_BATCH_PIXELS // patch ** 2)
-    calls = -(-(n_r * n_c) // cap)
-    return -(-(n_r * n_c) // calls)   # the fewest calls, then the fewest idle slots
+    return schedules.default_patches_per_step(o.schedule, latent_hw, patch, margin,
+                                              GRID_BATCH_PIXELS)
 
   def mask_stage(self, o: Options, image_size: int, label: int, indices, seed: int):
-    """(sampler, initial state, class map) of the mask stage for images `indices`."""
+    """(sampler, initial state, conditioning: the class map, spatial) of the mask stage."""
     msize = mask_size(image_size, self.geometry.factor)
     side = msize // self.geometry.factor
     smp = self._sampler('mask', o, self._mask_patch(msize, o), (side, side), len(indices))
     classes = np.full((len(indices), side, side), label, np.int32)
     state = smp.init(_stage_keys(seed, indices, 0), classes.shape,
                      self.mask_unet.config.channels)
-    return smp, state, classes
+    return smp, state, sampler_lib.spatial(classes)
 
   def image_stage(self, o: Options, labels: np.ndarray, indices, seed: int):
-    """(sampler, initial state, latent label map) of the image stage."""
-    latent = masks_lib.latent_labels(labels, self.geometry.factor)
+    """(sampler, initial state, conditioning: the latent label map, spatial)."""
+    latent = masks_lib.latent_labels(labels, self.geometry.factor).astype(np.int32)
     smp = self._sampler('image', o, o.patch_size, latent.shape[1:], len(indices))
     state = smp.init(_stage_keys(seed, indices, 1), latent.shape, self.unet.config.channels)
-    return smp, state, latent
+    return smp, state, sampler_lib.spatial(latent)
 
   def labels_from_mask_latents(self, z, image_size: int, o: Options) -> np.ndarray:
     """Mask-model latents -> [N, H, W] label ids (decode, quantize, clean, upsample)."""

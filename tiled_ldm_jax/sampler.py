@@ -8,6 +8,12 @@ that were at the lowest level. Pixels already one step ahead are fed to the mode
 their stored lower-level value, so each patch is denoised at one consistent noise level.
 Hence `max(times) - min(times) <= 1` always, and every pixel takes exactly S steps.
 
+What a step does is the process's business (`processes.py`): DDIM on a noise schedule
+for eps / v / x0 models (the default: the original's cosine eps model) or Euler for flow
+matching; levels index its time grid. The denoiser gets a conditioning pytree per patch:
+`Spatial` leaves ([N, h, w, ...], e.g. the label map) cropped to the patch, other leaves
+([N, ...]) taken from the patch's image; idle slots get all zeros.
+
 Fixes of the original (SPEC 3): the loop runs until every pixel has taken all S steps
 (the final step to x0 included); the lower-level copy starts equal to `x`.
 
@@ -37,15 +43,44 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tiled_ldm_jax import diffusion
+from tiled_ldm_jax import processes
 from tiled_ldm_jax import schedules
 from tiled_ldm_jax import sharding as sharding_lib
 
 SCHEDULES = ('random', 'grid')
 
-# `(params, x [B,P,P,C], t [B], labels [B,P,P]) -> (eps [B,P,P,C], samples evaluated)`.
+# `(params, x [B,P,P,C], t [B], cond_patch) -> pred [B,P,P,C]` or `(pred, samples
+# evaluated)`: the model's prediction (eps, v, x0 or flow velocity, see `processes.py`).
 # Built by `denoisers.py` from a model's eps function; the sampler never imports a model.
-Denoiser = Callable[..., tuple[jax.Array, jax.Array]]
+Denoiser = Callable[..., jax.Array | tuple[jax.Array, jax.Array]]
+
+
+@flax.struct.dataclass
+class Spatial:
+  """A conditioning leaf at latent resolution, [N, h, w, ...]: cropped to each patch."""
+  value: jax.Array
+
+
+def spatial(array) -> Spatial:
+  """Marks `array` [N, h, w, ...] (latent resolution) to be cropped to each patch."""
+  return Spatial(array if hasattr(array, 'shape') else np.asarray(array))
+
+
+def _is_spatial(leaf) -> bool:
+  return isinstance(leaf, Spatial)
+
+
+def check_cond(cond, shape) -> None:
+  """ValueError unless Spatial leaves are [N, h, w, ...] and the others [N, ...]."""
+  n = shape[0]
+  for leaf in jax.tree_util.tree_leaves(cond, is_leaf=_is_spatial):
+    if isinstance(leaf, Spatial):
+      if tuple(leaf.value.shape[:3]) != tuple(shape):
+        raise ValueError(f'a spatial conditioning leaf of shape {leaf.value.shape} does not '
+                         f'match the latent [N, h, w] = {list(shape)}')
+    elif jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != n:
+      raise ValueError(f'a conditioning leaf of shape {jnp.shape(leaf)} is not [N, ...] '
+                       f'with N = {n} images')
 
 
 @flax.struct.dataclass
@@ -81,7 +116,8 @@ class SamplerSettings:
   grid_margin: int = 0        # grid: latent pixels of context each side, not written
 
   def __post_init__(self):
-    diffusion.time_pairs(self.steps)  # validates S
+    if self.steps < 1:
+      raise ValueError(f'sampling steps must be >= 1, got {self.steps}')
     if self.schedule not in SCHEDULES:
       raise ValueError(f'schedule must be one of {SCHEDULES}, got {self.schedule!r}')
     if self.grid_margin < 0 or 2 * self.grid_margin >= self.patch:
@@ -182,6 +218,9 @@ class Sampler:
   multiple of the device count, otherwise the N*K patches of each iteration (which must
   then be a multiple of it; the latent is replicated).
 
+  `process` (`processes.py`) turns predictions into steps: default the original's DDIM
+  for eps models on the cosine schedule (x0 clipped to [-1, 1]).
+
   `sample` runs the whole loop as one compiled program (per input shape). `run` continues
   a `SamplerState` for at most a given number of iterations (a dynamic argument: chunks
   do not recompile), which is how long runs are checkpointed and resumed; chunked and
@@ -191,14 +230,14 @@ class Sampler:
   """
 
   def __init__(self, denoise: Denoiser, settings: SamplerSettings, mesh=None,
-               n_images: int | None = None):
+               n_images: int | None = None, process=None):
     self.denoise = denoise
     self.settings = settings
     self.mesh = mesh
     self.n_images = n_images
     self.split = _choose_split(mesh, n_images, settings.patches_per_step)
-    self.pairs = diffusion.time_pairs(settings.steps)          # [S, 2]
-    self.schedule = diffusion.Schedule()
+    self.process = processes.Diffusion() if process is None else process
+    self.pairs = self.process.time_grid(settings.steps)       # [S, 2] (t, t_next)
     self._log = _ProgressLog(settings.progress_label)
     self._run_jit = jax.jit(self._run, donate_argnums=(1,))
     self.step_patch = jax.jit(self._step_patch, donate_argnums=(1,))
@@ -209,31 +248,46 @@ class Sampler:
 
   # --------------------------------------------------------------------------- one step
 
-  def _step_patch(self, params, state: SamplerState, labels) -> SamplerState:
+  def _step_patch(self, params, state: SamplerState, cond) -> SamplerState:
     """One iteration: up to K patches (windows) of every unfinished image advance a step.
 
-    labels: [N, h, w] int label ids at latent resolution.
+    cond: the conditioning pytree (`Spatial` leaves [N, h, w, ...], others [N, ...]).
     """
     if self.settings.schedule == 'grid':
-      return self._step_grid(params, state, labels)
-    return self._step_random(params, state, labels)
+      return self._step_grid(params, state, cond)
+    return self._step_random(params, state, cond)
 
-  def _denoise_patches(self, params, model_in, lab_p, valid, level, noise):
-    """DDIM step at each image's `level` for patches [N, K, P, P, C]; (new, evaluations)."""
+  def _cond_patches(self, cond, corners, valid):
+    """The conditioning of every slot, leaves [N, K, ...]; idle slots all zeros (cheap
+    for guidance that loops over the labels present)."""
+    p = self.settings.patch
+    n, k_slots = valid.shape
+    crop = jax.vmap(jax.vmap(functools.partial(_crop, patch=p), (None, 0)), (0, 0))
+
+    def one(leaf):
+      v = (crop(leaf.value, corners) if isinstance(leaf, Spatial)
+           else jnp.broadcast_to(leaf[:, None], (n, k_slots) + leaf.shape[1:]))
+      keep = valid.reshape(valid.shape + (1,) * (v.ndim - 2))
+      return jnp.where(keep, v, jnp.zeros_like(v))
+    return jax.tree_util.tree_map(one, cond, is_leaf=_is_spatial)
+
+  def _denoise_patches(self, params, model_in, cond_p, valid, level, noise):
+    """One step at each image's `level` for patches [N, K, P, P, C]; (new, evaluations)."""
     s = self.settings
     n, k_slots = valid.shape
     pair = jnp.asarray(self.pairs)[jnp.minimum(level, s.steps - 1)]      # [N, 2]
     t_cur = jnp.broadcast_to(pair[:, None, 0], (n, k_slots)).reshape(-1)
     t_next = jnp.broadcast_to(pair[:, None, 1], (n, k_slots)).reshape(-1)
     flat = lambda a: a.reshape((n * k_slots,) + a.shape[2:])
-    lab_in = jnp.where(valid[:, :, None, None], lab_p, 0)               # idle slots: cheap
-    b_x, b_t, b_tn, b_lab, b_noise = self._constrain_patches(
-        flat(model_in), t_cur, t_next, flat(lab_in), flat(noise))
-    eps, evals = self.denoise(params, b_x, b_t, b_lab)
-    new = diffusion.ddim_step(self.schedule, b_x, eps, b_t, b_tn, b_noise, s.eta)
+    leaves, tree = jax.tree_util.tree_flatten(cond_p)
+    b_x, b_t, b_tn, b_noise, *b_leaves = self._constrain_patches(
+        flat(model_in), t_cur, t_next, flat(noise), *map(flat, leaves))
+    out = self.denoise(params, b_x, b_t, jax.tree_util.tree_unflatten(tree, b_leaves))
+    pred, evals = out if isinstance(out, tuple) else (out, b_x.shape[0])
+    new = self.process.step(b_x, pred.astype(jnp.float32), b_t, b_tn, b_noise, s.eta)
     return new.reshape(model_in.shape), jnp.asarray(evals, jnp.int32)
 
-  def _step_random(self, params, state: SamplerState, labels) -> SamplerState:
+  def _step_random(self, params, state: SamplerState, cond) -> SamplerState:
     s = self.settings
     p, k_slots = s.patch, s.patches_per_step
     n, h, w = state.times.shape
@@ -247,14 +301,16 @@ class Sampler:
     corners, valid = _own_buffers(state.iterations >= 0, (corners, valid & active[:, None]))
 
     crop = jax.vmap(jax.vmap(functools.partial(_crop, patch=p), (None, 0)), (0, 0))
-    x_p, low_p, t_p, lab_p = _own_buffers(state.iterations >= 0, tuple(
-        crop(a, corners) for a in (state.x, state.x_low, state.times, labels)))  # [N, K, P, P, ..]
+    x_p, low_p, t_p = _own_buffers(state.iterations >= 0, tuple(
+        crop(a, corners) for a in (state.x, state.x_low, state.times)))  # [N, K, P, P, ..]
     behind = t_p == level[:, None, None, None]                          # at the lowest level
     model_in = jnp.where(behind[..., None], x_p, low_p)
     noise = jax.vmap(lambda key: jax.vmap(
         lambda j: jax.random.normal(jax.random.fold_in(key, k_slots + j), x_p.shape[2:]))(
             jnp.arange(k_slots)))(it_keys)                              # [N, K, P, P, C]
-    new, evals = self._denoise_patches(params, model_in, lab_p, valid, level, noise)
+    new, evals = self._denoise_patches(params, model_in,
+                                       self._cond_patches(cond, corners, valid), valid,
+                                       level, noise)
 
     write = behind & valid[:, :, None, None]                            # [N, K, P, P]
     paste = jax.vmap(functools.partial(_paste_all, patch=p))
@@ -282,7 +338,7 @@ class Sampler:
     n_r, n_c = schedules.grid_cells(h, w, s.patch - 2 * s.grid_margin)
     return n_r * n_c, -(-(n_r * n_c) // s.patches_per_step)
 
-  def _step_grid(self, params, state: SamplerState, labels) -> SamplerState:
+  def _step_grid(self, params, state: SamplerState, cond) -> SamplerState:
     s = self.settings
     p, k_slots, m = s.patch, s.patches_per_step, s.grid_margin
     n, h, w = state.times.shape
@@ -298,13 +354,15 @@ class Sampler:
              & (rects[..., 2] < rects[..., 3]) & active[:, None])
     odd = (level % 2 == 1)[:, None, None, None, None]                   # read x_low, write x
     crop = jax.vmap(jax.vmap(functools.partial(_crop, patch=p), (None, 0)), (0, 0))
-    x_p, low_p, t_p, lab_p = _own_buffers(state.iterations >= 0, tuple(
-        crop(a, corners) for a in (state.x, state.x_low, state.times, labels)))
+    x_p, low_p, t_p = _own_buffers(state.iterations >= 0, tuple(
+        crop(a, corners) for a in (state.x, state.x_low, state.times)))
     model_in = jnp.where(odd, low_p, x_p)
     noise = jax.vmap(lambda key, lv, idx: jax.vmap(lambda j: jax.random.normal(
         jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, 3), lv), j),
         x_p.shape[2:]))(idx))(state.keys, level, index)                 # [N, K, P, P, C]
-    new, evals = self._denoise_patches(params, model_in, lab_p, valid, level, noise)
+    new, evals = self._denoise_patches(params, model_in,
+                                       self._cond_patches(cond, corners, valid), valid,
+                                       level, noise)
 
     rows = corners[..., 0, None] + jnp.arange(p)                        # [N, K, P]
     cols = corners[..., 1, None] + jnp.arange(p)
@@ -349,53 +407,59 @@ class Sampler:
       jax.debug.callback(self._log, self._fraction(state), 1.0, state.iterations)
     jax.lax.cond(state.iterations % every == 0, emit, lambda _: None, None)
 
-  def _run(self, params, state: SamplerState, labels, max_iterations):
+  def _run(self, params, state: SamplerState, cond, max_iterations):
     stop = state.iterations + max_iterations
 
     def body(state):
-      state = self._step_patch(params, state, labels)
+      state = self._step_patch(params, state, cond)
       self._progress(state)
       return state
 
-    def cond(st):
+    def not_done(st):
       return (st.level.min() < self.settings.steps) & (st.iterations < stop)
-    state = jax.lax.while_loop(cond, body, state)
+    state = jax.lax.while_loop(not_done, body, state)
     if self.settings.schedule == 'grid' and self.settings.steps % 2 == 1:
       # The last level (S - 1, even) wrote x_low: make x the result once all are done.
       done = (state.level >= self.settings.steps)[:, None, None, None]
       state = state.replace(x=jnp.where(done, state.x_low, state.x))
     return state
 
-  def init(self, keys, labels_shape, channels: int = 4) -> SamplerState:
-    """The initial state for N images (one key each) of latent labels [N, h, w]."""
-    check_shapes(labels_shape, self.settings.patch)
-    if keys.shape != tuple(labels_shape[:1]):
-      raise ValueError(f'need one key per image: keys {keys.shape}, labels {labels_shape}')
-    return self.place(init_state(keys, tuple(labels_shape[1:]), channels,
+  def init(self, keys, shape, channels: int = 4) -> SamplerState:
+    """The initial state for N images (one key each) of latent shape [N, h, w]."""
+    check_shapes(shape, self.settings.patch)
+    if keys.shape != tuple(shape[:1]):
+      raise ValueError(f'need one key per image: keys {keys.shape}, latent {shape}')
+    return self.place(init_state(keys, tuple(shape[1:]), channels,
                                  self.settings.patch, self.settings.schedule))
 
-  def run(self, params, state: SamplerState, labels,
+  def run(self, params, state: SamplerState, cond,
           max_iterations: int | None = None) -> SamplerState:
     """Continues `state` (donated) until done or `max_iterations` more iterations."""
-    labels = jnp.asarray(labels, jnp.int32)
-    check_shapes(labels.shape, self.settings.patch)
-    if labels.shape != state.times.shape:
-      raise ValueError(f'labels {labels.shape} do not match the state {state.times.shape}')
+    check_cond(cond, state.times.shape)
     limit = np.iinfo(np.int32).max - int(state.iterations) if max_iterations is None \
         else max_iterations
     self._log.restart()  # for the progress ETA (includes a first compile)
-    return self._run_jit(params, state, self._place_labels(labels), jnp.int32(limit))
+    cond = jax.tree_util.tree_map(lambda a: self._place_labels(jnp.asarray(a)), cond)
+    return self._run_jit(params, state, cond, jnp.int32(limit))
 
-  def sample(self, params, keys, labels, channels: int = 4) -> SamplerState:
+  def sample(self, params, keys, cond, channels: int = 4,
+             hw: tuple[int, int] | None = None) -> SamplerState:
     """Samples N latents [N, h, w, channels]; returns the final state (x is the result).
 
     Args:
       params: denoiser params (passed through to `denoise`).
       keys: [N] typed PRNG keys, one per image (see `image_keys`).
-      labels: [N, h, w] int label ids at latent resolution.
+      cond: conditioning pytree; `Spatial` leaves [N, h, w, ...] (e.g. `spatial(labels)`
+        with labels [N, h, w] at latent resolution) are cropped to each patch.
+      hw: latent (h, w); default the size of the spatial leaves.
     """
-    labels = jnp.asarray(labels, jnp.int32)
-    return self.run(params, self.init(keys, labels.shape, channels), labels)
+    if hw is None:
+      found = [l.value.shape[1:3] for l in jax.tree_util.tree_leaves(cond, is_leaf=_is_spatial)
+               if isinstance(l, Spatial)]
+      if not found:
+        raise ValueError('give the latent size hw: the conditioning has no spatial leaf')
+      hw = found[0]
+    return self.run(params, self.init(keys, (keys.shape[0],) + tuple(hw), channels), cond)
 
   # --------------------------------------------------------------------------- sharding
 
@@ -443,11 +507,11 @@ def _choose_split(mesh, n_images: int | None, k: int) -> str | None:
                    f'(images x patches_per_step = {n_images * k}) to be a multiple of it')
 
 
-def check_shapes(labels_shape, patch: int, multiple: int = 1) -> None:
+def check_shapes(shape, patch: int, multiple: int = 1) -> None:
   """Raises ValueError for latents smaller than a patch or not a multiple of `multiple`."""
-  if len(labels_shape) != 3:
-    raise ValueError(f'labels must be [N, h, w] at latent resolution, got {labels_shape}')
-  _, h, w = labels_shape
+  if len(shape) != 3:
+    raise ValueError(f'the latent shape must be [N, h, w], got {shape}')
+  _, h, w = shape
   if h < patch or w < patch:
     raise ValueError(f'latent {h}x{w} is smaller than the patch {patch}x{patch}')
   if patch % multiple:

@@ -27,6 +27,9 @@ import jax
 import jax.numpy as jnp
 
 PAD_BLOCKS = 3   # zero blocks past the bottom/right: exclusion windows span <= 4 blocks
+# Grid schedule: default window batch = all windows of a level, capped at this many latent
+# pixels per denoiser call (e.g. 256 demo windows of 16^2, 16 full-size windows of 64^2).
+GRID_BATCH_PIXELS = 1 << 16
 
 
 def block_sizes(h: int, w: int, patch: int):
@@ -145,6 +148,18 @@ def update_counts(counts, corners, writes, patch: int):
 def grid_cells(h: int, w: int, cell: int) -> tuple[int, int]:
   """Cells per column and row of the shifted grid (some are empty for some offsets)."""
   return -(-(h + cell - 1) // cell), -(-(w + cell - 1) // cell)
+
+
+def default_patches_per_step(schedule: str, hw, patch: int, margin: int,
+                             max_pixels: int = GRID_BATCH_PIXELS) -> int:
+  """K when not given: 1 (random), else every window of a level up to `max_pixels` latent
+  pixels per denoiser call, split evenly over the calls a level then needs."""
+  if schedule == 'random':
+    return 1
+  n_r, n_c = grid_cells(*hw, patch - 2 * margin)
+  cap = max(1, max_pixels // patch ** 2)
+  calls = -(-(n_r * n_c) // cap)
+  return -(-(n_r * n_c) // calls)   # the fewest calls, then the fewest idle slots
 
 
 def grid_windows(index, offset, h: int, w: int, patch: int, margin: int):

@@ -66,7 +66,7 @@ def forward_flops(config, params, batch: int, patch: int) -> float:
   return float(cost.get('flops', float('nan'))) if cost else float('nan')
 
 
-def original_evaluations(config, cond_scale: float, settings, keys, latent) -> int:
+def original_evaluations(config, cond_scale: float, settings, keys, cond) -> int:
   """U-Net samples the original's `ddim_multimask` would run for the same patches.
 
   Patch placement depends only on the keys and the levels, never on the latent values,
@@ -80,7 +80,7 @@ def original_evaluations(config, cond_scale: float, settings, keys, latent) -> i
         labels, valid, num_classes=config.num_classes, w=cond_scale)
   # Idle slots get all-zero labels and count 1 each in original_pass_count; with K = 1
   # and a single image there are none.
-  state = sampler_lib.Sampler(counting, settings).sample(None, keys, latent, config.channels)
+  state = sampler_lib.Sampler(counting, settings).sample(None, keys, cond, config.channels)
   return int(state.evaluations)
 
 
@@ -104,16 +104,16 @@ def run_sampler_benchmark(config, params, *, image_size: int, patch_size: int, s
                                          schedule=schedule, grid_margin=grid_margin)
   denoise = denoisers.image_denoiser(unet_lib.eps_fn(config), config.num_classes, cond_scale)
   smp = sampler_lib.Sampler(denoise, settings, mesh=mesh, n_images=batch_size)
-  latent = jnp.asarray(labels[:, ::geom.factor, ::geom.factor])
+  cond = sampler_lib.spatial(jnp.asarray(labels[:, ::geom.factor, ::geom.factor]))
   keys = sampler_lib.image_keys(seed, np.arange(batch_size))
 
   start = time.perf_counter()
-  state = _block(smp.sample(params, keys, latent, config.channels))
+  state = _block(smp.sample(params, keys, cond, config.channels))
   first = time.perf_counter() - start
   runs = []
   for _ in range(repeats):
     start = time.perf_counter()
-    state = _block(smp.sample(params, keys, latent, config.channels))
+    state = _block(smp.sample(params, keys, cond, config.channels))
     runs.append(time.perf_counter() - start)
   if smp.compiles() != 1:
     raise RuntimeError(f'sampler compiled {smp.compiles()} times; expected once')
@@ -130,7 +130,7 @@ def run_sampler_benchmark(config, params, *, image_size: int, patch_size: int, s
       'seconds': seconds, 'compile_seconds': first - seconds,
       'patch_iterations': int(state.iterations), 'patches': int(state.patches),
       'denoiser_evaluations': evaluations, 'denoiser_calls': calls,
-      'original_evaluations': (original_evaluations(config, cond_scale, settings, keys, latent)
+      'original_evaluations': (original_evaluations(config, cond_scale, settings, keys, cond)
                                if patches_per_step == 1 and batch_size == 1
                                and schedule == 'random' else None),
       'denoiser_seconds': denoiser_seconds,
@@ -165,11 +165,11 @@ def count_work(config, params, *, image_size: int, patch_size: int, steps: int,
   zero = lambda params, x, t, cond, null=None: jnp.zeros(x.shape, jnp.float32)
   denoise = denoisers.image_denoiser(zero, config.num_classes, cond_scale)
   labels = benchmark_label_map(image_size, image_size, config.num_classes)
-  latent = jnp.asarray(labels[None, ::geom.factor, ::geom.factor])
+  cond = sampler_lib.spatial(jnp.asarray(labels[None, ::geom.factor, ::geom.factor]))
   smp, keys = sampler_lib.Sampler(denoise, settings), sampler_lib.image_keys(seed, [0])
-  _block(smp.sample(None, keys, latent, config.channels))           # compile
+  _block(smp.sample(None, keys, cond, config.channels))           # compile
   start = time.perf_counter()
-  state = _block(smp.sample(None, keys, latent, config.channels))
+  state = _block(smp.sample(None, keys, cond, config.channels))
   seconds = time.perf_counter() - start
   flops = forward_flops(config, params, 1, p)
   return {'image_size': image_size, 'patch_size': patch_size, 'steps': steps,

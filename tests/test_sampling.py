@@ -1,0 +1,211 @@
+"""`sampling.sample` for any denoiser: every prediction type on both schedules, noise
+schedules, conditioning pytrees, guidance wrappers, devices and input errors.
+
+Why small patches must equal one whole-latent patch (and why eta = 0 for DDIM): see
+`tiled_ldm_jax/evaluation/sampling_check.py`. In short, the initial noise is drawn per
+image over the whole latent, every pixel takes the same S steps each at its own level,
+and a pixel-local denoiser sees only that pixel's value at that level, so a pixel's
+trajectory cannot depend on where the patches fell -- except through the DDIM step
+noise (eta > 0), which is drawn per patch slot, hence eta = 0 here (flow draws none).
+"""
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tiled_ldm_jax import diffusion
+from tiled_ldm_jax import processes
+from tiled_ldm_jax import sampler
+from tiled_ldm_jax import sampling
+from tiled_ldm_jax.evaluation import sampling_check as sc
+
+pytestmark = pytest.mark.usefixtures('fast_compile')
+
+# One noise schedule per diffusion type here (the whole-latent run is then shared by the
+# two schedules); scripts/check_sampling.py runs every combination.
+NOISE = {'eps': 'cosine', 'v': 'scaled_linear', 'x0': 'linear', 'flow': 'cosine'}
+
+
+@pytest.mark.parametrize('schedule', ['random', 'grid'])
+@pytest.mark.parametrize('prediction', ['eps', 'v', 'x0', 'flow'])
+def test_small_patches_equal_one_whole_patch(prediction, schedule):
+  err = sc.patch_equivalence(prediction, schedule, NOISE[prediction])
+  assert err < 1e-5, err
+
+
+@pytest.mark.parametrize('prediction', ['eps', 'v', 'x0', 'flow'])
+def test_oracle_lands_on_the_target(prediction):
+  """The target is read from a spatial cond: a crop at the wrong place would miss it."""
+  err = sc.oracle_error(prediction, 'random', NOISE[prediction])
+  assert err < 1e-5, err
+
+
+def test_the_local_denoiser_is_not_trivial():
+  """The equivalence is not vacuous: other keys or cond change the sample."""
+  fn = sc.local_denoiser('flow')
+  kw = dict(latent_shape=(16, 16, sc.CHANNELS), patch=8, steps=4, prediction='flow',
+            devices=1)
+  cond = sc._cond(2, 16, 16, seed=1)  # pylint: disable=protected-access
+  a = sampling.sample(fn, jnp.asarray(sc.MIX), cond, keys=sampling.image_keys(0, [0, 1]), **kw)
+  b = sampling.sample(fn, jnp.asarray(sc.MIX), dict(cond, scale=-cond['scale']),
+                      keys=sampling.image_keys(0, [0, 1]), **kw)
+  assert float(jnp.abs(a - b).max()) > 1e-2
+  assert float(jnp.abs(a[0] - a[1]).max()) > 1e-2
+
+
+@pytest.mark.parametrize('schedule', ['random', 'grid'])
+def test_spatial_cond_is_cropped_at_the_patch_and_other_leaves_per_image(schedule):
+  """At level 0 every model input equals the initial noise at the patch's place. The
+  spatial cond holds that noise plus 100 x the image's id and the per-image leaf holds
+  the id, so `x + 100 id == cond crop` checks both the crop's place and the image."""
+  n, h, w = 2, 16, 24
+  keys = sampling.image_keys(4, range(n))
+  noise0 = np.asarray(sampler.init_state(keys, (h, w), 2, 8).x)
+  ids = np.array([3.0, 7.0], np.float32)
+  cond = {'noise': sampling.spatial(noise0 + 100 * ids[:, None, None, None]), 'id': ids}
+  seen = []
+
+  def denoise(params, x, t, c):
+    jax.debug.callback(lambda *a: seen.append([np.asarray(v) for v in a]),
+                       t, x, c['noise'], c['id'])
+    return jnp.zeros_like(x)
+
+  sampling.sample(denoise, None, cond, keys=keys, latent_shape=(h, w, 2), patch=8,
+                  steps=2, prediction='flow', schedule=schedule, patches_per_step=2,
+                  devices=1)
+  checked = 0
+  for t, x, crop, idx in seen:
+    for b in range(len(t)):
+      if t[b] == 1.0 and idx[b] != 0:          # level 0, a valid slot (idle: all zeros)
+        assert idx[b] in ids
+        np.testing.assert_array_equal(x[b] + 100 * idx[b], crop[b])
+        checked += 1
+  assert checked >= (h // 8) * (w // 8) * n   # at least a cover of each image
+
+
+def test_classifier_free_guidance_wrapper():
+  def model(params, x, t, cond):
+    return x * params + cond['class'][:, None, None, None] + 0.01 * t[:, None, None, None]
+  x = jnp.asarray(np.random.RandomState(0).randn(3, 4, 4, 2), jnp.float32)
+  t = jnp.array([5, 6, 7])
+  cond = {'class': jnp.array([1.0, 2.0, 3.0])}
+  guided = sampling.classifier_free_guidance(model, 2.0, {'class': 0.0})
+  out, evals = guided(0.5, x, t, cond)
+  null = model(0.5, x, t, {'class': jnp.zeros(3)})
+  np.testing.assert_allclose(out, null + 3.0 * (model(0.5, x, t, cond) - null), atol=1e-6)
+  assert evals == 6
+  out0, evals0 = sampling.classifier_free_guidance(model, 0.0, {'class': 0.0})(0.5, x, t, cond)
+  np.testing.assert_allclose(out0, model(0.5, x, t, cond))
+  assert evals0 == 3
+  fn_null = sampling.classifier_free_guidance(model, 2.0, lambda c: {'class': c['class'] * 0})
+  np.testing.assert_allclose(fn_null(0.5, x, t, cond)[0], out, atol=1e-6)
+
+
+def test_diffinfinite_path_is_the_same_loop():
+  """`sampling.sample` with the image model's guidance wrapper, eps, cosine, clip 1 gives
+  the pipeline's `Sampler` result bit for bit, and counts the guidance passes."""
+  a_mat = jnp.asarray(np.random.RandomState(0).randn(4, 4).astype(np.float32) * 0.5)
+
+  def eps(params, x, t, labels):   # a mask-conditioned toy eps model
+    return jnp.tanh(x @ params + 1e-3 * t[:, None, None, None] + 0.1 * labels[..., None])
+  labels = jnp.asarray(np.random.RandomState(1).randint(0, 3, (2, 16, 16)), jnp.int32)
+  keys = sampling.image_keys(0, [0, 1])
+  guided = sampling.multilabel_guidance(eps, 3, 2.0)
+  state = sampling.sample(guided, a_mat, sampling.spatial(labels), keys=keys,
+                          latent_shape=(16, 16, 4), patch=8, steps=3, clip_x0=1.0,
+                          devices=1, return_state=True)
+  smp = sampler.Sampler(guided, sampler.SamplerSettings(steps=3, patch=8))
+  ref = smp.sample(a_mat, keys, sampler.spatial(labels))
+  np.testing.assert_array_equal(state.x, ref.x)
+  assert int(state.evaluations) == int(ref.evaluations) > int(state.patches)
+
+
+def test_no_recompile_for_new_keys_or_cond():
+  fn = sc.local_denoiser('v')
+  kw = dict(latent_shape=(16, 16, sc.CHANNELS), patch=8, steps=2, prediction='v',
+            noise_schedule='linear', devices=1, eta=1.0)
+  before = sampling._sampler.cache_info()  # pylint: disable=protected-access
+  for seed in (0, 1):
+    sampling.sample(fn, jnp.asarray(sc.MIX), sc._cond(2, 16, 16, seed),  # pylint: disable=protected-access
+                    keys=sampling.image_keys(seed, [0, 1]), **kw)
+  after = sampling._sampler.cache_info()  # pylint: disable=protected-access
+  assert after.misses == before.misses + 1 and after.hits == before.hits + 1
+  smp = sampling._sampler(fn, None, sampler.SamplerSettings(steps=2, patch=8), processes.make(  # pylint: disable=protected-access
+      'v', 'linear', None), None, 2)
+  assert smp.compiles() == 1
+
+
+def test_noise_schedules():
+  for name, betas in (('linear', np.linspace(0.00085, 0.012, 1000)),
+                      ('scaled_linear', np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2)):
+    ac = sampling.noise_schedule(name).alphas_cumprod
+    np.testing.assert_allclose(ac, np.cumprod(1 - betas), rtol=1e-6)
+  np.testing.assert_array_equal(sampling.noise_schedule('cosine').alphas_cumprod,
+                                diffusion.Schedule().alphas_cumprod)
+  custom = np.linspace(0.999, 0.01, 200)
+  assert processes.as_schedule(custom).timesteps == 200
+  assert processes.as_schedule(sampling.noise_schedule('linear', 50)).timesteps == 50
+  assert processes.Flow().time_grid(4).tolist() == [[1, .75], [.75, .5], [.5, .25], [.25, 0]]
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(prediction='score'), 'prediction must be one of'),
+    (dict(schedule='spiral'), 'schedule must be one of'),
+    (dict(noise_schedule='sigmoid'), 'noise_schedule must be one of'),
+    (dict(noise_schedule=np.array([0.5, 2.0])), r'alphas_cumprod must be a \[T\] array'),
+    (dict(latent_shape=(16, 16)), r'latent_shape must be \(h, w, C\)'),
+    (dict(patch=32), 'smaller than the patch'),
+    (dict(keys=jax.random.split(jax.random.PRNGKey(0), 2)), 'typed PRNG keys'),
+    (dict(cond={'m': sampling.spatial(np.zeros((2, 8, 16)))}), 'spatial conditioning leaf'),
+    (dict(cond={'c': np.zeros((3,))}), r'not \[N, \.\.\.\] with N = 2'),
+    (dict(steps=1001), 'sampling steps'),
+])
+def test_bad_input_is_one_line_error(kwargs, match):
+  kw = dict(keys=sampling.image_keys(0, [0, 1]), latent_shape=(16, 16, 2), patch=8,
+            steps=2, cond=None)
+  kw.update(kwargs)
+  cond = kw.pop('cond')
+  with pytest.raises(ValueError, match=match) as e:
+    sampling.sample(lambda p, x, t, c: x, None, cond, devices=1, **kw)
+  assert '\n' not in str(e.value)
+
+
+def test_every_type_on_eight_devices():
+  """Images split and patch split on 8 emulated CPU devices equal one device (own
+  process: XLA_FLAGS)."""
+  script = pathlib.Path(__file__).with_name('sampling_sharding_check.py')
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+  assert 'OK' in out.stdout, out.stdout
+
+
+def test_readme_example_runs():
+  text = (pathlib.Path(__file__).resolve().parents[1] / 'README.md').read_text()
+  blocks = re.findall(r'<!-- sampling-example -->\s*```python\n(.*?)```', text, re.S)
+  assert len(blocks) == 1, 'README must hold one marked sampling example'
+  scope = {}
+  exec(compile(blocks[0], 'README.md', 'exec'), scope)  # pylint: disable=exec-used
+  assert scope['x'].shape == (2, 96, 128, 4)
+  assert scope['error'] < 1e-5, scope['error']
+
+
+def test_dtype_is_the_denoisers_input_dtype():
+  seen = []
+
+  def denoise(params, x, t, cond):
+    seen.append(x.dtype)            # at trace time
+    return -x                       # bfloat16 out: the update stays float32
+  x = sampling.sample(denoise, None, None, keys=sampling.image_keys(0, [0]),
+                      latent_shape=(8, 8, 2), patch=8, steps=2, prediction='flow',
+                      dtype=jnp.bfloat16, devices=1)
+  assert seen and all(d == jnp.bfloat16 for d in seen)
+  assert x.dtype == jnp.float32

@@ -1,0 +1,116 @@
+"""What one sampler step does with a model's prediction: DDIM for eps / v / x0 models on a
+noise schedule, Euler for flow matching.
+
+A process gives the sampler (`sampler.Sampler`) two things:
+- `time_grid(steps)`: [S, 2] pairs (t, t_next), one per level: the time the denoiser is
+  told at level L and where the step lands. Diffusion: int timesteps indexing the noise
+  schedule's `alphas_cumprod` (the original's `int(linspace(-1, T-1, S+1))`, reversed);
+  flow: floats 1 -> 0 on a uniform grid.
+- `step(x, pred, t, t_next, noise, eta)`: one update of a batch of patches [B, P, P, C].
+The sampler's per-pixel step counts index this grid, so the random-patch and grid
+schedules (levels, per-pixel times) are the same code for every prediction type.
+
+Flow matching convention: `x_t = (1 - t) x0 + t noise`, the model predicts the velocity
+`noise - x0`, and a step is `x + (t_next - t) v` (deterministic: eta and noise unused).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tiled_ldm_jax import diffusion
+
+PREDICTIONS = diffusion.PREDICTIONS + ('flow',)
+NOISE_SCHEDULES = ('cosine', 'linear', 'scaled_linear')
+SD_BETAS = (0.00085, 0.012)   # Stable Diffusion's beta range (linear and scaled_linear)
+
+
+def noise_schedule(name: str, timesteps: int = diffusion.NUM_TRAIN_STEPS, *,
+                   beta_start: float = SD_BETAS[0],
+                   beta_end: float = SD_BETAS[1]) -> diffusion.Schedule:
+  """A `diffusion.Schedule` (`.alphas_cumprod` [T]) by name.
+
+  'cosine': the original's (s = 0.008, betas clipped to 0.999); 'linear': betas
+  `linspace(beta_start, beta_end, T)`; 'scaled_linear': betas
+  `linspace(sqrt(beta_start), sqrt(beta_end), T) ** 2` (Stable Diffusion's).
+  """
+  if name == 'cosine':
+    return diffusion.Schedule(timesteps)
+  if name == 'linear':
+    betas = np.linspace(beta_start, beta_end, timesteps, dtype=np.float64)
+  elif name == 'scaled_linear':
+    betas = np.linspace(beta_start ** 0.5, beta_end ** 0.5, timesteps, dtype=np.float64) ** 2
+  else:
+    raise ValueError(f'noise_schedule must be one of {NOISE_SCHEDULES}, got {name!r}')
+  return diffusion.Schedule(alphas_cumprod=np.cumprod(1.0 - betas))
+
+
+def as_schedule(value) -> diffusion.Schedule:
+  """A name, a `diffusion.Schedule` (or any object with `alphas_cumprod`) or a [T] array."""
+  if isinstance(value, str):
+    return noise_schedule(value)
+  if isinstance(value, diffusion.Schedule):
+    return value
+  ac = np.asarray(getattr(value, 'alphas_cumprod', value), np.float64)
+  if ac.ndim != 1 or ac.size < 1 or not np.all((ac > 0) & (ac <= 1)):
+    raise ValueError(f'alphas_cumprod must be a [T] array of values in (0, 1], got shape '
+                     f'{ac.shape}')
+  return diffusion.Schedule(alphas_cumprod=ac)
+
+
+class Diffusion:
+  """DDIM (with eta) for eps, v or x0 models on a noise schedule.
+
+  `clip`: clamp the predicted x0 to [-clip, clip] (the original's 1.0; None: no clamp).
+  """
+
+  def __init__(self, schedule=None, prediction: str = 'eps', clip: float | None = 1.0):
+    if prediction not in diffusion.PREDICTIONS:
+      raise ValueError(f'prediction must be one of {PREDICTIONS}, got {prediction!r}')
+    self.schedule = diffusion.Schedule() if schedule is None else as_schedule(schedule)
+    self.prediction = prediction
+    self.clip = clip
+
+  def _key(self):
+    return (self.prediction, self.clip, self.schedule.alphas_cumprod.tobytes())
+
+  def __eq__(self, other):
+    return isinstance(other, Diffusion) and self._key() == other._key()
+
+  def __hash__(self):
+    return hash(self._key())
+
+  def time_grid(self, steps: int) -> np.ndarray:
+    return diffusion.time_pairs(steps, self.schedule.timesteps)
+
+  def step(self, x, pred, t, t_next, noise, eta: float):
+    return diffusion.ddim_step(self.schedule, x, pred, t, t_next, noise, eta,
+                               prediction=self.prediction, clip=self.clip)
+
+
+class Flow:
+  """Euler steps of a flow-matching (rectified flow) velocity model from t = 1 to 0."""
+
+  def __eq__(self, other):
+    return isinstance(other, Flow)
+
+  def __hash__(self):
+    return hash('flow')
+
+  def time_grid(self, steps: int) -> np.ndarray:
+    if steps < 1:
+      raise ValueError(f'sampling steps must be >= 1, got {steps}')
+    t = np.linspace(1.0, 0.0, steps + 1, dtype=np.float64).astype(np.float32)
+    return np.stack([t[:-1], t[1:]], axis=1)
+
+  def step(self, x, pred, t, t_next, noise, eta: float):
+    del noise, eta   # an ODE step
+    bshape = (-1,) + (1,) * (x.ndim - 1)
+    return x + (t_next - t).reshape(bshape) * pred
+
+
+def make(prediction: str = 'eps', noise_schedule_=None, clip: float | None = 1.0):
+  """The process of a prediction type ('eps', 'v', 'x0' or 'flow')."""
+  if prediction == 'flow':
+    return Flow()
+  return Diffusion(noise_schedule_, prediction, clip)

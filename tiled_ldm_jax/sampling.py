@@ -1,0 +1,123 @@
+"""Sample your own model: the large-image random-patch sampler for any JAX denoiser.
+
+    from tiled_ldm_jax import sampling
+    x = sampling.sample(denoise, params, cond, keys=jax.random.split(jax.random.key(0), 2),
+                        latent_shape=(256, 256, 4), patch=64, steps=50, prediction='v')
+    # x: [N, 256, 256, 4]
+
+`denoise(params, x [B, P, P, C], t [B], cond_patch) -> [B, P, P, C]` is the model's
+prediction for B patches. For 'eps', 'v' and 'x0' models `t` is the int timestep
+indexing the noise schedule's `alphas_cumprod`, and a step is DDIM (eta); for 'flow'
+`t` is a float in [0, 1], `x_t = (1 - t) x0 + t noise`, the model predicts `noise - x0`
+and a step is Euler on a uniform grid from 1 to 0 (`processes.py`).
+
+`cond` is any pytree (None for an unconditional model). Leaves wrapped with
+`spatial(array)` ([N, h, w, ...] at latent resolution, e.g. a label map) reach the
+denoiser cropped to each patch ([B, P, P, ...]); other leaves ([N, ...], e.g. a class id
+or a text embedding) as the row of the patch's image ([B, ...]).
+
+This is the loop the DiffInfinite pipeline runs (`sampler.Sampler`); guidance is a
+denoiser wrapper (`classifier_free_guidance`, `multilabel_guidance`). Compiled samplers
+are cached per (denoiser, settings, process, placement), so calling `sample` again with
+new keys or cond of the same shapes does not recompile.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from tiled_ldm_jax import denoisers
+from tiled_ldm_jax import processes
+from tiled_ldm_jax import sampler as sampler_lib
+from tiled_ldm_jax import schedules
+from tiled_ldm_jax import sharding
+
+# Re-exported: the public names of this module.
+Spatial = sampler_lib.Spatial
+spatial = sampler_lib.spatial
+noise_schedule = processes.noise_schedule
+classifier_free_guidance = denoisers.classifier_free_guidance
+multilabel_guidance = denoisers.multilabel_guidance
+image_keys = sampler_lib.image_keys
+PREDICTIONS = processes.PREDICTIONS
+NOISE_SCHEDULES = processes.NOISE_SCHEDULES
+SCHEDULES = sampler_lib.SCHEDULES
+
+
+def sample(denoise, params, cond, *, keys, latent_shape, patch: int, steps: int,
+           prediction: str = 'eps', noise_schedule='cosine', schedule: str = 'random',
+           eta: float = 1.0, clip_x0: float | None = None,
+           patches_per_step: int | None = None, grid_margin: int = 0, dtype=None,
+           mesh=None, devices: int = 0, progress_every: int = 0,
+           return_state: bool = False):
+  """N latents [N, h, w, C] sampled patch by patch (see the module docstring).
+
+  Args:
+    denoise: `(params, x, t, cond_patch) -> pred` (or `(pred, samples evaluated)`).
+    params: passed through to `denoise` (a jit argument: weights are not constants).
+    cond: conditioning pytree; `spatial(...)` leaves are cropped per patch.
+    keys: [N] typed PRNG keys, one per image (`image_keys(seed, range(N))`); image n
+      depends only on keys[n].
+    latent_shape: (h, w, C). patch: the latent window side P (<= h, w).
+    steps: sampling steps S (every latent pixel takes exactly S).
+    prediction: 'eps', 'v', 'x0' or 'flow'.
+    noise_schedule: 'cosine', 'linear', 'scaled_linear', a `noise_schedule(...)` object
+      (anything with `alphas_cumprod`) or a [T] array (unused for flow).
+    schedule: patch placement, 'random' (DiffInfinite's) or 'grid' (shifted windows).
+    eta: DDIM eta (0: deterministic given the initial noise; unused for flow).
+    clip_x0: clamp the predicted x0 to [-clip_x0, clip_x0] at every DDIM step (the
+      DiffInfinite models use 1.0); None: no clamp.
+    patches_per_step: K windows per image per iteration (default 1 for random; grid:
+      every window of a level, at most `schedules.GRID_BATCH_PIXELS` latent pixels
+      per call).
+    grid_margin: grid: latent pixels of context each side of a window, not written.
+    dtype: the dtype `x` is given to `denoise` in (e.g. jnp.bfloat16); the state and the
+      update stay float32.
+    mesh / devices: a 1-D `jax.sharding.Mesh`, or at most this many devices (0: all);
+      images are split over devices when N divides, else each iteration's patches.
+    return_state: return the final `sampler.SamplerState` (x and counters) instead of x.
+  """
+  h, w, c = _check(keys, latent_shape, patch, prediction, schedule, cond)
+  k = patches_per_step or schedules.default_patches_per_step(
+      schedule, (h, w), patch, grid_margin)
+  settings = sampler_lib.SamplerSettings(
+      steps=steps, patch=patch, patches_per_step=k, eta=eta, progress_every=progress_every,
+      schedule=schedule, grid_margin=grid_margin)
+  process = processes.make(prediction, noise_schedule, clip_x0)
+  n = keys.shape[0]
+  if mesh is None:
+    mesh = sharding.make_mesh(n, k, devices)
+  smp = _sampler(denoise, None if dtype is None else jnp.dtype(dtype), settings, process,
+                 mesh, n)
+  state = smp.run(params, smp.init(keys, (n, h, w), c), cond)
+  return state if return_state else state.x
+
+
+def _check(keys, latent_shape, patch, prediction, schedule, cond):
+  """One-line ValueErrors before anything is compiled."""
+  if prediction not in PREDICTIONS:
+    raise ValueError(f'prediction must be one of {PREDICTIONS}, got {prediction!r}')
+  if schedule not in SCHEDULES:
+    raise ValueError(f'schedule must be one of {SCHEDULES}, got {schedule!r}')
+  if len(tuple(latent_shape)) != 3:
+    raise ValueError(f'latent_shape must be (h, w, C), got {latent_shape}')
+  if not (hasattr(keys, 'dtype') and jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key)
+          and keys.ndim == 1):
+    raise ValueError('keys must be [N] typed PRNG keys (jax.random.key / image_keys)')
+  h, w, c = (int(v) for v in latent_shape)
+  sampler_lib.check_shapes((keys.shape[0], h, w), patch)
+  sampler_lib.check_cond(cond, (keys.shape[0], h, w))
+  return h, w, c
+
+
+@functools.lru_cache(maxsize=16)
+def _sampler(denoise, dtype, settings, process, mesh, n_images) -> sampler_lib.Sampler:
+  """A compiled sampler per (denoiser, dtype, settings, process, mesh, batch)."""
+  fn = denoise
+  if dtype is not None:
+    def fn(params, x, t, cond):
+      return denoise(params, x.astype(dtype), t, cond)
+  return sampler_lib.Sampler(fn, settings, mesh, n_images, process)
