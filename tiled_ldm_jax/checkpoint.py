@@ -25,6 +25,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from tiled_ldm_jax import diffusion
 from tiled_ldm_jax import sharding
 from tiled_ldm_jax.models import configs as configs_lib
 
@@ -158,6 +159,18 @@ def read_model_json(directory: str) -> tuple[str, Any]:
     raise ValueError(f'{path}: unsupported format {meta.get("format")!r} / model '
                      f'{meta.get("model")!r}')
   return meta['model'], configs_lib.model_config(meta['model'], meta['config'])
+
+
+OBJECTIVES = diffusion.OBJECTIVES
+
+
+def read_objective(directory: str) -> str:
+  """A U-Net folder's `objective` (model.json; 'eps' when absent: converted originals)."""
+  with open(os.path.join(directory, 'model.json')) as f:
+    objective = json.load(f).get('objective', 'eps')
+  if objective not in OBJECTIVES:
+    raise ValueError(f'{directory}: unknown objective {objective!r} (have {OBJECTIVES})')
+  return objective
 
 
 def _read_parts(directory: str):

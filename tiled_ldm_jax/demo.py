@@ -11,14 +11,17 @@ import os
 
 DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'demo')
 MODELS = ('image_unet', 'mask_unet', 'vae')
+# A flow-matching image U-Net (configs/demo_train_flow.py) for the 'sample your own
+# model' example (own_model.py); not part of the DiffInfinite demo pipeline.
+EXTRA_MODELS = ('flow_unet',)
 # The demo U-Nets were trained on 128 px crops: sample and decode with that patch.
 PATCH_SIZE = 128
 MASK_PATCH_SIZE = 128
 
 
 def model_path(kind: str) -> str:
-  if kind not in MODELS:
-    raise ValueError(f'no demo model {kind!r}; have {MODELS}')
+  if kind not in MODELS + EXTRA_MODELS:
+    raise ValueError(f'no demo model {kind!r}; have {MODELS + EXTRA_MODELS}')
   return os.path.join(DEMO_DIR, kind)
 
 

@@ -60,6 +60,22 @@ def multilabel_guidance(denoise, num_classes: int, w: float):
   return fn
 
 
+def trained_unet(apply_fn, objective: str = 'eps'):
+  """(network fn, the `processes.make` prediction and x0 clip) of a U-Net trained with
+  `objective` (checkpoint.read_objective). eps: the original's DDIM with x0 clipped to
+  [-1, 1]; v: DDIM on the same cosine schedule, unclipped; flow: Euler, the network told
+  t * FLOW_TIME_SCALE."""
+  if objective == 'eps':
+    return apply_fn, 'eps', 1.0
+  if objective == 'v':
+    return apply_fn, 'v', None
+  if objective == 'flow':
+    def net(params, x, t, *cond):
+      return apply_fn(params, x, t * diffusion.FLOW_TIME_SCALE, *cond)
+    return net, 'flow', None
+  raise ValueError(f'objective must be eps, v or flow, got {objective!r}')
+
+
 def image_denoiser(eps_fn, num_classes: int, cond_scale: float):
   """The image model's multi-label guided step (L+1 passes; SPEC 2)."""
   return multilabel_guidance(eps_fn, num_classes, cond_scale)

@@ -16,6 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 
 NUM_TRAIN_STEPS = 1000
+# Flow-matching U-Nets trained here are told t * this (t in [0, 1]), so the sinusoidal
+# time embedding sees the range of the diffusion timesteps.
+FLOW_TIME_SCALE = 1000.0
+OBJECTIVES = ('eps', 'v', 'flow')   # what a U-Net trained by scripts/train.py predicts
 
 
 def cosine_alphas_cumprod(timesteps: int = NUM_TRAIN_STEPS, s: float = 0.008) -> np.ndarray:

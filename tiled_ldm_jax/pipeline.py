@@ -37,6 +37,7 @@ from tiled_ldm_jax import diffusion
 from tiled_ldm_jax import geometry
 from tiled_ldm_jax import masks as masks_lib
 from tiled_ldm_jax import memory
+from tiled_ldm_jax import processes
 from tiled_ldm_jax import sampler as sampler_lib
 from tiled_ldm_jax import schedules
 from tiled_ldm_jax import sharding
@@ -111,9 +112,10 @@ class Options:
 
 
 class Model(NamedTuple):
-  """A loaded model: its typed config and params."""
+  """A loaded model: its typed config, params and, for U-Nets, what it predicts."""
   config: Any
   params: Any
+  objective: str = 'eps'   # eps | v | flow (checkpoint.read_objective)
 
 
 class Result(NamedTuple):
@@ -124,7 +126,9 @@ class Result(NamedTuple):
 
 def _load(path: str, kind: str, what: str) -> Model:
   try:
-    return Model(*checkpoint.load_model(path, expect=kind)[1:])
+    _, config, params = checkpoint.load_model(path, expect=kind)
+    objective = 'eps' if kind == 'vae' else checkpoint.read_objective(path)
+    return Model(config, params, objective)
   except (OSError, ValueError) as e:
     raise ValueError(f'{what}: cannot load {path}: {e}') from None
 
@@ -265,15 +269,17 @@ class Pipeline:
            o.cond_scale if which == 'image' else o.mask_cond_scale, patch, n_images)
     if key not in self._samplers:
       model = self.unet if which == 'image' else self.mask_unet
-      eps = unet_lib.eps_fn(dataclasses.replace(model.config, dtype=o.dtype))
-      denoise = (denoisers.image_denoiser(eps, model.config.num_classes, o.cond_scale)
-                 if which == 'image' else denoisers.mask_denoiser(eps, o.mask_cond_scale))
+      net, prediction, clip = denoisers.trained_unet(
+          unet_lib.eps_fn(dataclasses.replace(model.config, dtype=o.dtype)), model.objective)
+      denoise = (denoisers.image_denoiser(net, model.config.num_classes, o.cond_scale)
+                 if which == 'image' else denoisers.mask_denoiser(net, o.mask_cond_scale))
       settings = sampler_lib.SamplerSettings(
           steps=o.sampling_steps, patch=patch, patches_per_step=k, eta=o.eta,
           progress_every=o.progress_every, progress_label=f'{which} stage',
           schedule=o.schedule, grid_margin=margin)
       mesh = sharding.make_mesh(n_images, k, self.devices)
-      self._samplers[key] = sampler_lib.Sampler(denoise, settings, mesh, n_images)
+      self._samplers[key] = sampler_lib.Sampler(denoise, settings, mesh, n_images,
+                                                processes.make(prediction, None, clip))
     return self._samplers[key]
 
   @staticmethod

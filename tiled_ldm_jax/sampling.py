@@ -116,8 +116,9 @@ def _check(keys, latent_shape, patch, prediction, schedule, cond):
 @functools.lru_cache(maxsize=16)
 def _sampler(denoise, dtype, settings, process, mesh, n_images) -> sampler_lib.Sampler:
   """A compiled sampler per (denoiser, dtype, settings, process, mesh, batch)."""
-  fn = denoise
-  if dtype is not None:
-    def fn(params, x, t, cond):
-      return denoise(params, x.astype(dtype), t, cond)
-  return sampler_lib.Sampler(fn, settings, mesh, n_images, process)
+  if dtype is None:
+    return sampler_lib.Sampler(denoise, settings, mesh, n_images, process)
+
+  def cast(params, x, t, cond):   # the denoiser sees x in `dtype`; the update stays f32
+    return denoise(params, x.astype(dtype), t, cond)
+  return sampler_lib.Sampler(cast, settings, mesh, n_images, process)

@@ -17,11 +17,12 @@ import ml_collections
 from ml_collections import config_dict
 
 from tiled_ldm_jax import config_files
+from tiled_ldm_jax import diffusion
 from tiled_ldm_jax import geometry
 from tiled_ldm_jax.models import configs as configs_lib
 
 TASKS = ('image_unet', 'mask_unet', 'vae')
-OBJECTIVES = ('eps', 'v', 'flow')
+OBJECTIVES = diffusion.OBJECTIVES   # eps | v | flow
 
 
 class WorkdirError(ValueError):

@@ -78,7 +78,7 @@ def _noised(z, key, timesteps: int):
   return jnp.sqrt(a) * z + jnp.sqrt(1.0 - a) * noise, t, noise
 
 
-FLOW_TIME_SCALE = 1000.0   # flow: the U-Net's time input is t * this (t in [0, 1])
+FLOW_TIME_SCALE = diffusion.FLOW_TIME_SCALE   # flow: the U-Net's time input is t * this
 
 
 def objective_inputs(objective: str, z, key, timesteps: int = diffusion.NUM_TRAIN_STEPS):
