@@ -265,3 +265,23 @@ def test_partition_blend_removes_the_residual_seam_on_the_demo_vae():
   assert ratio['plain'] > 2.5 and ratio['original'] < 1.5, ratio
   assert ratio['partition'] < 1.12, ratio
   assert ratio['partition'] - 1 < 0.5 * (ratio['original'] - 1), ratio
+
+
+@pytest.mark.parametrize('band_tiles,split', [(1, (2, 3)), (2, (1,)), (1, (1, 2, 3, 4))])
+def test_band_ranges_give_the_whole_decodes_pixels(band_tiles, split):
+  """Hosts decoding their own bands (`bands=`) assemble exactly the whole decode: the
+  carry into a range's first band is rebuilt from the band before it."""
+  z = np.random.default_rng(7).normal(size=(40, 24, 4)).astype(np.float32)  # 5 tile rows
+  kw = dict(patch_size=64, tile_batch=4, band_tiles=band_tiles, latent_scale=1.0)
+  whole = list(decode.iter_decode_bands(_blurred, None, z, **kw))
+  rows, n = decode.band_layout(z.shape, **kw)
+  assert n == len(whole) and rows == 64 * band_tiles
+  edges = (0,) + split + (n,)
+  parts = [band for a, b in zip(edges[:-1], edges[1:])
+           for band in decode.iter_decode_bands(_blurred, None, z, bands=(a, b), **kw)]
+  assert [r for r, _ in parts] == [r for r, _ in whole]
+  for (_, got), (_, want) in zip(parts, whole):
+    np.testing.assert_array_equal(got, want)
+  with pytest.raises(ValueError, match='outside the'):
+    list(decode.iter_decode_bands(_blurred, None, z, bands=(0, n + 1), **kw))
+  assert not list(decode.iter_decode_bands(_blurred, None, z, bands=(2, 2), **kw))

@@ -3,8 +3,9 @@
 
 Image n uses the keys of index n whatever its batch, so one single-process run of 4
 images is the reference for every multi-process run here (batch split N=4, patch split
-N=2 over all 4 devices, N=3 which no even device count divides, a resume after both
-processes are killed). A hang (unequal collectives) fails the test after TIMEOUT s.
+N=2 over all 4 devices, N=1 which no device count divides, written as one OME-Zarr
+store or one TIFF by both processes together, a resume after both processes are
+killed). A hang (unequal collectives) fails the test after TIMEOUT s.
 """
 
 import os
@@ -129,14 +130,25 @@ def test_patch_split_n2_tiff_uses_all_devices(tmp_path, cache, reference_k2):
     _close(tifffile.imread(tmp_path / f'sample{n:04d}.tif', level=0), reference_k2[n])
 
 
-def test_n3_not_dividing_devices_zarr(tmp_path, cache, reference):
+def test_n1_not_dividing_devices_shared_zarr(tmp_path, cache, reference):
+  """One image, two processes: no device count divides N = 1, and both processes write
+  the one OME-Zarr store (shared_decode.py; process 0 creates, builds levels, renames)."""
   import zarr  # pylint: disable=g-import-not-at-top
-  _run(tmp_path, ['--n_images=3', '--batch_size=3', '--output_format=zarr'], 2, cache)
-  for n in range(3):
-    group = zarr.open_group(str(tmp_path / f'sample{n:04d}.zarr'), mode='r')
-    _close(np.asarray(group['0'][:]).transpose(1, 2, 0), reference[n])
-  assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith('.zarr')) == [
-      'sample0000.zarr', 'sample0001.zarr', 'sample0002.zarr']
+  _run(tmp_path, ['--n_images=1', '--batch_size=1', '--output_format=zarr'], 2, cache)
+  group = zarr.open_group(str(tmp_path / 'sample0000.zarr'), mode='r')
+  _close(np.asarray(group['0'][:]).transpose(1, 2, 0), reference[0])
+  assert int(np.asarray(group['labels/tissue/0'][:]).max()) > 0
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['sample0000.json', 'sample0000.zarr']
+
+
+def test_n1_shared_tiff_bands_gathered(tmp_path, cache, reference):
+  """One image, two processes: each decodes one of its two bands, process 0 writes the
+  TIFF from the all-gathered bands."""
+  import tifffile  # pylint: disable=g-import-not-at-top
+  _run(tmp_path, ['--n_images=1', '--batch_size=1', '--output_format=tiff',
+                  '--tiff_compression=zlib'], 2, cache)
+  _close(tifffile.imread(tmp_path / 'sample0000.tif', level=0), reference[0])
+  assert (tmp_path / 'sample0000.json').is_file()
 
 
 def test_resume_after_killing_both(tmp_path, cache, reference):

@@ -403,9 +403,20 @@ def output_shape(z_shape: Sequence[int], settings: TiledDecodeSettings | None = 
   return int(z_shape[-3]) * s.factor, int(z_shape[-2]) * s.factor, channels
 
 
+def band_layout(z_shape: Sequence[int], settings: TiledDecodeSettings | None = None,
+                **overrides) -> tuple[int, int]:
+  """(pixel rows per band, number of bands) of `iter_decode_bands` for a latent
+  [.., h, w, C] (the last band may be cut at the image's bottom)."""
+  s = _resolve(settings, overrides)
+  h, w = int(z_shape[-3]), int(z_shape[-2])
+  g = _geometry(s, h, w, False)
+  n_r = -(-h // s.latent_patch)                                    # tile rows
+  return g.k * g.p, -(-n_r // g.k)
+
+
 def iter_decode_bands(decode: DecodeFn, params, z, settings: TiledDecodeSettings | None = None,
-                      *, uint8: bool = False, **overrides
-                      ) -> Iterator[tuple[int, np.ndarray]]:
+                      *, uint8: bool = False, bands: tuple[int, int] | None = None,
+                      **overrides) -> Iterator[tuple[int, np.ndarray]]:
   """Decodes one latent band by band (bounded memory; see the module docstring).
 
   Args:
@@ -415,9 +426,14 @@ def iter_decode_bands(decode: DecodeFn, params, z, settings: TiledDecodeSettings
     z: latent NHWC `[1, h, w, C]` or `[h, w, C]`, any h, w >= 1 (before latent scaling).
     settings: `TiledDecodeSettings`; keyword `overrides` replace its fields.
     uint8: yield uint8 pixels (`to_uint8`) instead of float32.
+    bands: `(first, stop)`: only bands first .. stop-1 (see `band_layout`), e.g. one
+      host's share of an image. A band's blend needs the bottom rows of the previous
+      band's shifted decodes, which depend on that band's tiles alone: they are decoded
+      again (one extra band, not yielded), so the pixels equal the whole decode's.
 
   Yields:
-    `(row_start, pixels [rows, 8w, ch])`, consecutive bands covering rows `0 .. 8h`.
+    `(row_start, pixels [rows, 8w, ch])`, consecutive bands covering rows `0 .. 8h`
+    (or those of `bands`).
   """
   s = _resolve(settings, overrides)
   z = s.decoder_input(_as_hwc(z))                                  # [h, w, C]
@@ -437,16 +453,23 @@ def iter_decode_bands(decode: DecodeFn, params, z, settings: TiledDecodeSettings
   windows = jnp.stack([win['vertical'], win['horizontal'], win['center']])
   carry = jnp.zeros((2, g.p // 2, g.n_c * g.p, ch), jnp.float32)
   n_bands = -(-n_r // g.k)
+  first, stop = (0, n_bands) if bands is None else (int(bands[0]), int(bands[1]))
+  if not 0 <= first <= stop <= n_bands:
+    raise ValueError(f'bands {bands} outside the {n_bands} bands of this latent')
+  if first == stop:
+    return
 
   def dispatch(b, carry):
     tiles = _band_tiles_host(zp, g, P, n_r, b).reshape(g.nb, g.tb, P, P, c)
     return _band_program(params, tiles, carry, jnp.int32(b), jnp.int32(n_r), windows,
                          decode=decode, g=g)
 
-  pending = dispatch(0, carry)
-  for b in range(n_bands):
+  if first > 0:                              # the carry into `first` (pixels discarded)
+    carry = dispatch(first - 1, carry)[1]
+  pending = dispatch(first, carry)
+  for b in range(first, stop):
     img, carry = pending
-    if b + 1 < n_bands:                      # keep the device busy while the host consumes
+    if b + 1 < stop:                      # keep the device busy while the host consumes
       pending = dispatch(b + 1, carry)
     row0 = b * g.k * g.p
     rows = min(g.k * g.p, height - row0)

@@ -34,6 +34,7 @@ from tiled_ldm_jax import masks as masks_lib
 from tiled_ldm_jax import ome_zarr
 from tiled_ldm_jax import pipeline as pipeline_lib
 from tiled_ldm_jax import resume
+from tiled_ldm_jax import shared_decode
 from tiled_ldm_jax import sharding
 from tiled_ldm_jax import writers
 
@@ -212,23 +213,36 @@ def _sample_files(cfg, number: int) -> tuple[str, str, str]:
   return base, image_path, writers.mask_path(image_path)
 
 
+def shares_decode(cfg: GenerationConfig, batch: int) -> bool:
+  """Whether all processes decode and write each image of a batch together
+  (`shared_decode.py`): TIFF / OME-Zarr batches smaller than the process count."""
+  return batch < jax.process_count() and cfg.output_format in ('tiff', 'zarr')
+
+
 def _write_sample(plan: Plan, number: int, z, labels: np.ndarray, record: dict,
-                  mine: bool = True) -> dict:
+                  mine: bool = True, shared: bool = False) -> dict:
   """Decodes one latent (bands for TIFF/Zarr, whole otherwise), writes image, mask, JSON.
 
   Multi-process: image j of a batch is decoded and written by process j % P (`mine`); no
-  collective runs here, so the processes stay in step whatever each one writes.
+  collective runs then, so the processes stay in step whatever each one writes. With
+  `shared` (`shares_decode`) every process decodes its share of the bands of this image
+  and process 0 writes what is not per process (mask, JSON).
   """
   cfg = plan.cfg
   base, image_path, mask_file = _sample_files(cfg, number)
   record['files'] = {'image': os.path.basename(image_path),
                      'mask': os.path.relpath(mask_file, cfg.imgs_path)}
+  start = time.perf_counter()
+  if shared:
+    _write_shared(plan, z, labels, image_path)
+    mine = sharding.is_writer()
   if not mine:
     return record
-  start = time.perf_counter()
   h, w = labels.shape
   bands = lambda: plan.pipe.iter_decode(z, options=plan.options)
-  if cfg.output_format == 'zarr':
+  if shared:
+    pass      # the image is written; the mask and the JSON follow
+  elif cfg.output_format == 'zarr':
     ome_zarr.write_ome_zarr(image_path, bands(), (h, w, 3), labels=labels, mpp=cfg.mpp)
   elif cfg.output_format == 'tiff':
     writers.write_tiff(image_path, bands(), (h, w, 3), compression=cfg.tiff_compression,
@@ -243,6 +257,19 @@ def _write_sample(plan: Plan, number: int, z, labels: np.ndarray, record: dict,
     with open(tmp, 'w') as f:
       json.dump(record, f, indent=1, default=str)
   return record
+
+
+def _write_shared(plan: Plan, z, labels: np.ndarray, image_path: str) -> None:
+  """All processes: this image's TIFF or OME-Zarr, each decoding its share of bands."""
+  cfg, where = plan.cfg, dict(process_index=jax.process_index(),
+                              process_count=jax.process_count())
+  if cfg.output_format == 'zarr':
+    shared_decode.write_zarr(plan.pipe, plan.options, z, labels, image_path, mpp=cfg.mpp,
+                             barrier=sharding.barrier, **where)
+  else:
+    shared_decode.write_tiff(plan.pipe, plan.options, z, image_path, labels.shape[0],
+                             allgather=sharding.allgather, compression=cfg.tiff_compression,
+                             jpeg_quality=cfg.jpeg_quality, mpp=cfg.mpp, **where)
 
 
 def _fresh(plan: Plan, stage: str, indices):
@@ -335,7 +362,8 @@ def run(plan: Plan, *, flags_used: dict | None = None) -> list[dict]:
       number = first + int(index)
       record = _record(plan, number, int(index), labels[j], stats, seconds, flags_used)
       records.append(_write_sample(plan, number, z[j], labels[j], record,
-                                   mine=sharding.owns(j)))
+                                   mine=sharding.owns(j),
+                                   shared=shares_decode(cfg, len(indices))))
       logging.info('wrote sample%04d (%d/%d, %.0f s so far)', number, len(records),
                    cfg.n_images, time.perf_counter() - total_start)
     if cfg.checkpoint_every and b0 + cfg.batch_size < cfg.n_images:

@@ -366,12 +366,21 @@ class Pipeline:
         patch_size=patch_px, factor=self.geometry.factor, tile_batch=o.tile_batch,
         latent_scale=self.geometry.scale, blend_mode=o.blend_mode)
 
-  def iter_decode(self, latent, *, options: Options | None = None, **overrides
+  def iter_decode(self, latent, *, bands: tuple[int, int] | None = None,
+                  options: Options | None = None, **overrides
                   ) -> Iterator[tuple[int, np.ndarray]]:
-    """One latent [h, w, C] -> `(row_start, uint8 rows [r, W, 3])` bands (bounded memory)."""
+    """One latent [h, w, C] -> `(row_start, uint8 rows [r, W, 3])` bands (bounded memory);
+    `bands=(first, stop)`: only those (`band_layout`; same pixels as the whole decode)."""
     o = self.resolve(options, **overrides)
     return decode_lib.iter_decode_bands(self._decoder(o), self.vae.params, latent,
-                                        self._decode_settings(o, o.patch_size), uint8=True)
+                                        self._decode_settings(o, o.patch_size), uint8=True,
+                                        bands=bands)
+
+  def band_layout(self, latent_shape, *, options: Options | None = None, **overrides
+                  ) -> tuple[int, int]:
+    """(pixel rows per band, number of bands) of `iter_decode` for a latent [.., h, w, C]."""
+    o = self.resolve(options, **overrides)
+    return decode_lib.band_layout(latent_shape, self._decode_settings(o, o.patch_size))
 
   def decode(self, latents, *, options: Options | None = None, **overrides) -> np.ndarray:
     """[N, h, w, C] diffusion latents -> [N, H, W, 3] uint8 images (Hann-blended tiles)."""

@@ -127,6 +127,14 @@ def barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def allgather(x) -> np.ndarray:
+  """[P, ...]: every process's host array `x` (the same shape on all) on every process."""
+  if jax.process_count() == 1:
+    return np.asarray(x)[None]
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(np.asarray(x)))
+
+
 def broadcast_int(value: int) -> int:
   """Process 0's `value` on every process (a decision that reads the disk, made once)."""
   if jax.process_count() == 1:
