@@ -168,3 +168,45 @@ def test_resume_after_killing_both(tmp_path, cache, reference):
   for n in range(2):
     _close(np.asarray(Image.open(tmp_path / f'sample{n:04d}.png')), reference[n])
   assert not (tmp_path / 'checkpoint').exists()
+
+
+# ----------------------------------------------------------------------------- training
+
+TRAIN_ARGS = [f'--config={REPO / "configs" / "demo_train_image.py"}', '--config.steps=3',
+              '--config.batch_size=4', '--config.image_size=64', '--config.log_every=1',
+              '--config.save_every=3', f'--config.vae={REPO / "tiled_ldm_jax" / "demo" / "vae"}']
+
+
+def _train(workdir: pathlib.Path, processes: int, cache: pathlib.Path):
+  base = [sys.executable, str(REPO / 'scripts' / 'train.py'), f'--workdir={workdir}',
+          f'--compilation_cache_dir={cache}'] + TRAIN_ARGS
+  if processes == 1:
+    return [subprocess.Popen(base, env=_env(1, cache), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, start_new_session=True)]
+  port = _free_port()
+  return [subprocess.Popen(base + [f'--coordinator_address=localhost:{port}',
+                                   f'--num_processes={processes}', f'--process_id={i}'],
+                           env=_env(2, cache), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, start_new_session=True)
+          for i in range(processes)]
+
+
+def _losses(workdir: pathlib.Path):
+  import json  # pylint: disable=g-import-not-at-top
+  rows = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  rows = [r for r in rows if 'loss' in r]
+  return [r['step'] for r in rows], np.array([r['loss'] for r in rows])
+
+
+def test_training_two_processes_matches_one(tmp_path, cache):
+  """Data-parallel training over 2 processes x 2 devices (batch sharded over 4 devices,
+  checkpoint saved by both, export by process 0) logs the losses of 1 process on 1
+  device for the same global batch."""
+  _finish(_train(tmp_path / 'one', 1, cache), timeout=2 * TIMEOUT)
+  logs = _finish(_train(tmp_path / 'two', 2, cache), timeout=2 * TIMEOUT)
+  steps_one, one = _losses(tmp_path / 'one')
+  steps_two, two = _losses(tmp_path / 'two')
+  assert steps_one == steps_two == [1, 2, 3]
+  np.testing.assert_allclose(two, one, rtol=1e-4)
+  assert 'over 4 devices' in logs[0], logs[0][-2000:]
+  assert (tmp_path / 'two' / 'model' / 'model.json').is_file()

@@ -45,6 +45,19 @@ _FORMAT = 2
 _FORMATS = (1, 2)   # 1: one `params/` tree; 2: `params/part_*` (save_model_leaves)
 
 
+def _local_checkpointer() -> ocp.Checkpointer:
+  """An orbax PyTree checkpointer for this process alone. Model folders are written by
+  one process (process 0 exports a trained model) and read by each on its own, so in a
+  multi-process run they must not wait at orbax's barriers for the other processes."""
+  if jax.process_count() == 1:
+    return ocp.PyTreeCheckpointer()
+  me = jax.process_index()
+  opts = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},
+                                            barrier_sync_key_prefix=f'local_{me}')
+  return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=opts),
+                          multiprocessing_options=opts)
+
+
 def _abstract(model: str, config):
   if model == 'vae':
     from tiled_ldm_jax.models import vae as vae_lib  # pylint: disable=g-import-not-at-top
@@ -98,7 +111,7 @@ def save_model_leaves(directory: str, model: str, config, leaves: Iterable[Any],
   try:
     os.mkdir(os.path.join(tmp, 'params'))
     ranges, start = [], 0
-    with quiet_orbax(), ocp.PyTreeCheckpointer() as ckptr:
+    with quiet_orbax(), _local_checkpointer() as ckptr:
       for n, part in enumerate(_parts(leaves, part_bytes)):
         flat = {f'{start + i:06d}': v for i, v in enumerate(part)}
         ckptr.save(os.path.join(tmp, 'params', f'part_{n:05d}'), flat)
@@ -133,7 +146,7 @@ def _restore_parts(directory: str, abstract, ranges, what: str):
 
 def _restore_tree(path: str, abstract, what: str):
   """Restores an orbax PyTree at `path` against `abstract`; ValueError listing misfits."""
-  with quiet_orbax(), ocp.PyTreeCheckpointer() as ckptr:
+  with quiet_orbax(), _local_checkpointer() as ckptr:
     restore_args = jax.tree_util.tree_map(lambda s: ocp.RestoreArgs(restore_type=np.ndarray),
                                           abstract)
     try:

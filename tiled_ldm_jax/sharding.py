@@ -11,6 +11,7 @@ from typing import Sequence
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -133,6 +134,26 @@ def allgather(x) -> np.ndarray:
     return np.asarray(x)[None]
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return np.asarray(multihost_utils.process_allgather(np.asarray(x)))
+
+
+def warm_collectives(mesh) -> None:
+  """Multi-process runs: one all-reduce over every device of `mesh`, at start-up.
+
+  On CPU, gloo sets up its context for a set of devices at the first collective over
+  it and gives up if the processes arrive more than 30 s apart. At start-up they are
+  seconds apart; after compiling (the first training step) they can be further apart
+  on a loaded machine. Later collectives reuse the context.
+  """
+  if jax.process_count() == 1:
+    return
+  spec = jax.sharding.PartitionSpec(mesh.axis_names)
+  shard = jax.sharding.NamedSharding(mesh, spec)
+  ones = jax.make_array_from_callback((mesh.devices.size,), shard,
+                                      lambda index: np.ones((1,), np.int32))
+  total = jax.jit(jnp.sum, out_shardings=jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec()))(ones)
+  if int(total) != mesh.devices.size:
+    raise RuntimeError(f'all-reduce over {mesh.devices.size} devices gave {int(total)}')
 
 
 def broadcast_int(value: int) -> int:

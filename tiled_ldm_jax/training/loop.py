@@ -55,6 +55,7 @@ def train(cfg: TrainConfig, model_cfg, workdir: str, *, resume: bool = False,
   """
   workdir = os.path.abspath(workdir)
   mesh = parallel.make_mesh(cfg.batch_size, devices)
+  sharding.warm_collectives(mesh)   # while the processes are in step (gloo's set-up)
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   latest = _prepare_workdir(cfg, model_cfg, workdir, ckpt_dir, resume)
   task = make_task(cfg, model_cfg)
