@@ -30,12 +30,16 @@ import numpy as np
 INSTALL_HINT = 'pip install -e .[train]'
 
 
+class GrainMissingError(ValueError):
+  """grain is not installed (a ValueError, so callers that catch bad input catch it)."""
+
+
 def require_grain():
-  """The grain module, or a one-line ValueError saying how to install it."""
+  """The grain module, or a one-line GrainMissingError saying how to install it."""
   try:
     import grain  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise ValueError('training loads its data with grain, which is not installed: '
+    raise GrainMissingError('training loads its data with grain, which is not installed: '
                      f'{INSTALL_HINT}') from None
   return grain
 
