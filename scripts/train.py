@@ -69,7 +69,8 @@ def main(argv):
   try:
     summary = training.run(_CONFIG.value, _WORKDIR.value, resume=_RESUME.value,
                            devices=_DEVICES.value or None)
-  except (training.WorkdirError, configs.ConfigError, FileNotFoundError) as e:
+  except (training.WorkdirError, configs.ConfigError, FileNotFoundError,
+          training.GrainMissingError) as e:
     sys.exit(f'error: {e}')
   if sharding.is_writer():
     print(json.dumps(summary))

@@ -19,6 +19,7 @@ from tiled_ldm_jax import data
 from tiled_ldm_jax import masks
 from tiled_ldm_jax import training
 from tiled_ldm_jax.models import configs
+from tiled_ldm_jax.training import loader as loader_lib
 from tiled_ldm_jax.models import vae as vae_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,6 +103,13 @@ def test_resume_is_bitwise_exact(tiny, tmp_path):
   other = dataclasses.replace(cfg, lr=1e-3)
   with pytest.raises(training.WorkdirError, match='lr'):
     training.train(other, model_cfg, str(tmp_path / 'b'), resume=True)
+  ckpts = str(tmp_path / 'b' / 'checkpoints')       # the grain loader's state, saved
+  saved = checkpoint.load_loader_state(ckpts, 15, 0)   # with the checkpoint, is restored
+  assert saved == loader_lib.Loader.state_at(15)
+  checkpoint.save_loader_state(ckpts, 15, 0, loader_lib.Loader.state_at(3))
+  with pytest.raises(training.WorkdirError, match='loader state'):
+    training.train(cfg, model_cfg, str(tmp_path / 'b'), resume=True)
+  checkpoint.save_loader_state(ckpts, 15, 0, saved)
   second = training.train(cfg, model_cfg, str(tmp_path / 'b'), resume=True)
   assert second['start_step'] == 15 and second['steps_done'] == 30
 

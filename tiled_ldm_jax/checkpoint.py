@@ -25,6 +25,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from tiled_ldm_jax import atomic
 from tiled_ldm_jax import diffusion
 from tiled_ldm_jax import sharding
 from tiled_ldm_jax.models import configs as configs_lib
@@ -283,6 +284,28 @@ def restore_train_state(directory: str, abstract_state, step: int | None = None)
         state=ocp.args.StandardRestore(target, restore_args)))['state']
   leaves = [np.asarray(flat[k], target[k].dtype) for k in sorted(flat_abstract)]
   return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract_state), leaves)
+
+
+def _loader_state_path(directory: str, step: int, process: int) -> str:
+  # Inside orbax's folder of the step (named by the plain step number: the manager's
+  # default), so it is pruned with the step; orbax ignores files it did not write.
+  return os.path.join(os.path.abspath(directory), str(int(step)),
+                      f'loader_state.process{int(process)}.json')
+
+
+def save_loader_state(directory: str, step: int, process: int, state: dict) -> None:
+  """Writes a data-loader iterator state (JSON) beside the training checkpoint of `step`
+  (after `save_train_state` of that step); one file per process."""
+  atomic.write_json(_loader_state_path(directory, step, process), state)
+
+
+def load_loader_state(directory: str, step: int, process: int) -> dict | None:
+  """The loader state saved with checkpoint `step` by `process`, or None if there is none."""
+  path = _loader_state_path(directory, step, process)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
 
 
 # ----------------------------------------------------------------------------- run state

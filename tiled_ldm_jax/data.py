@@ -356,10 +356,24 @@ class SyntheticSource:
     self.size, self.batch_size, self.seed = size, batch_size, seed
     self.with_images, self.stream = with_images, stream
 
+  def step_example(self, step: int, i: int) -> Example:
+    """Example `i` of batch `step` (a pure function of (seed, stream, step, i))."""
+    return synth_example([self.seed, self.stream, step, i], self.size, self.spec,
+                         with_image=self.with_images)
+
   def batch(self, step: int) -> dict[str, np.ndarray]:
-    exs = [synth_example([self.seed, self.stream, step, i], self.size, self.spec,
-                         with_image=self.with_images) for i in range(self.batch_size)]
-    return _stack(exs, self.with_images)
+    return _stack([self.step_example(step, i) for i in range(self.batch_size)],
+                  self.with_images)
+
+
+def record(ex: Example, with_images: bool) -> dict[str, np.ndarray]:
+  """One example as arrays: labels int32 [H, W], layout_class int32 [], image float32
+  [H, W, 3] (with_images). Stacking records gives exactly `_stack`'s batch."""
+  out = {'labels': np.asarray(ex.labels, np.int32),
+         'layout_class': np.asarray(ex.layout_class, np.int32)}
+  if with_images:
+    out['image'] = np.asarray(ex.image, np.float32)
+  return out
 
 
 def _stack(exs: list[Example], with_images: bool) -> dict[str, np.ndarray]:
@@ -450,12 +464,14 @@ class FolderSource:
       image, labels = augment(image, labels, rng)
     return Example(image=image, labels=labels, layout_class=layout)
 
+  def step_example(self, step: int, i: int) -> Example:
+    """Example `i` of batch `step` (a pure function of (seed, stream, step, i))."""
+    rng = np.random.default_rng([self.seed, self.stream, 2, step, i])
+    return self.example(self._index(step * self.batch_size + i), rng)
+
   def batch(self, step: int) -> dict[str, np.ndarray]:
-    exs = []
-    for i in range(self.batch_size):
-      rng = np.random.default_rng([self.seed, self.stream, 2, step, i])
-      exs.append(self.example(self._index(step * self.batch_size + i), rng))
-    return _stack(exs, self.with_images)
+    return _stack([self.step_example(step, i) for i in range(self.batch_size)],
+                  self.with_images)
 
 
 def write_synthetic_dataset(root: str, n: int, size: int, seed: int,

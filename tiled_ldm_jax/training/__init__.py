@@ -20,6 +20,7 @@ from tiled_ldm_jax.training.export import export as export_model
 from tiled_ldm_jax.training.export import clipped_share
 from tiled_ldm_jax.training.export import held_out_latents
 from tiled_ldm_jax.training.export import normalize_vae_latents
+from tiled_ldm_jax.training.loader import GrainMissingError
 from tiled_ldm_jax.training.loop import run
 from tiled_ldm_jax.training.loop import train
 from tiled_ldm_jax.training.step import TrainState

@@ -2,8 +2,9 @@
 
 Exact resume: batch `step` is a pure function of (seed, step) (see `data`), the step's
 randomness comes from the state's key, and the state (step, params, EMA, optimizer,
-key) is checkpointed with orbax every `save_every` steps. A run interrupted and resumed
-therefore ends with bitwise the same params as an uninterrupted one.
+key) is checkpointed with orbax every `save_every` steps, the data loader's (grain)
+iterator state beside it. A run interrupted and resumed therefore ends with bitwise the
+same params as an uninterrupted one.
 
 A workdir holds `train_config.json` (the run's configs; a resume must match it),
 `checkpoints/`, `metrics.jsonl` (one JSON line per logged step: `step`, `loss` -- the
@@ -14,13 +15,11 @@ converted checkpoint) and `export.json`.
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import dataclasses
 import json
 import os
 import time
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from absl import logging
 import jax
@@ -31,6 +30,7 @@ from tiled_ldm_jax import checkpoint
 from tiled_ldm_jax import sharding
 from tiled_ldm_jax.models import configs as configs_lib
 from tiled_ldm_jax.training.export import export
+from tiled_ldm_jax.training import loader as loader_lib
 from tiled_ldm_jax.training import parallel
 from tiled_ldm_jax.training import step as step_lib
 from tiled_ldm_jax.training.config import TrainConfig, WorkdirError, load_config
@@ -53,6 +53,7 @@ def train(cfg: TrainConfig, model_cfg, workdir: str, *, resume: bool = False,
   Returns:
     A summary: steps done, last logged loss, steps/s, seconds, export folder (or None).
   """
+  loader_lib.require_grain()   # before any work: a missing extra is a one-line error
   workdir = os.path.abspath(workdir)
   mesh = parallel.make_mesh(cfg.batch_size, devices)
   sharding.warm_collectives(mesh)   # while the processes are in step (gloo's set-up)
@@ -138,37 +139,42 @@ def _initial_state(task: Task, cfg: TrainConfig, ckpt_dir: str, latest: int | No
 
 def _run_steps(task: Task, cfg: TrainConfig, state, steps: range, log: '_MetricsLog',
                ckpt_dir: str, mesh):
-  """Runs `steps` (batches prefetched in a thread), logging and checkpointing. Every
-  process builds the whole global batch (a pure function of the step) and puts its
-  devices' share of it on them."""
+  """Runs `steps`, logging and checkpointing. Each process loads only its rows of every
+  global batch through grain (`loader`), read ahead by worker threads, and puts them on
+  its devices; the loader's iterator state is saved beside each checkpoint."""
   step_fn = step_lib.compiled_step(task, cfg, mesh)
   frozen = parallel.put(task.frozen, jax.tree_util.tree_map(
       lambda _: parallel.replicated(mesh), task.frozen))
-  for step, host_batch in _prefetch(task.batches, steps):
-    batch = parallel.put_batch(host_batch, mesh)
+  data = loader_lib.Loader(task.example, task.batch_size, cfg.steps)
+  parallel.check_process_rows(mesh, task.batch_size, data.rows)
+  batches = data.iterator(_loader_state(ckpt_dir, steps.start))
+  process = jax.process_index()
+  for step in steps:
+    batch = parallel.put_local_batch(next(batches), mesh, task.batch_size)
     state, metrics = step_fn(state, frozen, batch)
     done = step + 1
     log.add(done, metrics, last=done == steps.stop)
     if done % cfg.save_every == 0 or done == steps.stop:
       checkpoint.save_train_state(ckpt_dir, done, state, max_to_keep=cfg.keep_checkpoints)
+      checkpoint.save_loader_state(ckpt_dir, done, process, batches.get_state())
   return state
 
 
-def _prefetch(fn: Callable[[int], Any], steps: Iterable[int], depth: int = 2):
-  """Yields (step, fn(step)), computing up to `depth` batches ahead in a thread."""
-  steps = iter(steps)
-  with concurrent.futures.ThreadPoolExecutor(1) as pool:
-    queue = collections.deque()
-    for s in steps:
-      queue.append((s, pool.submit(fn, s)))
-      if len(queue) >= depth:
-        break
-    while queue:
-      s, fut = queue.popleft()
-      nxt = next(steps, None)
-      if nxt is not None:
-        queue.append((nxt, pool.submit(fn, nxt)))
-      yield s, fut.result()
+def _loader_state(ckpt_dir: str, start: int) -> dict:
+  """The loader state saved with checkpoint `start` (a resume), else the state whose next
+  batch is step `start` (a fresh run, or a checkpoint written before the loader saved
+  its state). A saved state pointing elsewhere is an error, not a silent data shift."""
+  expected = loader_lib.Loader.state_at(start)
+  if start == 0:
+    return expected
+  saved = checkpoint.load_loader_state(ckpt_dir, start, jax.process_index())
+  if saved is None:
+    logging.info('no saved loader state at step %d: positioned by the step', start)
+    return expected
+  if saved != expected:
+    raise WorkdirError(f'{ckpt_dir}/{start}: the saved loader state {saved} does not point '
+                       f'at step {start} ({expected})')
+  return saved
 
 
 class _MetricsLog:

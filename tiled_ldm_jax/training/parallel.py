@@ -72,10 +72,27 @@ def put(tree, shardings):
       lambda x, s: sharding_lib.put_global(np.asarray(x), s), tree, shardings)
 
 
-def put_batch(host_batch: dict, mesh: Mesh) -> dict:
-  """The global host batch (the same on every process) split over 'data'."""
+def put_local_batch(local_batch: dict, mesh: Mesh, batch_size: int) -> dict:
+  """This process's rows of the global batch (`loader.process_rows`) as global arrays
+  split over 'data'. One process: its rows are the whole batch (`device_put`)."""
   s = batch_sharding(mesh)
-  return {k: sharding_lib.put_global(np.asarray(v), s) for k, v in host_batch.items()}
+  if jax.process_count() == 1:
+    return {k: sharding_lib.put_global(np.asarray(v), s) for k, v in local_batch.items()}
+  return {k: jax.make_array_from_process_local_data(s, np.asarray(v),
+                                                    (batch_size,) + np.shape(v)[1:])
+          for k, v in local_batch.items()}
+
+
+def check_process_rows(mesh: Mesh, batch_size: int, rows: range) -> None:
+  """Errors unless this process's devices in `mesh` hold exactly the batch `rows` it
+  loads (the mesh lists the processes' devices in process order)."""
+  index_map = batch_sharding(mesh).addressable_devices_indices_map((batch_size,))
+  held = sorted({i for idx in index_map.values()
+                 for i in range(*idx[0].indices(batch_size))})
+  if held != list(rows):
+    raise ConfigError(f'process {jax.process_index()} loads batch rows {rows.start}..'
+                      f'{rows.stop - 1} but its devices hold rows {held[:1]}..{held[-1:]} '
+                      '(use every process\'s devices: --devices 0)')
 
 
 def to_host(tree):

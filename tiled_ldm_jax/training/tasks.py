@@ -42,12 +42,23 @@ from tiled_ldm_jax.training.config import TrainConfig, canonical
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-  """What the training loop needs of one network."""
+  """What the training loop needs of one network.
+
+  `example(step, row)` is row `row` of the global batch of step `step` (a dict of numpy
+  arrays, a pure function of (seed, step, row)); the loader (`training.loader`) reads
+  only the rows of its process. `batches(step)` stacks all `batch_size` rows.
+  """
   kind: str
   model_config: Any
   loss: Callable[..., tuple[jax.Array, dict]]              # (params, frozen, batch, key)
   frozen: Any                                              # non-trained params (the VAE)
-  batches: Callable[[int], dict[str, np.ndarray]]          # step -> host batch
+  example: Callable[[int, int], dict[str, np.ndarray]]     # (step, row) -> one record
+  batch_size: int                                          # rows of the global batch
+
+  def batches(self, step: int) -> dict[str, np.ndarray]:
+    """The whole global batch of `step` on the host (export's held-out batches, tests)."""
+    rows = [self.example(step, r) for r in range(self.batch_size)]
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
 def make_task(cfg: TrainConfig, model_cfg) -> Task:
@@ -159,10 +170,13 @@ def image_unet_task(cfg: TrainConfig, model_cfg: configs_lib.UNetConfig) -> Task
     raise configs_lib.ConfigError(f'num_labels {cfg.num_labels} != the image U-Net\'s '
                                   f'num_classes {model_cfg.num_classes}')
   src = _source(cfg, cfg.batch_size, with_images=True, downscale=1, stream=0)
+
+  def example(step, row):
+    rec = data_lib.record(src.step_example(step, row), with_images=True)
+    return {'image': rec['image'], 'labels': rec['labels']}
   return Task('image_unet', model_cfg,
-              _image_unet_loss(canonical(cfg), model_cfg, vae_cfg), vae_params,
-              lambda step: {k: v for k, v in src.batch(step).items()
-                            if k in ('image', 'labels')})
+              _image_unet_loss(canonical(cfg), model_cfg, vae_cfg), vae_params, example,
+              cfg.batch_size)
 
 
 @functools.lru_cache(maxsize=8)
@@ -194,14 +208,15 @@ def mask_unet_task(cfg: TrainConfig, model_cfg: configs_lib.UNetConfig) -> Task:
   src = _source(cfg, cfg.batch_size, with_images=False, downscale=cfg.mask_downscale,
                 stream=0)
 
-  def batches(step):
-    b = src.batch(step)
-    if b['layout_class'].max() >= model_cfg.num_classes:
-      raise ValueError(f'layout class {b["layout_class"].max()} at step {step} is not a '
+  def example(step, row):
+    rec = data_lib.record(src.step_example(step, row), with_images=False)
+    if rec['layout_class'] >= model_cfg.num_classes:
+      raise ValueError(f'layout class {rec["layout_class"]} at step {step} is not a '
                        f'class of the mask U-Net (num_classes {model_cfg.num_classes})')
-    return {'labels': b['labels'], 'layout_class': b['layout_class']}
+    return {'labels': rec['labels'], 'layout_class': rec['layout_class']}
   return Task('mask_unet', model_cfg,
-              _mask_unet_loss(canonical(cfg), model_cfg, vae_cfg), vae_params, batches)
+              _mask_unet_loss(canonical(cfg), model_cfg, vae_cfg), vae_params, example,
+              cfg.batch_size)
 
 
 @functools.lru_cache(maxsize=8)
@@ -235,15 +250,17 @@ def vae_task(cfg: TrainConfig, model_cfg: configs_lib.VAEConfig) -> Task:
   mask_src = (_source(cfg, n_mask, with_images=False, downscale=cfg.mask_downscale, stream=1)
               if n_mask else None)
 
-  def batches(step):
-    parts = []
-    if img_src is not None:
-      parts.append(img_src.batch(step)['image'])
-    if mask_src is not None:
-      parts.append(data_lib.render_mask_image(mask_src.batch(step)['labels'], cfg.num_labels))
-    return {'image': np.concatenate(parts).astype(np.float32)}
+  def example(step, row):
+    """Rows [0, n_img) are images, the rest mask images (as the sampler renders them)."""
+    if row < n_img:
+      image = img_src.step_example(step, row).image
+    else:
+      labels = mask_src.step_example(step, row - n_img).labels
+      image = data_lib.render_mask_image(labels, cfg.num_labels)
+    return {'image': np.asarray(image, np.float32)}
 
-  return Task('vae', model_cfg, _vae_loss(canonical(cfg), model_cfg), None, batches)
+  return Task('vae', model_cfg, _vae_loss(canonical(cfg), model_cfg), None, example,
+              cfg.batch_size)
 
 
 @functools.lru_cache(maxsize=8)
