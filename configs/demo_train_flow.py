@@ -21,6 +21,6 @@ def get_config():
   spec.loader.exec_module(base)
   config = base.get_config()             # every other field: configs/demo_train_image.py
   config.objective = 'flow'              # predict the velocity noise - x0 (see above)
-  config.steps = 2500                    # optimizer steps (~15 min on 2 idle cores)
+  config.steps = 1000                    # optimizer steps (see the README for the time)
   config.vae = os.path.join(_HERE, '..', 'tiled_ldm_jax', 'demo', 'vae')  # bundled VAE
   return config

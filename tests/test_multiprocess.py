@@ -41,9 +41,14 @@ def _env(devices: int, cache: pathlib.Path) -> dict:
 
 
 def _start(out: pathlib.Path, args, processes: int, cache: pathlib.Path):
-  """`processes` copies of the script (2 devices each; 1 device for a single process)."""
-  base = [sys.executable, str(SCRIPT), f'--imgs_path={out}',
-          f'--compilation_cache_dir={cache}'] + COMMON + list(args)
+  """`processes` copies of the sampling script."""
+  return _launch([sys.executable, str(SCRIPT), f'--imgs_path={out}',
+                  f'--compilation_cache_dir={cache}'] + COMMON + list(args), processes, cache)
+
+
+def _launch(base, processes: int, cache: pathlib.Path):
+  """`processes` copies of command `base` (2 devices each; 1 device for a single
+  process), with the multi-process flags."""
   if processes == 1:
     return [subprocess.Popen(base, env=_env(1, cache), stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, start_new_session=True)]
@@ -178,17 +183,8 @@ TRAIN_ARGS = [f'--config={REPO / "configs" / "demo_train_image.py"}', '--config.
 
 
 def _train(workdir: pathlib.Path, processes: int, cache: pathlib.Path):
-  base = [sys.executable, str(REPO / 'scripts' / 'train.py'), f'--workdir={workdir}',
-          f'--compilation_cache_dir={cache}'] + TRAIN_ARGS
-  if processes == 1:
-    return [subprocess.Popen(base, env=_env(1, cache), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, start_new_session=True)]
-  port = _free_port()
-  return [subprocess.Popen(base + [f'--coordinator_address=localhost:{port}',
-                                   f'--num_processes={processes}', f'--process_id={i}'],
-                           env=_env(2, cache), stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, start_new_session=True)
-          for i in range(processes)]
+  return _launch([sys.executable, str(REPO / 'scripts' / 'train.py'), f'--workdir={workdir}',
+                  f'--compilation_cache_dir={cache}'] + TRAIN_ARGS, processes, cache)
 
 
 def _losses(workdir: pathlib.Path):
