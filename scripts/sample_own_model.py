@@ -43,6 +43,7 @@ def main(argv):
     raise ValueError(f'--output must end in .png or .jpg, got {_OUTPUT.value}')
   labels = (masks.read_label_png(_LABELS.value) if _LABELS.value else
             benchmark.benchmark_label_map(_SIZE.value, _SIZE.value, 4))
+  own_model.check_request(_UNET.value, _VAE.value, labels, _PATCH.value)   # before JAX starts
   start = time.perf_counter()
   image = own_model.sample_trained_unet(
       _UNET.value, _VAE.value, labels, steps=_STEPS.value, seed=_SEED.value,

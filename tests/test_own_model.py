@@ -93,9 +93,12 @@ def test_own_model_script(tmp_path):
     left, right = img[64:, :96].mean((0, 1)), img[64:, 160:].mean((0, 1))
     assert np.abs(left - right).max() > 2.0, (left, right)   # labels 1 and 2 differ
   bad = tmp_path / 'bad.png'
-  run = subprocess.run([sys.executable, str(ROOT / 'scripts/sample_own_model.py'),
-                        '--image_size=100', f'--output={bad}'], capture_output=True,
-                       text=True, timeout=300)
-  assert run.returncode == 1 and run.stderr.strip().splitlines()[-1].startswith('error:')
-  assert len(run.stderr.strip().splitlines()) == 1, run.stderr
-  assert not bad.exists()
+  masks.write_label_png(tmp_path / 'ids7.png', np.full((128, 128), 7, np.int32))
+  for args, message in ((['--image_size=100'], 'not divisible by the latent factor 8'),
+                        ([f'--labels={tmp_path / "ids7.png"}'], 'out of range [0, 5): 7')):
+    run = subprocess.run([sys.executable, str(ROOT / 'scripts/sample_own_model.py'),
+                          f'--output={bad}'] + args, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 1 and run.stderr.strip() == f'error: {run.stderr.strip()[7:]}'
+    assert len(run.stderr.strip().splitlines()) == 1 and message in run.stderr, run.stderr
+    assert not bad.exists()

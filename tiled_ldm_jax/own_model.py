@@ -10,11 +10,29 @@ from __future__ import annotations
 
 import numpy as np
 
+from tiled_ldm_jax import checkpoint
 from tiled_ldm_jax import denoisers
+from tiled_ldm_jax import geometry
 from tiled_ldm_jax import masks
 from tiled_ldm_jax import pipeline
 from tiled_ldm_jax import sampling
 from tiled_ldm_jax.models import unet
+
+
+def check_request(unet_dir: str, vae_dir: str, labels: np.ndarray, patch_size: int) -> None:
+  """One-line ValueError for a label map [H, W] the example cannot sample, read from the
+  models' model.json alone (before any model is loaded or JAX starts)."""
+  _, unet_config = checkpoint.read_model_json(unet_dir)
+  _, vae_config = checkpoint.read_model_json(vae_dir)
+  f = geometry.LatentGeometry.of_vae(vae_config).factor
+  labels = np.asarray(labels)
+  if labels.ndim != 2:
+    raise ValueError(f'labels must be one [H, W] label map, got shape {labels.shape}')
+  masks.latent_labels(labels, f)                   # H, W multiples of the factor
+  masks.validate_labels(labels, unet_config.num_classes)
+  if patch_size % f or min(labels.shape) < patch_size:
+    raise ValueError(f'patch_size {patch_size} must be a multiple of {f} and at most the '
+                     f'image side {min(labels.shape)}')
 
 
 def sample_trained_unet(unet_dir: str, vae_dir: str, labels: np.ndarray, *, steps: int = 20,
