@@ -238,18 +238,8 @@ def _write_sample(plan: Plan, number: int, z, labels: np.ndarray, record: dict,
     mine = sharding.is_writer()
   if not mine:
     return record
-  h, w = labels.shape
-  bands = lambda: plan.pipe.iter_decode(z, options=plan.options)
-  if shared:
-    pass      # the image is written; the mask and the JSON follow
-  elif cfg.output_format == 'zarr':
-    ome_zarr.write_ome_zarr(image_path, bands(), (h, w, 3), labels=labels, mpp=cfg.mpp)
-  elif cfg.output_format == 'tiff':
-    writers.write_tiff(image_path, bands(), (h, w, 3), compression=cfg.tiff_compression,
-                       jpeg_quality=cfg.jpeg_quality, mpp=cfg.mpp)
-  else:
-    writers.write_image(image_path, plan.pipe.decode(z[None], options=plan.options)[0],
-                        quality=cfg.jpeg_quality)
+  if not shared:     # shared: written above; the mask and the JSON follow
+    _write_image(plan, z, labels, image_path)
   if cfg.output_format != 'zarr':
     writers.write_labels(mask_file, labels)
   record['seconds']['decode_and_write'] = time.perf_counter() - start
@@ -257,6 +247,21 @@ def _write_sample(plan: Plan, number: int, z, labels: np.ndarray, record: dict,
     with open(tmp, 'w') as f:
       json.dump(record, f, indent=1, default=str)
   return record
+
+
+def _write_image(plan: Plan, z, labels: np.ndarray, image_path: str) -> None:
+  """One process: this image in the run's format (bands for TIFF/Zarr, whole otherwise)."""
+  cfg = plan.cfg
+  h, w = labels.shape
+  bands = lambda: plan.pipe.iter_decode(z, options=plan.options)
+  if cfg.output_format == 'zarr':
+    ome_zarr.write_ome_zarr(image_path, bands(), (h, w, 3), labels=labels, mpp=cfg.mpp)
+  elif cfg.output_format == 'tiff':
+    writers.write_tiff(image_path, bands(), (h, w, 3), compression=cfg.tiff_compression,
+                       jpeg_quality=cfg.jpeg_quality, mpp=cfg.mpp)
+  else:
+    writers.write_image(image_path, plan.pipe.decode(z[None], options=plan.options)[0],
+                        quality=cfg.jpeg_quality)
 
 
 def _write_shared(plan: Plan, z, labels: np.ndarray, image_path: str) -> None:
