@@ -8,10 +8,9 @@ The mask defaults to `<sample>_mask.png`. Label colours: 0 white, 1 red, 2 green
 """
 
 from absl import flags
-import numpy as np
-from PIL import Image
 
 from tiled_ldm_jax import flag_util
+from tiled_ldm_jax import image_files
 from tiled_ldm_jax import masks
 from tiled_ldm_jax import writers
 
@@ -26,7 +25,7 @@ def main(argv):
   del argv
   mask = _MASK.value or writers.mask_path(_SAMPLE.value)
   flag_util.check_value('mask', mask, 'file')
-  image = np.asarray(Image.open(_SAMPLE.value).convert('RGB'))
+  image = image_files.read_rgb(_SAMPLE.value, what='sample image')
   writers.write_image(_OUTPUT.value, masks.preview(image, masks.read_label_png(mask),
                                                    _WIDTH.value))
 

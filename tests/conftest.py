@@ -1,12 +1,152 @@
-"""Shared pytest fixtures: where the reference data lives."""
+"""Shared pytest set-up: one compilation cache per test run, fast compiles by default,
+the reference data and the models converted from it, shared at session scope.
 
+Set before JAX starts (this file is imported before any test module):
+- a fresh persistent XLA compilation cache for the whole run (every program, however
+  fast it compiled), inherited by every subprocess a test starts (JAX reads
+  `JAX_COMPILATION_CACHE_DIR`; the scripts' `--compilation_cache_dir` defaults under
+  `XDG_CACHE_HOME`, pointed here too), so a developer's own cache never hides the cold
+  time CI sees, and a script run by a test writes nothing under `~`;
+- `jax_disable_most_optimizations` (compiles ~30% faster); tests where numerics or speed
+  under full optimization are the point opt out with `@pytest.mark.optimized`.
+"""
+
+import contextlib
 import os
 import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import types
 
-import jax
-import pytest
+_CACHE_ROOT = tempfile.mkdtemp(prefix='tiled_ldm_jax_tests_')
+os.environ['XDG_CACHE_HOME'] = _CACHE_ROOT
+os.environ['JAX_COMPILATION_CACHE_DIR'] = os.path.join(_CACHE_ROOT, 'tiled_ldm_jax', 'xla')
+os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ['JAX_DISABLE_MOST_OPTIMIZATIONS'] = 'true'
+
+import jax  # pylint: disable=g-import-not-at-top
+import pytest  # pylint: disable=g-import-not-at-top
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+  config.addinivalue_line('markers', 'optimized: compile with full XLA optimization '
+                          '(numerics or speed under the default compiler are the point)')
+
+
+def pytest_unconfigure(config):
+  del config
+  shutil.rmtree(_CACHE_ROOT, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _optimization_level(request):
+  """Full XLA optimization only for tests marked `optimized`."""
+  if request.node.get_closest_marker('optimized') is None:
+    yield
+    return
+  jax.config.update('jax_disable_most_optimizations', False)
+  try:
+    yield
+  finally:
+    jax.config.update('jax_disable_most_optimizations', True)
+
+
+def subprocess_env(optimized: bool = False, **extra) -> dict:
+  """The environment for a subprocess of a test: this run's compilation cache and
+  optimization level, the repo importable."""
+  env = dict(os.environ, **extra)
+  env['PYTHONPATH'] = os.pathsep.join([str(REPO), env.get('PYTHONPATH', '')])
+  env['JAX_DISABLE_MOST_OPTIMIZATIONS'] = 'false' if optimized else 'true'
+  return env
+
+
+def run_script(script: str, *args, timeout: float = 600, env: dict | None = None,
+               **kw) -> subprocess.CompletedProcess:
+  """`python scripts/<script>.py args...` with `subprocess_env()`; text output captured."""
+  return subprocess.run([sys.executable, str(REPO / 'scripts' / f'{script}.py'),
+                         *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                        env=env or subprocess_env(), check=False, **kw)
+
+
+class ScriptServer:
+  """A `script_runner.py` interpreter: `run(script, *args)` answers like
+  `subprocess.run([python, script, *args])` (returncode, stdout, stderr), one request at a
+  time, without a new interpreter per request. A request past `timeout` kills the
+  server and fails (a hang fails fast)."""
+
+  def __init__(self, env: dict | None = None):
+    self.proc = subprocess.Popen([sys.executable, str(REPO / 'tests' / 'script_runner.py')],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 env=env or subprocess_env(), text=True, bufsize=1)
+
+  def run(self, script, *args, timeout: float = 600) -> types.SimpleNamespace:
+    import json  # pylint: disable=g-import-not-at-top
+    import select  # pylint: disable=g-import-not-at-top
+    assert self.proc.poll() is None, 'the script server has exited'
+    self.proc.stdin.write(json.dumps([str(script), [str(a) for a in args]]) + '\n')
+    self.proc.stdin.flush()
+    ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+    if not ready:
+      self.close()
+      pytest.fail(f'{script} {args}: no answer after {timeout} s')
+    line = self.proc.stdout.readline()
+    if not line:
+      pytest.fail(f'{script} {args}: the script server died (status {self.proc.wait()})')
+    return types.SimpleNamespace(**json.loads(line))
+
+  def close(self):
+    if self.proc.poll() is None:
+      self.proc.stdin.close()
+      try:
+        self.proc.wait(30)
+      except subprocess.TimeoutExpired:
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture(scope='session')
+def script_server():
+  """One interpreter for in-process-like script runs (this run's cache, one device)."""
+  server = ScriptServer()
+  yield server
+  server.close()
+
+
+@pytest.fixture(scope='session')
+def eight_devices():
+  """The one interpreter of this run with 8 emulated CPU devices (the device count is
+  fixed per process): every multi-device check runs its script here."""
+  server = ScriptServer(subprocess_env(
+      XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu'))
+  yield server
+  server.close()
+
+
+@contextlib.contextmanager
+def count_compiles():
+  """Counts what JAX traces and compiles inside the block: yields a dict whose
+  'traces' and 'compiles' grow as programs are traced / compiled (persistent-cache
+  hits included: they still count as compiles asked for)."""
+  counts = {'traces': 0, 'compiles': 0}
+  from jax._src import dispatch  # pylint: disable=g-import-not-at-top
+
+  def listener(event, duration, **kwargs):
+    del duration, kwargs
+    if event == dispatch.JAXPR_TRACE_EVENT:
+      counts['traces'] += 1
+    elif event == dispatch.BACKEND_COMPILE_EVENT:
+      counts['compiles'] += 1
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield counts
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def reference_path() -> pathlib.Path:
@@ -22,11 +162,26 @@ def reference_dir() -> pathlib.Path:
   return path
 
 
+@pytest.fixture(scope='session')
+def converted(reference_dir, tmp_path_factory) -> dict:
+  """The reference models converted once per run: {'image_unet', 'mask_unet', 'vae'} ->
+  model folder."""
+  from tiled_ldm_jax import convert  # pylint: disable=g-import-not-at-top
+  out = tmp_path_factory.mktemp('converted')
+  for kind in ('image_unet', 'mask_unet'):
+    convert.convert_checkpoint(kind, str(reference_dir / kind / 'model-1.pt'), str(out / kind))
+  convert.convert_checkpoint('vae', str(reference_dir / 'vae'), str(out / 'vae'))
+  return {k: str(out / k) for k in ('image_unet', 'mask_unet', 'vae')}
+
+
+@pytest.fixture(scope='session')
+def demo_pipeline():
+  """The bundled demo models, loaded once per run."""
+  import tiled_ldm_jax  # pylint: disable=g-import-not-at-top
+  return tiled_ldm_jax.Pipeline.from_pretrained()
+
+
 @pytest.fixture(scope='module')
 def fast_compile():
-  """Less XLA optimization for a module: ~30% faster where compile dominates; restored
-  afterwards. Use with `pytestmark = pytest.mark.usefixtures('fast_compile')`."""
-  before = jax.config.read('jax_disable_most_optimizations')
-  jax.config.update('jax_disable_most_optimizations', True)
+  """Kept for modules that ask for it: fast compiles are now the default."""
   yield
-  jax.config.update('jax_disable_most_optimizations', before)

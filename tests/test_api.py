@@ -3,8 +3,6 @@ pixels for the same request."""
 
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,8 +15,8 @@ REQUEST = dict(label=1, image_size=256, seed=3, sampling_steps=3)
 
 
 @pytest.fixture(scope='module')
-def pipe():
-  return tiled_ldm_jax.Pipeline.from_pretrained()
+def pipe(demo_pipeline):
+  return demo_pipeline
 
 
 def test_readme_example_runs():
@@ -33,7 +31,7 @@ def test_readme_example_runs():
   assert result.images.shape[:3] == result.labels.shape
 
 
-def test_api_staged_and_cli_are_identical(pipe, tmp_path):
+def test_api_staged_and_cli_are_identical(pipe, tmp_path, script_server):
   result = pipe(**REQUEST)
   assert result.images.shape == (1, 256, 256, 3) and result.labels.shape == (1, 256, 256)
   assert result.stats['image_stage']['denoiser_evaluations'] > 0
@@ -50,10 +48,9 @@ def test_api_staged_and_cli_are_identical(pipe, tmp_path):
   rows = np.concatenate([band for _, band in pipe.iter_decode(np.asarray(latents)[0])])
   np.testing.assert_array_equal(rows, result.images[0])
 
-  cli = subprocess.run(
-      [sys.executable, os.path.join(ROOT, 'scripts', 'sample_large_image.py'),
-       '--label=1', '--image_size=256', '--seed=3', '--sampling_steps=3',
-       f'--imgs_path={tmp_path}'], capture_output=True, text=True, timeout=900)
+  cli = script_server.run(os.path.join(ROOT, 'scripts', 'sample_large_image.py'),
+                          '--label=1', '--image_size=256', '--seed=3', '--sampling_steps=3',
+                          f'--imgs_path={tmp_path}', timeout=900)
   assert cli.returncode == 0, cli.stderr[-3000:]
   np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'sample0000.png')),
                                 result.images[0])

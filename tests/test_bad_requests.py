@@ -1,8 +1,11 @@
 """Every script refuses a bad request before work: one `error:` line on stderr, a
 non-zero exit, no traceback, nothing written.
 
-Each case runs the script as a subprocess (what a user sees); all fail in flag checks or
-the first file checks, so none imports more than the script's own modules or runs JAX.
+All cases run in one interpreter (`script_runner.py`: each case is its script executed
+as `__main__` with fresh flags, its file descriptors captured, an uncaught exception
+printed as Python would), so they cost one JAX import, not one each. The first case of
+every script also runs as a plain `python scripts/X.py` subprocess, which the runner's
+answer must match: what a user sees.
 """
 
 import os
@@ -13,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import reference_path
+from conftest import reference_path, subprocess_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, 'tiled_ldm_jax', 'demo')
@@ -101,24 +104,73 @@ def inputs(tmp_path_factory):
   return {'rgb': str(folder / 'rgb.png'), 'rgba': str(folder / 'rgba.png')}
 
 
-def run_bad_request(script, argv, out_dir, inputs):
-  argv = [a.format(out=out_dir, **inputs) for a in argv]
-  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
-  return subprocess.run([sys.executable, os.path.join(REPO, 'scripts', script + '.py'), *argv],
-                        capture_output=True, text=True, env=env, timeout=300, check=False)
+def _script(name: str) -> str:
+  return os.path.join(REPO, 'scripts', name + '.py')
 
 
-@pytest.mark.parametrize('script, argv, fragment', CASES,
-                         ids=[f'{s}-{i}' for i, (s, _, _) in enumerate(CASES)])
-def test_bad_request_is_one_error_line(script, argv, fragment, tmp_path, inputs):
-  if 'make_fake' in script and not os.path.isfile(SHAPES) and SHAPES in ' '.join(argv):
-    pytest.skip('full_size_shapes listing not on this machine')
-  out = tmp_path / 'out'
-  out.mkdir()
-  p = run_bad_request(script, argv, str(out), inputs)
+def _first_of_each_script() -> set[int]:
+  seen, first = set(), set()
+  for i, (script, _, _) in enumerate(CASES):
+    if script not in seen:
+      seen.add(script)
+      first.add(i)
+  return first
+
+
+@pytest.fixture(scope='module')
+def results(tmp_path_factory, inputs, script_server):
+  """{case index: (output folder, CompletedProcess-like)} for every case, all in the
+  session's script server; the first case of each script also as its own process."""
+  root = tmp_path_factory.mktemp('bad_requests')
+  got = {}
+  for i, (script, argv, _) in enumerate(CASES):
+    out = root / f'case{i}'
+    out.mkdir()
+    got[i] = (out, script_server.run(_script(script), *[a.format(out=out, **inputs)
+                                                         for a in argv], timeout=300))
+  for i in _first_of_each_script():   # the same case as a plain process
+    out = root / f'plain{i}'
+    out.mkdir()
+    script, argv, _ = CASES[i]
+    got[('plain', i)] = (out, subprocess.run(
+        [sys.executable, _script(script), *[a.format(out=out, **inputs) for a in argv]],
+        capture_output=True, text=True, env=subprocess_env(), timeout=300, check=False))
+  return got
+
+
+def _check_refused(out, p, fragment):
   errors = [l for l in p.stderr.splitlines() if l.startswith('error:')]
   assert p.returncode != 0, p.stderr
   assert 'Traceback' not in p.stderr + p.stdout, p.stderr
   assert len(errors) == 1, p.stderr
   assert fragment in errors[0], errors[0]
   assert not list(out.iterdir()), 'a refused request wrote files'
+  return errors[0]
+
+
+@pytest.mark.parametrize('index', range(len(CASES)),
+                         ids=[f'{s}-{i}' for i, (s, _, _) in enumerate(CASES)])
+def test_bad_request_is_one_error_line(index, results):
+  script, argv, fragment = CASES[index]
+  if 'make_fake' in script and not os.path.isfile(SHAPES) and SHAPES in ' '.join(argv):
+    pytest.skip('full_size_shapes listing not on this machine')
+  line = _check_refused(*results[index], fragment)
+  if ('plain', index) in results:      # a real process says the same
+    out, plain = results[('plain', index)]
+    assert _check_refused(out, plain, fragment) == line.replace(
+        str(results[index][0]), str(out))
+
+
+def test_runner_reports_tracebacks(tmp_path, script_server):
+  """The server is able to fail a case: an uncaught exception shows as a traceback and a
+  non-zero status, and `sys.exit(message)` as the message and status 1, as in a plain
+  process."""
+  bad = tmp_path / 'boom.py'
+  bad.write_text('raise RuntimeError("boom")\n')
+  ok = tmp_path / 'ok.py'
+  ok.write_text('import sys\nprint("hi")\nsys.exit("error: one line")\n')
+  boom, fine = script_server.run(bad), script_server.run(ok, '--x')
+  assert boom.returncode == 1 and 'Traceback' in boom.stderr
+  assert 'RuntimeError: boom' in boom.stderr
+  assert fine.returncode == 1 and fine.stdout == 'hi\n'
+  assert fine.stderr == 'error: one line\n'

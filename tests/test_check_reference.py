@@ -1,7 +1,6 @@
 """scripts/check_reference.py end to end: passes on the reference, fails on altered data."""
 
 import json
-import os
 import pathlib
 import re
 import shutil
@@ -10,16 +9,22 @@ import sys
 
 import numpy as np
 
+from conftest import subprocess_env
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / 'scripts' / 'check_reference.py'
 
 
-def _run(reference_dir, output_dir, fast_compile=False):
-  """Runs the script; `fast_compile` (less XLA optimization) where numerics are not the point."""
-  env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS='1') if fast_compile else None
-  proc = subprocess.run([sys.executable, str(SCRIPT), f'--reference_dir={reference_dir}',
-                         f'--output_dir={output_dir}'],
-                        capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
+def _run(reference_dir, output_dir, server=None):
+  """Runs the script: in `server` (the run's script server, fast compiles) where numerics
+  are not the point, else as its own process under full XLA optimization (the parity a
+  user's run gets)."""
+  args = [f'--reference_dir={reference_dir}', f'--output_dir={output_dir}']
+  if server is None:
+    proc = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True,
+                          text=True, cwd=REPO, timeout=300, env=subprocess_env(optimized=True))
+  else:
+    proc = server.run(SCRIPT, *args, timeout=300)
   lines = proc.stdout.strip().splitlines()
   assert lines, proc.stderr[-3000:]
   results = [json.loads(line) for line in lines[:-1]]
@@ -42,7 +47,7 @@ def test_reference_passes(reference_dir, tmp_path):
     assert (tmp_path / kind / 'model.json').is_file()
 
 
-def test_altered_reference_fails(reference_dir, tmp_path):
+def test_altered_reference_fails(reference_dir, tmp_path, script_server):
   ref = tmp_path / 'ref'
   (ref / 'image_unet').mkdir(parents=True)
   for name in ('model-1.pt', 'config.json'):
@@ -50,7 +55,7 @@ def test_altered_reference_fails(reference_dir, tmp_path):
   with np.load(reference_dir / 'image_unet' / 'cases.npz') as d:
     np.savez(ref / 'image_unet' / 'cases.npz', x=d['x'], t=d['t'], masks=d['masks'],
              eps=d['eps'] + 1e-2, eps_cfg4=d['eps_cfg4'])
-  proc, results, summary = _run(ref, tmp_path / 'out', fast_compile=True)
+  proc, results, summary = _run(ref, tmp_path / 'out', script_server)
   assert proc.returncode == 1, proc.stdout
   by_name = {r['case']: r for r in results}
   assert set(by_name) == {'image_unet/eps', 'image_unet/eps_cfg4'}
@@ -60,8 +65,8 @@ def test_altered_reference_fails(reference_dir, tmp_path):
   assert summary == '1 passed, 1 failed'
 
 
-def test_empty_folder_fails(tmp_path):
+def test_empty_folder_fails(tmp_path, script_server):
   (tmp_path / 'ref').mkdir()
-  proc, results, summary = _run(tmp_path / 'ref', tmp_path / 'out', fast_compile=True)
+  proc, results, summary = _run(tmp_path / 'ref', tmp_path / 'out', script_server)
   assert proc.returncode == 1
   assert results == [] and summary == '0 passed, 0 failed'

@@ -5,8 +5,6 @@ overrides of a training config (`--config.<field>=value`)."""
 import dataclasses
 import glob
 import os
-import subprocess
-import sys
 
 from absl import flags
 import ml_collections
@@ -88,12 +86,10 @@ def test_command_line_overrides_reach_the_train_config():
     _parse(f'--config={path}', '--config.steps=three')
 
 
-def test_unknown_override_is_a_clear_error(tmp_path):
-  proc = subprocess.run(
-      [sys.executable, os.path.join(REPO, 'scripts', 'train.py'),
-       f'--config={os.path.join(REPO, "configs", "demo_train_vae.py")}',
-       '--config.bacth_size=2', f'--workdir={tmp_path}'],
-      capture_output=True, text=True, timeout=300, check=False)
+def test_unknown_override_is_a_clear_error(tmp_path, script_server):
+  proc = script_server.run(os.path.join(REPO, 'scripts', 'train.py'),
+                           f'--config={os.path.join(REPO, "configs", "demo_train_vae.py")}',
+                           '--config.bacth_size=2', f'--workdir={tmp_path}', timeout=300)
   assert proc.returncode != 0
   assert 'unknown config field(s) bacth_size in' in proc.stderr, proc.stderr[-2000:]
   assert 'batch_size' in proc.stderr.splitlines()[-1]

@@ -28,22 +28,30 @@ def test_demo_models_load_and_are_small():
   assert labels.ndim == 2 and set(np.unique(labels)) <= set(range(5))
 
 
-def _sample(out, blend_mode):
+@pytest.fixture(scope='module')
+def demo_samples(tmp_path_factory, demo_pipeline):
+  """One 512 x 512 demo sample on the bundled demo mask, sampled once by the command's
+  library (`generate`, blend 'original') and its latent decoded again with the
+  'partition' blend: only the decode differs."""
+  out = tmp_path_factory.mktemp('demo')
   cfg = generate.GenerationConfig(imgs_path=str(out), image_size=512, mask='demo',
                                   progress_every=0, sampling_steps=SAMPLE_STEPS,
-                                  patches_per_step=2, seed=SAMPLE_SEED, blend_mode=blend_mode)
-  [record] = generate.generate(cfg)
+                                  patches_per_step=2, seed=SAMPLE_SEED)
+  latents = []
+  real = generate._write_sample  # pylint: disable=protected-access
+
+  def keep_latent(plan, number, z, *a, **k):
+    latents.append(np.asarray(z))
+    return real(plan, number, z, *a, **k)
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(generate, '_write_sample', keep_latent)
+    [record] = generate.generate(cfg)
   img = np.asarray(Image.open(out / 'sample0000.png'))
   labels = masks.read_label_png(out / 'sample0000_mask.png')
-  return img, labels, record
-
-
-@pytest.fixture(scope='module')
-def demo_samples(tmp_path_factory):
-  """One 512 x 512 demo sample on the bundled demo mask, decoded with each blend (same
-  seed and flags, so the same latent: only the decode differs)."""
-  return {mode: _sample(tmp_path_factory.mktemp(mode), mode)
-          for mode in ('original', 'partition')}
+  np.testing.assert_array_equal(   # the API decodes the latent as the command did
+      demo_pipeline.decode(latents[0][None], blend_mode='original')[0], img)
+  partition = demo_pipeline.decode(latents[0][None], blend_mode='partition')[0]
+  return {'original': (img, labels, record), 'partition': (partition, labels, record)}
 
 
 @pytest.fixture(scope='module')

@@ -90,25 +90,36 @@ def _run(out, args, processes, cache):
   return logs, time.perf_counter() - start
 
 
-@pytest.fixture(scope='module')
-def cache(tmp_path_factory):
-  return tmp_path_factory.mktemp('xla_cache')
+@pytest.fixture(scope='session')
+def cache():
+  """This run's compilation cache (conftest), shared by every process launched here."""
+  return pathlib.Path(os.environ['JAX_COMPILATION_CACHE_DIR'])
 
 
-@pytest.fixture(scope='module')
-def reference(tmp_path_factory, cache):
+def _single_process(out: pathlib.Path, **kw) -> list[np.ndarray]:
+  """The request of COMMON (+ kw) sampled in this test process on one device: the
+  reference the multi-process runs must reproduce (no interpreter of its own)."""
+  from tiled_ldm_jax import generate  # pylint: disable=g-import-not-at-top
+  flags = dict(a[2:].split('=', 1) for a in COMMON)
+  cfg = generate.GenerationConfig(
+      imgs_path=str(out), image_size=int(flags['image_size']),
+      patch_size=int(flags['patch_size']), sampling_steps=int(flags['sampling_steps']),
+      seed=int(flags['seed']), mask=flags['mask'], devices=1, progress_every=0, **kw)
+  records = generate.generate(cfg)
+  return [np.asarray(Image.open(out / f'sample{r["sample"]:04d}.png')) for r in records]
+
+
+@pytest.fixture(scope='session')
+def reference(tmp_path_factory):
   """4 images from one process on one device."""
-  out = tmp_path_factory.mktemp('single')
-  _run(out, ['--n_images=4', '--batch_size=4'], 1, cache)
-  return [np.asarray(Image.open(out / f'sample{n:04d}.png')) for n in range(4)]
+  return _single_process(tmp_path_factory.mktemp('single'), n_images=4, batch_size=4)
 
 
-@pytest.fixture(scope='module')
-def reference_k2(tmp_path_factory, cache):
+@pytest.fixture(scope='session')
+def reference_k2(tmp_path_factory):
   """2 images, 2 patches per iteration (K is part of the draw), one process."""
-  out = tmp_path_factory.mktemp('single_k2')
-  _run(out, ['--n_images=2', '--batch_size=2', '--patches_per_step=2'], 1, cache)
-  return [np.asarray(Image.open(out / f'sample{n:04d}.png')) for n in range(2)]
+  return _single_process(tmp_path_factory.mktemp('single_k2'), n_images=2, batch_size=2,
+                         patches_per_step=2)
 
 
 def _close(a, b):
@@ -187,6 +198,20 @@ def _train(workdir: pathlib.Path, processes: int, cache: pathlib.Path):
                   f'--compilation_cache_dir={cache}'] + TRAIN_ARGS, processes, cache)
 
 
+def _train_in_this_process(workdir: pathlib.Path):
+  """TRAIN_ARGS on this test process's one device (the 1-process reference)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  from tiled_ldm_jax import training  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location('demo_train_image', TRAIN_ARGS[0].split('=')[1])
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config()
+  for arg in TRAIN_ARGS[1:]:
+    name, value = arg[len('--config.'):].split('=', 1)
+    setattr(cfg, name, type(getattr(cfg, name))(value))
+  training.run(cfg, str(workdir), devices=1)
+
+
 def _losses(workdir: pathlib.Path):
   import json  # pylint: disable=g-import-not-at-top
   rows = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
@@ -198,7 +223,7 @@ def test_training_two_processes_matches_one(tmp_path, cache):
   """Data-parallel training over 2 processes x 2 devices (batch sharded over 4 devices,
   checkpoint saved by both, export by process 0) logs the losses of 1 process on 1
   device for the same global batch."""
-  _finish(_train(tmp_path / 'one', 1, cache), timeout=2 * TIMEOUT)
+  _train_in_this_process(tmp_path / 'one')
   logs = _finish(_train(tmp_path / 'two', 2, cache), timeout=2 * TIMEOUT)
   steps_one, one = _losses(tmp_path / 'one')
   steps_two, two = _losses(tmp_path / 'two')

@@ -6,8 +6,6 @@ import json
 import pathlib
 import re
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -76,7 +74,7 @@ def test_readme_example_is_the_functions_code():
       assert squash(code) in squash(source), f'README line not in the code: {line}'
 
 
-def test_own_model_script(tmp_path):
+def test_own_model_script(tmp_path, script_server):
   """The script on the demo eps model (and the bundled flow model when present) writes
   an image whose label regions differ; a bad request writes nothing."""
   models = [demo.model_path('image_unet')]
@@ -84,9 +82,8 @@ def test_own_model_script(tmp_path):
     models.append(demo.model_path('flow_unet'))
   for i, model in enumerate(models):
     out = tmp_path / f'own{i}.png'
-    run = subprocess.run([sys.executable, str(ROOT / 'scripts/sample_own_model.py'),
-                          f'--unet_ckpt={model}', '--image_size=256', '--steps=3',
-                          f'--output={out}'], capture_output=True, text=True, timeout=600)
+    run = script_server.run(ROOT / 'scripts/sample_own_model.py', f'--unet_ckpt={model}',
+                            '--image_size=256', '--steps=3', f'--output={out}')
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads(run.stdout.strip().splitlines()[-1])['shape'] == [256, 256, 3]
     img = np.asarray(Image.open(out), np.float32)
@@ -96,9 +93,8 @@ def test_own_model_script(tmp_path):
   masks.write_label_png(tmp_path / 'ids7.png', np.full((128, 128), 7, np.int32))
   for args, message in ((['--image_size=100'], 'not divisible by the latent factor 8'),
                         ([f'--labels={tmp_path / "ids7.png"}'], 'out of range [0, 5): 7')):
-    run = subprocess.run([sys.executable, str(ROOT / 'scripts/sample_own_model.py'),
-                          f'--output={bad}'] + args, capture_output=True, text=True,
-                         timeout=300)
+    run = script_server.run(ROOT / 'scripts/sample_own_model.py', f'--output={bad}', *args,
+                            timeout=300)
     assert run.returncode == 1 and run.stderr.strip() == f'error: {run.stderr.strip()[7:]}'
     assert len(run.stderr.strip().splitlines()) == 1 and message in run.stderr, run.stderr
     assert not bad.exists()

@@ -2,14 +2,11 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tiled_ldm_jax import convert
 from tiled_ldm_jax import masks
 from tiled_ldm_jax import generate
 
@@ -17,12 +14,9 @@ SCRIPT = os.path.join(os.path.dirname(__file__), '..', 'scripts', 'sample_large_
 
 
 @pytest.fixture(scope='module')
-def models(reference_dir, tmp_path_factory):
-  out = tmp_path_factory.mktemp('models')
-  for kind in ('image_unet', 'mask_unet'):
-    convert.convert_checkpoint(kind, str(reference_dir / kind / 'model-1.pt'), str(out / kind))
-  convert.convert_checkpoint('vae', str(reference_dir / 'vae'), str(out / 'vae'))
-  return {k: str(out / k) for k in ('image_unet', 'mask_unet', 'vae')}
+def models(converted):
+  """The converted reference models (conftest: converted once per run)."""
+  return converted
 
 
 def config(models, imgs_path, **kw):
@@ -105,13 +99,8 @@ def test_image_does_not_depend_on_batch_size(models, given_mask, tmp_path):
     assert np.abs(a - b).max() <= 1, np.abs(a - b).max()
 
 
-def _run_cli(*args):
-  return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
-                        timeout=900)
-
-
-def test_cli_end_to_end(models, given_mask, tmp_path):
-  out = _run_cli(f'--unet_ckpt={models["image_unet"]}', f'--vae_ckpt={models["vae"]}',
+def test_cli_end_to_end(models, given_mask, tmp_path, script_server):
+  out = script_server.run(SCRIPT, f'--unet_ckpt={models["image_unet"]}', f'--vae_ckpt={models["vae"]}',
                  f'--mask={given_mask}', '--image_size=256', '--sampling_steps=3',
                  '--patch_size=128', f'--imgs_path={tmp_path}', '--output_format=jpg')
   assert out.returncode == 0, out.stderr[-3000:]
@@ -128,12 +117,13 @@ def test_cli_end_to_end(models, given_mask, tmp_path):
     ('image_size', '64', 'larger than the image'),
     ('n_images', '3', 'multiple of batch_size'),
 ])
-def test_cli_bad_input_one_line(models, given_mask, tmp_path, flag, value, match):
+def test_cli_bad_input_one_line(models, given_mask, tmp_path, flag, value, match,
+                                script_server):
   args = {'unet_ckpt': models['image_unet'], 'vae_ckpt': models['vae'], 'mask': given_mask,
           'imgs_path': str(tmp_path / 'out'), 'patch_size': '128', 'batch_size': '2',
           'n_images': '2'}
   args[flag] = value
-  out = _run_cli(*[f'--{k}={v}' for k, v in args.items()])
+  out = script_server.run(SCRIPT, *[f'--{k}={v}' for k, v in args.items()])
   assert out.returncode != 0
   last = out.stderr.strip().splitlines()[-1]
   assert last.startswith('error: ') and match in last, out.stderr[-2000:]

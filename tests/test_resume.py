@@ -37,10 +37,21 @@ def _files(folder):
           if n.startswith('sample') and not n.endswith('.json')}
 
 
+STAGES_KW = dict(sampling_steps=3, checkpoint_every=4)
+
+
+@pytest.fixture(scope='module')
+def whole_run(models, tmp_path_factory):
+  """The uninterrupted run every interrupted one must equal (computed once)."""
+  out = tmp_path_factory.mktemp('whole')
+  generate.generate(config(models, out, **STAGES_KW))
+  return _files(out)
+
+
 @pytest.mark.parametrize('stop_at', [2, 5])   # 2: in the mask stage; 5: in the image stage
-def test_resume_mask_and_image_stages_byte_identical(models, tmp_path, monkeypatch, stop_at):
-  kw = dict(sampling_steps=3, checkpoint_every=4)
-  generate.generate(config(models, tmp_path / 'whole', **kw))
+def test_resume_mask_and_image_stages_byte_identical(models, whole_run, tmp_path, monkeypatch,
+                                                     stop_at):
+  kw = STAGES_KW
   count = interrupt_after(monkeypatch, stop_at)
   with pytest.raises(Interrupt):
     generate.generate(config(models, tmp_path / 'cut', **kw))
@@ -52,7 +63,7 @@ def test_resume_mask_and_image_stages_byte_identical(models, tmp_path, monkeypat
     generate.prepare(config(models, tmp_path / 'cut', **kw))
   generate.generate(config(models, tmp_path / 'cut', resume=True, **kw))
   assert not os.path.exists(tmp_path / 'cut' / 'checkpoint')
-  whole, cut = _files(tmp_path / 'whole'), _files(tmp_path / 'cut')
+  whole, cut = whole_run, _files(tmp_path / 'cut')
   assert whole.keys() == cut.keys() and len(whole) == 2
   assert whole == cut
 

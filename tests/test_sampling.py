@@ -9,11 +9,8 @@ trajectory cannot depend on where the patches fell -- except through the DDIM st
 noise (eta > 0), which is drawn per patch slot, hence eta = 0 here (flow draws none).
 """
 
-import os
 import pathlib
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -177,13 +174,11 @@ def test_bad_input_is_one_line_error(kwargs, match):
   assert '\n' not in str(e.value)
 
 
-def test_every_type_on_eight_devices():
-  """Images split and patch split on 8 emulated CPU devices equal one device (own
-  process: XLA_FLAGS)."""
+def test_every_type_on_eight_devices(eight_devices):
+  """Images split and patch split on 8 emulated CPU devices equal one device (the run's
+  8-device interpreter)."""
   script = pathlib.Path(__file__).with_name('sampling_sharding_check.py')
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
-  out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
-                       text=True, timeout=600)
+  out = eight_devices.run(script)
   assert out.returncode == 0, out.stdout + out.stderr[-3000:]
   assert 'OK' in out.stdout, out.stdout
 

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from tiled_ldm_jax import ome_zarr
-from tiled_ldm_jax import pipeline
 from tiled_ldm_jax import shared_decode
 from tiled_ldm_jax import writers
 from tiled_ldm_jax.evaluation import benchmark
@@ -57,9 +56,9 @@ def _run_threads(n, fn):
 
 
 @pytest.fixture(scope='module')
-def image():
+def image(demo_pipeline):
   """The demo pipeline, a random 256 x 384 px latent (2 bands of 128 px) and labels."""
-  pipe = pipeline.Pipeline.from_pretrained()
+  pipe = demo_pipeline
   o = pipe.resolve()
   z = np.random.default_rng(0).normal(size=(32, 48, 4)).astype(np.float32)
   labels = benchmark.benchmark_label_map(256, 384, 4)

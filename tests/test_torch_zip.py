@@ -5,8 +5,6 @@ import hashlib
 import os
 import pickle
 import re
-import subprocess
-import sys
 import zipfile
 
 import ml_dtypes
@@ -341,17 +339,15 @@ def _compare(a, b, torch) -> int:
 # ----------------------------------------------------------------------------- the CLI
 
 
-def test_cli_refuses_hostile_checkpoint(tmp_path):
+def test_cli_refuses_hostile_checkpoint(tmp_path, script_server):
   marker = tmp_path / 'pwned'
   opcodes, _ = _payloads(str(marker))['os.system']
   ckpt = tmp_path / 'model-1.pt'
   _hostile_checkpoint(ckpt, opcodes, nested=True)
   (tmp_path / 'config.json').write_text('{"unet": {"dim": 8, "num_classes": 2}}')
   out = tmp_path / 'out'
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  r = subprocess.run([sys.executable, os.path.join(REPO, 'scripts', 'convert_torch.py'),
-                      '--kind=image_unet', f'--torch_checkpoint={ckpt}', f'--output_dir={out}'],
-                     capture_output=True, text=True, env=env, timeout=300, check=False)
+  r = script_server.run(os.path.join(REPO, 'scripts', 'convert_torch.py'), '--kind=image_unet',
+                        f'--torch_checkpoint={ckpt}', f'--output_dir={out}', timeout=300)
   assert r.returncode == 1, r
   assert r.stderr.strip() == (f'error: checkpoint {ckpt}: refusing global os.system '
                               '(not a tensor/state-dict type)'), r.stderr

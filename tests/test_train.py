@@ -423,19 +423,16 @@ print('RESULT ' + json.dumps(out))
 '''
 
 
-def test_data_parallel_8_devices_matches_1(tiny, tmp_path):
+def test_data_parallel_8_devices_matches_1(tiny, tmp_path, eight_devices):
   """Same global batch on 1 and 8 emulated devices (replicated and FSDP-sharded params):
-  the 6 logged losses agree to 1e-4 relative. A subprocess: the device count is fixed
-  per process."""
-  import subprocess
-  import sys
+  the 6 logged losses agree to 1e-4 relative. In the run's 8-device interpreter (the
+  device count is fixed per process)."""
   cfg, model_cfg = _image_cfg(tiny, steps=6, batch_size=8, log_every=1, save_every=6)
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             JAX_PLATFORMS='cpu')
   d = dataclasses.asdict(cfg)
   mc = configs.config_to_dict(model_cfg)
-  proc = subprocess.run([sys.executable, '-c', _DP_SCRIPT, json.dumps(d), json.dumps(mc),
-                         str(tmp_path)], env=env, capture_output=True, text=True, timeout=900)
+  script = tmp_path / 'dp_check.py'
+  script.write_text(_DP_SCRIPT)
+  proc = eight_devices.run(script, json.dumps(d), json.dumps(mc), tmp_path, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')][-1]
   res = json.loads(line[len('RESULT '):])

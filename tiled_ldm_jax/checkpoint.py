@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 
 from tiled_ldm_jax import atomic
 from tiled_ldm_jax import diffusion
+from tiled_ldm_jax import json_files
 from tiled_ldm_jax import sharding
 from tiled_ldm_jax.models import configs as configs_lib
 
@@ -163,16 +164,39 @@ def _restore_tree(path: str, abstract, what: str):
   return tree
 
 
-def read_model_json(directory: str) -> tuple[str, Any]:
+def _model_meta(directory: str) -> dict[str, Any]:
+  """model.json of a model folder, every field used type-checked (one-line ValueErrors)."""
   path = os.path.join(directory, 'model.json')
   if not os.path.isfile(path):
     raise FileNotFoundError(f'not a converted model folder (no model.json): {directory}')
-  with open(path) as f:
-    meta = json.load(f)
+  meta = json_files.read_object(path, 'model.json')
   if meta.get('format') not in _FORMATS or meta.get('model') not in MODEL_KINDS:
-    raise ValueError(f'{path}: unsupported format {meta.get("format")!r} / model '
-                     f'{meta.get("model")!r}')
-  return meta['model'], configs_lib.model_config(meta['model'], meta['config'])
+    raise ValueError(f'{path}: unsupported format {str(meta.get("format"))[:40]!r} / model '
+                     f'{str(meta.get("model"))[:40]!r}')
+  if not isinstance(meta.get('config'), dict):
+    raise ValueError(f'{path}: "config" must be an object')
+  objective = meta.get('objective', 'eps')
+  if objective not in OBJECTIVES:
+    raise ValueError(f'{directory}: unknown objective {str(objective)[:40]!r} (have '
+                     f'{OBJECTIVES})')
+  if meta['format'] == 2:
+    parts = meta.get('parts')
+    ok = isinstance(parts, list) and all(
+        isinstance(r, list) and len(r) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in r)
+        for r in parts)
+    if not ok:
+      raise ValueError(f'{path}: "parts" must be a list of [start, stop] index pairs')
+  return meta
+
+
+def read_model_json(directory: str) -> tuple[str, Any]:
+  meta = _model_meta(directory)
+  try:
+    config = configs_lib.model_config(meta['model'], meta['config'])
+  except configs_lib.ConfigError as e:
+    raise ValueError(f'{os.path.join(directory, "model.json")}: {e}') from None
+  return meta['model'], config
 
 
 OBJECTIVES = diffusion.OBJECTIVES
@@ -180,18 +204,13 @@ OBJECTIVES = diffusion.OBJECTIVES
 
 def read_objective(directory: str) -> str:
   """A U-Net folder's `objective` (model.json; 'eps' when absent: converted originals)."""
-  with open(os.path.join(directory, 'model.json')) as f:
-    objective = json.load(f).get('objective', 'eps')
-  if objective not in OBJECTIVES:
-    raise ValueError(f'{directory}: unknown objective {objective!r} (have {OBJECTIVES})')
-  return objective
+  return _model_meta(directory).get('objective', 'eps')
 
 
 def _read_parts(directory: str):
   """The part ranges of a format 2 folder; None for format 1 (one `params/` tree)."""
-  with open(os.path.join(directory, 'model.json')) as f:
-    meta = json.load(f)
-  return meta.get('parts') if meta.get('format') == 2 else None
+  meta = _model_meta(directory)
+  return meta.get('parts') if meta['format'] == 2 else None
 
 
 def load_model(directory: str, expect: str | None = None):
@@ -208,6 +227,10 @@ def load_model(directory: str, expect: str | None = None):
   else:
     params = _restore_parts(directory, abstract, ranges, what)
   params = jax.tree_util.tree_map(lambda v, s: np.asarray(v, s.dtype), params, abstract)
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    if not np.isfinite(leaf).all():   # NaN/inf weights sample black images, silently
+      raise ValueError(f'{directory}: parameter {jax.tree_util.keystr(path)} holds NaN or '
+                       'inf values')
   return model, config, params
 
 

@@ -15,7 +15,6 @@ one at a time as they are converted, so conversion holds little beyond the outpu
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Any, Callable, Iterator, Mapping
@@ -24,6 +23,8 @@ import jax
 import numpy as np
 
 from tiled_ldm_jax import geometry
+from tiled_ldm_jax import json_files
+from tiled_ldm_jax import safetensors_file
 from tiled_ldm_jax import torch_zip
 from tiled_ldm_jax.models import configs as configs_lib
 
@@ -69,6 +70,8 @@ def _source_shape(state_dict: Mapping[str, Any], key: str) -> tuple[int, ...]:
   """A value's shape without reading it (a `torch_zip.StateDict` knows it from the pickle)."""
   if isinstance(state_dict, torch_zip.StateDict):
     return tuple(state_dict.tensor(key).shape)
+  if isinstance(state_dict, safetensors_file.SafetensorsFile):
+    return state_dict.shape(key)
   return tuple(np.shape(state_dict[key]))
 
 
@@ -112,6 +115,8 @@ def converted_leaves(state_dict: Mapping[str, np.ndarray], abstract_params: Any,
   def leaves():
     for key, transform, dtype in plan:
       raw = np.asarray(state_dict[key], dtype=np.float32)
+      if not np.isfinite(raw).all():   # NaN/inf weights give black images, not errors
+        raise ConversionError(f'{what}: tensor {key!r} holds NaN or inf values')
       # A C-contiguous copy of the target dtype; `raw` (and any transposed view) is freed.
       yield np.ascontiguousarray(transform(raw), dtype=dtype)
   return leaves()
@@ -162,23 +167,19 @@ def read_diffinfinite_checkpoint(path: str) -> torch_zip.StateDict:
 def read_diffusers_folder(folder: str) -> tuple[dict[str, Any], Mapping[str, np.ndarray]]:
   """(config dict, state dict) of a diffusers model folder (safetensors or .bin)."""
   config_path = os.path.join(folder, 'config.json')
-  _require_file(config_path, 'diffusers config')
-  with open(config_path) as f:
-    config = json.load(f)
+  config = read_json(config_path, 'diffusers config')
   st = os.path.join(folder, 'diffusion_pytorch_model.safetensors')
   binf = os.path.join(folder, 'diffusion_pytorch_model.bin')
   if os.path.isfile(st):
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    return config, dict(load_file(st))
+    return config, safetensors_file.load(st)
   if os.path.isfile(binf):
     return config, torch_zip.StateDict(torch_zip.tensors_of(torch_zip.load(binf), binf))
   raise FileNotFoundError(f'no diffusion_pytorch_model.safetensors or .bin in {folder}')
 
 
-def read_json(path: str) -> dict[str, Any]:
-  _require_file(path, 'config JSON')
-  with open(path) as f:
-    return json.load(f)
+def read_json(path: str, what: str = 'config JSON') -> dict[str, Any]:
+  """A JSON object from a small file (`json_files.read_object`: one-line errors)."""
+  return json_files.read_object(path, what)
 
 
 DIFFINFINITE_PREFIX = 'ema_model.model.'

@@ -36,6 +36,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from tiled_ldm_jax import image_files
 from tiled_ldm_jax import masks as masks_lib
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.tif', '.tiff')
@@ -405,8 +406,7 @@ def find_pairs(root: str) -> list[tuple[str, str]]:
 
 def read_image(path: str) -> np.ndarray:
   """float32 [H, W, 3] in [0, 1]."""
-  with Image.open(path) as img:
-    return np.asarray(img.convert('RGB'), np.float32) / 255.0
+  return image_files.read_rgb(path, what='training image').astype(np.float32) / 255.0
 
 
 def folder_layout_class(mask_path: str, labels: np.ndarray) -> int:

@@ -7,9 +7,15 @@ or taken from the patch's image (other leaves). Guidance is a wrapper around a
 denoiser: `classifier_free_guidance` (one conditional and one unconditional pass) or
 `multilabel_guidance` (the image model's L+1 passes; SPEC 2). Both use the project's
 weight convention `null + (1 + w)(cond - null)` (w = 0: the conditional pass only).
+
+The builders with hashable arguments are cached: the same model function and settings
+give the same denoiser object, so the compiled-sampler cache (`sampler.compiled`, keyed
+by the denoiser) is hit by every Pipeline and call that asks for it again.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +53,7 @@ def classifier_free_guidance(denoise, w: float, null_cond):
   return guided
 
 
+@functools.cache
 def multilabel_guidance(denoise, num_classes: int, w: float):
   """The image model's multi-label guidance for a denoiser whose cond is a label map.
 
@@ -60,6 +67,7 @@ def multilabel_guidance(denoise, num_classes: int, w: float):
   return fn
 
 
+@functools.cache
 def trained_unet(apply_fn, objective: str = 'eps'):
   """(network fn, the `processes.make` prediction and x0 clip) of a U-Net trained with
   `objective` (checkpoint.read_objective). eps: the original's DDIM with x0 clipped to
@@ -76,11 +84,13 @@ def trained_unet(apply_fn, objective: str = 'eps'):
   raise ValueError(f'objective must be eps, v or flow, got {objective!r}')
 
 
+@functools.cache
 def image_denoiser(eps_fn, num_classes: int, cond_scale: float):
   """The image model's multi-label guided step (L+1 passes; SPEC 2)."""
   return multilabel_guidance(eps_fn, num_classes, cond_scale)
 
 
+@functools.cache
 def mask_denoiser(eps_fn, cond_scale: float):
   """The mask model's class-conditioned step; the class is read from the label map."""
   def denoise(params, x, t, labels):

@@ -25,6 +25,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 
 from tiled_ldm_jax import atomic
+from tiled_ldm_jax import image_files
 
 MIN_FILTER_SIZE = 6
 _HOW_TO_CONVERT = ('map each colour to its class id (0, 1, 2, ...) and save the ids as a '
@@ -217,9 +218,7 @@ def read_label_png(path: str | os.PathLike) -> np.ndarray:
     int32 `[H, W]`.
   """
   path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'label PNG not found: {path}')
-  with Image.open(path) as img:
+  with image_files.open_image(path, image_files.LABEL_FORMATS, what='label PNG') as img:
     mode = img.mode
     if mode == 'RGB':
       rgb = np.asarray(img)

@@ -278,8 +278,9 @@ class Pipeline:
           progress_every=o.progress_every, progress_label=f'{which} stage',
           schedule=o.schedule, grid_margin=margin)
       mesh = sharding.make_mesh(n_images, k, self.devices)
-      self._samplers[key] = sampler_lib.Sampler(denoise, settings, mesh, n_images,
-                                                processes.make(prediction, None, clip))
+      # The process-wide cache: a second Pipeline with equal models compiles nothing.
+      self._samplers[key] = sampler_lib.compiled(denoise, settings, mesh, n_images,
+                                                 processes.make(prediction, None, clip))
     return self._samplers[key]
 
   @staticmethod

@@ -492,6 +492,16 @@ class Sampler:
     return tuple(jax.lax.with_sharding_constraint(a, spec) for a in arrays)
 
 
+@functools.lru_cache(maxsize=32)
+def compiled(denoise: Denoiser, settings: SamplerSettings, mesh=None,
+             n_images: int | None = None, process=None) -> Sampler:
+  """THE compiled-sampler cache of the process, shared by `Pipeline` and `sampling.sample`:
+  one `Sampler` (and so one set of compiled programs) per (denoiser, settings, mesh,
+  batch, process). Denoisers built by `denoisers.py` from equal configs are the same
+  object, so equal requests reuse everything compiled before."""
+  return Sampler(denoise, settings, mesh, n_images, process)
+
+
 def _choose_split(mesh, n_images: int | None, k: int) -> str | None:
   """'images', 'patches' or None (no mesh): how a batch of N images uses the mesh."""
   if mesh is None:

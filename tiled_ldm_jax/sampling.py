@@ -113,12 +113,16 @@ def _check(keys, latent_shape, patch, prediction, schedule, cond):
   return h, w, c
 
 
-@functools.lru_cache(maxsize=16)
 def _sampler(denoise, dtype, settings, process, mesh, n_images) -> sampler_lib.Sampler:
-  """A compiled sampler per (denoiser, dtype, settings, process, mesh, batch)."""
-  if dtype is None:
-    return sampler_lib.Sampler(denoise, settings, mesh, n_images, process)
+  """The compiled sampler (`sampler.compiled`, the one cache) of a request."""
+  if dtype is not None:
+    denoise = _cast(denoise, dtype)
+  return sampler_lib.compiled(denoise, settings, mesh, n_images, process)
 
-  def cast(params, x, t, cond):   # the denoiser sees x in `dtype`; the update stays f32
+
+@functools.lru_cache(maxsize=16)
+def _cast(denoise, dtype):
+  """`denoise` seeing x in `dtype` (the update stays float32); one per (denoiser, dtype)."""
+  def cast(params, x, t, cond):
     return denoise(params, x.astype(dtype), t, cond)
-  return sampler_lib.Sampler(cast, settings, mesh, n_images, process)
+  return cast

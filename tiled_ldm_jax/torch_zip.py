@@ -23,6 +23,7 @@ import pickle
 import pickletools
 import struct
 import zipfile
+import zlib
 from typing import Any, Iterator, Mapping
 
 import ml_dtypes
@@ -31,6 +32,14 @@ import numpy as np
 
 class CheckpointError(ValueError):
   """The file is not a torch zip checkpoint this reader can read safely."""
+
+
+# Bounds on what a file may make this reader allocate or walk, far above any real
+# checkpoint (a full-size DiffInfinite `model-N.pt` pickle is a few MB and nests 4 deep).
+MAX_PICKLE_BYTES = 64 * 2 ** 20     # the inflated data.pkl
+MAX_PICKLE_DEPTH = 64               # containers inside containers
+MAX_INFLATION = 64                  # inflated / compressed size of a deflated entry
+_METHODS = {zipfile.ZIP_STORED: 'stored', zipfile.ZIP_DEFLATED: 'deflate'}
 
 
 # torch storage class name -> numpy dtype of its elements.
@@ -72,11 +81,13 @@ class _StorageType:
 
 class _Storage:
   """One `data/<key>` entry: where its bytes lie in the file and how to read them."""
-  __slots__ = ('path', 'key', 'dtype', 'numel', 'offset', 'member', 'compressed')
+  __slots__ = ('path', 'key', 'dtype', 'numel', 'offset', 'member', 'compressed', 'crc',
+               'verified')
 
-  def __init__(self, path, key, dtype, numel, offset, member, compressed):
+  def __init__(self, path, key, dtype, numel, offset, member, compressed, crc):
     self.path, self.key, self.dtype, self.numel = path, key, dtype, numel
     self.offset, self.member, self.compressed = offset, member, compressed
+    self.crc, self.verified = crc, False
 
   def __setstate__(self, state):
     raise pickle.UnpicklingError('cannot set state on a storage')
@@ -86,12 +97,24 @@ class _Storage:
     if self.numel == 0:
       return np.empty((0,), self.dtype)
     if self.compressed:   # not what torch writes; read (and inflate) it into memory
-      with zipfile.ZipFile(self.path) as zf:
-        data = zf.read(self.member)
-      out = np.frombuffer(data, self.dtype)
-    else:
-      out = np.memmap(self.path, dtype=self.dtype, mode='r', offset=self.offset,
-                      shape=(self.numel,))
+      try:   # zipfile checks the CRC at the end of the entry
+        with zipfile.ZipFile(self.path) as zf:
+          data = zf.read(self.member)
+      except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+        raise CheckpointError(f'checkpoint {self.path}: storage data/{self.key} is '
+                              f'corrupt ({e})') from None
+      return np.frombuffer(data, self.dtype)
+    out = np.memmap(self.path, dtype=self.dtype, mode='r', offset=self.offset,
+                    shape=(self.numel,))
+    if not self.verified:   # once per storage: the bytes are the ones the zip declares
+      raw = out.view(np.uint8)
+      crc = 0
+      for start in range(0, raw.size, 1 << 24):
+        crc = zlib.crc32(raw[start:start + (1 << 24)], crc)
+      if crc != self.crc:
+        raise CheckpointError(f'checkpoint {self.path}: storage data/{self.key} fails its '
+                              'CRC check (corrupt or truncated file)')
+      self.verified = True
     return out
 
 
@@ -239,7 +262,13 @@ class _Archive:
     except (zipfile.BadZipFile, OSError, EOFError) as e:
       raise CheckpointError(f'not a readable zip (truncated or corrupt: {e})') from None
     with zf:
-      self.members = {i.filename: i for i in zf.infolist()}
+      self.start_dir = zf.start_dir
+      infos = zf.infolist()
+      self.members = {i.filename: i for i in infos}
+      if len(self.members) != len(infos):
+        dup = sorted({i.filename for i in infos if sum(j.filename == i.filename
+                                                        for j in infos) > 1})
+        raise CheckpointError(f'the zip names an entry more than once: {_show(dup[0])}')
       pickles = [n for n in self.members if n.count('/') == 1 and n.endswith('/data.pkl')]
       if len(pickles) != 1:
         what = ('a TorchScript archive, not a saved state dict'
@@ -248,12 +277,9 @@ class _Archive:
         raise CheckpointError(f'not a torch.save zip checkpoint ({what})')
       self.prefix = pickles[0][:-len('data.pkl')]
       byteorder = self.members.get(self.prefix + 'byteorder')
-      if byteorder is not None and zf.read(byteorder).strip() != b'little':
+      if byteorder is not None and _read_small(zf, byteorder, 64).strip() != b'little':
         raise CheckpointError('saved on a big-endian machine; only little-endian is supported')
-      try:
-        self.pickle = zf.read(pickles[0])
-      except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise CheckpointError(f'cannot read {pickles[0]} ({e})') from None
+      self.pickle = _read_small(zf, self.members[pickles[0]], MAX_PICKLE_BYTES)
 
   def storage(self, key: str, dtype: np.dtype, numel: int) -> _Storage:
     member = f'{self.prefix}data/{key}'
@@ -264,17 +290,54 @@ class _Archive:
     if info.file_size != nbytes:
       raise CheckpointError(f'storage data/{key} holds {info.file_size} bytes, but the pickle '
                             f'says {numel} x {dtype} = {nbytes} bytes')
-    if info.flag_bits & 1:
-      raise CheckpointError(f'storage data/{key} is encrypted')
+    _check_entry(info)
     compressed = info.compress_type != zipfile.ZIP_STORED
     offset = 0
     if not compressed:
       with open(self.path, 'rb') as f:
         offset = _data_offset(f, info)
-      if offset + nbytes > self.file_size:
-        raise CheckpointError(f'storage data/{key} runs past the end of the file '
-                              '(truncated)')
-    return _Storage(self.path, key, dtype, numel, offset, member, compressed)
+      if offset + nbytes > min(self.file_size, self.start_dir):
+        raise CheckpointError(f'storage data/{key} runs past the end of its entry '
+                              '(truncated file)')
+    return _Storage(self.path, key, dtype, numel, offset, member, compressed, info.CRC)
+
+
+def _show(name: str) -> str:
+  """A name from the file, printable on one line (control characters escaped)."""
+  return repr(name[:200])
+
+
+def _check_entry(info: zipfile.ZipInfo) -> None:
+  """Refuses entries this reader does not inflate safely: encryption, methods other
+  than stored / deflate, and deflated entries that claim to inflate too far."""
+  name = _show(info.filename)
+  if info.flag_bits & 1:
+    raise CheckpointError(f'zip entry {name} is encrypted')
+  if info.compress_type not in _METHODS:
+    raise CheckpointError(f'zip entry {name} uses compression method {info.compress_type}; '
+                          'only stored and deflate are read')
+  if (info.compress_type == zipfile.ZIP_DEFLATED
+      and info.file_size > MAX_INFLATION * max(info.compress_size, 1024)):
+    raise CheckpointError(f'zip entry {name} inflates {info.compress_size} bytes to '
+                          f'{info.file_size} (a zip bomb?)')
+
+
+def _read_small(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes:
+  """A whole entry of at most `limit` bytes (declared size checked before inflating;
+  zipfile stops at the declared size and checks the CRC)."""
+  _check_entry(info)
+  if info.file_size > limit:
+    raise CheckpointError(f'zip entry {_show(info.filename)} declares {info.file_size} '
+                          f'bytes; at most {limit} are read')
+  try:
+    data = zf.read(info)
+  except (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError,
+          RuntimeError) as e:
+    raise CheckpointError(f'cannot read zip entry {_show(info.filename)} ({e})') from None
+  if len(data) != info.file_size:
+    raise CheckpointError(f'zip entry {_show(info.filename)} holds {len(data)} bytes, '
+                          f'not the {info.file_size} it declares')
+  return data
 
 
 _LEGACY_MAGIC_PREFIX = b'\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19'
@@ -323,15 +386,73 @@ class _Unpickler(pickle.Unpickler):
     return known
 
 
-def _check_memo(data: bytes) -> None:
-  """Walks the opcodes without running them: refuses a truncated pickle and memo indices
-  so large that the unpickler would try to allocate memory for them."""
+# Opcodes that add to the container below their arguments (its depth is kept, not
+# incremented per call): a dict of a thousand entries is not a thousand levels deep.
+_IN_PLACE = frozenset({'APPEND', 'APPENDS', 'SETITEM', 'SETITEMS', 'ADDITEMS', 'BUILD'})
+_MARK = -1
+
+
+def _check_pickle(data: bytes) -> None:
+  """Walks the opcodes without running them, simulating only how deep objects nest:
+  refuses a truncated or malformed pickle, memo indices that the unpickler would
+  allocate memory for, and nesting deeper than MAX_PICKLE_DEPTH (hashing or freeing a
+  tuple nested a million deep recurses in C and crashes the interpreter)."""
   limit = len(data)
+  stack: list[int] = []
+  memo: dict[int, int] = {}
+
+  def pop_mark() -> list[int]:
+    items = []
+    while stack and stack[-1] != _MARK:
+      items.append(stack.pop())
+    if not stack:
+      raise CheckpointError('malformed pickle (no MARK)')
+    stack.pop()
+    return items
+
+  def pop() -> int:
+    if not stack or stack[-1] == _MARK:
+      raise CheckpointError('malformed pickle (stack underflow)')
+    return stack.pop()
   try:
     for op, arg, _ in pickletools.genops(data):
-      if op.name in ('PUT', 'BINPUT', 'LONG_BINPUT', 'GET', 'BINGET', 'LONG_BINGET'):
+      name = op.name
+      if name in ('PUT', 'BINPUT', 'LONG_BINPUT', 'GET', 'BINGET', 'LONG_BINGET'):
         if int(arg) > limit:
           raise CheckpointError(f'pickle memo index {arg} out of range')
+      if name == 'MARK':
+        stack.append(_MARK)
+        continue
+      if name in ('PUT', 'BINPUT', 'LONG_BINPUT', 'MEMOIZE'):
+        if not stack or stack[-1] == _MARK:
+          raise CheckpointError('malformed pickle (memo of nothing)')
+        memo[int(arg) if name != 'MEMOIZE' else len(memo)] = stack[-1]
+        continue
+      if name in ('GET', 'BINGET', 'LONG_BINGET'):
+        if int(arg) not in memo:
+          raise CheckpointError(f'malformed pickle (memo index {arg} unset)')
+        stack.append(memo[int(arg)])
+        continue
+      if name == 'DUP':
+        stack.append(stack[-1] if stack else pop())
+        continue
+      before = list(op.stack_before)
+      inputs: list[int] = []
+      if pickletools.markobject in before:   # everything above the mark, then below it
+        inputs.extend(pop_mark())
+        before = before[:before.index(pickletools.markobject)]
+      for _ in before:
+        inputs.append(pop())
+      if not op.stack_after:
+        continue
+      if name in _IN_PLACE:
+        container, items = inputs[-1], inputs[:-1]
+        depth = max([container] + [d + 1 for d in items])
+      else:
+        depth = max(inputs) + 1 if inputs else 0
+      if depth > MAX_PICKLE_DEPTH:
+        raise CheckpointError(f'pickle nests objects more than {MAX_PICKLE_DEPTH} deep')
+      stack.append(depth)
   except (ValueError, struct.error) as e:
     if isinstance(e, CheckpointError):
       raise
@@ -348,7 +469,7 @@ def load(path: str) -> Any:
   """
   try:
     archive = _Archive(path)
-    _check_memo(archive.pickle)
+    _check_pickle(archive.pickle)
     try:
       return _Unpickler(archive.pickle, archive).load()
     except CheckpointError:

@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 
 from tiled_ldm_jax import data as data_lib
+from tiled_ldm_jax import image_files
 
 N_FEATURES = 11
 
@@ -152,7 +153,6 @@ def score_files(image_path: str, *, mask_path: str | None = None, vae_dir: str |
   """
   import json
   import os
-  from PIL import Image
   from tiled_ldm_jax import checkpoint
   from tiled_ldm_jax import masks
   stem = os.path.splitext(image_path)[0]
@@ -173,7 +173,7 @@ def score_files(image_path: str, *, mask_path: str | None = None, vae_dir: str |
   for p in (image_path, mask_path):
     if not os.path.isfile(p):
       raise FileNotFoundError(p)
-  img = np.asarray(Image.open(image_path).convert('RGB'))
+  img = image_files.read_rgb(image_path, what='sample image')
   labels = masks.read_label_png(mask_path)
   _, vae_cfg, vae_params = checkpoint.load_model(vae_dir, expect='vae')
   clf = fit_texture_classifier(num_labels, n_images=n_fit_images,

@@ -12,6 +12,8 @@ into a model that silently computes something else.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import types
 import typing
 from typing import Any, Mapping
@@ -32,8 +34,35 @@ def _dtype(name: str):
     raise ConfigError(f'unknown dtype {name!r}') from e
 
 
+def _is(value, kind) -> bool:
+  """`value` is a `kind` as a config field holds it (no bools for ints, finite floats)."""
+  if kind is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  if kind is float:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+  return isinstance(value, kind)
+
+
 class _Dtypes:
-  """`dtype` / `param_dtype` strings as numpy dtypes."""
+  """`dtype` / `param_dtype` strings as numpy dtypes; field types checked at construction
+  (a config read from a file holds exactly the types its fields declare)."""
+
+  def _check_types(self) -> None:
+    hints = _hints(type(self))
+    for f in dataclasses.fields(self):
+      value, hint = getattr(self, f.name), hints[f.name]
+      item = _tuple_item_type(hint)
+      if item is not None:
+        if value is None and type(None) in typing.get_args(hint):
+          continue
+        if not (isinstance(value, tuple) and all(_is(v, item) for v in value)):
+          raise ConfigError(f'{type(self).__name__}.{f.name} must be a list of '
+                            f'{item.__name__}, got {_short(value)}')
+      elif hint in (int, float, str, bool) and not _is(value, hint):
+        raise ConfigError(f'{type(self).__name__}.{f.name} must be a '
+                          f'{"finite " if hint is float else ""}{hint.__name__}, got '
+                          f'{_short(value)}')
 
   @property
   def compute_dtype(self):
@@ -66,9 +95,11 @@ class UNetConfig(_Dtypes):
   param_dtype: str = 'float32'   # dtype parameters are stored and initialised in
 
   def __post_init__(self):
+    self._check_types()
     if self.kind not in ('image', 'mask'):
       raise ConfigError(f'UNetConfig.kind must be "image" or "mask", got {self.kind!r}')
-    for name in ('dim', 'num_classes', 'channels', 'resnet_block_groups', 'block_per_layer'):
+    for name in ('dim', 'num_classes', 'channels', 'resnet_block_groups', 'block_per_layer',
+                 'heads', 'dim_head'):
       if int(getattr(self, name)) < 1:
         raise ConfigError(f'UNetConfig.{name} must be >= 1, got {getattr(self, name)}')
     if not self.dim_mults:
@@ -113,6 +144,26 @@ _DM_IGNORED = {'sampling_timesteps', 'image_size', 'loss_type', 'p2_loss_weight_
 
 def unet_config_from_torch(kind: str, cfg: Mapping[str, Any], **overrides) -> UNetConfig:
   """UNetConfig from a DiffInfinite `config.json` dict (`{"unet": {...}, "dm": {...}}`)."""
+  return _foreign(_unet_config_from_torch, 'DiffInfinite config.json', kind, cfg, **overrides)
+
+
+def _foreign(fn, what: str, *args, **kw):
+  """`fn(*args)`, with a value of the wrong type anywhere in a foreign config as one
+  ConfigError line instead of whatever a conversion raises."""
+  if not isinstance(args[-1], Mapping):
+    raise ConfigError(f'{what}: expected a JSON object, got {type(args[-1]).__name__}')
+  try:
+    return fn(*args, **kw)
+  except ConfigError:
+    raise
+  except (TypeError, ValueError, OverflowError, AttributeError, RecursionError) as e:
+    raise ConfigError(f'{what}: a value has the wrong type ({type(e).__name__}: {e})') from None
+
+
+def _unet_config_from_torch(kind: str, cfg: Mapping[str, Any], **overrides) -> UNetConfig:
+  for section in ('unet', 'dm'):
+    if not isinstance(cfg.get(section, {}), Mapping):
+      raise ConfigError(f'config section {section!r} must be an object')
   unknown = set(cfg) - {'unet', 'dm'}
   if unknown:
     raise ConfigError(f'unknown top-level config sections: {sorted(unknown)}')
@@ -177,6 +228,9 @@ class VAEConfig(_Dtypes):
   param_dtype: str = 'float32'        # dtype parameters are stored and initialised in
 
   def __post_init__(self):
+    self._check_types()
+    if self.scaling_factor <= 0:
+      raise ConfigError(f'VAEConfig.scaling_factor must be > 0, got {self.scaling_factor}')
     for name in ('in_channels', 'out_channels', 'latent_channels', 'layers_per_block',
                  'norm_num_groups'):
       if int(getattr(self, name)) < 1:
@@ -223,8 +277,13 @@ def vae_config_from_diffusers(d: Mapping[str, Any], **overrides) -> VAEConfig:
   """VAEConfig from a diffusers `AutoencoderKL` `config.json` dict.
 
   Raises ConfigError naming every key that is unknown or set to a value this port does
-  not implement. `overrides` set VAEConfig fields directly (e.g. dtype='bfloat16').
+  not implement, or a value of the wrong type. `overrides` set VAEConfig fields directly
+  (e.g. dtype='bfloat16').
   """
+  return _foreign(_vae_config_from_diffusers, 'AutoencoderKL config.json', d, **overrides)
+
+
+def _vae_config_from_diffusers(d: Mapping[str, Any], **overrides) -> VAEConfig:
   bad = []
   for key, value in d.items():
     if key in _VAE_FIELDS or key in _VAE_IGNORED or key in ('latents_mean', 'latents_std'):
@@ -264,6 +323,16 @@ def config_to_dict(config) -> dict[str, Any]:
   """A config dataclass as a JSON-ready dict (tuples as lists); `from_dict` inverts it."""
   d = dataclasses.asdict(config)
   return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _short(value) -> str:
+  text = repr(value)
+  return text if len(text) <= 60 else text[:57] + '...'
+
+
+@functools.cache
+def _hints(cls):
+  return typing.get_type_hints(cls)
 
 
 def _tuple_item_type(hint):

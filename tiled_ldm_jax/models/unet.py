@@ -125,8 +125,13 @@ def abstract_params(config: UNetConfig):
   return jax.eval_shape(functools.partial(init_params, config), jax.random.key(0))
 
 
+@functools.cache
 def eps_fn(config: UNetConfig):
-  """Pure `(params, x, t, cond, null=None) -> eps`, ready for `jax.jit`."""
+  """Pure `(params, x, t, cond, null=None) -> eps`, ready for `jax.jit`.
+
+  One function per (frozen, hashable) config: jit caches key on the function, so equal
+  configs share every compiled program that uses it (a second Pipeline compiles nothing).
+  """
   model = UNet(config)
 
   def apply(params, x, t, cond, null=None):

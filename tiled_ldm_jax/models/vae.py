@@ -12,6 +12,7 @@ of the encoder, nearest x2 + 3x3 conv in the decoder. Convs and matmuls run in
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -229,8 +230,10 @@ def init_params(config: VAEConfig, rng: Array) -> Any:
   return jax.jit(lambda r: model.init(r, _init_input(config)))(rng)['params']
 
 
+@functools.cache
 def decode_fn(config: VAEConfig) -> Callable[[Any, Array], Array]:
-  """Pure `(params, z [B, h, w, latent]) -> image [B, H, W, out]` (jit-able)."""
+  """Pure `(params, z [B, h, w, latent]) -> image [B, H, W, out]` (jit-able; one function
+  per config, so compiled programs are shared by equal configs)."""
   model = AutoencoderKL(config)
 
   def decode(params, z):
@@ -238,8 +241,9 @@ def decode_fn(config: VAEConfig) -> Callable[[Any, Array], Array]:
   return decode
 
 
+@functools.cache
 def encode_fn(config: VAEConfig) -> Callable[[Any, Array], tuple[Array, Array]]:
-  """Pure `(params, x [B, H, W, in]) -> (mean, logvar)` (jit-able)."""
+  """Pure `(params, x [B, H, W, in]) -> (mean, logvar)` (jit-able; one per config)."""
   model = AutoencoderKL(config)
 
   def encode(params, x):

@@ -1,0 +1,60 @@
+"""Reading image files safely: the format from the file's signature, among the formats a
+caller documents (never every format Pillow knows: EPS/PostScript would be handed to
+Ghostscript), the declared size checked before any pixel is decoded, and every failure
+one `ValueError` line naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+from PIL import Image
+
+LABEL_FORMATS = ('PNG',)                 # label maps (masks) are PNGs of ids
+PICTURE_FORMATS = ('PNG', 'JPEG', 'TIFF')   # training images, samples to score / preview
+MAX_PIXELS = 1 << 31                     # a declared size above this is refused unread
+
+
+def _printable(path) -> str:
+  text = os.fspath(path)
+  return text if text.isprintable() else repr(text)
+
+
+def open_image(path, formats=LABEL_FORMATS, *, what: str = 'image',
+               max_pixels: int = MAX_PIXELS) -> Image.Image:
+  """The decoded image (pixels loaded, file closed) of `path`, one of `formats`.
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: another format (named by its signature, whatever the file's name), a
+      declared size over `max_pixels`, or a truncated / corrupt file.
+  """
+  name = _printable(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{what} not found: {name}')
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter('error', Image.DecompressionBombWarning)
+      with Image.open(path, formats=list(formats)) as img:
+        w, h = img.size
+        if w * h > max_pixels:
+          raise ValueError(f'{name}: {what} declares {w} x {h} pixels; at most '
+                           f'{max_pixels} are read')
+        img.load()
+        return img
+  except ValueError:
+    raise
+  except Image.UnidentifiedImageError:
+    raise ValueError(f'{name}: not a {" / ".join(formats)} file (the {what} formats read)'
+                     ) from None
+  except (OSError, SyntaxError, EOFError, Image.DecompressionBombError,
+          Image.DecompressionBombWarning, MemoryError) as e:
+    raise ValueError(f'{name}: cannot read the {what} ({type(e).__name__}: '
+                     f'{" ".join(str(e).split())})') from None
+
+
+def read_rgb(path, formats=PICTURE_FORMATS, *, what: str = 'image') -> np.ndarray:
+  """uint8 [H, W, 3] of an image file (converted to RGB)."""
+  return np.asarray(open_image(path, formats, what=what).convert('RGB'))
