@@ -19,6 +19,7 @@ from tiled_ldm_jax import checkpoint
 from tiled_ldm_jax import decode
 from tiled_ldm_jax import flag_util
 from tiled_ldm_jax import geometry
+from tiled_ldm_jax import latent_files
 from tiled_ldm_jax import ome_zarr
 from tiled_ldm_jax import writers
 from tiled_ldm_jax.models import vae
@@ -39,6 +40,7 @@ _SCALE = flags.DEFINE_float('latent_scale', None, 'Decoder input = latent * late
                             '(default: the scale stored with the VAE).')
 flags.mark_flags_as_required(['vae_ckpt', 'output'])
 _CACHE = flag_util.define_compilation_cache_flag()
+_OUTPUT_SUFFIXES = ('.png', '.jpg', '.jpeg') + writers.TIFF_SUFFIXES + ('.zarr', '.npy')
 
 
 def main(argv):
@@ -46,17 +48,20 @@ def main(argv):
   flag_util.use_compilation_cache(_CACHE.value)
   if (_LATENT.value is None) == (_RANDOM.value is None):
     flag_util.fail('give exactly one of --latent, --random_latent')
-  if not _OUTPUT.value.lower().endswith(('.png', '.jpg', '.jpeg') + writers.TIFF_SUFFIXES):
-    flag_util.fail(f'--output must end in .png, .jpg, .tif or .tiff, got {_OUTPUT.value}')
-  _, config, params = checkpoint.load_model(_VAE.value, expect='vae')
+  if not _OUTPUT.value.lower().rstrip('/').endswith(_OUTPUT_SUFFIXES):
+    flag_util.fail(f'--output must end in {", ".join(_OUTPUT_SUFFIXES)}, got {_OUTPUT.value}')
+  kind, config = checkpoint.read_model_json(_VAE.value)   # the config first: cheap checks
+  if kind != 'vae':
+    flag_util.fail(f'--vae_ckpt {_VAE.value} holds a {kind} model, expected vae')
   geom = geometry.LatentGeometry.of_vae(config)
   scale = _SCALE.value or geom.scale
-  if _LATENT.value:
-    z = np.load(_LATENT.value)
+  if _LATENT.value:   # validated (header, dtype, channels, finite) before the VAE loads
+    z = latent_files.read_latent(_LATENT.value, config.latent_channels)
   else:
     h, w = (int(v) for v in _RANDOM.value.lower().split('x'))
     z = (np.random.default_rng(_SEED.value).standard_normal((h, w, config.latent_channels),
                                                             np.float32) * (_RANDOM_STD.value or 1 / scale))
+  _, config, params = checkpoint.load_model(_VAE.value, expect='vae')
   start = time.perf_counter()
   settings = decode.TiledDecodeSettings(patch_size=_PATCH.value, tile_batch=_TILE_BATCH.value,
                                         latent_scale=scale, factor=geom.factor)

@@ -10,6 +10,8 @@ from PIL import Image
 
 import tiled_ldm_jax
 
+from conftest import count_compiles
+
 ROOT = os.path.join(os.path.dirname(__file__), '..')
 REQUEST = dict(label=1, image_size=256, seed=3, sampling_steps=3)
 
@@ -117,3 +119,19 @@ def test_generate_zarr_and_tiff_outputs(tmp_path):
   with pytest.raises(ValueError, match='mpp'):
     generate.prepare(generate.GenerationConfig(mask='demo', mpp=-1.0,
                                                imgs_path=str(tmp_path / 'x')))
+
+
+def test_second_pipeline_compiles_nothing(pipe):
+  """Compiled programs are cached by model config and settings, not by object: a second
+  Pipeline of the same models (as a second user call, or another test, makes) traces and
+  compiles nothing for a request the first one ran."""
+  request = dict(label=1, image_size=256, seed=4, sampling_steps=2)
+  first = pipe(**request)
+  with count_compiles() as counts:
+    again = tiled_ldm_jax.Pipeline.from_pretrained()
+    second = again(**request)
+  assert counts == {'traces': 0, 'compiles': 0}, counts
+  np.testing.assert_array_equal(first.images, second.images)
+  with count_compiles() as counts:   # the counter sees a new program
+    again(**dict(request, sampling_steps=1))
+  assert counts['compiles'] > 0

@@ -372,8 +372,7 @@ def load_state_meta(directory: str) -> dict[str, Any]:
   path = os.path.join(directory, 'meta.json')
   if not os.path.isfile(path):
     raise FileNotFoundError(f'no saved run state in {directory}')
-  with open(path) as f:
-    return json.load(f)
+  return json_files.read_object(path, 'saved run state')
 
 
 def load_state(directory: str, abstract):

@@ -409,6 +409,33 @@ def read_image(path: str) -> np.ndarray:
   return image_files.read_rgb(path, what='training image').astype(np.float32) / 255.0
 
 
+def check_pairs(pairs, num_classes: int | None, with_images: bool, crop: int,
+                downscale: int = 1) -> None:
+  """One pass over a folder dataset before any training (and before a workdir exists):
+  every mask a label PNG of known labels, every image decodable in a documented format
+  and of its mask's size, every mask (downscaled by `downscale`) at least a `crop`
+  square. ValueError naming the first bad file."""
+  for img_path, mask_path in pairs:
+    labels = masks_lib.read_label_png(mask_path)
+    h, w = labels.shape
+    if h // downscale < crop or w // downscale < crop:
+      raise ValueError(f'{mask_path}: {h} x {w} is smaller than the crop of {crop} px'
+                       + (f' (x{downscale})' if downscale > 1 else ''))
+    if num_classes is not None:
+      try:
+        masks_lib.validate_labels(labels, num_classes)
+      except ValueError as e:
+        raise ValueError(f'{mask_path}: {e}') from None
+    if with_images:
+      with image_files.open_image(img_path, image_files.PICTURE_FORMATS,
+                                  what='training image') as img:
+        size = img.size[::-1]
+      if tuple(size) != labels.shape:
+        raise ValueError(f'{img_path} is {size[0]} x {size[1]} but its mask is '
+                         f'{labels.shape[0]} x {labels.shape[1]}')
+    del labels
+
+
 def folder_layout_class(mask_path: str, labels: np.ndarray) -> int:
   """The layout class of a folder example: `c` of a `class_<c>` parent folder, else the
   most frequent non-zero label (0 if there is none)."""
@@ -434,6 +461,7 @@ class FolderSource:
     self.pairs = find_pairs(root)
     self.size, self.batch_size, self.seed = size, batch_size, seed
     self.with_images = with_images and downscale == 1
+    check_pairs(self.pairs, num_classes, self.with_images, size, max(downscale, 1))
     self.downscale, self.augment, self.num_classes = downscale, augment_data, num_classes
     self.stream = stream
 

@@ -373,6 +373,20 @@ def _band_program(params, tiles: Array, carry: Array, band: Array, n_r: Array,
   return img, new_carry
 
 
+_TILE_SHAPES: dict = {}
+
+
+def _tile_output_shape(decode: DecodeFn, params, tile_shape) -> jax.ShapeDtypeStruct:
+  """What `decode` makes of a tile batch, traced once per (decoder, tile shape): the
+  decoder is a pure function of one config, so the params' shapes are those of its
+  first call."""
+  key = (decode, tuple(tile_shape))
+  if key not in _TILE_SHAPES:
+    _TILE_SHAPES[key] = jax.eval_shape(decode, params,
+                                       jax.ShapeDtypeStruct(tile_shape, jnp.float32))
+  return _TILE_SHAPES[key]
+
+
 def to_uint8(x: Array | np.ndarray):
   """float in [0, 1] -> uint8 `trunc(clip(x, 0, 1) * 255)` (the original's PNG saving)."""
   mod = jnp if isinstance(x, jax.Array) else np
@@ -443,8 +457,7 @@ def iter_decode_bands(decode: DecodeFn, params, z, settings: TiledDecodeSettings
   n_r = -(-h // P)
   height = h * s.factor
   zp = _pad_latent(z, n_r * P, g.n_c * P, s.pad_mode)              # [n_r P, n_c P, C]
-  out = jax.eval_shape(lambda t: decode(params, t),
-                       jax.ShapeDtypeStruct((g.tb, P, P, c), jnp.float32))
+  out = _tile_output_shape(decode, params, (g.tb, P, P, c))
   if tuple(out.shape[1:3]) != (g.p, g.p):
     raise ValueError(f'decoder maps a {P}x{P} latent tile to {out.shape[1:3]} pixels, '
                      f'expected {g.p}x{g.p} (factor={s.factor})')

@@ -182,6 +182,7 @@ def prepare(cfg: GenerationConfig) -> Plan:
   _check_writable(cfg.imgs_path)
   used = {k: v for k, v in pipe.paths.items() if k != 'mask_unet' or mask is None}
   hashes = {name: _hash_folder(path) for name, path in used.items()}
+  _check_name_length(cfg)
   run_ckpt = resume.RunCheckpoint(cfg.imgs_path)
   meta = None
   if cfg.resume:
@@ -213,6 +214,24 @@ def _sample_files(cfg, number: int) -> tuple[str, str, str]:
   return base, image_path, writers.mask_path(image_path)
 
 
+def _check_name_length(cfg: GenerationConfig) -> None:
+  """Refuses, before sampling, a run whose last sample's file names the file system
+  cannot hold (a file in the folder may push the numbering that far)."""
+  last = next_index(cfg.imgs_path) + cfg.n_images - 1
+  base, image_path, mask_file = _sample_files(cfg, last)
+  folder = cfg.imgs_path if os.path.isdir(cfg.imgs_path) else os.path.dirname(
+      os.path.abspath(cfg.imgs_path)) or '.'
+  try:
+    limit = os.pathconf(folder, 'PC_NAME_MAX')
+  except (OSError, ValueError):
+    limit = 255
+  longest = max(len(os.path.basename(p)) for p in (base + '.json', image_path, mask_file))
+  if 2 * longest + 48 > limit:   # a writer may nest its temporary name in ours
+    raise ValueError(f'the next sample would be sample{last:04d}, whose file names '
+                     f'({longest} characters, plus temporary suffixes) exceed the file '
+                     f'system limit of {limit}: write to another --imgs_path')
+
+
 def shares_decode(cfg: GenerationConfig, batch: int) -> bool:
   """Whether all processes decode and write each image of a batch together
   (`shared_decode.py`): TIFF / OME-Zarr batches smaller than the process count."""
@@ -238,15 +257,30 @@ def _write_sample(plan: Plan, number: int, z, labels: np.ndarray, record: dict,
     mine = sharding.is_writer()
   if not mine:
     return record
-  if not shared:     # shared: written above; the mask and the JSON follow
-    _write_image(plan, z, labels, image_path)
-  if cfg.output_format != 'zarr':
-    writers.write_labels(mask_file, labels)
-  record['seconds']['decode_and_write'] = time.perf_counter() - start
-  with atomic.atomic_path(base + '.json') as tmp:   # last: its presence marks a complete sample
-    with open(tmp, 'w') as f:
-      json.dump(record, f, indent=1, default=str)
+  if shared or cfg.output_format == 'zarr':
+    if not shared:   # the store is renamed into place by its writer; mask inside it
+      _write_image(plan, z, labels, image_path)
+    if cfg.output_format != 'zarr':
+      writers.write_labels(mask_file, labels)
+    record['seconds']['decode_and_write'] = time.perf_counter() - start
+    with atomic.atomic_path(base + '.json') as tmp:   # last: marks a complete sample
+      _dump_record(tmp, record)
+    return record
+  # Image, mask and JSON are all written under temporary names first and renamed only
+  # once all three are whole (the JSON last): a failure (a full disk, a kill) leaves
+  # none of a sample's files, never an image without its mask or record.
+  with atomic.atomic_path(base + '.json') as tmp_json, \
+      atomic.atomic_path(mask_file) as tmp_mask, atomic.atomic_path(image_path) as tmp_image:
+    _write_image(plan, z, labels, tmp_image)
+    writers.write_labels(tmp_mask, labels)
+    record['seconds']['decode_and_write'] = time.perf_counter() - start
+    _dump_record(tmp_json, record)
   return record
+
+
+def _dump_record(path: str, record: dict) -> None:
+  with open(path, 'w') as f:
+    json.dump(record, f, indent=1, default=str)
 
 
 def _write_image(plan: Plan, z, labels: np.ndarray, image_path: str) -> None:

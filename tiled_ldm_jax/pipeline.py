@@ -140,7 +140,11 @@ def mask_size(image_size: int, factor: int) -> int:
 
 def _stage_keys(seed: int, indices, stage: int) -> jax.Array:
   keys = sampler_lib.image_keys(seed, indices)
-  return jax.vmap(lambda k: jax.random.fold_in(k, stage))(keys)
+  return _fold_in_all(keys, stage)
+
+
+# Module-level compiled helpers: eager vmaps of fresh lambdas would trace on every call.
+_fold_in_all = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(0, None)))
 
 
 def stage_stats(state) -> dict:

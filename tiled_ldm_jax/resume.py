@@ -34,6 +34,35 @@ def result_flags(cfg) -> dict[str, Any]:
   return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NEUTRAL_FIELDS}
 
 
+_META_TYPES = {'stage': str, 'batch_start': int, 'first_sample': int, 'flags': dict,
+               'checkpoint_sha256': dict, 'iterations': int, 'has_labels': bool,
+               'extra': dict}
+
+
+def _check_meta(path: str, meta: dict, cfg) -> None:
+  """Every field of a saved run's meta.json has its type and fits this request, so a
+  resume is refused before any work (and the saved run kept) rather than failing, or
+  writing nothing and deleting it, after loading."""
+  for name, kind in _META_TYPES.items():
+    value = meta.get(name)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+      raise ValueError(f'{path}/meta.json: field {name!r} must be a {kind.__name__}, got '
+                       f'{str(value)[:40]!r}')
+  if meta['stage'] not in ('mask', 'image'):
+    raise ValueError(f'{path}/meta.json: unknown stage {meta["stage"][:40]!r}')
+  if meta['stage'] == 'mask' and cfg.mask is not None:
+    raise ValueError(f'{path}/meta.json: saved in the mask stage, but this run gives --mask')
+  b0 = meta['batch_start']
+  if not (0 <= b0 < cfg.n_images and b0 % cfg.batch_size == 0):
+    raise ValueError(f'{path}/meta.json: batch_start {b0} is not the start of a batch of '
+                     f'this run (n_images {cfg.n_images}, batch_size {cfg.batch_size}); '
+                     'the saved run is kept')
+  if meta['first_sample'] < 0 or meta['iterations'] < 0:
+    raise ValueError(f'{path}/meta.json: negative first_sample or iterations')
+  if not all(isinstance(v, str) for v in meta['checkpoint_sha256'].values()):
+    raise ValueError(f'{path}/meta.json: checkpoint_sha256 must map names to strings')
+
+
 def _state_tree(state: SamplerState, labels) -> dict[str, np.ndarray]:
   tree = {f.name: sharding.to_host(getattr(state, f.name)) for f in dataclasses.fields(state)
           if f.name != 'keys'}
@@ -59,7 +88,9 @@ class RunCheckpoint:
     """The saved meta, if this run may continue it; else ValueError naming what differs."""
     meta = self.meta()
     if meta.get('format') != FORMAT:
-      raise ValueError(f'{self.path}: unknown checkpoint format {meta.get("format")!r}')
+      raise ValueError(f'{self.path}: unknown checkpoint format '
+                       f'{str(meta.get("format"))[:40]!r}')
+    _check_meta(self.path, meta, cfg)
     now = result_flags(cfg)
     changed = sorted(k for k in set(now) | set(meta['flags'])
                      if now.get(k) != meta['flags'].get(k))

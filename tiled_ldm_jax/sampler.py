@@ -141,7 +141,7 @@ def init_state(keys: jax.Array, shape: tuple[int, int], channels: int,
                patch: int, schedule: str = 'random') -> SamplerState:
   """x ~ N(0, 1) per image from `fold_in(key, 0)`; x_low = x; times = 0; level 0."""
   h, w = shape
-  x = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), (h, w, channels)))(keys)
+  x = _initial_noise(keys, (h, w, channels))
   n = keys.shape[0]
   zero = lambda: jnp.zeros((), jnp.int32)  # distinct buffers: step_patch donates the state
   sizes = schedules.block_sizes(h, w, patch)
@@ -532,4 +532,14 @@ def check_shapes(shape, patch: int, multiple: int = 1) -> None:
 def image_keys(seed: int | jax.Array, indices) -> jax.Array:
   """[N] keys `fold_in(root, image_index)`: image n is the same in any batch."""
   root = jax.random.key(seed) if isinstance(seed, int) else seed
-  return jax.vmap(lambda i: jax.random.fold_in(root, i))(jnp.asarray(indices, jnp.uint32))
+  return _fold_in_each(root, jnp.asarray(indices, jnp.uint32))
+
+
+# Compiled once per shape (eager vmaps of fresh lambdas would trace on every call).
+_fold_in_each = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(None, 0)))
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _initial_noise(keys, shape):
+  """[N, *shape] float32: image n's initial noise from `fold_in(keys[n], 0)`."""
+  return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), shape))(keys)

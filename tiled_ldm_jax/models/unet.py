@@ -120,8 +120,10 @@ def init_params(config: UNetConfig, rng: jax.Array):
   return UNet(config).init(rng, *_example_inputs(config))['params']
 
 
+@functools.cache
 def abstract_params(config: UNetConfig):
-  """The param tree as `jax.ShapeDtypeStruct`s (no compute, no memory)."""
+  """The param tree as `jax.ShapeDtypeStruct`s (no compute, no memory; traced once per
+  config; treat as read-only)."""
   return jax.eval_shape(functools.partial(init_params, config), jax.random.key(0))
 
 

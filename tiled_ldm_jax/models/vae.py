@@ -217,8 +217,10 @@ def _init_input(config: VAEConfig) -> Array:
   return jnp.zeros((1, side, side, config.in_channels), jnp.float32)
 
 
+@functools.cache
 def abstract_params(config: VAEConfig) -> Any:
-  """The param tree of `AutoencoderKL(config)` as `jax.ShapeDtypeStruct` leaves."""
+  """The param tree of `AutoencoderKL(config)` as `jax.ShapeDtypeStruct` leaves (traced
+  once per config; treat as read-only)."""
   model = AutoencoderKL(config)
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), _init_input(config)))
   return shapes['params']

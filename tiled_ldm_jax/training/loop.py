@@ -58,8 +58,8 @@ def train(cfg: TrainConfig, model_cfg, workdir: str, *, resume: bool = False,
   mesh = parallel.make_mesh(cfg.batch_size, devices)
   sharding.warm_collectives(mesh)   # while the processes are in step (gloo's set-up)
   ckpt_dir = os.path.join(workdir, 'checkpoints')
+  task = make_task(cfg, model_cfg)   # reads and checks the data: before the workdir exists
   latest = _prepare_workdir(cfg, model_cfg, workdir, ckpt_dir, resume)
-  task = make_task(cfg, model_cfg)
   state = _initial_state(task, cfg, ckpt_dir, latest, mesh)
   start = int(state.step)
   stop = cfg.steps if until is None else min(int(until), cfg.steps)
