@@ -153,14 +153,17 @@ def _restore_tree(path: str, abstract, what: str):
                                           abstract)
     try:
       tree = ckptr.restore(path, item=abstract, restore_args=restore_args)
-    except (ValueError, KeyError) as e:
-      raise ValueError(f'{what} ({e})') from e
+    except (ValueError, KeyError) as e:   # orbax's message lists the whole tree
+      detail = ' '.join(str(e).split())
+      raise ValueError(f'{what} ({detail[:300]}{"..." if len(detail) > 300 else ""})'
+                       ) from None
   bad = [f'{jax.tree_util.keystr(p)}: {np.shape(v)} != {s.shape}'
          for (p, v), s in zip(jax.tree_util.tree_leaves_with_path(tree),
                               jax.tree_util.tree_leaves(abstract))
          if tuple(np.shape(v)) != tuple(s.shape)]
   if bad:
-    raise ValueError(f'{what}:\n  ' + '\n  '.join(bad))
+    more = f' and {len(bad) - 3} more' if len(bad) > 3 else ''
+    raise ValueError(f'{what}: ' + '; '.join(bad[:3]) + more)
   return tree
 
 

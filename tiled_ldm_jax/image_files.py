@@ -7,7 +7,9 @@ one `ValueError` line naming the file.
 from __future__ import annotations
 
 import os
+import struct
 import warnings
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -22,6 +24,39 @@ def _printable(path) -> str:
   return text if text.isprintable() else repr(text)
 
 
+PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+
+
+def check_png_chunks(path, what: str = 'PNG') -> None:
+  """Every chunk of a PNG inside the file and matching its CRC (Pillow does not check
+  the CRCs of image data chunks, so a flipped byte could decode to other labels)."""
+  name = _printable(path)
+  size = os.path.getsize(path)
+  with open(path, 'rb') as f:
+    if f.read(8) != PNG_SIGNATURE:
+      raise ValueError(f'{name}: not a PNG file (the {what} format read)')
+    pos = 8
+    while True:
+      head = f.read(8)
+      if len(head) < 8:
+        raise ValueError(f'{name}: truncated {what} (no IEND chunk)')
+      length, kind = struct.unpack('>I4s', head)
+      if pos + 12 + length > size:
+        raise ValueError(f'{name}: truncated {what} (chunk {kind!r} runs past the end)')
+      crc = zlib.crc32(kind)
+      left = length
+      while left:
+        block = f.read(min(left, 1 << 20))
+        crc = zlib.crc32(block, crc)
+        left -= len(block)
+      (stored,) = struct.unpack('>I', f.read(4))
+      if stored != crc:
+        raise ValueError(f'{name}: corrupt {what} (chunk {kind!r} fails its CRC)')
+      pos += 12 + length
+      if kind == b'IEND':
+        return
+
+
 def open_image(path, formats=LABEL_FORMATS, *, what: str = 'image',
                max_pixels: int = MAX_PIXELS) -> Image.Image:
   """The decoded image (pixels loaded, file closed) of `path`, one of `formats`.
@@ -34,9 +69,14 @@ def open_image(path, formats=LABEL_FORMATS, *, what: str = 'image',
   name = _printable(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{what} not found: {name}')
+  with open(path, 'rb') as f:
+    if f.read(8) == PNG_SIGNATURE and 'PNG' in formats:
+      check_png_chunks(path, what)
+  limit = Image.MAX_IMAGE_PIXELS
+  Image.MAX_IMAGE_PIXELS = None   # ours decides below, from the declared size
   try:
     with warnings.catch_warnings():
-      warnings.simplefilter('error', Image.DecompressionBombWarning)
+      warnings.simplefilter('ignore', Image.DecompressionBombWarning)
       with Image.open(path, formats=list(formats)) as img:
         w, h = img.size
         if w * h > max_pixels:
@@ -50,9 +90,11 @@ def open_image(path, formats=LABEL_FORMATS, *, what: str = 'image',
     raise ValueError(f'{name}: not a {" / ".join(formats)} file (the {what} formats read)'
                      ) from None
   except (OSError, SyntaxError, EOFError, Image.DecompressionBombError,
-          Image.DecompressionBombWarning, MemoryError) as e:
+          MemoryError) as e:
     raise ValueError(f'{name}: cannot read the {what} ({type(e).__name__}: '
-                     f'{" ".join(str(e).split())})') from None
+                     f'{" ".join(str(e).split())[:200]})') from None
+  finally:
+    Image.MAX_IMAGE_PIXELS = limit
 
 
 def read_rgb(path, formats=PICTURE_FORMATS, *, what: str = 'image') -> np.ndarray:

@@ -349,7 +349,11 @@ def _coerce(cls, name: str, hint, value):
   their item type, ints of float fields as floats; a plainly wrong scalar type is an error."""
   item = _tuple_item_type(hint)
   if item is not None and isinstance(value, (list, tuple)):
-    return tuple(item(v) if item in (int, float) else v for v in value)
+    if item in (int, float) and not all(_is(v, item) or (item is float and _is(v, int))
+                                        for v in value):
+      raise ConfigError(f'{cls.__name__}.{name} must be a list of {item.__name__}, got '
+                        f'{_short(value)}')
+    return tuple(float(v) if item is float else v for v in value)
   if hint is float and isinstance(value, int) and not isinstance(value, bool):
     return float(value)
   if hint in (int, float, str, bool) and not (
