@@ -9,7 +9,6 @@ A refused or unreadable input prints `error: ...` and exits 1, writing nothing.
 """
 
 import math
-import sys
 
 from absl import flags
 from absl import logging
@@ -49,9 +48,8 @@ def main(argv):
   try:
     config, _ = convert.convert_checkpoint(_KIND.value, _CKPT.value, _OUT.value, _CONFIG.value,
                                            latent_scale=_latent_scale(), return_params=False)
-  except (ValueError, OSError) as e:   # refused or unreadable input: no traceback
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+  except (ValueError, OSError) as e:   # refused or unreadable input: one line, no traceback
+    flag_util.fail(e)
   logging.info('wrote %s to %s', _KIND.value, _OUT.value)
   print(config)
 

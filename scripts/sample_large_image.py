@@ -9,8 +9,6 @@ line before anything is computed. The flags are `generate.GenerationConfig`'s fi
 (defaults and help live there); this file only parses them.
 """
 
-import sys
-
 from absl import app
 from absl import flags
 from absl import logging
@@ -42,8 +40,11 @@ def main(argv):
   try:  # bad input: one line, before any compute
     plan = generate.prepare(generate.GenerationConfig(**values))
   except (ValueError, OSError) as e:
-    sys.exit(f'error: {e}')
-  records = generate.run(plan, flags_used=values)
+    flag_util.fail(e)
+  try:   # e.g. a full disk: one line; a sample's files appear together or not at all
+    records = generate.run(plan, flags_used=values)
+  except OSError as e:
+    flag_util.fail(e)
   for r in records:
     logging.info('sample%04d: %s', r['sample'], r['seconds'])
   if sharding.is_writer():

@@ -21,7 +21,6 @@ from ml_collections import config_flags
 from tiled_ldm_jax import flag_util
 from tiled_ldm_jax import sharding
 from tiled_ldm_jax import training
-from tiled_ldm_jax.models import configs
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Training config file (configs/demo_train_*.py); override fields '
@@ -69,9 +68,8 @@ def main(argv):
   try:
     summary = training.run(_CONFIG.value, _WORKDIR.value, resume=_RESUME.value,
                            devices=_DEVICES.value or None)
-  except (training.WorkdirError, configs.ConfigError, FileNotFoundError,
-          training.GrainMissingError) as e:
-    sys.exit(f'error: {e}')
+  except (ValueError, OSError) as e:   # WorkdirError, ConfigError, bad data, missing grain
+    flag_util.fail(e)
   if sharding.is_writer():
     print(json.dumps(summary))
 

@@ -38,6 +38,7 @@ class CheckpointError(ValueError):
 # checkpoint (a full-size DiffInfinite `model-N.pt` pickle is a few MB and nests 4 deep).
 MAX_PICKLE_BYTES = 64 * 2 ** 20     # the inflated data.pkl
 MAX_PICKLE_DEPTH = 64               # containers inside containers
+MAX_TENSOR_ELEMENTS = 2 ** 36       # elements of one tensor view
 MAX_INFLATION = 64                  # inflated / compressed size of a deflated entry
 _METHODS = {zipfile.ZIP_STORED: 'stored', zipfile.ZIP_DEFLATED: 'deflate'}
 
@@ -176,11 +177,32 @@ def _check_view(storage: _Storage, offset: int, shape, stride) -> None:
         f'bad tensor view: offset {offset!r}, size {shape!r}, stride {stride!r}')
   if 0 in shape:
     return
+  numel = 1
+  for n in shape:
+    numel *= n
+  if numel > MAX_TENSOR_ELEMENTS:
+    raise pickle.UnpicklingError(f'tensor view of {numel} elements (size {shape[:8]}) on '
+                                 f'storage data/{storage.key}: too large to be a weight')
   last = offset + sum((n - 1) * s for n, s in zip(shape, stride))
   if last >= storage.numel:
     raise pickle.UnpicklingError(
         f'tensor view (offset {offset}, size {shape}, stride {stride}) reads element '
         f'{last} of storage data/{storage.key} which has {storage.numel}')
+
+
+class _StandIn:
+  """A stand-in callable: BUILD on it is refused (a plain function would take the
+  pickle's state into its `__dict__`, for the rest of the process)."""
+  __slots__ = ('fn',)
+
+  def __init__(self, fn):
+    self.fn = fn
+
+  def __call__(self, *args, **kwargs):
+    return self.fn(*args, **kwargs)
+
+  def __setstate__(self, state):
+    raise pickle.UnpicklingError(f'cannot set state on {self.fn.__name__}')
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False,
@@ -223,8 +245,8 @@ class _TorchVersion(str):
 
 
 _GLOBALS: dict[tuple[str, str], Any] = {
-    ('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor,
-    ('torch._utils', '_rebuild_parameter'): _rebuild_parameter,
+    ('torch._utils', '_rebuild_tensor_v2'): _StandIn(_rebuild_tensor),
+    ('torch._utils', '_rebuild_parameter'): _StandIn(_rebuild_parameter),
     ('collections', 'OrderedDict'): _OrderedDict,
     ('torch.torch_version', 'TorchVersion'): _TorchVersion,
 }
@@ -367,7 +389,9 @@ class _Unpickler(pickle.Unpickler):
   def find_class(self, module, name):
     stand_in = _GLOBALS.get((module, name))
     if stand_in is None:
-      raise CheckpointError(f'refusing global {module}.{name} (not a tensor/state-dict type)')
+      shown = f'{module}.{name}'
+      shown = shown if shown.isprintable() and len(shown) < 200 else repr(shown[:200])
+      raise CheckpointError(f'refusing global {shown} (not a tensor/state-dict type)')
     return stand_in
 
   def persistent_load(self, pid):
