@@ -135,32 +135,26 @@ def multilabel_eps(eps_fn: EpsFn, params, x, t, labels, *, num_classes: int, w: 
   n_passes = present.sum(axis=1).max()
 
   need_null = w != 0.0
-  has_zero = (labels == 0).any()
-  zeros = jnp.zeros_like(labels)
-
-  def run_null(_):
-    return eps_fn(params, x, t, zeros).astype(jnp.float32), jnp.int32(b)
-
-  def skip_null(_):
-    return jnp.zeros(x.shape, jnp.float32), jnp.int32(0)
-
-  if need_null:
-    null, evals = run_null(None)
-  else:
-    null, evals = jax.lax.cond(has_zero, run_null, skip_null, None)
-  out = jnp.where((labels == 0)[..., None], null, 0.0)
+  # Pass 0 is the unconditional one (all-zero mask), run when guidance needs it or a
+  # pixel has label 0; pass k >= 1 conditions on the (k-1)-th present label. One loop
+  # body holds the only U-Net call, so the network is traced, lowered and compiled
+  # once per program (not once for the null pass and once for the labels).
+  first = jnp.where(need_null | (labels == 0).any(), 0, 1).astype(jnp.int32)
 
   def body(carry):
-    k, out, evals = carry
-    lab = order[:, k]                                                      # [B]
+    k, out, null, evals = carry
+    lab = jnp.where(k == 0, 0, order[:, jnp.maximum(k - 1, 0)]).astype(labels.dtype)  # [B]
     sel = labels == lab[:, None, None]                                     # [B, h, w]
-    cond = eps_fn(params, x, t, jnp.where(sel, labels, 0)).astype(jnp.float32)
-    eps = guide(null, cond, w) if need_null else cond
-    out = jnp.where((sel & (lab[:, None, None] > 0))[..., None], eps, out)
-    return k + 1, out, evals + b
+    eps = eps_fn(params, x, t, jnp.where(sel, labels, 0)).astype(jnp.float32)
+    null = jnp.where(k == 0, eps, null)
+    value = eps if not need_null else jnp.where(k == 0, eps, guide(null, eps, w))
+    write = jnp.where(k == 0, labels == 0, sel & (lab[:, None, None] > 0))
+    out = jnp.where(write[..., None], value, out)
+    return k + 1, out, null, evals + b
 
-  _, out, evals = jax.lax.while_loop(lambda c: c[0] < n_passes, body,
-                                     (jnp.int32(0), out, evals))
+  zeros = jnp.zeros(x.shape, jnp.float32)
+  _, out, _, evals = jax.lax.while_loop(lambda c: c[0] <= n_passes, body,
+                                        (first, zeros, zeros, jnp.int32(0)))
   return out, evals
 
 
