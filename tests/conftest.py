@@ -134,14 +134,13 @@ def count_compiles():
   'traces' and 'compiles' grow as programs are traced / compiled (persistent-cache
   hits included: they still count as compiles asked for)."""
   counts = {'traces': 0, 'compiles': 0}
-  from jax._src import dispatch  # pylint: disable=g-import-not-at-top
+  events = {'/jax/core/compile/jaxpr_trace_duration': 'traces',
+            '/jax/core/compile/backend_compile_duration': 'compiles'}
 
   def listener(event, duration, **kwargs):
     del duration, kwargs
-    if event == dispatch.JAXPR_TRACE_EVENT:
-      counts['traces'] += 1
-    elif event == dispatch.BACKEND_COMPILE_EVENT:
-      counts['compiles'] += 1
+    if event in events:
+      counts[events[event]] += 1
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
     yield counts

@@ -407,3 +407,14 @@ def test_training_pairs_checked(tmp_path):
   masks.write_label_png(folder / 'a_mask.png', np.zeros((20, 24), np.int32))
   with pytest.raises(ValueError, match='but its mask is'):
     data.check_pairs(pairs, 3, True, 16)
+
+
+def test_safetensors_reader_matches_the_package(reference_dir):
+  """Our numpy reader gives the safetensors package's arrays for the reference VAE."""
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  path = str(reference_dir / 'vae' / 'diffusion_pytorch_model.safetensors')
+  ours, theirs = safetensors_file.load(path), load_file(path)
+  assert set(ours) == set(theirs) and len(ours) > 10
+  for k, v in theirs.items():
+    assert ours.shape(k) == v.shape and ours[k].dtype == v.dtype
+    np.testing.assert_array_equal(ours[k], v)
