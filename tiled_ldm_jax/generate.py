@@ -183,6 +183,7 @@ def prepare(cfg: GenerationConfig) -> Plan:
   used = {k: v for k, v in pipe.paths.items() if k != 'mask_unet' or mask is None}
   hashes = {name: _hash_folder(path) for name, path in used.items()}
   _check_name_length(cfg)
+  _check_free_space(cfg)
   run_ckpt = resume.RunCheckpoint(cfg.imgs_path)
   meta = None
   if cfg.resume:
@@ -230,6 +231,30 @@ def _check_name_length(cfg: GenerationConfig) -> None:
     raise ValueError(f'the next sample would be sample{last:04d}, whose file names '
                      f'({longest} characters, plus temporary suffixes) exceed the file '
                      f'system limit of {limit}: write to another --imgs_path')
+
+
+# Smallest bytes per pixel a sample's files take (image + mask + record), by format: a
+# floor, not an estimate (JPEG of smooth tissue compresses ~20x; PNG/TIFF less).
+_MIN_BYTES_PER_PIXEL = {'png': 0.5, 'jpg': 0.15, 'tiff': 0.15, 'zarr': 0.15}
+
+
+def _check_free_space(cfg: GenerationConfig) -> None:
+  """Refuses, before sampling, a run that cannot fit the output folder's free space even
+  at the best compression its format reaches (a full disk fails before the work)."""
+  probe = os.path.abspath(cfg.imgs_path)
+  while not os.path.exists(probe):
+    probe = os.path.dirname(probe)
+  try:
+    stat = os.statvfs(probe)
+  except OSError:
+    return
+  free = stat.f_bavail * stat.f_frsize
+  need = int(cfg.n_images * cfg.image_size ** 2 *
+             _MIN_BYTES_PER_PIXEL.get(cfg.output_format, 0.15))
+  if need > free:
+    raise ValueError(f'{cfg.n_images} image(s) of {cfg.image_size} px need at least '
+                     f'{need / 2 ** 20:.0f} MiB in {probe}, which has {free / 2 ** 20:.0f} MiB '
+                     'free')
 
 
 def shares_decode(cfg: GenerationConfig, batch: int) -> bool:

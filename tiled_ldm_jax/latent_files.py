@@ -25,8 +25,15 @@ def _header(path: str, f):
   raise ValueError(f'latent {path}: unsupported .npy version {version}')
 
 
-def read_latent(path: str, channels: int, *, max_bytes: int = MAX_LATENT_BYTES) -> np.ndarray:
-  """float32 [h, w, channels] from a `.npy` file (see the module docstring)."""
+def read_latent(path: str, channels: int, *, max_bytes: int | None = None) -> np.ndarray:
+  """float32 [h, w, channels] from a `.npy` file (see the module docstring).
+
+  `max_bytes`: the largest float32 latent read (default MAX_LATENT_BYTES, or a quarter
+  of the available host memory if that is less: the decode needs a few copies)."""
+  if max_bytes is None:
+    from tiled_ldm_jax import memory  # pylint: disable=g-import-not-at-top
+    avail = memory.host_available()
+    max_bytes = MAX_LATENT_BYTES if avail is None else min(MAX_LATENT_BYTES, avail // 4)
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f'latent not found: {path}')
@@ -53,9 +60,9 @@ def read_latent(path: str, channels: int, *, max_bytes: int = MAX_LATENT_BYTES) 
   if shape[2] != channels:
     raise ValueError(f'latent {path}: {shape[2]} channels, the VAE takes {channels}')
   nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
-  if nbytes > max_bytes:
+  if int(np.prod(shape, dtype=object)) * 4 > max_bytes:
     raise ValueError(f'latent {path}: declares {nbytes / 2 ** 30:.1f} GiB; at most '
-                     f'{max_bytes / 2 ** 30:.1f} GiB are read')
+                     f'{max_bytes / 2 ** 30:.1f} GiB (as float32) are read here')
   if size - offset != nbytes:
     raise ValueError(f'latent {path}: holds {size - offset} data bytes, its header '
                      f'declares {nbytes} (truncated or padded file)')
