@@ -128,11 +128,11 @@ def test_no_recompile_for_new_keys_or_cond():
   fn = sc.local_denoiser('v')
   kw = dict(latent_shape=(16, 16, sc.CHANNELS), patch=8, steps=2, prediction='v',
             noise_schedule='linear', devices=1, eta=1.0)
-  before = sampling._sampler.cache_info()  # pylint: disable=protected-access
+  before = sampler.compiled.cache_info()   # the one compiled-sampler cache
   for seed in (0, 1):
     sampling.sample(fn, jnp.asarray(sc.MIX), sc._cond(2, 16, 16, seed),  # pylint: disable=protected-access
                     keys=sampling.image_keys(seed, [0, 1]), **kw)
-  after = sampling._sampler.cache_info()  # pylint: disable=protected-access
+  after = sampler.compiled.cache_info()
   assert after.misses == before.misses + 1 and after.hits == before.hits + 1
   smp = sampling._sampler(fn, None, sampler.SamplerSettings(steps=2, patch=8), processes.make(  # pylint: disable=protected-access
       'v', 'linear', None), None, 2)
