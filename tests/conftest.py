@@ -20,7 +20,12 @@ import sys
 import tempfile
 import types
 
-_CACHE_ROOT = tempfile.mkdtemp(prefix='tiled_ldm_jax_tests_')
+# One folder per test run: made by the first process (pytest, or xdist's controller) and
+# inherited by its workers and every subprocess through the environment.
+_OWNER = 'TILED_LDM_TEST_CACHE' not in os.environ
+if _OWNER:
+  os.environ['TILED_LDM_TEST_CACHE'] = tempfile.mkdtemp(prefix='tiled_ldm_jax_tests_')
+_CACHE_ROOT = os.environ['TILED_LDM_TEST_CACHE']
 os.environ['XDG_CACHE_HOME'] = _CACHE_ROOT
 os.environ['JAX_COMPILATION_CACHE_DIR'] = os.path.join(_CACHE_ROOT, 'tiled_ldm_jax', 'xla')
 os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
@@ -41,7 +46,9 @@ def pytest_configure(config):
 
 def pytest_unconfigure(config):
   del config
-  shutil.rmtree(_CACHE_ROOT, ignore_errors=True)
+  if _OWNER:
+    shutil.rmtree(_CACHE_ROOT, ignore_errors=True)
+    del os.environ['TILED_LDM_TEST_CACHE']
 
 
 @pytest.fixture(autouse=True)

@@ -22,7 +22,7 @@ from PIL import Image
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / 'scripts' / 'sample_large_image.py'
-TIMEOUT = 150           # per launch; a hang at a collective fails here
+TIMEOUT = 300           # per launch; a hang at a collective fails here
 COMMON = ['--image_size=256', '--patch_size=128', '--sampling_steps=2', '--seed=5',
           '--mask=demo']
 
@@ -190,7 +190,8 @@ def test_resume_after_killing_both(tmp_path, cache, reference):
 
 TRAIN_ARGS = [f'--config={REPO / "configs" / "demo_train_image.py"}', '--config.steps=3',
               '--config.batch_size=4', '--config.image_size=64', '--config.log_every=1',
-              '--config.save_every=3', f'--config.vae={REPO / "tiled_ldm_jax" / "demo" / "vae"}']
+              '--config.save_every=3', f'--config.vae={REPO / "tiled_ldm_jax" / "demo" / "vae"}',
+              f'--config.model={REPO / "tests" / "tiny_image_unet.py"}']
 
 
 def _train(workdir: pathlib.Path, processes: int, cache: pathlib.Path):
