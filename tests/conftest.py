@@ -51,6 +51,31 @@ def pytest_unconfigure(config):
     del os.environ['TILED_LDM_TEST_CACHE']
 
 
+# Files by how long they take (measured, `--durations`), longest first: with xdist's
+# `--dist loadgroup` the groups are handed out in collection order, so starting the long
+# ones first keeps both workers busy to the end. Files not named keep their order after.
+_LONGEST_FIRST = ('test_multiprocess', 'test_train', 'test_api', 'test_sharding',
+                  'test_demo', 'test_check_reference', 'test_pipeline', 'test_sampling',
+                  'test_resume', 'test_own_model', 'test_bad_requests', 'test_benchmark',
+                  'test_decode', 'test_schedules', 'test_unet', 'test_vae')
+
+
+@pytest.hookimpl(tryfirst=True)   # before xdist reads the groups
+def pytest_collection_modifyitems(session, config, items):
+  """Longest files first; one xdist group per file (module fixtures computed once), but
+  every test that needs the 8-device interpreter in one group (that interpreter starts
+  once)."""
+  del session, config
+  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+  for item in items:
+    group = ('eight_devices' if 'eight_devices' in getattr(item, 'fixturenames', ())
+             else item.path.stem)
+    item.add_marker(pytest.mark.xdist_group(group))
+  items.sort(key=lambda item: (
+      -1 if 'eight_devices' in getattr(item, 'fixturenames', ())
+      else rank.get(item.path.stem, len(rank))))   # stable within a file
+
+
 @pytest.fixture(autouse=True)
 def _optimization_level(request):
   """Full XLA optimization only for tests marked `optimized`."""

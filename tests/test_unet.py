@@ -70,6 +70,7 @@ def test_reference_configs_are_what_the_converter_reads(converted):
   assert not image.dense_cross_attention   # the default is the exact O(N) form
 
 
+@pytest.mark.optimized   # parity under the full XLA optimizer a user's run gets
 @pytest.mark.parametrize('key, w', [('eps', None), ('eps_cfg4', 3.0)])
 def test_image_unet_parity_jit(converted, key, w):
   config, params, cases, f = converted['image_unet']
@@ -94,6 +95,7 @@ def test_image_unet_parity_no_jit(converted):
   assert _max_err(out, cases['eps'][i]) < TOL
 
 
+@pytest.mark.optimized
 @pytest.mark.parametrize('key, null', [('eps_cond', False), ('eps_null', True)])
 def test_mask_unet_parity_jit(converted, key, null):
   _, params, cases, f = converted['mask_unet']

@@ -56,6 +56,7 @@ def _to_torch_layout(params) -> dict:
 # ----------------------------------------------------------------------------- parity
 
 
+@pytest.mark.optimized   # parity under the full XLA optimizer a user's run gets
 def test_decode_parity_jit(small_vae):
   config, params, cases = small_vae
   out = np.asarray(jax.jit(vae.decode_fn(config))(params, cases['z']))
