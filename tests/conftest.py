@@ -52,28 +52,19 @@ def pytest_unconfigure(config):
 
 
 # Files by how long they take (measured, `--durations`), longest first: with xdist's
-# `--dist loadgroup` the groups are handed out in collection order, so starting the long
+# `--dist loadfile` the files are handed out in collection order, so starting the long
 # ones first keeps both workers busy to the end. Files not named keep their order after.
-_LONGEST_FIRST = ('test_multiprocess', 'test_train', 'test_api', 'test_sharding',
+_LONGEST_FIRST = ('test_multiprocess', 'test_eight_devices', 'test_api', 'test_train',
                   'test_demo', 'test_check_reference', 'test_pipeline', 'test_sampling',
                   'test_resume', 'test_own_model', 'test_bad_requests', 'test_benchmark',
                   'test_decode', 'test_schedules', 'test_unet', 'test_vae')
 
 
-@pytest.hookimpl(tryfirst=True)   # before xdist reads the groups
 def pytest_collection_modifyitems(session, config, items):
-  """Longest files first; one xdist group per file (module fixtures computed once), but
-  every test that needs the 8-device interpreter in one group (that interpreter starts
-  once)."""
+  """The longest files first (stable within a file)."""
   del session, config
   rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
-  for item in items:
-    group = ('eight_devices' if 'eight_devices' in getattr(item, 'fixturenames', ())
-             else item.path.stem)
-    item.add_marker(pytest.mark.xdist_group(group))
-  items.sort(key=lambda item: (
-      -1 if 'eight_devices' in getattr(item, 'fixturenames', ())
-      else rank.get(item.path.stem, len(rank))))   # stable within a file
+  items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))
 
 
 @pytest.fixture(autouse=True)
@@ -216,3 +207,4 @@ def demo_pipeline():
 def fast_compile():
   """Kept for modules that ask for it: fast compiles are now the default."""
   yield
+

@@ -1,4 +1,4 @@
-"""Run in its own process with 8 emulated CPU devices (see test_sampling.py): every
+"""Run in its own process with 8 emulated CPU devices (see test_eight_devices.py): every
 prediction type through `sampling.sample` on a mesh equals one device, for the images
 split (N = 8) and the patch split (N = 2, K = 4), on both schedules."""
 

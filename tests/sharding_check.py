@@ -1,4 +1,4 @@
-"""Run in its own process with 8 emulated CPU devices (see test_sharding.py)."""
+"""Run in the test run's 8-device interpreter (see test_eight_devices.py)."""
 
 import os
 import sys

@@ -174,15 +174,6 @@ def test_bad_input_is_one_line_error(kwargs, match):
   assert '\n' not in str(e.value)
 
 
-def test_every_type_on_eight_devices(eight_devices):
-  """Images split and patch split on 8 emulated CPU devices equal one device (the run's
-  8-device interpreter)."""
-  script = pathlib.Path(__file__).with_name('sampling_sharding_check.py')
-  out = eight_devices.run(script)
-  assert out.returncode == 0, out.stdout + out.stderr[-3000:]
-  assert 'OK' in out.stdout, out.stdout
-
-
 def test_readme_example_runs():
   text = (pathlib.Path(__file__).resolve().parents[1] / 'README.md').read_text()
   blocks = re.findall(r'<!-- sampling-example -->\s*```python\n(.*?)```', text, re.S)
