@@ -203,8 +203,3 @@ def demo_pipeline():
   return tiled_ldm_jax.Pipeline.from_pretrained()
 
 
-@pytest.fixture(scope='module')
-def fast_compile():
-  """Kept for modules that ask for it: fast compiles are now the default."""
-  yield
-

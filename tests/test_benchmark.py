@@ -9,7 +9,6 @@ from tiled_ldm_jax import pipeline
 from tiled_ldm_jax.evaluation import benchmark
 from tiled_ldm_jax.evaluation import compare
 
-pytestmark = pytest.mark.usefixtures('fast_compile')
 
 
 @pytest.fixture(scope='module')

@@ -25,7 +25,6 @@ from tiled_ldm_jax.models import unet
 PREFIX = 'ema_model.model.'
 
 
-pytestmark = pytest.mark.usefixtures('fast_compile')
 
 
 def _sections(message: str) -> dict[str, list[str]]:

@@ -20,7 +20,6 @@ from tiled_ldm_jax import sampling
 from tiled_ldm_jax.evaluation import benchmark
 from tiled_ldm_jax.models import unet
 
-pytestmark = pytest.mark.usefixtures('fast_compile')
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 

@@ -23,7 +23,6 @@ from tiled_ldm_jax import sampler
 from tiled_ldm_jax import sampling
 from tiled_ldm_jax.evaluation import sampling_check as sc
 
-pytestmark = pytest.mark.usefixtures('fast_compile')
 
 # One noise schedule per diffusion type here (the whole-latent run is then shared by the
 # two schedules); scripts/check_sampling.py runs every combination.

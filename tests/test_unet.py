@@ -24,7 +24,6 @@ TOL = 1e-4          # against the PyTorch reference (float32 on CPU)
 TOL_DENSE = 1e-5    # exact O(N) cross-attention vs the dense O(N^2) softmax, same weights
 
 
-pytestmark = pytest.mark.usefixtures('fast_compile')
 
 
 def _nhwc(a):

@@ -172,8 +172,6 @@ class Pipeline:
     self.default_patch_size = default_patch_size
     self.devices = devices
     self.paths = dict(paths or {})
-    self._samplers: dict[Any, sampler_lib.Sampler] = {}
-    self._decoders = {}
 
   @classmethod
   def from_pretrained(cls, unet: str | None = None, vae: str | None = None,
@@ -264,28 +262,24 @@ class Pipeline:
   # ------------------------------------------------------------------------- samplers
 
   def _sampler(self, which: str, o: Options, patch_px: int, latent_hw, n_images: int):
-    """The compiled sampler of a stage (cached: one instance per settings and batch)."""
+    """The compiled sampler of a stage, from the process-wide cache (`sampler.compiled`:
+    equal models and settings share it, across Pipelines)."""
     f = self.geometry.factor
     patch, margin = patch_px // f, self.geometry.latent_size(o.grid_margin, 'grid_margin') \
         if o.grid_margin else 0
     k = self.patches_per_step(o, patch, margin, latent_hw)
-    key = (which, o.sampling_steps, k, o.eta, o.progress_every, o.schedule, margin, o.dtype,
-           o.cond_scale if which == 'image' else o.mask_cond_scale, patch, n_images)
-    if key not in self._samplers:
-      model = self.unet if which == 'image' else self.mask_unet
-      net, prediction, clip = denoisers.trained_unet(
-          unet_lib.eps_fn(dataclasses.replace(model.config, dtype=o.dtype)), model.objective)
-      denoise = (denoisers.image_denoiser(net, model.config.num_classes, o.cond_scale)
-                 if which == 'image' else denoisers.mask_denoiser(net, o.mask_cond_scale))
-      settings = sampler_lib.SamplerSettings(
-          steps=o.sampling_steps, patch=patch, patches_per_step=k, eta=o.eta,
-          progress_every=o.progress_every, progress_label=f'{which} stage',
-          schedule=o.schedule, grid_margin=margin)
-      mesh = sharding.make_mesh(n_images, k, self.devices)
-      # The process-wide cache: a second Pipeline with equal models compiles nothing.
-      self._samplers[key] = sampler_lib.compiled(denoise, settings, mesh, n_images,
-                                                 processes.make(prediction, None, clip))
-    return self._samplers[key]
+    model = self.unet if which == 'image' else self.mask_unet
+    net, prediction, clip = denoisers.trained_unet(
+        unet_lib.eps_fn(dataclasses.replace(model.config, dtype=o.dtype)), model.objective)
+    denoise = (denoisers.image_denoiser(net, model.config.num_classes, o.cond_scale)
+               if which == 'image' else denoisers.mask_denoiser(net, o.mask_cond_scale))
+    settings = sampler_lib.SamplerSettings(
+        steps=o.sampling_steps, patch=patch, patches_per_step=k, eta=o.eta,
+        progress_every=o.progress_every, progress_label=f'{which} stage',
+        schedule=o.schedule, grid_margin=margin)
+    mesh = sharding.make_mesh(n_images, k, self.devices)
+    return sampler_lib.compiled(denoise, settings, mesh, n_images,
+                                processes.make(prediction, None, clip))
 
   @staticmethod
   def patches_per_step(o: Options, patch: int, margin: int, latent_hw) -> int:
@@ -361,10 +355,7 @@ class Pipeline:
   # ------------------------------------------------------------------------- decode
 
   def _decoder(self, o: Options):
-    if o.dtype not in self._decoders:
-      self._decoders[o.dtype] = vae_lib.decode_fn(
-          dataclasses.replace(self.vae.config, dtype=o.dtype))
-    return self._decoders[o.dtype]
+    return vae_lib.decode_fn(dataclasses.replace(self.vae.config, dtype=o.dtype))  # cached
 
   def _decode_settings(self, o: Options, patch_px: int) -> decode_lib.TiledDecodeSettings:
     return decode_lib.TiledDecodeSettings(
