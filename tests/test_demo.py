@@ -2,6 +2,7 @@
 (mask adherence above a measured threshold), and decode it without seams."""
 
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -43,14 +44,19 @@ def demo_samples(tmp_path_factory, demo_pipeline):
   def keep_latent(plan, number, z, *a, **k):
     latents.append(np.asarray(z))
     return real(plan, number, z, *a, **k)
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(generate, '_write_sample', keep_latent)
-    [record] = generate.generate(cfg)
-  img = np.asarray(Image.open(out / 'sample0000.png'))
-  labels = masks.read_label_png(out / 'sample0000_mask.png')
-  np.testing.assert_array_equal(   # the API decodes the latent as the command did
-      demo_pipeline.decode(latents[0][None], blend_mode='original')[0], img)
-  partition = demo_pipeline.decode(latents[0][None], blend_mode='partition')[0]
+  # Fully optimized: at 512 px running the U-Net costs more than compiling it.
+  jax.config.update('jax_disable_most_optimizations', False)
+  try:
+    with pytest.MonkeyPatch.context() as mp:
+      mp.setattr(generate, '_write_sample', keep_latent)
+      [record] = generate.generate(cfg)
+    img = np.asarray(Image.open(out / 'sample0000.png'))
+    labels = masks.read_label_png(out / 'sample0000_mask.png')
+    np.testing.assert_array_equal(   # the API decodes the latent as the command did
+        demo_pipeline.decode(latents[0][None], blend_mode='original')[0], img)
+    partition = demo_pipeline.decode(latents[0][None], blend_mode='partition')[0]
+  finally:
+    jax.config.update('jax_disable_most_optimizations', True)
   return {'original': (img, labels, record), 'partition': (partition, labels, record)}
 
 

@@ -18,8 +18,8 @@ from test_train import _image_cfg, tiny  # noqa: F401  (fixture)
 HERE = pathlib.Path(__file__).parent
 
 
-def test_one_vs_eight_devices_identical(reference_dir, eight_devices):
-  out = eight_devices.run(HERE / 'sharding_check.py', reference_dir)
+def test_one_vs_eight_devices_identical(eight_devices):
+  out = eight_devices.run(HERE / 'sharding_check.py')
   assert out.returncode == 0, out.stdout + out.stderr[-3000:]
   assert "OK {'images': 8, 'patches': 8, 'pipeline': 2}" in out.stdout
 

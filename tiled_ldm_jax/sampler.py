@@ -193,7 +193,8 @@ def _paste(a, corner, value):
 
 
 class _ProgressLog:
-  """Host side of the progress callback (a logging helper, not sampler state)."""
+  """The progress line the host logs between chunks (a logging helper, not sampler
+  state)."""
 
   def __init__(self, label: str):
     self.label = label
@@ -240,6 +241,7 @@ class Sampler:
     self.pairs = self.process.time_grid(settings.steps)       # [S, 2] (t, t_next)
     self._log = _ProgressLog(settings.progress_label)
     self._run_jit = jax.jit(self._run, donate_argnums=(1,))
+    self._status_jit = jax.jit(self._status)
     self.step_patch = jax.jit(self._step_patch, donate_argnums=(1,))
 
   def compiles(self) -> int:
@@ -398,22 +400,17 @@ class Sampler:
     done = jnp.minimum(state.level + jnp.where(state.level < s.steps, within, 0.0), s.steps)
     return done.sum() / (n * s.steps)
 
-  def _progress(self, state: SamplerState):
-    every = self.settings.progress_every
-    if not every:
-      return
-
-    def emit(_):
-      jax.debug.callback(self._log, self._fraction(state), 1.0, state.iterations)
-    jax.lax.cond(state.iterations % every == 0, emit, lambda _: None, None)
+  def _status(self, state: SamplerState):
+    """(share of the work done, all images done, iterations): three replicated scalars,
+    read on the host between chunks of the loop."""
+    return (self._fraction(state), state.level.min() >= self.settings.steps,
+            state.iterations)
 
   def _run(self, params, state: SamplerState, cond, max_iterations):
     stop = state.iterations + max_iterations
 
     def body(state):
-      state = self._step_patch(params, state, cond)
-      self._progress(state)
-      return state
+      return self._step_patch(params, state, cond)
 
     def not_done(st):
       return (st.level.min() < self.settings.steps) & (st.iterations < stop)
@@ -434,13 +431,31 @@ class Sampler:
 
   def run(self, params, state: SamplerState, cond,
           max_iterations: int | None = None) -> SamplerState:
-    """Continues `state` (donated) until done or `max_iterations` more iterations."""
+    """Continues `state` (donated) until done or `max_iterations` more iterations.
+
+    With `progress_every`, the loop runs in chunks of that many iterations and the host
+    logs between them: the compiled loop holds no host callback, so the persistent
+    compilation cache can keep it (JAX does not cache programs with callbacks), and the
+    same program serves progress on and off. Chunked and whole runs are identical.
+    """
     check_cond(cond, state.times.shape)
-    limit = np.iinfo(np.int32).max - int(state.iterations) if max_iterations is None \
-        else max_iterations
-    self._log.restart()  # for the progress ETA (includes a first compile)
     cond = jax.tree_util.tree_map(lambda a: self._place_labels(jnp.asarray(a)), cond)
-    return self._run_jit(params, state, cond, jnp.int32(limit))
+    every = self.settings.progress_every
+    if not every:
+      limit = np.iinfo(np.int32).max - int(state.iterations) if max_iterations is None \
+          else max_iterations
+      return self._run_jit(params, state, cond, jnp.int32(limit))
+    left = max_iterations
+    self._log.restart()  # for the progress ETA (includes a first compile)
+    while True:
+      chunk = every if left is None else min(every, left)
+      state = self._run_jit(params, state, cond, jnp.int32(chunk))
+      fraction, done, iterations = self._status_jit(state)    # one host sync per chunk
+      self._log(fraction, 1.0, iterations)
+      if left is not None:
+        left -= chunk
+      if bool(done) or left == 0:
+        return state
 
   def sample(self, params, keys, cond, channels: int = 4,
              hw: tuple[int, int] | None = None) -> SamplerState:

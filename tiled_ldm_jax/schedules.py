@@ -56,24 +56,28 @@ def _window(size: int, patch: int):
   return min(4 * patch, size)
 
 
+def _inside(rows, cols, rects):
+  """[..., len(rows), len(cols)] bool: pixels inside each rectangle of rects [..., 4]
+  (ylo, yhi, xlo, xhi, inclusive; an empty one, lo > hi, holds none)."""
+  r = rects[..., None, None, :]
+  return (((rows[:, None] >= r[..., 0]) & (rows[:, None] <= r[..., 1]))
+          & ((cols[None, :] >= r[..., 2]) & (cols[None, :] <= r[..., 3])))
+
+
 def _zone_counts(times, level, rect, earlier, patch: int):
   """Eligible pixels per block inside `rect` and outside the rectangles `earlier`.
 
-  rect: [4] (ylo, yhi, xlo, xhi); earlier: list of such. Returns (counts [4, 4] for blocks
-  starting at block (rect ylo // P, xlo // P), that block's index).
+  rect: [4] (ylo, yhi, xlo, xhi); earlier: [K, 4] of such (empty ones exclude nothing).
+  Returns (counts [4, 4] for blocks starting at block (rect ylo // P, xlo // P), that
+  block's index).
   """
   h, w = times.shape
   wh, ww = _window(h, patch), _window(w, patch)
   b0 = rect[0] // patch, rect[2] // patch
   s0 = jnp.minimum(b0[0] * patch, h - wh), jnp.minimum(b0[1] * patch, w - ww)
   rows, cols = s0[0] + jnp.arange(wh), s0[1] + jnp.arange(ww)
-
-  def inside(r):
-    return (((rows >= r[0]) & (rows <= r[1]))[:, None]
-            & ((cols >= r[2]) & (cols <= r[3]))[None, :])
-  mask = inside(rect) & (jax.lax.dynamic_slice(times, s0, (wh, ww)) == level)
-  for r in earlier:
-    mask = mask & ~inside(r)
+  mask = (_inside(rows, cols, rect) & (jax.lax.dynamic_slice(times, s0, (wh, ww)) == level)
+          & ~_inside(rows, cols, earlier).any(axis=0))
   onehot_r = (rows // patch - b0[0])[:, None] == jnp.arange(4)[None, :]   # [wh, 4]
   onehot_c = (cols // patch - b0[1])[:, None] == jnp.arange(4)[None, :]
   counts = onehot_r.T.astype(jnp.int32) @ mask.astype(jnp.int32) @ onehot_c.astype(jnp.int32)
@@ -85,16 +89,21 @@ def _add_blocks(counts, delta, b0):
   return jax.lax.dynamic_update_slice(counts, cur + delta, b0)
 
 
+_EMPTY = (1, 0, 1, 0)   # a rectangle that holds no pixel
+
+
 def choose_random(times, counts, level, key, patch: int, k_slots: int):
   """Corners [K, 2], centres [K, 2] and validity [K] of up to K non-overlapping patches.
 
   times: [h, w]; counts: lowest-level pixels per block (`block_sizes` layout); level: [].
+  The slots are drawn one after another in a `fori_loop` (the program does not grow
+  with K); slot k excludes the zones of slots < k (later rows of `rects` are empty).
   """
   h, w = times.shape
   nbw = counts.shape[1]
-  avail = counts
-  corners, centres, valid, rects = [], [], [], []
-  for k in range(k_slots):
+
+  def draw(k, carry):
+    avail, rects, corners, centres, valid = carry
     kk = jax.random.fold_in(key, k)
     cum = jnp.cumsum(avail.reshape(-1))
     total = cum[-1]
@@ -104,25 +113,27 @@ def choose_random(times, counts, level, key, patch: int, k_slots: int):
     r0, c0 = jnp.minimum(bi * patch, h - patch), jnp.minimum(bj * patch, w - patch)
     rows, cols = r0 + jnp.arange(patch), c0 + jnp.arange(patch)
     elig = (((rows // patch) == bi)[:, None] & ((cols // patch) == bj)[None, :]
-            & (jax.lax.dynamic_slice(times, (r0, c0), (patch, patch)) == level))
-    for r in rects:
-      elig = elig & ~((((rows >= r[0]) & (rows <= r[1]))[:, None])
-                      & ((cols >= r[2]) & (cols <= r[3]))[None, :])
+            & (jax.lax.dynamic_slice(times, (r0, c0), (patch, patch)) == level)
+            & ~_inside(rows, cols, rects).any(axis=0))
     score = jnp.where(elig, jax.random.uniform(jax.random.fold_in(kk, 1), (patch, patch)),
                       -1.0)
     idx = jnp.argmax(score)
     ok = (total > 0) & (score.reshape(-1)[idx] >= 0)
     cy, cx = rows[idx // patch], cols[idx % patch]
     corner = jnp.stack([_corner(cy, h, patch), _corner(cx, w, patch)])
-    corners.append(corner)
-    centres.append(jnp.stack([cy, cx]))
-    valid.append(ok)
-    if k + 1 < k_slots:   # take this patch's exclusion zone out of the later draws
-      rect = jnp.stack(_exclusion(corner[0], h, patch) + _exclusion(corner[1], w, patch))
-      zone, b0 = _zone_counts(times, level, rect, rects, patch)
-      avail = _add_blocks(avail, -jnp.where(ok, zone, 0), b0)
-      rects.append(jnp.where(ok, rect, jnp.array([1, 0, 1, 0])))   # invalid: empty rect
-  return jnp.stack(corners), jnp.stack(centres), jnp.stack(valid)
+    # Take this patch's exclusion zone out of the later draws (an invalid slot's is empty).
+    rect = jnp.stack(_exclusion(corner[0], h, patch) + _exclusion(corner[1], w, patch))
+    zone, b0 = _zone_counts(times, level, rect, rects, patch)
+    avail = _add_blocks(avail, -jnp.where(ok, zone, 0), b0)
+    rects = rects.at[k].set(jnp.where(ok, rect, jnp.array(_EMPTY)))
+    return (avail, rects, corners.at[k].set(corner), centres.at[k].set(jnp.stack([cy, cx])),
+            valid.at[k].set(ok))
+
+  init = (counts, jnp.broadcast_to(jnp.array(_EMPTY, jnp.int32), (k_slots, 4)),
+          jnp.zeros((k_slots, 2), jnp.int32), jnp.zeros((k_slots, 2), jnp.int32),
+          jnp.zeros((k_slots,), bool))
+  _, _, corners, centres, valid = jax.lax.fori_loop(0, k_slots, draw, init)
+  return corners, centres, valid
 
 
 def written_per_block(corner, write, patch: int):
