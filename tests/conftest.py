@@ -32,6 +32,12 @@ os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
 os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ['JAX_DISABLE_MOST_OPTIMIZATIONS'] = 'true'
+# XLA:CPU's fusion emitters cost compile time that these small, short runs never earn
+# back (measured cold: a 128 px demo request 8.1 -> 6.0 s, a tiny U-Net training run
+# 14.0 -> 10.5 s); with full optimization they pay off (a 512 px demo sample ran 8% slower
+# without them), so only the test run turns them off. Every process of the run has it.
+TEST_XLA_FLAGS = '--xla_cpu_use_fusion_emitters=false'
+os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 
 import jax  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top
@@ -80,6 +86,11 @@ def _optimization_level(request):
     jax.config.update('jax_disable_most_optimizations', True)
 
 
+def xla_flags(devices: int) -> str:
+  """XLA_FLAGS for a subprocess with `devices` emulated CPU devices."""
+  return f'{TEST_XLA_FLAGS} --xla_force_host_platform_device_count={devices}'
+
+
 def subprocess_env(optimized: bool = False, **extra) -> dict:
   """The environment for a subprocess of a test: this run's compilation cache and
   optimization level, the repo importable."""
@@ -108,20 +119,38 @@ class ScriptServer:
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                  env=env or subprocess_env(), text=True, bufsize=1)
 
-  def run(self, script, *args, timeout: float = 600) -> types.SimpleNamespace:
+  def send(self, script, *args) -> None:
+    """Starts a request; `receive` answers it (two servers can then work at once)."""
     import json  # pylint: disable=g-import-not-at-top
-    import select  # pylint: disable=g-import-not-at-top
     assert self.proc.poll() is None, 'the script server has exited'
     self.proc.stdin.write(json.dumps([str(script), [str(a) for a in args]]) + '\n')
     self.proc.stdin.flush()
+
+  def receive(self, timeout: float = 600, what: str = 'request') -> types.SimpleNamespace:
+    """The answer to the request sent last; past `timeout` the server is killed and the
+    test fails."""
+    import json  # pylint: disable=g-import-not-at-top
+    import select  # pylint: disable=g-import-not-at-top
     ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
     if not ready:
-      self.close()
-      pytest.fail(f'{script} {args}: no answer after {timeout} s')
+      self.kill()
+      pytest.fail(f'{what}: no answer after {timeout:.0f} s')
     line = self.proc.stdout.readline()
     if not line:
-      pytest.fail(f'{script} {args}: the script server died (status {self.proc.wait()})')
+      pytest.fail(f'{what}: the script server died (status {self.proc.wait()})')
     return types.SimpleNamespace(**json.loads(line))
+
+  def run(self, script, *args, timeout: float = 600) -> types.SimpleNamespace:
+    self.send(script, *args)
+    return self.receive(timeout, f'{script} {args}')
+
+  def alive(self) -> bool:
+    return self.proc.poll() is None
+
+  def kill(self) -> None:
+    if self.proc.poll() is None:
+      self.proc.kill()
+    self.proc.wait()
 
   def close(self):
     if self.proc.poll() is None:
@@ -129,8 +158,7 @@ class ScriptServer:
       try:
         self.proc.wait(30)
       except subprocess.TimeoutExpired:
-        self.proc.kill()
-        self.proc.wait()
+        self.kill()
 
 
 @pytest.fixture(scope='session')
@@ -146,7 +174,7 @@ def eight_devices():
   """The one interpreter of this run with 8 emulated CPU devices (the device count is
   fixed per process): every multi-device check runs its script here."""
   server = ScriptServer(subprocess_env(
-      XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu'))
+      XLA_FLAGS=xla_flags(8), JAX_PLATFORMS='cpu'))
   yield server
   server.close()
 

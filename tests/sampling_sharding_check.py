@@ -5,7 +5,8 @@ split (N = 8) and the patch split (N = 2, K = 4), on both schedules."""
 import os
 import sys
 
-os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+if 'device_count=' not in os.environ.get('XLA_FLAGS', ''):   # run by hand; the tests set it
+  os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp

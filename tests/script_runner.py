@@ -32,11 +32,16 @@ def _exit_status(e: SystemExit) -> int:
 
 
 def run_case(script: str, args: list[str], baseline_flags: set[str]) -> dict:
-  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
   fv = flags.FLAGS
   for name in [n for n in fv if n not in baseline_flags]:
     delattr(fv, name)
   fv.unparse_flags()
+  # app.run's one-time set-up (parse, then verbosity raised to INFO unless given) runs
+  # again as in a new interpreter; on a rerun absl would only parse, and the scripts'
+  # INFO lines would be lost.
+  app._run_init.done = False   # pylint: disable=protected-access
+  app._register_and_parse_flags_with_usage.done = False   # pylint: disable=protected-access
   saved = {fd: os.dup(fd) for fd in (1, 2)}
   files = {fd: tempfile.TemporaryFile(mode='w+b') for fd in (1, 2)}
   sys.stdout.flush()

@@ -3,7 +3,8 @@
 import os
 import sys
 
-os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+if 'device_count=' not in os.environ.get('XLA_FLAGS', ''):   # run by hand; the tests set it
+  os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp

@@ -1,11 +1,19 @@
 """Two real processes (2 emulated CPU devices each, gloo collectives) running
-`scripts/sample_large_image.py` against one single-process run.
+`scripts/sample_large_image.py` and `scripts/train.py` against one single-process run.
 
 Image n uses the keys of index n whatever its batch, so one single-process run of 4
 images is the reference for every multi-process run here (batch split N=4, patch split
 N=2 over all 4 devices, N=1 which no device count divides, written as one OME-Zarr
 store or one TIFF by both processes together, a resume after both processes are
 killed). A hang (unequal collectives) fails the test after TIMEOUT s.
+
+The runs go to one pair of long-lived interpreters (`_Pair`, `script_runner.py`) that
+join one multi-process run at their first request and then serve every test here, as
+two hosts would run several commands; only the run that is killed mid-way gets
+processes of its own. A pair saves, per command, two interpreter starts, JAX imports and
+model loads, and process 1's compiles: JAX writes the persistent compilation cache from
+process 0 only, so process 1's single-device programs are compiled again by every new
+process.
 """
 
 import os
@@ -19,6 +27,8 @@ import time
 import numpy as np
 import pytest
 from PIL import Image
+
+from conftest import ScriptServer, xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / 'scripts' / 'sample_large_image.py'
@@ -35,29 +45,21 @@ def _free_port() -> int:
 
 def _env(devices: int, cache: pathlib.Path) -> dict:
   env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_DISABLE_MOST_OPTIMIZATIONS='true',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+             XLA_FLAGS=xla_flags(devices))
   env['PYTHONPATH'] = os.pathsep.join([str(REPO), env.get('PYTHONPATH', '')])
   return env
 
 
-def _start(out: pathlib.Path, args, processes: int, cache: pathlib.Path):
-  """`processes` copies of the sampling script."""
-  return _launch([sys.executable, str(SCRIPT), f'--imgs_path={out}',
-                  f'--compilation_cache_dir={cache}'] + COMMON + list(args), processes, cache)
-
-
-def _launch(base, processes: int, cache: pathlib.Path):
-  """`processes` copies of command `base` (2 devices each; 1 device for a single
-  process), with the multi-process flags."""
-  if processes == 1:
-    return [subprocess.Popen(base, env=_env(1, cache), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, start_new_session=True)]
+def _start(out: pathlib.Path, args, cache: pathlib.Path):
+  """Two processes of their own running the sampling command (2 devices each)."""
   port = _free_port()
+  base = [sys.executable, str(SCRIPT), f'--imgs_path={out}',
+          f'--compilation_cache_dir={cache}'] + COMMON + list(args)
   return [subprocess.Popen(base + [f'--coordinator_address=localhost:{port}',
-                                   f'--num_processes={processes}', f'--process_id={i}'],
+                                   '--num_processes=2', f'--process_id={i}'],
                            env=_env(2, cache), stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, start_new_session=True)
-          for i in range(processes)]
+          for i in range(2)]
 
 
 def _kill(procs):
@@ -68,32 +70,64 @@ def _kill(procs):
     p.wait()
 
 
-def _finish(procs, timeout=TIMEOUT) -> list[str]:
-  """Waits for all; kills all and fails on a timeout or a non-zero exit."""
-  deadline = time.monotonic() + timeout
-  logs = []
-  try:
-    for p in procs:
-      out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-      logs.append(out.decode(errors='replace'))
-  except subprocess.TimeoutExpired:
-    _kill(procs)
-    pytest.fail(f'processes still running after {timeout} s (hang at a collective?)')
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, log[-3000:]
-  return logs
+class _Pair:
+  """Two `script_runner.py` interpreters (2 devices each) joined as processes 0 and 1 of
+  one multi-process run: `run(script, args)` runs the script in both at once, with the
+  multi-process flags, and returns both logs (stdout + stderr). A failed or hung request
+  (past `timeout`) kills both and fails the test; the next request starts a new pair."""
 
+  def __init__(self, cache: pathlib.Path):
+    self.cache = cache
+    self.servers = []
 
-def _run(out, args, processes, cache):
-  start = time.perf_counter()
-  logs = _finish(_start(out, args, processes, cache))
-  return logs, time.perf_counter() - start
+  def _start(self):
+    self.port = _free_port()
+    self.servers = [ScriptServer(_env(2, self.cache)) for _ in range(2)]
+
+  def run(self, script: pathlib.Path, args, timeout: float = TIMEOUT) -> list[str]:
+    if not self.servers or not all(s.alive() for s in self.servers):
+      self.close()
+      self._start()
+    for i, server in enumerate(self.servers):
+      server.send(script, *args, f'--coordinator_address=localhost:{self.port}',
+                  '--num_processes=2', f'--process_id={i}')
+    deadline = time.monotonic() + timeout
+    answers = []
+    try:
+      for i, server in enumerate(self.servers):
+        answers.append(server.receive(max(1.0, deadline - time.monotonic()),
+                                      f'process {i}: {script.name} (hang at a collective?)'))
+    finally:
+      if len(answers) < 2 or any(a.returncode for a in answers):
+        self.close(kill=True)
+    logs = [a.stdout + a.stderr for a in answers]
+    for a, log in zip(answers, logs):
+      assert a.returncode == 0, log[-3000:]
+    return logs
+
+  def close(self, kill: bool = False):
+    for server in self.servers:
+      server.kill() if kill else server.close()  # pylint: disable=expression-not-assigned
+    self.servers = []
 
 
 @pytest.fixture(scope='session')
 def cache():
   """This run's compilation cache (conftest), shared by every process launched here."""
   return pathlib.Path(os.environ['JAX_COMPILATION_CACHE_DIR'])
+
+
+@pytest.fixture(scope='session')
+def pair(cache):
+  p = _Pair(cache)
+  yield p
+  p.close(kill=True)   # a graceful exit would wait in JAX's distributed shutdown
+
+
+def _run(pair_, out, args):
+  """The sampling command of COMMON + args, in both processes of the pair."""
+  return pair_.run(SCRIPT, [f'--imgs_path={out}', f'--compilation_cache_dir={pair_.cache}']
+                   + COMMON + list(args))
 
 
 def _single_process(out: pathlib.Path, **kw) -> list[np.ndarray]:
@@ -128,8 +162,8 @@ def _close(a, b):
   assert diff <= 1, diff
 
 
-def test_batch_split_n4(tmp_path, cache, reference):
-  logs, _ = _run(tmp_path, ['--n_images=4', '--batch_size=4'], 2, cache)
+def test_batch_split_n4(tmp_path, pair, reference):
+  logs = _run(pair, tmp_path, ['--n_images=4', '--batch_size=4'])
   assert 'wrote 4 image(s)' in logs[0]
   for n in range(4):
     _close(np.asarray(Image.open(tmp_path / f'sample{n:04d}.png')), reference[n])
@@ -137,39 +171,41 @@ def test_batch_split_n4(tmp_path, cache, reference):
   assert not (tmp_path / 'checkpoint').exists()
 
 
-def test_patch_split_n2_tiff_uses_all_devices(tmp_path, cache, reference_k2):
+def test_patch_split_n2_tiff_uses_all_devices(tmp_path, pair, reference_k2):
   import tifffile  # pylint: disable=g-import-not-at-top
-  logs, _ = _run(tmp_path, ['--n_images=2', '--batch_size=2', '--patches_per_step=2',
-                            '--output_format=tiff', '--tiff_compression=zlib'], 2, cache)
+  logs = _run(pair, tmp_path, ['--n_images=2', '--batch_size=2', '--patches_per_step=2',
+                               '--output_format=tiff', '--tiff_compression=zlib'])
+  assert 'image stage' in logs[0]   # the logs are captured, so the next line can fail
   assert 'using 2 of 4' not in logs[0] + logs[1]   # 2 images x 2 patches over 4 devices
   for n in range(2):   # image 1 was decoded and written by process 1
     _close(tifffile.imread(tmp_path / f'sample{n:04d}.tif', level=0), reference_k2[n])
 
 
-def test_n1_not_dividing_devices_shared_zarr(tmp_path, cache, reference):
+def test_n1_not_dividing_devices_shared_zarr(tmp_path, pair, reference):
   """One image, two processes: no device count divides N = 1, and both processes write
   the one OME-Zarr store (shared_decode.py; process 0 creates, builds levels, renames)."""
   import zarr  # pylint: disable=g-import-not-at-top
-  _run(tmp_path, ['--n_images=1', '--batch_size=1', '--output_format=zarr'], 2, cache)
+  _run(pair, tmp_path, ['--n_images=1', '--batch_size=1', '--output_format=zarr'])
   group = zarr.open_group(str(tmp_path / 'sample0000.zarr'), mode='r')
   _close(np.asarray(group['0'][:]).transpose(1, 2, 0), reference[0])
   assert int(np.asarray(group['labels/tissue/0'][:]).max()) > 0
   assert sorted(p.name for p in tmp_path.iterdir()) == ['sample0000.json', 'sample0000.zarr']
 
 
-def test_n1_shared_tiff_bands_gathered(tmp_path, cache, reference):
+def test_n1_shared_tiff_bands_gathered(tmp_path, pair, reference):
   """One image, two processes: each decodes one of its two bands, process 0 writes the
   TIFF from the all-gathered bands."""
   import tifffile  # pylint: disable=g-import-not-at-top
-  _run(tmp_path, ['--n_images=1', '--batch_size=1', '--output_format=tiff',
-                  '--tiff_compression=zlib'], 2, cache)
+  _run(pair, tmp_path, ['--n_images=1', '--batch_size=1', '--output_format=tiff',
+                        '--tiff_compression=zlib'])
   _close(tifffile.imread(tmp_path / 'sample0000.tif', level=0), reference[0])
   assert (tmp_path / 'sample0000.json').is_file()
 
 
-def test_resume_after_killing_both(tmp_path, cache, reference):
+def test_resume_after_killing_both(tmp_path, cache, pair, reference):
+  """Two processes of their own, killed once a checkpoint is saved; the pair resumes."""
   args = ['--n_images=2', '--batch_size=2', '--checkpoint_every=1']
-  procs = _start(tmp_path, args, 2, cache)
+  procs = _start(tmp_path, args, cache)
   meta = tmp_path / 'checkpoint' / 'meta.json'
   deadline = time.monotonic() + TIMEOUT
   try:
@@ -180,7 +216,7 @@ def test_resume_after_killing_both(tmp_path, cache, reference):
   finally:
     _kill(procs)
   assert not list(tmp_path.glob('sample*.png'))   # killed mid-sampling
-  _run(tmp_path, args + ['--resume'], 2, cache)
+  _run(pair, tmp_path, args + ['--resume'])
   for n in range(2):
     _close(np.asarray(Image.open(tmp_path / f'sample{n:04d}.png')), reference[n])
   assert not (tmp_path / 'checkpoint').exists()
@@ -192,11 +228,6 @@ TRAIN_ARGS = [f'--config={REPO / "configs" / "demo_train_image.py"}', '--config.
               '--config.batch_size=4', '--config.image_size=64', '--config.log_every=1',
               '--config.save_every=3', f'--config.vae={REPO / "tiled_ldm_jax" / "demo" / "vae"}',
               f'--config.model={REPO / "tests" / "tiny_image_unet.py"}']
-
-
-def _train(workdir: pathlib.Path, processes: int, cache: pathlib.Path):
-  return _launch([sys.executable, str(REPO / 'scripts' / 'train.py'), f'--workdir={workdir}',
-                  f'--compilation_cache_dir={cache}'] + TRAIN_ARGS, processes, cache)
 
 
 def _train_in_this_process(workdir: pathlib.Path):
@@ -220,12 +251,13 @@ def _losses(workdir: pathlib.Path):
   return [r['step'] for r in rows], np.array([r['loss'] for r in rows])
 
 
-def test_training_two_processes_matches_one(tmp_path, cache):
+def test_training_two_processes_matches_one(tmp_path, pair):
   """Data-parallel training over 2 processes x 2 devices (batch sharded over 4 devices,
   checkpoint saved by both, export by process 0) logs the losses of 1 process on 1
   device for the same global batch."""
   _train_in_this_process(tmp_path / 'one')
-  logs = _finish(_train(tmp_path / 'two', 2, cache), timeout=2 * TIMEOUT)
+  logs = pair.run(REPO / 'scripts' / 'train.py', [f'--workdir={tmp_path / "two"}',
+                  f'--compilation_cache_dir={pair.cache}'] + TRAIN_ARGS, timeout=2 * TIMEOUT)
   steps_one, one = _losses(tmp_path / 'one')
   steps_two, two = _losses(tmp_path / 'two')
   assert steps_one == steps_two == [1, 2, 3]

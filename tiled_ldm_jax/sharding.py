@@ -18,6 +18,9 @@ from jax.sharding import Mesh
 AXIS = 'data'
 
 
+_JOINED = None   # the arguments this process joined its multi-process run with
+
+
 def initialize_distributed(coordinator_address: str | None = None,
                            num_processes: int | None = None,
                            process_id: int | None = None) -> None:
@@ -25,8 +28,16 @@ def initialize_distributed(coordinator_address: str | None = None,
 
   With no arguments on a Cloud TPU pod slice (or a SLURM/Open MPI launch) JAX reads
   everything from the environment; on GPU hosts pass all three. Single-process runs do
-  not call this.
+  not call this. A process joins one run: calling again with the same arguments does
+  nothing (one interpreter serving several requests), other arguments are an error.
   """
+  global _JOINED
+  args = (coordinator_address, num_processes, process_id)
+  if _JOINED is not None:
+    if args != _JOINED:
+      raise ValueError(f'this process already joined a multi-process run with {_JOINED} '
+                       f'(address, processes, id); it cannot join another with {args}')
+    return
   # CPU devices talk through gloo (the default 'none' has no cross-process collectives);
   # it must be set before the backend starts.
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
@@ -34,6 +45,7 @@ def initialize_distributed(coordinator_address: str | None = None,
                               ('num_processes', num_processes), ('process_id', process_id))
             if v is not None}
   jax.distributed.initialize(**kwargs)
+  _JOINED = args
   logging.info('process %d of %d; %d local / %d global devices', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
 
