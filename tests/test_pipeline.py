@@ -87,10 +87,9 @@ def test_with_given_mask_numbering_and_repeatability(models, given_mask, tmp_pat
 
 
 def test_image_does_not_depend_on_batch_size(models, given_mask, tmp_path):
-  generate.generate(config(models, tmp_path / 'b2', mask=given_mask, n_images=2, batch_size=2,
-                           sampling_steps=3))
-  generate.generate(config(models, tmp_path / 'b1', mask=given_mask, n_images=2, batch_size=1,
-                           sampling_steps=3))
+  # config()'s 4 steps: the programs of the other tests here (N = 2 and N = 1), reused.
+  generate.generate(config(models, tmp_path / 'b2', mask=given_mask, n_images=2, batch_size=2))
+  generate.generate(config(models, tmp_path / 'b1', mask=given_mask, n_images=2, batch_size=1))
   for n in (0, 1):
     a = np.asarray(Image.open(tmp_path / 'b2' / f'sample{n:04d}.png'), np.int16)
     b = np.asarray(Image.open(tmp_path / 'b1' / f'sample{n:04d}.png'), np.int16)
@@ -101,7 +100,7 @@ def test_image_does_not_depend_on_batch_size(models, given_mask, tmp_path):
 
 def test_cli_end_to_end(models, given_mask, tmp_path, script_server):
   out = script_server.run(SCRIPT, f'--unet_ckpt={models["image_unet"]}', f'--vae_ckpt={models["vae"]}',
-                 f'--mask={given_mask}', '--image_size=256', '--sampling_steps=3',
+                 f'--mask={given_mask}', '--image_size=256', '--sampling_steps=4',
                  '--patch_size=128', f'--imgs_path={tmp_path}', '--output_format=jpg')
   assert out.returncode == 0, out.stderr[-3000:]
   assert 'wrote 1 image(s)' in out.stdout
@@ -159,5 +158,5 @@ def test_interrupted_write_leaves_no_complete_looking_file(models, given_mask, t
     raise KeyboardInterrupt
   monkeypatch.setattr(writers, 'write_image', boom)
   with pytest.raises(KeyboardInterrupt):
-    generate.generate(config(models, tmp_path, mask=given_mask, sampling_steps=2))
+    generate.generate(config(models, tmp_path, mask=given_mask))
   assert not [n for n in os.listdir(tmp_path) if n.startswith('sample')]
