@@ -52,8 +52,7 @@ def demo_samples(tmp_path_factory, demo_pipeline):
       [record] = generate.generate(cfg)
     img = np.asarray(Image.open(out / 'sample0000.png'))
     labels = masks.read_label_png(out / 'sample0000_mask.png')
-    np.testing.assert_array_equal(   # the API decodes the latent as the command did
-        demo_pipeline.decode(latents[0][None], blend_mode='original')[0], img)
+    # (That the API decodes a latent as the command does: test_api, at 256 px.)
     partition = demo_pipeline.decode(latents[0][None], blend_mode='partition')[0]
   finally:
     jax.config.update('jax_disable_most_optimizations', True)
