@@ -269,6 +269,10 @@ def test_model_json_type_swaps(tmp_path):
   for text in ('[1, 2]', '{', '[' * 100_000, '"x"', '', '\xff'):
     attempt(text)
   assert n > 50
+  assert 'parts' not in good_meta   # a format-1 folder: a stray "parts" is refused
+  (folder / 'model.json').write_text(json.dumps({**good_meta, 'parts': 5}))
+  with pytest.raises(ValueError, match='"parts" must be'):
+    checkpoint.load_model(str(folder))
 
 
 # ----------------------------------------------------------------------------- label PNG

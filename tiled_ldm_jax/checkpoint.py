@@ -182,7 +182,7 @@ def _model_meta(directory: str) -> dict[str, Any]:
   if objective not in OBJECTIVES:
     raise ValueError(f'{directory}: unknown objective {str(objective)[:40]!r} (have '
                      f'{OBJECTIVES})')
-  if meta['format'] == 2:
+  if meta['format'] == 2 or 'parts' in meta:   # format 1 has none; a stray one is refused
     parts = meta.get('parts')
     ok = isinstance(parts, list) and all(
         isinstance(r, list) and len(r) == 2 and all(
