@@ -99,15 +99,16 @@ class _Pair:
                                       f'process {i}: {script.name} (hang at a collective?)'))
     finally:
       if len(answers) < 2 or any(a.returncode for a in answers):
-        self.close(kill=True)
+        self.close()
     logs = [a.stdout + a.stderr for a in answers]
     for a, log in zip(answers, logs):
       assert a.returncode == 0, log[-3000:]
     return logs
 
-  def close(self, kill: bool = False):
+  def close(self):
+    """Kills both (a graceful exit would wait in JAX's distributed shutdown)."""
     for server in self.servers:
-      server.kill() if kill else server.close()  # pylint: disable=expression-not-assigned
+      server.kill()
     self.servers = []
 
 
@@ -121,7 +122,7 @@ def cache():
 def pair(cache):
   p = _Pair(cache)
   yield p
-  p.close(kill=True)   # a graceful exit would wait in JAX's distributed shutdown
+  p.close()
 
 
 def _run(pair_, out, args):
