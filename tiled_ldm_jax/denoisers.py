@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from tiled_ldm_jax import diffusion
+from tiled_ldm_jax import program_cache
 
 
 def counted(out, batch: int):
@@ -50,6 +51,8 @@ def classifier_free_guidance(denoise, w: float, null_cond):
                                  both), 2 * b)
     c, n = jnp.split(out, 2)
     return diffusion.guide(n, c, w), evals
+  if isinstance(null_cond, (int, float)):    # else no program key: traced every process
+    program_cache.keyed(guided, 'cfg', denoise, w, null_cond)
   return guided
 
 
@@ -64,7 +67,7 @@ def multilabel_guidance(denoise, num_classes: int, w: float):
   def fn(params, x, t, labels):
     return diffusion.multilabel_eps(lambda *a: counted(denoise(*a), x.shape[0])[0], params,
                                     x, t, labels, num_classes=num_classes, w=w)
-  return fn
+  return program_cache.keyed(fn, 'multilabel', denoise, num_classes, w)
 
 
 @functools.cache
@@ -80,7 +83,7 @@ def trained_unet(apply_fn, objective: str = 'eps'):
   if objective == 'flow':
     def net(params, x, t, *cond):
       return apply_fn(params, x, t * diffusion.FLOW_TIME_SCALE, *cond)
-    return net, 'flow', None
+    return program_cache.keyed(net, 'flow_net', apply_fn), 'flow', None
   raise ValueError(f'objective must be eps, v or flow, got {objective!r}')
 
 
@@ -95,4 +98,4 @@ def mask_denoiser(eps_fn, cond_scale: float):
   """The mask model's class-conditioned step; the class is read from the label map."""
   def denoise(params, x, t, labels):
     return diffusion.class_eps(eps_fn, params, x, t, labels[:, 0, 0], w=cond_scale)
-  return denoise
+  return program_cache.keyed(denoise, 'mask', eps_fn, cond_scale)

@@ -54,13 +54,16 @@ def use_compilation_cache(path: str | None) -> None:
   """Turns JAX's persistent compilation cache on at `path` (None or '': leave it off).
 
   Every compiled program is cached, however fast it compiled: the sampler and decode
-  programs are few and each is worth keeping."""
+  programs are few and each is worth keeping. The sampler loop's export is kept in
+  `path/exported` (`program_cache`), so a second run does not trace it either."""
   if not path:
     return
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update('jax_compilation_cache_dir', path)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  from tiled_ldm_jax import program_cache  # pylint: disable=g-import-not-at-top
+  program_cache.use_dir(os.path.join(path, 'exported'))   # traced programs, too
 
 
 # ----------------------------------------------------------------------------- validation

@@ -16,6 +16,8 @@ Flow matching convention: `x_t = (1 - t) x0 + t noise`, the model predicts the v
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 from tiled_ldm_jax import diffusion
@@ -74,6 +76,11 @@ class Diffusion:
   def _key(self):
     return (self.prediction, self.clip, self.schedule.alphas_cumprod.tobytes())
 
+  def program_key(self):
+    """For `program_cache`: equal processes, equal keys."""
+    return ('diffusion', self.prediction, self.clip,
+            hashlib.sha256(self.schedule.alphas_cumprod.tobytes()).hexdigest())
+
   def __eq__(self, other):
     return isinstance(other, Diffusion) and self._key() == other._key()
 
@@ -96,6 +103,9 @@ class Flow:
 
   def __hash__(self):
     return hash('flow')
+
+  def program_key(self):
+    return ('flow',)
 
   def time_grid(self, steps: int) -> np.ndarray:
     if steps < 1:

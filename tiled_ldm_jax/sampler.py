@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tiled_ldm_jax import processes
+from tiled_ldm_jax import program_cache
 from tiled_ldm_jax import schedules
 from tiled_ldm_jax import sharding as sharding_lib
 
@@ -240,13 +241,25 @@ class Sampler:
     self.process = processes.Diffusion() if process is None else process
     self.pairs = self.process.time_grid(settings.steps)       # [S, 2] (t, t_next)
     self._log = _ProgressLog(settings.progress_label)
-    self._run_jit = jax.jit(self._run, donate_argnums=(1,))
+    self._run_jit = program_cache.CachedJit(self._run, self._program_key(),
+                                            donate_argnums=(1,), result_like=1)
     self._status_jit = jax.jit(self._status)
     self.step_patch = jax.jit(self._step_patch, donate_argnums=(1,))
 
   def compiles(self) -> int:
     """Programs compiled so far (loop and single step)."""
-    return self._run_jit._cache_size() + self.step_patch._cache_size()  # pylint: disable=protected-access
+    return self._run_jit.cache_size() + self.step_patch._cache_size()  # pylint: disable=protected-access
+
+  def _program_key(self):
+    """What decides the loop program beside its arguments (None: a denoiser or process
+    without a key, traced every process; `program_cache`)."""
+    denoise = program_cache.key_of(self.denoise)
+    process = getattr(self.process, 'program_key', lambda: None)()
+    if denoise is None or process is None:
+      return None
+    mesh = None if self.mesh is None else (self.mesh.devices.shape, self.mesh.axis_names)
+    return ('sampler', denoise, process, repr(self.settings), mesh, self.n_images,
+            self.split)
 
   # --------------------------------------------------------------------------- one step
 

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from tiled_ldm_jax import denoisers
 from tiled_ldm_jax import processes
+from tiled_ldm_jax import program_cache
 from tiled_ldm_jax import sampler as sampler_lib
 from tiled_ldm_jax import schedules
 from tiled_ldm_jax import sharding
@@ -125,4 +126,4 @@ def _cast(denoise, dtype):
   """`denoise` seeing x in `dtype` (the update stays float32); one per (denoiser, dtype)."""
   def cast(params, x, t, cond):
     return denoise(params, x.astype(dtype), t, cond)
-  return cast
+  return program_cache.keyed(cast, 'cast', denoise, str(jnp.dtype(dtype)))

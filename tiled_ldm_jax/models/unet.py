@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tiled_ldm_jax import program_cache
 from tiled_ldm_jax.models import layers
 from tiled_ldm_jax.models.configs import UNetConfig
 
@@ -138,7 +139,7 @@ def eps_fn(config: UNetConfig):
 
   def apply(params, x, t, cond, null=None):
     return model.apply({'params': params}, x, t, cond, null)
-  return apply
+  return program_cache.keyed(apply, 'unet.eps_fn', repr(config))
 
 
 def count_params(params) -> int:
