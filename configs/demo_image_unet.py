@@ -1,7 +1,7 @@
 """Tiny image U-Net for the CPU demo (trained by configs/demo_train_image.py).
 
 Same skeleton and conditioning as the released 5-class image model, about 1/100 of its
-width: 5 labels (0 background, 1-4 the synthetic textures, see tiled_ldm_jax/data.py).
+width: 5 labels (0 background, 1-4 the synthetic textures, see tiled_ldm_jax/training/data.py).
 Fields not set here keep their `UNetConfig` default (tiled_ldm_jax/models/configs.py).
 """
 

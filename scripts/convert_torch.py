@@ -3,7 +3,7 @@
   python scripts/convert_torch.py --kind=image_unet \
       --torch_checkpoint=../shared/reference/image_unet/model-1.pt --output_dir=/tmp/image_unet
 
-torch is not needed: `.pt`/`.bin` files are read by `tiled_ldm_jax.torch_zip`, which
+torch is not needed: `.pt`/`.bin` files are read by `tiled_ldm_jax.convert.torch_zip`, which
 refuses any pickle that names something other than tensors and plain containers.
 A refused or unreadable input prints `error: ...` and exits 1, writing nothing.
 """

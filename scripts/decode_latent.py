@@ -14,14 +14,14 @@ import time
 from absl import flags
 import numpy as np
 
-from tiled_ldm_jax import atomic
-from tiled_ldm_jax import checkpoint
+from tiled_ldm_jax.files import atomic
+from tiled_ldm_jax.models import checkpoint
 from tiled_ldm_jax import decode
 from tiled_ldm_jax import flag_util
 from tiled_ldm_jax import geometry
-from tiled_ldm_jax import latent_files
-from tiled_ldm_jax import ome_zarr
-from tiled_ldm_jax import writers
+from tiled_ldm_jax.files import latent_files
+from tiled_ldm_jax.output import ome_zarr
+from tiled_ldm_jax.output import writers
 from tiled_ldm_jax.models import vae
 
 _VAE = flags.DEFINE_string('vae_ckpt', None, 'Converted VAE folder (scripts/convert_torch.py).')

@@ -10,9 +10,9 @@ The mask defaults to `<sample>_mask.png`. Label colours: 0 white, 1 red, 2 green
 from absl import flags
 
 from tiled_ldm_jax import flag_util
-from tiled_ldm_jax import image_files
+from tiled_ldm_jax.files import image_files
 from tiled_ldm_jax import masks
-from tiled_ldm_jax import writers
+from tiled_ldm_jax.output import writers
 
 _SAMPLE = flags.DEFINE_string('sample', None, 'Image written by sample_large_image.py.')
 _MASK = flags.DEFINE_string('mask', None, 'Label PNG (default: <sample>_mask.png).')

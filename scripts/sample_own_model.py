@@ -16,8 +16,8 @@ from absl import flags
 from tiled_ldm_jax import demo
 from tiled_ldm_jax import flag_util
 from tiled_ldm_jax import masks
-from tiled_ldm_jax import own_model
-from tiled_ldm_jax import writers
+from tiled_ldm_jax.demo import own_model
+from tiled_ldm_jax.output import writers
 from tiled_ldm_jax.evaluation import benchmark
 
 _UNET = flags.DEFINE_string('unet_ckpt', demo.model_path('flow_unet'),

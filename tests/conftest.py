@@ -102,8 +102,11 @@ def subprocess_env(optimized: bool = False, **extra) -> dict:
 
 def run_script(script: str, *args, timeout: float = 600, env: dict | None = None,
                **kw) -> subprocess.CompletedProcess:
-  """`python scripts/<script>.py args...` with `subprocess_env()`; text output captured."""
-  return subprocess.run([sys.executable, str(REPO / 'scripts' / f'{script}.py'),
+  """`python scripts/<script>.py args...` (or tools/) with `subprocess_env()`; text output captured."""
+  path = REPO / 'scripts' / f'{script}.py'
+  if not path.exists():
+    path = REPO / 'tools' / f'{script}.py'
+  return subprocess.run([sys.executable, str(path),
                          *map(str, args)], capture_output=True, text=True, timeout=timeout,
                         env=env or subprocess_env(), check=False, **kw)
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from tiled_ldm_jax import sampler
+from tiled_ldm_jax.sampling import loop as sampler
 
 A = jnp.asarray(np.random.RandomState(0).randn(4, 4).astype(np.float32) * 0.5)
 
@@ -25,7 +25,8 @@ def pipeline_check():
   2) vs on one device."""
   import tempfile  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  from tiled_ldm_jax import generate, sharding  # pylint: disable=g-import-not-at-top
+  from tiled_ldm_jax import generate  # pylint: disable=g-import-not-at-top
+  from tiled_ldm_jax import sharding
   tmp = tempfile.mkdtemp()
   images = {}
   for devices in (1, 0):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from tiled_ldm_jax.evaluation import adherence
-from tiled_ldm_jax import data
+from tiled_ldm_jax.training import data
 
 
 @pytest.fixture(scope='module')
@@ -38,7 +38,9 @@ def test_vae_round_trip_classifier_and_score_files(tmp_path):
   masks wrong; `score_files` reads a sample's files and its JSON defaults."""
   import json
   from PIL import Image
-  from tiled_ldm_jax import checkpoint, demo, masks
+  from tiled_ldm_jax.models import checkpoint
+  from tiled_ldm_jax import demo
+  from tiled_ldm_jax import masks
   _, vae_cfg, vae_params = checkpoint.load_model(demo.model_path('vae'), expect='vae')
   rt = adherence.vae_round_trip(vae_cfg, vae_params)
   clf = adherence.fit_texture_classifier(5, n_images=8, size=192, transform=rt)

@@ -105,7 +105,9 @@ def inputs(tmp_path_factory):
 
 
 def _script(name: str) -> str:
-  return os.path.join(REPO, 'scripts', name + '.py')
+  """A user command (scripts/) or a developer tool (tools/)."""
+  user = os.path.join(REPO, 'scripts', name + '.py')
+  return user if os.path.exists(user) else os.path.join(REPO, 'tools', name + '.py')
 
 
 def _first_of_each_script() -> set[int]:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tiled_ldm_jax import checkpoint
+from tiled_ldm_jax.models import checkpoint
 from tiled_ldm_jax import demo
 from tiled_ldm_jax import pipeline
 from tiled_ldm_jax.evaluation import benchmark

@@ -1,4 +1,4 @@
-"""scripts/check_reference.py end to end: passes on the reference, fails on altered data."""
+"""tools/check_reference.py end to end: passes on the reference, fails on altered data."""
 
 import json
 import pathlib
@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SCRIPT = REPO / 'scripts' / 'check_reference.py'
+SCRIPT = REPO / 'tools' / 'check_reference.py'
 
 
 def _run(reference_dir, output_dir, server):

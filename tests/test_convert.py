@@ -14,11 +14,11 @@ import numpy as np
 import ml_dtypes
 import pytest
 
-from tiled_ldm_jax import checkpoint
+from tiled_ldm_jax.models import checkpoint
 from tiled_ldm_jax import convert
 from tiled_ldm_jax import geometry
-from tiled_ldm_jax import torch_zip
-from tiled_ldm_jax import torch_zip_write
+from tiled_ldm_jax.convert import torch_zip
+from tiled_ldm_jax.convert import torch_zip_write
 from tiled_ldm_jax.models import configs
 from tiled_ldm_jax.models import unet
 

@@ -9,7 +9,7 @@ from PIL import Image
 
 from tiled_ldm_jax.evaluation import adherence
 from tiled_ldm_jax.evaluation import seams
-from tiled_ldm_jax import checkpoint
+from tiled_ldm_jax.models import checkpoint
 from tiled_ldm_jax import demo
 from tiled_ldm_jax import masks
 from tiled_ldm_jax import generate
@@ -99,7 +99,7 @@ ADHERENCE_MIN = 0.8
 # Seam ratio (tile 128, local baseline), seeds 0-4 with the earlier full-latent patch
 # draw: original blend 1.24, 1.12, 1.17, 1.08, 1.21 (the original's residual vertical
 # seams: decode.py); partition 1.09, 1.01, 1.02, 0.96, 1.10. The block-count draw
-# (schedules.py; same distribution, other random numbers) gives other samples for the
+# (sampling/windows.py; same distribution, other random numbers) gives other samples for the
 # same seed: seed 0 original 1.34, partition 1.19; partition seeds 1, 2: 1.01, 1.08.
 # The demo VAE's unblended tiled decode scores 3.4-4.0, so these bounds still fail seams.
 SEAM_MAX = 1.4

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tiled_ldm_jax import convert
-from tiled_ldm_jax import diffusion
+from tiled_ldm_jax.sampling import diffusion
 from tiled_ldm_jax.models import unet
 
 

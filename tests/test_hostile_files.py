@@ -20,16 +20,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tiled_ldm_jax import checkpoint
-from tiled_ldm_jax import data
+from tiled_ldm_jax.models import checkpoint
+from tiled_ldm_jax.training import data
 from tiled_ldm_jax import demo
-from tiled_ldm_jax import image_files
-from tiled_ldm_jax import latent_files
+from tiled_ldm_jax.files import image_files
+from tiled_ldm_jax.files import latent_files
 from tiled_ldm_jax import masks
 from tiled_ldm_jax import resume
-from tiled_ldm_jax import safetensors_file
-from tiled_ldm_jax import torch_zip
-from tiled_ldm_jax import torch_zip_write as tzw
+from tiled_ldm_jax.convert import safetensors_file
+from tiled_ldm_jax.convert import torch_zip
+from tiled_ldm_jax.convert import torch_zip_write as tzw
 
 CASES_PER_KIND = 60
 REFUSED = (ValueError, FileNotFoundError)

@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from tiled_ldm_jax import checkpoint
-from tiled_ldm_jax import data
+from tiled_ldm_jax.models import checkpoint
+from tiled_ldm_jax.training import data
 from tiled_ldm_jax import training
 from tiled_ldm_jax.training import loader as loader_lib
 

@@ -184,7 +184,7 @@ def test_patch_split_n2_tiff_uses_all_devices(tmp_path, pair, reference_k2):
 
 def test_n1_not_dividing_devices_shared_zarr(tmp_path, pair, reference):
   """One image, two processes: no device count divides N = 1, and both processes write
-  the one OME-Zarr store (shared_decode.py; process 0 creates, builds levels, renames)."""
+  the one OME-Zarr store (output/shared_writer.py; process 0 creates, builds levels, renames)."""
   import zarr  # pylint: disable=g-import-not-at-top
   _run(pair, tmp_path, ['--n_images=1', '--batch_size=1', '--output_format=zarr'])
   group = zarr.open_group(str(tmp_path / 'sample0000.zarr'), mode='r')

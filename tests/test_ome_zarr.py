@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from tiled_ldm_jax import ome_zarr
+from tiled_ldm_jax.output import ome_zarr
 
 zarr = pytest.importorskip('zarr')
 

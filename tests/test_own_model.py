@@ -1,5 +1,5 @@
 """A trained U-Net's objective (model.json) picks how it is sampled, in the pipeline and
-in the README's "your own model" example (`own_model.py`, `scripts/sample_own_model.py`)."""
+in the README's "your own model" example (`demo/own_model.py`, `scripts/sample_own_model.py`)."""
 
 import inspect
 import json
@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from tiled_ldm_jax import demo
-from tiled_ldm_jax import denoisers
+from tiled_ldm_jax.sampling import guidance as denoisers
 from tiled_ldm_jax import masks
-from tiled_ldm_jax import own_model
+from tiled_ldm_jax.demo import own_model
 from tiled_ldm_jax import pipeline
 from tiled_ldm_jax import sampling
 from tiled_ldm_jax.evaluation import benchmark

@@ -152,7 +152,7 @@ def test_bad_inputs(models, given_mask, tmp_path):
 
 def test_interrupted_write_leaves_no_complete_looking_file(models, given_mask, tmp_path,
                                                            monkeypatch):
-  from tiled_ldm_jax import writers
+  from tiled_ldm_jax.output import writers
 
   def boom(*a, **k):
     raise KeyboardInterrupt

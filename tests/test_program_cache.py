@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tiled_ldm_jax import program_cache
-from tiled_ldm_jax import sampler
+from tiled_ldm_jax.sampling import loop as sampler
 
 TRACES = []
 

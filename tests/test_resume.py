@@ -7,7 +7,7 @@ import pytest
 
 from tiled_ldm_jax import masks
 from tiled_ldm_jax import generate
-from tiled_ldm_jax import sampler
+from tiled_ldm_jax.sampling import loop as sampler
 
 from test_pipeline import config, given_mask, models  # noqa: F401  (fixtures)
 

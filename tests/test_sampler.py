@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tiled_ldm_jax import diffusion
-from tiled_ldm_jax import sampler
+from tiled_ldm_jax.sampling import diffusion
+from tiled_ldm_jax.sampling import loop as sampler
 
 A = jnp.asarray(np.random.RandomState(0).randn(4, 4).astype(np.float32) * 0.5)
 
@@ -108,7 +108,8 @@ def test_counters():
     ((64, 64), 16, 4, 'multiple of 32'),
 ])
 def test_bad_requests(image_hw, patch, multiple, match):
-  from tiled_ldm_jax import geometry, pipeline
+  from tiled_ldm_jax import geometry
+  from tiled_ldm_jax import pipeline
   with pytest.raises(ValueError, match=match):
     pipeline._check_patch(geometry.LatentGeometry(), image_hw, patch, multiple, 'patch_size')  # pylint: disable=protected-access
 

@@ -17,15 +17,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tiled_ldm_jax import diffusion
-from tiled_ldm_jax import processes
-from tiled_ldm_jax import sampler
+from tiled_ldm_jax.sampling import diffusion
+from tiled_ldm_jax.sampling import processes
+from tiled_ldm_jax.sampling import loop as sampler
 from tiled_ldm_jax import sampling
 from tiled_ldm_jax.evaluation import sampling_check as sc
 
 
 # One noise schedule per diffusion type here (the whole-latent run is then shared by the
-# two schedules); scripts/check_sampling.py runs every combination.
+# two schedules); tools/check_sampling.py runs every combination.
 NOISE = {'eps': 'cosine', 'v': 'scaled_linear', 'x0': 'linear', 'flow': 'cosine'}
 
 
@@ -133,7 +133,7 @@ def test_no_recompile_for_new_keys_or_cond():
                     keys=sampling.image_keys(seed, [0, 1]), **kw)
   after = sampler.compiled.cache_info()
   assert after.misses == before.misses + 1 and after.hits == before.hits + 1
-  smp = sampling._sampler(fn, None, sampler.SamplerSettings(steps=2, patch=8), processes.make(  # pylint: disable=protected-access
+  smp = sampling.api._sampler(fn, None, sampler.SamplerSettings(steps=2, patch=8), processes.make(  # pylint: disable=protected-access
       'v', 'linear', None), None, 2)
   assert smp.compiles() == 1
 

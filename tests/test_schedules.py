@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tiled_ldm_jax import diffusion
-from tiled_ldm_jax import sampler
-from tiled_ldm_jax import schedules
+from tiled_ldm_jax.sampling import diffusion
+from tiled_ldm_jax.sampling import loop as sampler
+from tiled_ldm_jax.sampling import windows as schedules
 
 from test_sampler import A, full_image_ddim, local_eps, random_labels
 

@@ -1,4 +1,4 @@
-"""Several processes writing one image (`shared_decode.py`), run here as threads with
+"""Several processes writing one image (`output/shared_writer.py`), run here as threads with
 thread collectives: the files equal the single-process ones, byte for byte in pixels.
 (tests/test_multiprocess.py runs the same through two real processes.)"""
 
@@ -7,9 +7,9 @@ import threading
 import numpy as np
 import pytest
 
-from tiled_ldm_jax import ome_zarr
-from tiled_ldm_jax import shared_decode
-from tiled_ldm_jax import writers
+from tiled_ldm_jax.output import ome_zarr
+from tiled_ldm_jax.output import shared_writer as shared_decode
+from tiled_ldm_jax.output import writers
 from tiled_ldm_jax.evaluation import benchmark
 
 tifffile = pytest.importorskip('tifffile')

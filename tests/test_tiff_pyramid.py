@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tiled_ldm_jax import writers
+from tiled_ldm_jax.output import writers
 
 tifffile = pytest.importorskip('tifffile')
 openslide = pytest.importorskip('openslide')   # openslide-python + openslide-bin (test extra)

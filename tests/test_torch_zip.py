@@ -11,8 +11,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from tiled_ldm_jax import torch_zip
-from tiled_ldm_jax import torch_zip_write as tzw
+from tiled_ldm_jax.convert import torch_zip
+from tiled_ldm_jax.convert import torch_zip_write as tzw
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

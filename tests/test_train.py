@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tiled_ldm_jax import checkpoint
-from tiled_ldm_jax import data
+from tiled_ldm_jax.models import checkpoint
+from tiled_ldm_jax.training import data
 from tiled_ldm_jax import masks
 from tiled_ldm_jax import training
 from tiled_ldm_jax.models import configs
@@ -408,7 +408,7 @@ def test_fsdp_spec():
 
 @pytest.mark.parametrize('objective', ['eps', 'v', 'flow'])
 def test_objective_inputs_match_hand_computation(objective):
-  from tiled_ldm_jax import diffusion
+  from tiled_ldm_jax.sampling import diffusion
   from tiled_ldm_jax.training import tasks
   z = jax.random.normal(jax.random.key(1), (3, 4, 4, 2))
   key = jax.random.key(7)

@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tiled_ldm_jax import checkpoint
+from tiled_ldm_jax.models import checkpoint
 from tiled_ldm_jax import convert
-from tiled_ldm_jax import diffusion
+from tiled_ldm_jax.sampling import diffusion
 from tiled_ldm_jax.models import configs
 from tiled_ldm_jax.models import layers
 from tiled_ldm_jax.models import unet

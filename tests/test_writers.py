@@ -10,7 +10,7 @@ from PIL import Image
 from tiled_ldm_jax import convert
 from tiled_ldm_jax import decode
 from tiled_ldm_jax import masks
-from tiled_ldm_jax import writers
+from tiled_ldm_jax.output import writers
 from tiled_ldm_jax.models import vae
 
 from test_tiff_pyramid import failing_bands, reference_pyramid

@@ -4,7 +4,7 @@ For each batch of images: label maps (`--mask`, or the mask model), the image st
 tiled decode (whole for PNG/JPEG, band by band for TIFF), then the writers:
 `sampleNNNN.<ext>` beside `sampleNNNN_mask.png` and `sampleNNNN.json` (provenance and
 figures). Every file is written under a temporary name and renamed when complete
-(`atomic.py`), so an interrupted run leaves nothing that looks whole. With
+(`files/atomic.py`), so an interrupted run leaves nothing that looks whole. With
 `checkpoint_every`, progress is saved under `<imgs_path>/checkpoint` (`resume.py`).
 
 `prepare(cfg)` does every check that can fail (and loads the models) before any
@@ -28,15 +28,15 @@ from absl import logging
 import jax
 import numpy as np
 
-from tiled_ldm_jax import atomic
+from tiled_ldm_jax.files import atomic
 from tiled_ldm_jax import demo
 from tiled_ldm_jax import masks as masks_lib
-from tiled_ldm_jax import ome_zarr
+from tiled_ldm_jax.output import ome_zarr
 from tiled_ldm_jax import pipeline as pipeline_lib
 from tiled_ldm_jax import resume
-from tiled_ldm_jax import shared_decode
+from tiled_ldm_jax.output import shared_writer as shared_decode
 from tiled_ldm_jax import sharding
-from tiled_ldm_jax import writers
+from tiled_ldm_jax.output import writers
 
 FORMATS = ('png', 'jpg', 'tiff', 'zarr')
 _help = pipeline_lib._help  # pylint: disable=protected-access
@@ -259,7 +259,7 @@ def _check_free_space(cfg: GenerationConfig) -> None:
 
 def shares_decode(cfg: GenerationConfig, batch: int) -> bool:
   """Whether all processes decode and write each image of a batch together
-  (`shared_decode.py`): TIFF / OME-Zarr batches smaller than the process count."""
+  (`output/shared_writer.py`): TIFF / OME-Zarr batches smaller than the process count."""
   return batch < jax.process_count() and cfg.output_format in ('tiff', 'zarr')
 
 

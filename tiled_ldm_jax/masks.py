@@ -24,8 +24,8 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 
-from tiled_ldm_jax import atomic
-from tiled_ldm_jax import image_files
+from tiled_ldm_jax.files import atomic
+from tiled_ldm_jax.files import image_files
 
 MIN_FILTER_SIZE = 6
 _HOW_TO_CONVERT = ('map each colour to its class id (0, 1, 2, ...) and save the ids as a '

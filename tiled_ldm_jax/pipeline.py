@@ -29,17 +29,17 @@ from typing import Any, Iterator, NamedTuple
 import jax
 import numpy as np
 
-from tiled_ldm_jax import checkpoint
+from tiled_ldm_jax.models import checkpoint
 from tiled_ldm_jax import decode as decode_lib
 from tiled_ldm_jax import demo
-from tiled_ldm_jax import denoisers
-from tiled_ldm_jax import diffusion
+from tiled_ldm_jax.sampling import guidance as denoisers
+from tiled_ldm_jax.sampling import diffusion
 from tiled_ldm_jax import geometry
 from tiled_ldm_jax import masks as masks_lib
 from tiled_ldm_jax import memory
-from tiled_ldm_jax import processes
-from tiled_ldm_jax import sampler as sampler_lib
-from tiled_ldm_jax import schedules
+from tiled_ldm_jax.sampling import processes
+from tiled_ldm_jax.sampling import loop as sampler_lib
+from tiled_ldm_jax.sampling import windows as schedules
 from tiled_ldm_jax import sharding
 from tiled_ldm_jax.models import unet as unet_lib
 from tiled_ldm_jax.models import vae as vae_lib
@@ -69,7 +69,7 @@ class Options:
       'grid all windows of a level, at most GRID_BATCH_PIXELS latent pixels per call).')
   schedule: str = _help("Patch placement: 'random' (the original's distribution) or "
                         "'grid' (shifted non-overlapping windows, ~1 evaluation per pixel "
-                        "and step; schedules.py).", 'random')
+                        "and step; sampling/windows.py).", 'random')
   grid_margin: int | None = _help(
       'Grid: pixels of context on each side of a window that the model sees but that are '
       'not written (multiple of the latent factor; the window advances patch - 2 margin). '

@@ -30,7 +30,7 @@ import jax
 from jax import export as jax_export
 import jaxlib
 
-from tiled_ldm_jax import atomic
+from tiled_ldm_jax.files import atomic
 
 try:   # jax.export serializes with flatbuffers (a declared dependency; a host that
   import flatbuffers  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import

@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tiled_ldm_jax import checkpoint
+from tiled_ldm_jax.models import checkpoint
 from tiled_ldm_jax import sharding
-from tiled_ldm_jax.sampler import SamplerState
+from tiled_ldm_jax.sampling.loop import SamplerState
 
 FOLDER = 'checkpoint'
 FORMAT = 1

@@ -1,6 +1,6 @@
 """Mask adherence: does a generated image show, in each region, the texture its label asks for?
 
-A small nearest-centroid classifier of the synthetic demo textures (`data.py`) on
+A small nearest-centroid classifier of the synthetic demo textures (`training/data.py`) on
 per-patch colour and texture statistics. It is fit on synthetic images (optionally
 passed through a function, e.g. a VAE round trip, so that it sees what a decoder can
 reproduce), then applied to the patches of a generated image whose mask label is pure;
@@ -14,8 +14,8 @@ from typing import Callable
 
 import numpy as np
 
-from tiled_ldm_jax import data as data_lib
-from tiled_ldm_jax import image_files
+from tiled_ldm_jax.training import data as data_lib
+from tiled_ldm_jax.files import image_files
 
 N_FEATURES = 11
 
@@ -153,7 +153,7 @@ def score_files(image_path: str, *, mask_path: str | None = None, vae_dir: str |
   """
   import json
   import os
-  from tiled_ldm_jax import checkpoint
+  from tiled_ldm_jax.models import checkpoint
   from tiled_ldm_jax import masks
   stem = os.path.splitext(image_path)[0]
   meta = {}

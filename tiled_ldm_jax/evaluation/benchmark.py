@@ -14,11 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tiled_ldm_jax import denoisers
-from tiled_ldm_jax import diffusion
+from tiled_ldm_jax.sampling import guidance as denoisers
+from tiled_ldm_jax.sampling import diffusion
 from tiled_ldm_jax import geometry
 from tiled_ldm_jax import pipeline
-from tiled_ldm_jax import sampler as sampler_lib
+from tiled_ldm_jax.sampling import loop as sampler_lib
 from tiled_ldm_jax.models import unet as unet_lib
 
 

@@ -17,7 +17,7 @@ import time
 import jax
 import numpy as np
 
-from tiled_ldm_jax import schedules
+from tiled_ldm_jax.sampling import windows as schedules
 from tiled_ldm_jax.evaluation import adherence
 from tiled_ldm_jax.evaluation import seams
 

@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tiled_ldm_jax import checkpoint
+from tiled_ldm_jax.models import checkpoint
 from tiled_ldm_jax import convert
-from tiled_ldm_jax import diffusion
+from tiled_ldm_jax.sampling import diffusion
 from tiled_ldm_jax import geometry
 from tiled_ldm_jax import masks as masks_lib
 

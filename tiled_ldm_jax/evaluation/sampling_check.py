@@ -1,5 +1,5 @@
 """Checks of `sampling.sample` with analytic denoisers (tests/test_sampling.py and
-scripts/check_sampling.py print the same table).
+tools/check_sampling.py print the same table).
 
 Patch equivalence. A pixel-local denoiser (each output pixel a function of that pixel's
 value, its time, its spatial cond and its image's cond) sampled with small patches must
@@ -24,7 +24,7 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 
-from tiled_ldm_jax import processes
+from tiled_ldm_jax.sampling import processes
 from tiled_ldm_jax import sampling
 
 CHANNELS = 3

@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tiled_ldm_jax import atomic
-from tiled_ldm_jax import checkpoint
+from tiled_ldm_jax.files import atomic
+from tiled_ldm_jax.models import checkpoint
 from tiled_ldm_jax import geometry
 from tiled_ldm_jax.models import vae as vae_lib
 from tiled_ldm_jax.training.config import TrainConfig

@@ -25,8 +25,8 @@ from absl import logging
 import jax
 import numpy as np
 
-from tiled_ldm_jax import atomic
-from tiled_ldm_jax import checkpoint
+from tiled_ldm_jax.files import atomic
+from tiled_ldm_jax.models import checkpoint
 from tiled_ldm_jax import sharding
 from tiled_ldm_jax.models import configs as configs_lib
 from tiled_ldm_jax.training.export import export

@@ -30,9 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tiled_ldm_jax import checkpoint
-from tiled_ldm_jax import data as data_lib
-from tiled_ldm_jax import diffusion
+from tiled_ldm_jax.models import checkpoint
+from tiled_ldm_jax.training import data as data_lib
+from tiled_ldm_jax.sampling import diffusion
 from tiled_ldm_jax import geometry
 from tiled_ldm_jax.models import configs as configs_lib
 from tiled_ldm_jax.models import unet as unet_lib

@@ -1,6 +1,6 @@
 """Runs every parity case found in a reference folder; one JSON line per case.
 
-  python scripts/check_reference.py --reference_dir=../shared/reference
+  python tools/check_reference.py --reference_dir=../shared/reference
 
 Exit status 0 only if at least one case ran and every case passed.
 """

@@ -27,8 +27,8 @@ import math
 
 import numpy as np
 
-from tiled_ldm_jax import ome_zarr
-from tiled_ldm_jax import writers
+from tiled_ldm_jax.output import ome_zarr
+from tiled_ldm_jax.output import writers
 
 TIFF_BLOCK_ROWS = 2048   # target pixel rows per process block of the TIFF gather
 
@@ -54,7 +54,7 @@ def write_zarr(pipe, options, z, labels: np.ndarray, path: str, *, mpp=None,
   if process_index == 0:
     ome_zarr.create_store(path, (height, width, 3), tile=tile, mpp=mpp,
                           labels_dtype=labels_dtype)
-  barrier('tiled_ldm_jax.shared_decode.zarr_created')
+  barrier('tiled_ldm_jax.output.shared_writer.zarr_created')
   store = ome_zarr.temp_store_path(path)
   if first < stop:
     ome_zarr.write_bands(store, pipe.iter_decode(z, bands=(first, stop), options=options),
@@ -62,7 +62,7 @@ def write_zarr(pipe, options, z, labels: np.ndarray, path: str, *, mpp=None,
     r0, r1 = first * band_rows, min(stop * band_rows, height)
     ome_zarr.write_bands(store, ((r, labels[r:min(r + tile, r1)])
                                  for r in range(r0, r1, tile)), array='labels', levels=1)
-  barrier('tiled_ldm_jax.shared_decode.zarr_written')
+  barrier('tiled_ldm_jax.output.shared_writer.zarr_written')
   if process_index == 0:
     ome_zarr.build_levels(store, 0)
     ome_zarr.build_levels(store, 0, array='labels')

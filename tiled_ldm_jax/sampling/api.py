@@ -9,7 +9,7 @@
 prediction for B patches. For 'eps', 'v' and 'x0' models `t` is the int timestep
 indexing the noise schedule's `alphas_cumprod`, and a step is DDIM (eta); for 'flow'
 `t` is a float in [0, 1], `x_t = (1 - t) x0 + t noise`, the model predicts `noise - x0`
-and a step is Euler on a uniform grid from 1 to 0 (`processes.py`).
+and a step is Euler on a uniform grid from 1 to 0 (`sampling/processes.py`).
 
 `cond` is any pytree (None for an unconditional model). Leaves wrapped with
 `spatial(array)` ([N, h, w, ...] at latent resolution, e.g. a label map) reach the
@@ -29,11 +29,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from tiled_ldm_jax import denoisers
-from tiled_ldm_jax import processes
+from tiled_ldm_jax.sampling import guidance as denoisers
+from tiled_ldm_jax.sampling import processes
 from tiled_ldm_jax import program_cache
-from tiled_ldm_jax import sampler as sampler_lib
-from tiled_ldm_jax import schedules
+from tiled_ldm_jax.sampling import loop as sampler_lib
+from tiled_ldm_jax.sampling import windows as schedules
 from tiled_ldm_jax import sharding
 
 # Re-exported: the public names of this module.

@@ -10,7 +10,7 @@ is DiffInfinite's `Trainer.save` (as in the reference `model-1.pt`):
   --layout=ema      {step, ema} with `ema_model.model.*` and the schedule buffers only:
                     the weights once (what a released EMA checkpoint holds).
 
-  python scripts/make_fake_checkpoint.py \
+  python tools/make_fake_checkpoint.py \
       --shapes=../shared/reference/full_size_shapes/diffinfinite_image_unet_10class.json \
       --layout=ema --output=/tmp/full/model-1.pt     # also writes config.json beside it
 
@@ -24,7 +24,7 @@ from absl import flags
 import numpy as np
 
 from tiled_ldm_jax import flag_util
-from tiled_ldm_jax import torch_zip_write as tzw
+from tiled_ldm_jax.convert import torch_zip_write as tzw
 
 _SHAPES = flags.DEFINE_string('shapes', None, 'A full_size_shapes/*.json listing.')
 _LAYOUT = flags.DEFINE_enum('layout', 'ema', ['ema', 'trainer'], 'What the file holds.')

@@ -8,7 +8,7 @@ that were at the lowest level. Pixels already one step ahead are fed to the mode
 their stored lower-level value, so each patch is denoised at one consistent noise level.
 Hence `max(times) - min(times) <= 1` always, and every pixel takes exactly S steps.
 
-What a step does is the process's business (`processes.py`): DDIM on a noise schedule
+What a step does is the process's business (`sampling/processes.py`): DDIM on a noise schedule
 for eps / v / x0 models (the default: the original's cosine eps model) or Euler for flow
 matching; levels index its time grid. The denoiser gets a conditioning pytree per patch:
 `Spatial` leaves ([N, h, w, ...], e.g. the label map) cropped to the patch, other leaves
@@ -17,7 +17,7 @@ matching; levels index its time grid. The denoiser gets a conditioning pytree pe
 Fixes of the original (SPEC 3): the loop runs until every pixel has taken all S steps
 (the final step to x0 included); the lower-level copy starts equal to `x`.
 
-Where the patches go is the schedule's business (`schedules.py`): 'random' (the
+Where the patches go is the schedule's business (`sampling/windows.py`): 'random' (the
 original's distribution, kept with per-block counts so that an iteration costs
 O(K^2 P^2 + (h/P)(w/P)), not O(h w)) or 'grid' (a shifted grid of windows per level,
 about one evaluation per pixel and step). Level and termination come from per-image
@@ -43,16 +43,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tiled_ldm_jax import processes
+from tiled_ldm_jax.sampling import processes
 from tiled_ldm_jax import program_cache
-from tiled_ldm_jax import schedules
+from tiled_ldm_jax.sampling import windows as schedules
 from tiled_ldm_jax import sharding as sharding_lib
 
 SCHEDULES = ('random', 'grid')
 
 # `(params, x [B,P,P,C], t [B], cond_patch) -> pred [B,P,P,C]` or `(pred, samples
-# evaluated)`: the model's prediction (eps, v, x0 or flow velocity, see `processes.py`).
-# Built by `denoisers.py` from a model's eps function; the sampler never imports a model.
+# evaluated)`: the model's prediction (eps, v, x0 or flow velocity, see `sampling/processes.py`).
+# Built by `sampling/guidance.py` from a model's eps function; the sampler never imports a model.
 Denoiser = Callable[..., jax.Array | tuple[jax.Array, jax.Array]]
 
 
@@ -113,7 +113,7 @@ class SamplerSettings:
   eta: float = 1.0            # DDIM eta (0: deterministic)
   progress_every: int = 0     # log progress every N iterations (0: silent)
   progress_label: str = 'sampling'
-  schedule: str = 'random'    # 'random' (the original's) or 'grid' (schedules.py)
+  schedule: str = 'random'    # 'random' (the original's) or 'grid' (sampling/windows.py)
   grid_margin: int = 0        # grid: latent pixels of context each side, not written
 
   def __post_init__(self):
@@ -220,7 +220,7 @@ class Sampler:
   multiple of the device count, otherwise the N*K patches of each iteration (which must
   then be a multiple of it; the latent is replicated).
 
-  `process` (`processes.py`) turns predictions into steps: default the original's DDIM
+  `process` (`sampling/processes.py`) turns predictions into steps: default the original's DDIM
   for eps models on the cosine schedule (x0 clipped to [-1, 1]).
 
   `sample` runs the whole loop as one compiled program (per input shape). `run` continues
@@ -525,7 +525,7 @@ def compiled(denoise: Denoiser, settings: SamplerSettings, mesh=None,
              n_images: int | None = None, process=None) -> Sampler:
   """THE compiled-sampler cache of the process, shared by `Pipeline` and `sampling.sample`:
   one `Sampler` (and so one set of compiled programs) per (denoiser, settings, mesh,
-  batch, process). Denoisers built by `denoisers.py` from equal configs are the same
+  batch, process). Denoisers built by `sampling/guidance.py` from equal configs are the same
   object, so equal requests reuse everything compiled before."""
   return Sampler(denoise, settings, mesh, n_images, process)
 

@@ -8,7 +8,7 @@ U-Net's channel LayerNorm gain (1, C, 1, 1) -> (C,).
 
 Conversion is strict: every Flax parameter must be filled, every source key used, every
 shape must match; otherwise `ConversionError` lists all offending keys at once.
-Checkpoints are read without torch: `.pt`/`.bin` pickles by `tiled_ldm_jax.torch_zip`,
+Checkpoints are read without torch: `.pt`/`.bin` pickles by `tiled_ldm_jax.convert.torch_zip`,
 which runs nothing from the file, safetensors with numpy. Tensors are read from the file
 one at a time as they are converted, so conversion holds little beyond the output.
 """
@@ -23,9 +23,9 @@ import jax
 import numpy as np
 
 from tiled_ldm_jax import geometry
-from tiled_ldm_jax import json_files
-from tiled_ldm_jax import safetensors_file
-from tiled_ldm_jax import torch_zip
+from tiled_ldm_jax.files import json_files
+from tiled_ldm_jax.convert import safetensors_file
+from tiled_ldm_jax.convert import torch_zip
 from tiled_ldm_jax.models import configs as configs_lib
 
 
@@ -219,7 +219,7 @@ def convert_vae(diffusers_config: Mapping[str, Any], state_dict: Mapping[str, np
 def convert_checkpoint(kind: str, torch_checkpoint: str, output_dir: str,
                        config_json: str | None = None, latent_scale: float | None = None,
                        return_params: bool = True):
-  """Converts a PyTorch checkpoint into a model folder (see `tiled_ldm_jax.checkpoint`).
+  """Converts a PyTorch checkpoint into a model folder (see `tiled_ldm_jax.models.checkpoint`).
 
   Args:
     kind: 'image_unet', 'mask_unet' or 'vae'.
@@ -234,7 +234,7 @@ def convert_checkpoint(kind: str, torch_checkpoint: str, output_dir: str,
   Returns:
     (config, params as written, read back from `output_dir`) or (config, None).
   """
-  from tiled_ldm_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from tiled_ldm_jax.models import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   if kind not in checkpoint_lib.MODEL_KINDS:
     raise ValueError(f'kind must be one of {checkpoint_lib.MODEL_KINDS}, got {kind!r}')
   if os.path.exists(output_dir) and os.listdir(output_dir):

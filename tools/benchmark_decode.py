@@ -1,6 +1,6 @@
 """Throughput of the tiled, Hann-blended decode: one JSON line per tile batch.
 
-  python scripts/benchmark_decode.py --vae_ckpt=/tmp/vae_ref --size=2048 --patch_size=64 \
+  python tools/benchmark_decode.py --vae_ckpt=/tmp/vae_ref --size=2048 --patch_size=64 \
       --tile_batch=1,8
 
 `compile_seconds` is a warm-up decode of one band of the same width (compiles the band
@@ -16,7 +16,7 @@ from absl import flags
 import jax
 import numpy as np
 
-from tiled_ldm_jax import checkpoint
+from tiled_ldm_jax.models import checkpoint
 from tiled_ldm_jax import decode
 from tiled_ldm_jax import flag_util
 from tiled_ldm_jax import geometry

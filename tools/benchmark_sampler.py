@@ -1,9 +1,9 @@
 """Benchmarks the patch sampler on an image model; prints one JSON line.
 
-  python scripts/benchmark_sampler.py --unet_ckpt=/tmp/image_unet --image_size=256 \
+  python tools/benchmark_sampler.py --unet_ckpt=/tmp/image_unet --image_size=256 \
       --patch_size=128 --steps=20 --cond_scale=3 --patches_per_step=1
   # no checkpoint: random weights in the released model's shapes (GPU/TPU benchmark)
-  python scripts/benchmark_sampler.py --full_size --image_size=2048 --patch_size=512 \
+  python tools/benchmark_sampler.py --full_size --image_size=2048 --patch_size=512 \
       --steps=50 --schedule=grid --dtype=bfloat16
 """
 
@@ -14,8 +14,8 @@ import sys
 from absl import flags
 
 from tiled_ldm_jax.evaluation import benchmark
-from tiled_ldm_jax import checkpoint
-from tiled_ldm_jax import config_files
+from tiled_ldm_jax.models import checkpoint
+from tiled_ldm_jax.files import config_files
 from tiled_ldm_jax import flag_util
 from tiled_ldm_jax import geometry
 from tiled_ldm_jax import pipeline

@@ -1,6 +1,6 @@
 """1 process (1 device) vs 2 processes (2 emulated CPU devices each, gloo) on this machine.
 
-  python scripts/compare_processes.py --out_dir=/tmp/mpm
+  python tools/compare_processes.py --out_dir=/tmp/mpm
 
 Sampling (`sample_large_image.py --mask=demo --image_size=256 --patch_size=128
 --sampling_steps=2 --seed=5`) for N=4 and N=2 (PNG, images shared round-robin) and N=1

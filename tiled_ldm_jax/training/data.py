@@ -36,7 +36,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from tiled_ldm_jax import image_files
+from tiled_ldm_jax.files import image_files
 from tiled_ldm_jax import masks as masks_lib
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.tif', '.tiff')

@@ -43,7 +43,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from tiled_ldm_jax import writers
+from tiled_ldm_jax.output import writers
 
 NGFF_VERSION = '0.4'
 LABEL_NAME = 'tissue'

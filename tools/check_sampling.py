@@ -1,6 +1,6 @@
 """Prints the table of `sampling.sample` checks with analytic denoisers (markdown).
 
-  python scripts/check_sampling.py            # every prediction x schedule x noise schedule
+  python tools/check_sampling.py            # every prediction x schedule x noise schedule
 
 Columns: max |small patches - one whole-latent patch| of a pixel-local denoiser (eta 0,
 x0 clipped to [-1, 1]), and max |sample - target| of an oracle denoiser (eta 0); see

@@ -20,7 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from tiled_ldm_jax import diffusion
+from tiled_ldm_jax.sampling import diffusion
 from tiled_ldm_jax import program_cache
 
 

@@ -25,9 +25,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from tiled_ldm_jax import atomic
-from tiled_ldm_jax import diffusion
-from tiled_ldm_jax import json_files
+from tiled_ldm_jax.files import atomic
+from tiled_ldm_jax.sampling import diffusion
+from tiled_ldm_jax.files import json_files
 from tiled_ldm_jax import sharding
 from tiled_ldm_jax.models import configs as configs_lib
 

@@ -1,9 +1,9 @@
 """Compares sampler options side by side; prints one JSON line per run, then a summary.
 
   # random vs grid (margin 0 and P/8): coverage, seconds, adherence, seams (demo models)
-  python scripts/compare_sampling.py --compare=schedules --image_size=1024 --seeds=0,1,2
+  python tools/compare_sampling.py --compare=schedules --image_size=1024 --seeds=0,1,2
   # float32 vs bfloat16: PSNR of the decoded image and seconds
-  python scripts/compare_sampling.py --compare=dtype --image_size=512
+  python tools/compare_sampling.py --compare=dtype --image_size=512
 
 Adherence is only meaningful for models trained on the synthetic textures (the demo
 models); with other models it is reported but means nothing.

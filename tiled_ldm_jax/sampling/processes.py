@@ -20,7 +20,7 @@ import hashlib
 
 import numpy as np
 
-from tiled_ldm_jax import diffusion
+from tiled_ldm_jax.sampling import diffusion
 
 PREDICTIONS = diffusion.PREDICTIONS + ('flow',)
 NOISE_SCHEDULES = ('cosine', 'linear', 'scaled_linear')

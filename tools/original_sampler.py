@@ -9,7 +9,7 @@ or its dataset module), loading the EMA weights of a `model-N.pt`, call counting
 timing. The sampling code paths (`RandomDiffusion.__call__`, `sample_one`,
 `GaussianDiffusion.ddim_multimask`, `Unet.forward`) run unmodified.
 
-  python scripts/original_sampler.py --original_repo=/path/to/diffinfinite \
+  python tools/original_sampler.py --original_repo=/path/to/diffinfinite \
       --checkpoint=model-1.pt --config_json=config.json --image_size=256 \
       --patch_size=128 --steps=20 --cond_scale=3 --seed=0
 

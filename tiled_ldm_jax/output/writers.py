@@ -13,7 +13,7 @@
   `TiffFile(path).series[0].levels` lists them all. Tiles are JPEG (YCbCr 4:2:0,
   Pillow), zlib or raw, compressed on a thread pool; `mpp` becomes the TIFF resolution
   (OpenSlide's `openslide.mpp-x/y`).
-- OME-Zarr stores (NGFF 0.4, image levels + labels): `tiled_ldm_jax.ome_zarr`.
+- OME-Zarr stores (NGFF 0.4, image levels + labels): `tiled_ldm_jax.output.ome_zarr`.
 - Label masks beside the image (`mask_path`): PNG of label ids (`masks.write_label_png`)
   or, for `.tif`/`.tiff`, a tiled TIFF of label ids (uint8, or uint16 when an id is
   >= 256).
@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image
 
 from tiled_ldm_jax import decode as decode_lib
-from tiled_ldm_jax.atomic import atomic_path  # re-exported: writers use the one helper
+from tiled_ldm_jax.files.atomic import atomic_path  # re-exported: writers use the one helper
 from tiled_ldm_jax import masks as masks_lib
 
 PIL_FORMATS = {'.png': 'PNG', '.jpg': 'JPEG', '.jpeg': 'JPEG'}

@@ -1,7 +1,7 @@
 """Throughput of the image writers alone: megapixels per second, file size, peak RSS.
 
-  python scripts/benchmark_writers.py --sizes 4096,16384
-  python scripts/benchmark_writers.py --sizes 2048 --writers tiff_jpeg --workers 1
+  python tools/benchmark_writers.py --sizes 4096,16384
+  python tools/benchmark_writers.py --sizes 2048 --writers tiff_jpeg --workers 1
 
 Each (writer, size) runs in its own subprocess (so peak RSS is that writer's, plus the
 Python/jax imports and the input pool) on a synthetic uint8 RGB image: smooth colour
@@ -79,8 +79,8 @@ class FileBands:
 
 def run_one(writer: str, size: int, band: int, tile: int, workers: int | None,
             out_dir: str, jpeg_quality: int, source: str | None = None) -> dict:
-  from tiled_ldm_jax import ome_zarr  # pylint: disable=g-import-not-at-top
-  from tiled_ldm_jax import writers  # pylint: disable=g-import-not-at-top
+  from tiled_ldm_jax.output import ome_zarr  # pylint: disable=g-import-not-at-top
+  from tiled_ldm_jax.output import writers  # pylint: disable=g-import-not-at-top
   bands = FileBands(source, band) if source else SyntheticBands(size, size, band)
   rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   shape = (size, size, 3)

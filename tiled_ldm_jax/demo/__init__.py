@@ -1,6 +1,6 @@
 """The bundled demo models: tiny image U-Net, mask U-Net and VAE trained on synthetic data.
 
-They live in `tiled_ldm_jax/demo/` (converted-model folders, see `checkpoint.py`), with a
+They live in `tiled_ldm_jax/demo/` (converted-model folders, see `models/checkpoint.py`), with a
 demo label mask, and are what `sample_large_image.py` uses when no checkpoint flag is
 given. They were trained by `scripts/train.py` with `configs/demo_train_*.py` (README).
 """
@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 
-DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'demo')
+DEMO_DIR = os.path.dirname(os.path.abspath(__file__))
 MODELS = ('image_unet', 'mask_unet', 'vae')
 # A flow-matching image U-Net (configs/demo_train_flow.py) for the 'sample your own
-# model' example (own_model.py); not part of the DiffInfinite demo pipeline.
+# model' example (demo/own_model.py); not part of the DiffInfinite demo pipeline.
 EXTRA_MODELS = ('flow_unet',)
 # The demo U-Nets were trained on 128 px crops: sample and decode with that patch.
 PATCH_SIZE = 128

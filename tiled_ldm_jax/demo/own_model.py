@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from tiled_ldm_jax import checkpoint
-from tiled_ldm_jax import denoisers
+from tiled_ldm_jax.models import checkpoint
+from tiled_ldm_jax.sampling import guidance as denoisers
 from tiled_ldm_jax import geometry
 from tiled_ldm_jax import masks
 from tiled_ldm_jax import pipeline
