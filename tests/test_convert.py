@@ -14,6 +14,8 @@ import numpy as np
 import ml_dtypes
 import pytest
 
+from tiled_ldm_jax import demo as demo_models
+
 from tiled_ldm_jax.models import checkpoint
 from tiled_ldm_jax import convert
 from tiled_ldm_jax import geometry
@@ -385,7 +387,7 @@ def test_save_in_parts_round_trips_and_streams(tmp_path):
 
 
 def test_format_1_folder_still_loads():
-  demo = os.path.join(os.path.dirname(checkpoint.__file__), 'demo', 'mask_unet')
+  demo = demo_models.model_path('mask_unet')
   meta = json.loads(open(os.path.join(demo, 'model.json')).read())
   assert meta['format'] == 1
   model, _, params = checkpoint.load_model(demo)
