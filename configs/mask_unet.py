@@ -1,7 +1,7 @@
 """Config of the released mask model (class-conditioned, 2 classes).
 
 Full size: see ../shared/reference/full_size_shapes/. Load with
-`tiled_ldm_jax.files.config_files.load_model_config('configs/mask_unet.py')`.
+`tiled_ldm_jax.models.config_files.load_model_config('configs/mask_unet.py')`.
 Fields not set here keep their `UNetConfig` default (tiled_ldm_jax/models/configs.py).
 """
 

@@ -16,7 +16,8 @@ from absl import flags
 from tiled_ldm_jax import demo
 from tiled_ldm_jax import flag_util
 from tiled_ldm_jax import masks
-from tiled_ldm_jax.demo import own_model
+from tiled_ldm_jax import sampling
+from tiled_ldm_jax.examples import own_model
 from tiled_ldm_jax.output import writers
 from tiled_ldm_jax.evaluation import benchmark
 
@@ -47,7 +48,8 @@ def main(argv):
   start = time.perf_counter()
   image = own_model.sample_trained_unet(
       _UNET.value, _VAE.value, labels, steps=_STEPS.value, seed=_SEED.value,
-      cond_scale=_SCALE.value, patch_size=_PATCH.value, schedule=_SCHEDULE.value)
+      cond_scale=_SCALE.value, patch_size=_PATCH.value,
+      windows=sampling.Grid() if _SCHEDULE.value == 'grid' else sampling.Random())
   seconds = time.perf_counter() - start
   writers.write_image(_OUTPUT.value, image)
   print(json.dumps({'output': _OUTPUT.value, 'shape': list(image.shape),

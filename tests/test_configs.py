@@ -11,7 +11,7 @@ import ml_collections
 from ml_collections import config_flags
 import pytest
 
-from tiled_ldm_jax.files import config_files
+from tiled_ldm_jax.models import config_files
 from tiled_ldm_jax import training
 from tiled_ldm_jax.models import configs
 

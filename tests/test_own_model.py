@@ -1,5 +1,5 @@
 """A trained U-Net's objective (model.json) picks how it is sampled, in the pipeline and
-in the README's "your own model" example (`demo/own_model.py`, `scripts/sample_own_model.py`)."""
+in the README's "your own model" example (`examples/own_model.py`, `scripts/sample_own_model.py`)."""
 
 import inspect
 import json
@@ -14,7 +14,7 @@ from PIL import Image
 from tiled_ldm_jax import demo
 from tiled_ldm_jax.sampling import guidance as denoisers
 from tiled_ldm_jax import masks
-from tiled_ldm_jax.demo import own_model
+from tiled_ldm_jax.examples import own_model
 from tiled_ldm_jax import pipeline
 from tiled_ldm_jax import sampling
 from tiled_ldm_jax.evaluation import benchmark
@@ -43,12 +43,12 @@ def test_pipeline_samples_by_the_models_objective(tmp_path, objective):
   assert pipe.unet.objective == objective
   opts = dict(sampling_steps=3, patch_size=128)
   z = np.asarray(pipe.sample_latents(labels, seed=4, **opts))
-  net, prediction, clip = denoisers.trained_unet(unet.eps_fn(pipe.unet.config), objective)
+  net, process = denoisers.trained_unet(unet.eps_fn(pipe.unet.config), objective)
   direct = sampling.sample(
       sampling.multilabel_guidance(net, pipe.unet.config.num_classes, 3.0), pipe.unet.params,
       sampling.spatial(masks.latent_labels(labels, 8).astype(np.int32)),
       keys=pipeline._stage_keys(4, [0], 1),  # pylint: disable=protected-access
-      latent_shape=(16, 32, 4), patch=16, steps=3, prediction=prediction, clip_x0=clip)
+      latent_shape=(16, 32, 4), patch=16, steps=3, process=process)
   np.testing.assert_allclose(z, np.asarray(direct), atol=1e-5)
   eps = pipeline.Pipeline.from_pretrained(demo.model_path('image_unet'), demo.model_path('vae'))
   assert eps.unet.objective == 'eps'
@@ -61,16 +61,16 @@ def test_unknown_objective_is_refused(tmp_path):
     pipeline.Pipeline.from_pretrained(folder, demo.model_path('vae'))
 
 
-def test_readme_example_is_the_functions_code():
-  text = (ROOT / 'README.md').read_text()
+def test_docs_example_is_the_functions_code():
+  text = (ROOT / 'docs' / 'own_model.md').read_text()
   blocks = re.findall(r'<!-- own-model-example -->\s*```python\n(.*?)```', text, re.S)
-  assert len(blocks) == 1, 'README must hold one marked own-model example'
+  assert len(blocks) == 1, 'docs/own_model.md must hold one marked own-model example'
   source = inspect.getsource(own_model.sample_trained_unet)
   squash = lambda s: ' '.join(s.split())
   for line in blocks[0].splitlines():
     code = line.split('#')[0].strip()
     if code and not code.startswith(('from ', 'import ')):
-      assert squash(code) in squash(source), f'README line not in the code: {line}'
+      assert squash(code) in squash(source), f'docs line not in the code: {line}'
 
 
 def test_own_model_script(tmp_path, script_server):

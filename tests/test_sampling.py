@@ -46,7 +46,7 @@ def test_oracle_lands_on_the_target(prediction):
 def test_the_local_denoiser_is_not_trivial():
   """The equivalence is not vacuous: other keys or cond change the sample."""
   fn = sc.local_denoiser('flow')
-  kw = dict(latent_shape=(16, 16, sc.CHANNELS), patch=8, steps=4, prediction='flow',
+  kw = dict(latent_shape=(16, 16, sc.CHANNELS), patch=8, steps=4, process=sampling.Flow(),
             devices=1)
   cond = sc._cond(2, 16, 16, seed=1)  # pylint: disable=protected-access
   a = sampling.sample(fn, jnp.asarray(sc.MIX), cond, keys=sampling.image_keys(0, [0, 1]), **kw)
@@ -74,7 +74,7 @@ def test_spatial_cond_is_cropped_at_the_patch_and_other_leaves_per_image(schedul
     return jnp.zeros_like(x)
 
   sampling.sample(denoise, None, cond, keys=keys, latent_shape=(h, w, 2), patch=8,
-                  steps=2, prediction='flow', schedule=schedule, patches_per_step=2,
+                  steps=2, process=sampling.Flow(), windows=sc.windows_of(schedule, 2),
                   devices=1)
   checked = 0
   for t, x, crop, idx in seen:
@@ -115,7 +115,8 @@ def test_diffinfinite_path_is_the_same_loop():
   keys = sampling.image_keys(0, [0, 1])
   guided = sampling.multilabel_guidance(eps, 3, 2.0)
   state = sampling.sample(guided, a_mat, sampling.spatial(labels), keys=keys,
-                          latent_shape=(16, 16, 4), patch=8, steps=3, clip_x0=1.0,
+                          latent_shape=(16, 16, 4), patch=8, steps=3,
+                          process=sampling.Diffusion(clip_x0=1.0),
                           devices=1, return_state=True)
   smp = sampler.Sampler(guided, sampler.SamplerSettings(steps=3, patch=8))
   ref = smp.sample(a_mat, keys, sampler.spatial(labels))
@@ -125,8 +126,8 @@ def test_diffinfinite_path_is_the_same_loop():
 
 def test_no_recompile_for_new_keys_or_cond():
   fn = sc.local_denoiser('v')
-  kw = dict(latent_shape=(16, 16, sc.CHANNELS), patch=8, steps=2, prediction='v',
-            noise_schedule='linear', devices=1, eta=1.0)
+  kw = dict(latent_shape=(16, 16, sc.CHANNELS), patch=8, steps=2,
+            process=sampling.Diffusion('v', 'linear'), devices=1, eta=1.0)
   before = sampler.compiled.cache_info()   # the one compiled-sampler cache
   for seed in (0, 1):
     sampling.sample(fn, jnp.asarray(sc.MIX), sc._cond(2, 16, 16, seed),  # pylint: disable=protected-access
@@ -136,6 +137,18 @@ def test_no_recompile_for_new_keys_or_cond():
   smp = sampling.api._sampler(fn, None, sampler.SamplerSettings(steps=2, patch=8), processes.make(  # pylint: disable=protected-access
       'v', 'linear', None), None, 2)
   assert smp.compiles() == 1
+
+
+@pytest.mark.parametrize('make,match', [
+    (lambda: sampling.Diffusion('score'), 'prediction must be one of'),
+    (lambda: sampling.Diffusion(noise_schedule='sigmoid'), 'noise_schedule must be one of'),
+    (lambda: sampling.Diffusion(noise_schedule=np.array([0.5, 2.0])),
+     r'alphas_cumprod must be a \[T\] array'),
+])
+def test_bad_strategy_is_one_line_error(make, match):
+  with pytest.raises(ValueError, match=match) as e:
+    make()
+  assert '\n' not in str(e.value)
 
 
 def test_noise_schedules():
@@ -152,10 +165,10 @@ def test_noise_schedules():
 
 
 @pytest.mark.parametrize('kwargs,match', [
-    (dict(prediction='score'), 'prediction must be one of'),
-    (dict(schedule='spiral'), 'schedule must be one of'),
-    (dict(noise_schedule='sigmoid'), 'noise_schedule must be one of'),
-    (dict(noise_schedule=np.array([0.5, 2.0])), r'alphas_cumprod must be a \[T\] array'),
+    (dict(process='flow'), r'process must be sampling.Diffusion\(...\) or sampling.Flow\(\)'),
+    (dict(windows='grid'), r'windows must be sampling.Random\(...\) or sampling.Grid'),
+    (dict(windows=sampling.Random(0)), 'patches_per_step must be >= 1'),
+    (dict(windows=sampling.Grid(margin=4)), 'grid_margin must be in'),
     (dict(latent_shape=(16, 16)), r'latent_shape must be \(h, w, C\)'),
     (dict(patch=32), 'smaller than the patch'),
     (dict(keys=jax.random.split(jax.random.PRNGKey(0), 2)), 'typed PRNG keys'),
@@ -174,11 +187,11 @@ def test_bad_input_is_one_line_error(kwargs, match):
 
 
 def test_readme_example_runs():
-  text = (pathlib.Path(__file__).resolve().parents[1] / 'README.md').read_text()
+  text = (pathlib.Path(__file__).resolve().parents[1] / 'docs' / 'own_model.md').read_text()
   blocks = re.findall(r'<!-- sampling-example -->\s*```python\n(.*?)```', text, re.S)
-  assert len(blocks) == 1, 'README must hold one marked sampling example'
+  assert len(blocks) == 1, 'docs/own_model.md must hold one marked sampling example'
   scope = {}
-  exec(compile(blocks[0], 'README.md', 'exec'), scope)  # pylint: disable=exec-used
+  exec(compile(blocks[0], 'docs/own_model.md', 'exec'), scope)  # pylint: disable=exec-used
   assert scope['x'].shape == (2, 96, 128, 4)
   assert scope['error'] < 1e-5, scope['error']
 
@@ -190,7 +203,7 @@ def test_dtype_is_the_denoisers_input_dtype():
     seen.append(x.dtype)            # at trace time
     return -x                       # bfloat16 out: the update stays float32
   x = sampling.sample(denoise, None, None, keys=sampling.image_keys(0, [0]),
-                      latent_shape=(8, 8, 2), patch=8, steps=2, prediction='flow',
+                      latent_shape=(8, 8, 2), patch=8, steps=2, process=sampling.Flow(),
                       dtype=jnp.bfloat16, devices=1)
   assert seen and all(d == jnp.bfloat16 for d in seen)
   assert x.dtype == jnp.float32

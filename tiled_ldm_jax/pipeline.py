@@ -37,7 +37,6 @@ from tiled_ldm_jax.sampling import diffusion
 from tiled_ldm_jax import geometry
 from tiled_ldm_jax import masks as masks_lib
 from tiled_ldm_jax import memory
-from tiled_ldm_jax.sampling import processes
 from tiled_ldm_jax.sampling import loop as sampler_lib
 from tiled_ldm_jax.sampling import windows as schedules
 from tiled_ldm_jax import sharding
@@ -262,14 +261,14 @@ class Pipeline:
   # ------------------------------------------------------------------------- samplers
 
   def _sampler(self, which: str, o: Options, patch_px: int, latent_hw, n_images: int):
-    """The compiled sampler of a stage, from the process-wide cache (`sampler.compiled`:
+    """The compiled sampler of a stage, from the process-wide cache (`loop.compiled`:
     equal models and settings share it, across Pipelines)."""
     f = self.geometry.factor
     patch, margin = patch_px // f, self.geometry.latent_size(o.grid_margin, 'grid_margin') \
         if o.grid_margin else 0
     k = self.patches_per_step(o, patch, margin, latent_hw)
     model = self.unet if which == 'image' else self.mask_unet
-    net, prediction, clip = denoisers.trained_unet(
+    net, process = denoisers.trained_unet(
         unet_lib.eps_fn(dataclasses.replace(model.config, dtype=o.dtype)), model.objective)
     denoise = (denoisers.image_denoiser(net, model.config.num_classes, o.cond_scale)
                if which == 'image' else denoisers.mask_denoiser(net, o.mask_cond_scale))
@@ -278,8 +277,7 @@ class Pipeline:
         progress_every=o.progress_every, progress_label=f'{which} stage',
         schedule=o.schedule, grid_margin=margin)
     mesh = sharding.make_mesh(n_images, k, self.devices)
-    return sampler_lib.compiled(denoise, settings, mesh, n_images,
-                                processes.make(prediction, None, clip))
+    return sampler_lib.compiled(denoise, settings, mesh, n_images, process)
 
   @staticmethod
   def patches_per_step(o: Options, patch: int, margin: int, latent_hw) -> int:

@@ -15,7 +15,7 @@ from absl import flags
 
 from tiled_ldm_jax.evaluation import benchmark
 from tiled_ldm_jax.models import checkpoint
-from tiled_ldm_jax.files import config_files
+from tiled_ldm_jax.models import config_files
 from tiled_ldm_jax import flag_util
 from tiled_ldm_jax import geometry
 from tiled_ldm_jax import pipeline

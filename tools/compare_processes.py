@@ -8,8 +8,6 @@ Sampling (`sample_large_image.py --mask=demo --image_size=256 --patch_size=128
 training of the demo image U-Net (global batch 8). Prints one JSON line per comparison:
 max pixel difference, wall seconds, image-stage and decode seconds; losses and logged
 steps/s. A correctness and overhead check (the processes share the machine's cores).
-The numbers in the issue 13 closing note come from this script (then at
-/work/notes/meas/mp_measure.py, the same code with fixed paths).
 """
 import json, os, pathlib, socket, subprocess, sys, time, shutil
 

@@ -12,7 +12,7 @@ import os
 DEMO_DIR = os.path.dirname(os.path.abspath(__file__))
 MODELS = ('image_unet', 'mask_unet', 'vae')
 # A flow-matching image U-Net (configs/demo_train_flow.py) for the 'sample your own
-# model' example (demo/own_model.py); not part of the DiffInfinite demo pipeline.
+# model' example (examples/own_model.py); not part of the DiffInfinite demo pipeline.
 EXTRA_MODELS = ('flow_unet',)
 # The demo U-Nets were trained on 128 px crops: sample and decode with that patch.
 PATCH_SIZE = 128

@@ -77,15 +77,26 @@ def patch_equivalence(prediction: str, schedule: str, noise_schedule: str, *,
   """
   keys = sampling.image_keys(0, range(n))
   cond = _cond(n, *hw, seed=1)
-  common = dict(keys=keys, latent_shape=hw + (CHANNELS,), steps=steps,
-                prediction=prediction, noise_schedule=noise_schedule, eta=0.0, devices=1,
-                clip_x0=clip_x0)
-  small = dict(schedule=schedule, patches_per_step=2 if schedule == 'random' else 4,
-               grid_margin=2 if schedule == 'grid' else 0)
+  common = dict(keys=keys, latent_shape=hw + (CHANNELS,), steps=steps, eta=0.0, devices=1,
+                process=process_of(prediction, noise_schedule, clip_x0))
+  small = dict(windows=sampling.Random(2) if schedule == 'random' else
+               sampling.Grid(margin=2, patches_per_step=4))
   fn = local_denoiser(prediction)
   tiled = sampling.sample(fn, jnp.asarray(MIX), cond, patch=patch, **small, **common)
   whole = sampling.sample(fn, jnp.asarray(MIX), cond, patch=max(hw), **common)
   return float(jnp.abs(tiled - whole).max())
+
+
+def process_of(prediction: str, noise_schedule='cosine', clip_x0=None):
+  """The sampling strategy of a prediction type named in a table."""
+  if prediction == 'flow':
+    return sampling.Flow()
+  return sampling.Diffusion(prediction, noise_schedule, clip_x0)
+
+
+def windows_of(schedule: str, patches_per_step: int | None = None):
+  return (sampling.Random(patches_per_step or 1) if schedule == 'random' else
+          sampling.Grid(patches_per_step=patches_per_step))
 
 
 def oracle_error(prediction: str, schedule: str, noise_schedule: str = 'cosine', *,
@@ -97,8 +108,8 @@ def oracle_error(prediction: str, schedule: str, noise_schedule: str = 'cosine',
   fn = oracle_denoiser(prediction, processes.noise_schedule(noise_schedule))
   out = sampling.sample(fn, None, {'target': sampling.spatial(target.astype(np.float32))},
                         keys=keys, latent_shape=hw + (CHANNELS,), patch=patch, steps=steps,
-                        prediction=prediction, noise_schedule=noise_schedule,
-                        schedule=schedule, eta=eta, devices=1)
+                        process=process_of(prediction, noise_schedule),
+                        windows=windows_of(schedule), eta=eta, devices=1)
   return float(np.abs(np.asarray(out) - target).max())
 
 

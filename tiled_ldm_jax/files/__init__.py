@@ -1,3 +1,3 @@
 """Files from outside, read safely (format from the signature, bounded sizes, nothing
-executed: `json_files`, `image_files`, `latent_files`, `config_files`), and the one
+executed: `json_files`, `image_files`, `latent_files`), and the one
 atomic-write helper (`atomic`)."""

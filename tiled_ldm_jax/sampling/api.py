@@ -1,8 +1,9 @@
 """Sample your own model: the large-image random-patch sampler for any JAX denoiser.
 
     from tiled_ldm_jax import sampling
-    x = sampling.sample(denoise, params, cond, keys=jax.random.split(jax.random.key(0), 2),
-                        latent_shape=(256, 256, 4), patch=64, steps=50, prediction='v')
+    x = sampling.sample(denoise, params, cond, keys=sampling.image_keys(0, [0, 1]),
+                        latent_shape=(256, 256, 4), patch=64, steps=50,
+                        process=sampling.Diffusion('v', 'scaled_linear'))
     # x: [N, 256, 256, 4]
 
 `denoise(params, x [B, P, P, C], t [B], cond_patch) -> [B, P, P, C]` is the model's
@@ -16,7 +17,7 @@ and a step is Euler on a uniform grid from 1 to 0 (`sampling/processes.py`).
 denoiser cropped to each patch ([B, P, P, ...]); other leaves ([N, ...], e.g. a class id
 or a text embedding) as the row of the patch's image ([B, ...]).
 
-This is the loop the DiffInfinite pipeline runs (`sampler.Sampler`); guidance is a
+This is the loop the DiffInfinite pipeline runs (`loop.Sampler`); guidance is a
 denoiser wrapper (`classifier_free_guidance`, `multilabel_guidance`). Compiled samplers
 are cached per (denoiser, settings, process, placement), so calling `sample` again with
 new keys or cond of the same shapes does not recompile.
@@ -45,15 +46,16 @@ multilabel_guidance = denoisers.multilabel_guidance
 image_keys = sampler_lib.image_keys
 PREDICTIONS = processes.PREDICTIONS
 NOISE_SCHEDULES = processes.NOISE_SCHEDULES
-SCHEDULES = sampler_lib.SCHEDULES
+# The strategies: how a step uses the prediction, where the windows go.
+Diffusion = processes.Diffusion
+Flow = processes.Flow
+Random = schedules.Random
+Grid = schedules.Grid
 
 
 def sample(denoise, params, cond, *, keys, latent_shape, patch: int, steps: int,
-           prediction: str = 'eps', noise_schedule='cosine', schedule: str = 'random',
-           eta: float = 1.0, clip_x0: float | None = None,
-           patches_per_step: int | None = None, grid_margin: int = 0, dtype=None,
-           mesh=None, devices: int = 0, progress_every: int = 0,
-           return_state: bool = False):
+           process=None, windows=None, eta: float = 1.0, dtype=None, mesh=None,
+           devices: int = 0, progress_every: int = 0, return_state: bool = False):
   """N latents [N, h, w, C] sampled patch by patch (see the module docstring).
 
   Args:
@@ -64,30 +66,24 @@ def sample(denoise, params, cond, *, keys, latent_shape, patch: int, steps: int,
       depends only on keys[n].
     latent_shape: (h, w, C). patch: the latent window side P (<= h, w).
     steps: sampling steps S (every latent pixel takes exactly S).
-    prediction: 'eps', 'v', 'x0' or 'flow'.
-    noise_schedule: 'cosine', 'linear', 'scaled_linear', a `noise_schedule(...)` object
-      (anything with `alphas_cumprod`) or a [T] array (unused for flow).
-    schedule: patch placement, 'random' (DiffInfinite's) or 'grid' (shifted windows).
+    process: what a step does with the prediction: `Diffusion(prediction, noise_schedule,
+      clip_x0)` (DDIM; default `Diffusion()`: eps, cosine, no clamp) or `Flow()`.
+    windows: where each iteration's windows go: `Random(patches_per_step)` (default
+      `Random()`, DiffInfinite's) or `Grid(margin, patches_per_step)`.
     eta: DDIM eta (0: deterministic given the initial noise; unused for flow).
-    clip_x0: clamp the predicted x0 to [-clip_x0, clip_x0] at every DDIM step (the
-      DiffInfinite models use 1.0); None: no clamp.
-    patches_per_step: K windows per image per iteration (default 1 for random; grid:
-      every window of a level, at most `schedules.GRID_BATCH_PIXELS` latent pixels
-      per call).
-    grid_margin: grid: latent pixels of context each side of a window, not written.
     dtype: the dtype `x` is given to `denoise` in (e.g. jnp.bfloat16); the state and the
       update stay float32.
     mesh / devices: a 1-D `jax.sharding.Mesh`, or at most this many devices (0: all);
       images are split over devices when N divides, else each iteration's patches.
-    return_state: return the final `sampler.SamplerState` (x and counters) instead of x.
+    return_state: return the final `loop.SamplerState` (x and counters) instead of x.
   """
-  h, w, c = _check(keys, latent_shape, patch, prediction, schedule, cond)
-  k = patches_per_step or schedules.default_patches_per_step(
-      schedule, (h, w), patch, grid_margin)
+  process = Diffusion() if process is None else process
+  windows = Random() if windows is None else windows
+  h, w, c = _check(keys, latent_shape, patch, process, windows, cond)
+  schedule, k, margin = windows.settings((h, w), patch)
   settings = sampler_lib.SamplerSettings(
       steps=steps, patch=patch, patches_per_step=k, eta=eta, progress_every=progress_every,
-      schedule=schedule, grid_margin=grid_margin)
-  process = processes.make(prediction, noise_schedule, clip_x0)
+      schedule=schedule, grid_margin=margin)
   n = keys.shape[0]
   if mesh is None:
     mesh = sharding.make_mesh(n, k, devices)
@@ -97,12 +93,14 @@ def sample(denoise, params, cond, *, keys, latent_shape, patch: int, steps: int,
   return state if return_state else state.x
 
 
-def _check(keys, latent_shape, patch, prediction, schedule, cond):
+def _check(keys, latent_shape, patch, process, windows, cond):
   """One-line ValueErrors before anything is compiled."""
-  if prediction not in PREDICTIONS:
-    raise ValueError(f'prediction must be one of {PREDICTIONS}, got {prediction!r}')
-  if schedule not in SCHEDULES:
-    raise ValueError(f'schedule must be one of {SCHEDULES}, got {schedule!r}')
+  if not isinstance(process, (Diffusion, Flow)):
+    raise ValueError(f'process must be sampling.Diffusion(...) or sampling.Flow(), got '
+                     f'{process!r}')
+  if not isinstance(windows, (Random, Grid)):
+    raise ValueError(f'windows must be sampling.Random(...) or sampling.Grid(...), got '
+                     f'{windows!r}')
   if len(tuple(latent_shape)) != 3:
     raise ValueError(f'latent_shape must be (h, w, C), got {latent_shape}')
   if not (hasattr(keys, 'dtype') and jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key)
@@ -115,7 +113,7 @@ def _check(keys, latent_shape, patch, prediction, schedule, cond):
 
 
 def _sampler(denoise, dtype, settings, process, mesh, n_images) -> sampler_lib.Sampler:
-  """The compiled sampler (`sampler.compiled`, the one cache) of a request."""
+  """The compiled sampler (`loop.compiled`, the one cache) of a request."""
   if dtype is not None:
     denoise = _cast(denoise, dtype)
   return sampler_lib.compiled(denoise, settings, mesh, n_images, process)

@@ -2,14 +2,14 @@
 
 A denoiser is `(params, x [B, P, P, C], t [B], cond_patch) -> pred [B, P, P, C]`, or
 `(pred, samples evaluated)` so that the sampler's counters see guidance passes;
-`cond_patch` is the conditioning pytree cropped to the patch (`sampler.Spatial` leaves)
+`cond_patch` is the conditioning pytree cropped to the patch (`loop.Spatial` leaves)
 or taken from the patch's image (other leaves). Guidance is a wrapper around a
 denoiser: `classifier_free_guidance` (one conditional and one unconditional pass) or
 `multilabel_guidance` (the image model's L+1 passes; SPEC 2). Both use the project's
 weight convention `null + (1 + w)(cond - null)` (w = 0: the conditional pass only).
 
 The builders with hashable arguments are cached: the same model function and settings
-give the same denoiser object, so the compiled-sampler cache (`sampler.compiled`, keyed
+give the same denoiser object, so the compiled-sampler cache (`loop.compiled`, keyed
 by the denoiser) is hit by every Pipeline and call that asks for it again.
 """
 
@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from tiled_ldm_jax.sampling import diffusion
 from tiled_ldm_jax import program_cache
+from tiled_ldm_jax.sampling import processes
 
 
 def counted(out, batch: int):
@@ -72,18 +73,18 @@ def multilabel_guidance(denoise, num_classes: int, w: float):
 
 @functools.cache
 def trained_unet(apply_fn, objective: str = 'eps'):
-  """(network fn, the `processes.make` prediction and x0 clip) of a U-Net trained with
-  `objective` (checkpoint.read_objective). eps: the original's DDIM with x0 clipped to
-  [-1, 1]; v: DDIM on the same cosine schedule, unclipped; flow: Euler, the network told
+  """(network fn, its `processes` strategy) for a U-Net trained with `objective`
+  (checkpoint.read_objective). eps: the original's DDIM with x0 clipped to [-1, 1];
+  v: DDIM on the same cosine schedule, unclipped; flow: Euler, the network told
   t * FLOW_TIME_SCALE."""
   if objective == 'eps':
-    return apply_fn, 'eps', 1.0
+    return apply_fn, processes.Diffusion('eps', clip_x0=1.0)
   if objective == 'v':
-    return apply_fn, 'v', None
+    return apply_fn, processes.Diffusion('v')
   if objective == 'flow':
     def net(params, x, t, *cond):
       return apply_fn(params, x, t * diffusion.FLOW_TIME_SCALE, *cond)
-    return program_cache.keyed(net, 'flow_net', apply_fn), 'flow', None
+    return program_cache.keyed(net, 'flow_net', apply_fn), processes.Flow()
   raise ValueError(f'objective must be eps, v or flow, got {objective!r}')
 
 

@@ -96,7 +96,7 @@ class SamplerState:
   remaining: jax.Array    # [N] int32: random: pixels still at `level`; grid: window
                           # batches of the level already done
   counts: jax.Array       # [N, bh, bw] int32: random: lowest-level pixels per P x P block
-                          # (`schedules.block_sizes` layout); grid: unused
+                          # (`windows.block_sizes` layout); grid: unused
   keys: jax.Array         # [N] typed PRNG keys, one per image
   image_iters: jax.Array  # [N] int32: iterations in which the image advanced patches
   iterations: jax.Array   # [] int32: loop iterations (one batch of N*K patches each)
@@ -121,9 +121,7 @@ class SamplerSettings:
       raise ValueError(f'sampling steps must be >= 1, got {self.steps}')
     if self.schedule not in SCHEDULES:
       raise ValueError(f'schedule must be one of {SCHEDULES}, got {self.schedule!r}')
-    if self.grid_margin < 0 or 2 * self.grid_margin >= self.patch:
-      raise ValueError(f'grid_margin must be in [0, patch/2) = [0, {-(-self.patch // 2)}) '
-                       f'latent pixels, got {self.grid_margin}')
+    schedules.check_margin(self.grid_margin, self.patch)
     if self.patch < 1:
       raise ValueError(f'patch side must be >= 1 latent pixel, got {self.patch}')
     if self.patches_per_step < 1:
@@ -194,20 +192,35 @@ def _paste(a, corner, value):
 
 
 class _ProgressLog:
-  """The progress line the host logs between chunks (a logging helper, not sampler
-  state)."""
+  """The progress lines the host logs between chunks (a logging helper, not sampler
+  state): a start line, then at most one line per `EVERY_SECONDS` or per 10% of the work
+  (whichever comes first), and the end line, each with the elapsed time and an ETA."""
+
+  EVERY_SECONDS = 10.0
+  EVERY_FRACTION = 0.1
 
   def __init__(self, label: str):
     self.label = label
-    self.started = time.monotonic()
+    self.started = self.last = time.monotonic()
+    self.last_frac = 0.0
 
   def restart(self) -> None:
-    self.started = time.monotonic()
+    self.started = self.last = time.monotonic()
+    self.last_frac = 0.0
+    logging.info('%s: started', self.label)
 
   def __call__(self, done, total, iteration) -> None:
     frac = float(done) / float(total)
-    elapsed = time.monotonic() - self.started
+    now = time.monotonic()
+    if (frac < 1.0 and now - self.last < self.EVERY_SECONDS
+        and frac - self.last_frac < self.EVERY_FRACTION):
+      return
+    self.last, self.last_frac = now, frac
+    elapsed = now - self.started
     eta = elapsed * (1 - frac) / frac if frac > 0 else float('nan')
+    if frac >= 1.0:
+      logging.info('%s: done (%d iterations, %.1f s)', self.label, int(iteration), elapsed)
+      return
     logging.info('%s: %5.1f%% (%d iterations, %.0f s elapsed, ETA %.0f s)', self.label,
                  100 * frac, int(iteration), elapsed, eta)
 
@@ -238,7 +251,7 @@ class Sampler:
     self.mesh = mesh
     self.n_images = n_images
     self.split = _choose_split(mesh, n_images, settings.patches_per_step)
-    self.process = processes.Diffusion() if process is None else process
+    self.process = processes.Diffusion(clip_x0=1.0) if process is None else process
     self.pairs = self.process.time_grid(settings.steps)       # [S, 2] (t, t_next)
     self._log = _ProgressLog(settings.progress_label)
     self._run_jit = program_cache.CachedJit(self._run, self._program_key(),

@@ -1,7 +1,7 @@
 """What one sampler step does with a model's prediction: DDIM for eps / v / x0 models on a
 noise schedule, Euler for flow matching.
 
-A process gives the sampler (`sampler.Sampler`) two things:
+A process gives the sampler (`loop.Sampler`) two things:
 - `time_grid(steps)`: [S, 2] pairs (t, t_next), one per level: the time the denoiser is
   told at level L and where the step lands. Diffusion: int timesteps indexing the noise
   schedule's `alphas_cumprod` (the original's `int(linspace(-1, T-1, S+1))`, reversed);
@@ -63,22 +63,30 @@ def as_schedule(value) -> diffusion.Schedule:
 class Diffusion:
   """DDIM (with eta) for eps, v or x0 models on a noise schedule.
 
-  `clip`: clamp the predicted x0 to [-clip, clip] (the original's 1.0; None: no clamp).
+  `noise_schedule`: 'cosine' (the original's), 'linear', 'scaled_linear', a
+  `noise_schedule(...)` object or a [T] `alphas_cumprod` array. `clip_x0`: clamp the
+  predicted x0 to [-clip_x0, clip_x0] at every step (the DiffInfinite models: 1.0; None:
+  no clamp).
   """
 
-  def __init__(self, schedule=None, prediction: str = 'eps', clip: float | None = 1.0):
+  def __init__(self, prediction: str = 'eps', noise_schedule='cosine',
+               clip_x0: float | None = None):
     if prediction not in diffusion.PREDICTIONS:
       raise ValueError(f'prediction must be one of {PREDICTIONS}, got {prediction!r}')
-    self.schedule = diffusion.Schedule() if schedule is None else as_schedule(schedule)
+    self.schedule = as_schedule('cosine' if noise_schedule is None else noise_schedule)
     self.prediction = prediction
-    self.clip = clip
+    self.clip_x0 = clip_x0
+
+  def __repr__(self):
+    return (f'Diffusion({self.prediction!r}, <{self.schedule.timesteps} steps>, '
+            f'clip_x0={self.clip_x0})')
 
   def _key(self):
-    return (self.prediction, self.clip, self.schedule.alphas_cumprod.tobytes())
+    return (self.prediction, self.clip_x0, self.schedule.alphas_cumprod.tobytes())
 
   def program_key(self):
     """For `program_cache`: equal processes, equal keys."""
-    return ('diffusion', self.prediction, self.clip,
+    return ('diffusion', self.prediction, self.clip_x0,
             hashlib.sha256(self.schedule.alphas_cumprod.tobytes()).hexdigest())
 
   def __eq__(self, other):
@@ -92,11 +100,14 @@ class Diffusion:
 
   def step(self, x, pred, t, t_next, noise, eta: float):
     return diffusion.ddim_step(self.schedule, x, pred, t, t_next, noise, eta,
-                               prediction=self.prediction, clip=self.clip)
+                               prediction=self.prediction, clip=self.clip_x0)
 
 
 class Flow:
   """Euler steps of a flow-matching (rectified flow) velocity model from t = 1 to 0."""
+
+  def __repr__(self):
+    return 'Flow()'
 
   def __eq__(self, other):
     return isinstance(other, Flow)
@@ -120,7 +131,8 @@ class Flow:
 
 
 def make(prediction: str = 'eps', noise_schedule_=None, clip: float | None = 1.0):
-  """The process of a prediction type ('eps', 'v', 'x0' or 'flow')."""
+  """The process of a prediction type ('eps', 'v', 'x0' or 'flow'), for callers that
+  hold the type as a string (a model.json's objective)."""
   if prediction == 'flow':
     return Flow()
-  return Diffusion(noise_schedule_, prediction, clip)
+  return Diffusion(prediction, noise_schedule_, clip)

@@ -23,6 +23,8 @@ on the order, or on the device count. About one evaluation per pixel and step (x
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -30,6 +32,42 @@ PAD_BLOCKS = 3   # zero blocks past the bottom/right: exclusion windows span <= 
 # Grid schedule: default window batch = all windows of a level, capped at this many latent
 # pixels per denoiser call (e.g. 256 demo windows of 16^2, 16 full-size windows of 64^2).
 GRID_BATCH_PIXELS = 1 << 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Random:
+  """The original's placement: K non-overlapping windows per image per iteration, each
+  centred uniformly among the pixels at the image's lowest level (K = 1: DiffInfinite's
+  distribution)."""
+  patches_per_step: int = 1
+  name = 'random'
+
+  def settings(self, hw, patch: int) -> tuple[str, int, int]:
+    """(schedule name, K, margin) for `SamplerSettings`."""
+    del hw, patch
+    return self.name, self.patches_per_step, 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+  """Shifted non-overlapping grid windows: every cell once per level, `margin` latent
+  pixels of context each side of a window (read, not written); `patches_per_step` None:
+  every window of a level, at most `GRID_BATCH_PIXELS` latent pixels per call."""
+  margin: int = 0
+  patches_per_step: int | None = None
+  name = 'grid'
+
+  def settings(self, hw, patch: int) -> tuple[str, int, int]:
+    check_margin(self.margin, patch)
+    k = self.patches_per_step or default_patches_per_step('grid', hw, patch, self.margin)
+    return self.name, k, self.margin
+
+
+def check_margin(margin: int, patch: int) -> None:
+  """The grid's margin must leave a cell: 0 <= margin < patch / 2 (latent pixels)."""
+  if margin < 0 or 2 * margin >= patch:
+    raise ValueError(f'grid_margin must be in [0, patch/2) = [0, {-(-patch // 2)}) '
+                     f'latent pixels, got {margin}')
 
 
 def block_sizes(h: int, w: int, patch: int):

@@ -16,7 +16,7 @@ import typing
 import ml_collections
 from ml_collections import config_dict
 
-from tiled_ldm_jax.files import config_files
+from tiled_ldm_jax.models import config_files
 from tiled_ldm_jax.sampling import diffusion
 from tiled_ldm_jax import geometry
 from tiled_ldm_jax.models import configs as configs_lib

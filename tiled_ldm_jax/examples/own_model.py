@@ -11,11 +11,11 @@ from __future__ import annotations
 import numpy as np
 
 from tiled_ldm_jax.models import checkpoint
-from tiled_ldm_jax.sampling import guidance as denoisers
 from tiled_ldm_jax import geometry
 from tiled_ldm_jax import masks
 from tiled_ldm_jax import pipeline
 from tiled_ldm_jax import sampling
+from tiled_ldm_jax.sampling import guidance
 from tiled_ldm_jax.models import unet
 
 
@@ -37,13 +37,14 @@ def check_request(unet_dir: str, vae_dir: str, labels: np.ndarray, patch_size: i
 
 def sample_trained_unet(unet_dir: str, vae_dir: str, labels: np.ndarray, *, steps: int = 20,
                         seed: int = 0, cond_scale: float = 3.0, patch_size: int = 128,
-                        schedule: str = 'random') -> np.ndarray:
+                        windows=None) -> np.ndarray:
   """One image [H, W, 3] uint8 for a pixel label map `labels` [H, W] (ids < the U-Net's
-  classes; H, W multiples of the VAE factor and >= patch_size)."""
+  classes; H, W multiples of the VAE factor and >= patch_size). `windows`: a
+  `sampling.Random(...)` (default) or `sampling.Grid(...)`."""
   pipe = pipeline.Pipeline.from_pretrained(unet_dir, vae_dir)   # loads and checks both
   labels = pipe.check_labels(np.asarray(labels)[None])          # [1, H, W] int32
-  net, prediction, clip = denoisers.trained_unet(unet.eps_fn(pipe.unet.config),
-                                                 pipe.unet.objective)  # flow: t * 1000
+  net, process = guidance.trained_unet(unet.eps_fn(pipe.unet.config),
+                                       pipe.unet.objective)  # Flow(): t * 1000
   denoise = sampling.multilabel_guidance(net, pipe.unet.config.num_classes, cond_scale)
   f = pipe.geometry.factor                                       # pixels per latent pixel
   z = sampling.sample(denoise, pipe.unet.params,
@@ -51,7 +52,7 @@ def sample_trained_unet(unet_dir: str, vae_dir: str, labels: np.ndarray, *, step
                       keys=sampling.image_keys(seed, [0]),
                       latent_shape=(labels.shape[1] // f, labels.shape[2] // f,
                                     pipe.unet.config.channels),
-                      patch=patch_size // f, steps=steps, prediction=prediction,
-                      clip_x0=clip, schedule=schedule)           # z: [1, h, w, C]
+                      patch=patch_size // f, steps=steps, process=process,
+                      windows=windows)                           # z: [1, h, w, C]
   image = pipe.decode(z, patch_size=patch_size)[0]               # Hann-blended tiles
   return image                                                   # [H, W, 3] uint8
