@@ -67,9 +67,12 @@ def test_ddim_multilabel_parity(reference_dir, image_model, key, t, t_next, w):
 
   out, evals = step(params, x, labels, noise)
   np.testing.assert_allclose(np.asarray(out).transpose(0, 3, 1, 2), d[key], atol=1e-4, rtol=0)
-  # One unconditional pass (runs: w != 0, or label 0 present) + one per label slot; the
-  # busiest patch has 4 non-zero labels, so 5 batched passes of 4 samples.
-  assert int(evals) == 5 * 4
+  # Packed passes: per patch one per label present, plus the unconditional one (w != 0,
+  # or label 0 present), in chunks of ceil(4 / PACK_DIVISOR) samples.
+  lab = np.asarray(labels)
+  wanted = sum(len(set(np.unique(p)) - {0}) + (w != 0 or (p == 0).any()) for p in lab)
+  chunk = -(-4 // diffusion.PACK_DIVISOR)
+  assert int(evals) == -(-wanted // chunk) * chunk < 5 * 4
 
 
 def _counting_eps(calls):
@@ -90,15 +93,41 @@ def test_multilabel_passes_and_combination():
   calls = []
   with jax.disable_jit():
     eps, evals = diffusion.multilabel_eps(_counting_eps(calls), None, x, jnp.zeros(2), jnp.asarray(labels),
-                                          num_classes=5, w=2.0)
-  # null (all zeros) + 2 label slots (image 0 has two labels) = 3 passes of batch 2.
-  assert len(calls) == 3 and int(evals) == 6
-  assert not calls[0].any()
+                                          num_classes=5, w=2.0, chunk=1)
+  # Packed pairs: image 0 null, 2, 3; image 1 null, 1 = 5 samples (chunks of 1: B = 2).
+  assert len(calls) == 5 and int(evals) == 5
+  assert not calls[0][0].any()          # the first pair is image 0's unconditional pass
   # cond_l = l on its pixels, null = 0: guided = (1 + w) * l; label 0 -> null = 0.
   np.testing.assert_allclose(np.asarray(eps)[..., 0], 3.0 * labels)
 
   calls.clear()
   with jax.disable_jit():  # w = 0 and no label 0: no unconditional pass at all.
     _, evals = diffusion.multilabel_eps(_counting_eps(calls), None, x, jnp.zeros(2),
-                                        jnp.asarray(np.maximum(labels, 1)), num_classes=5, w=0.0)
-  assert len(calls) == 2 and int(evals) == 4 and all(c.any() for c in calls)
+                                        jnp.asarray(np.maximum(labels, 1)), num_classes=5, w=0.0,
+                                        chunk=1)
+  # No null pass: pairs (0, 2), (0, 3), (1, 1).
+  assert len(calls) == 3 and int(evals) == 3 and all(c.any() for c in calls)
+
+
+@pytest.mark.parametrize('w,chunk,classes', [(2.0, None, 5), (0.0, None, 5), (3.0, 3, 4),
+                                             (1.0, 1, 6), (2.0, 7, 3)])
+def test_packed_passes_equal_the_unpacked_step(w, chunk, classes):
+  """Packing changes which samples share a U-Net call, not what each pixel gets."""
+  rng = np.random.RandomState(classes)
+  b, h = 5, 8
+  labels = rng.randint(0, classes, (b, h, h))
+  labels[1] = 2                                   # one label only
+  labels[2] = np.maximum(labels[2], 1)            # no label 0
+  labels[3] = 0                                   # only label 0 (e.g. an idle slot)
+  x = jnp.asarray(rng.randn(b, h, h, 3).astype(np.float32))
+  t = jnp.asarray(rng.randint(0, 1000, b))
+  mix = jnp.asarray(rng.randn(3, 3).astype(np.float32))
+
+  def eps_fn(params, x, t, cond):                 # nonlinear in x, t and the mask
+    return jnp.tanh(x @ params + 1e-3 * t[:, None, None, None] + 0.3 * cond[..., None])
+  packed, n_packed = jax.jit(lambda x: diffusion.multilabel_eps(
+      eps_fn, mix, x, t, jnp.asarray(labels), num_classes=classes, w=w, chunk=chunk))(x)
+  ref, n_ref = jax.jit(lambda x: diffusion.multilabel_eps_by_slot(
+      eps_fn, mix, x, t, jnp.asarray(labels), num_classes=classes, w=w))(x)
+  np.testing.assert_allclose(np.asarray(packed), np.asarray(ref), atol=1e-6, rtol=0)
+  assert int(n_packed) < int(n_ref)

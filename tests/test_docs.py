@@ -79,7 +79,7 @@ def test_no_issue_numbers_or_machine_paths_in_tracked_files():
   for name in files:
     path = REPO / name
     if path.suffix in ('.png', '.jpg', '.npy', '.npz', '.pt', '.bin', '.safetensors') or \
-        name.startswith('tests/data/') or not path.is_file():
+        name.startswith('tests/data/') or name == 'tests/test_docs.py' or not path.is_file():
       continue
     try:
       text = path.read_text()

@@ -112,8 +112,74 @@ def guide(null, cond, w: float):
 EpsFn = Callable[..., jax.Array]
 
 
-def multilabel_eps(eps_fn: EpsFn, params, x, t, labels, *, num_classes: int, w: float):
+# Packed guidance: a call's (patch, pass) pairs run in chunks of ceil(B / PACK_DIVISOR)
+# samples, so the last chunk's padding is at most a quarter of the batch. Measured
+# (benchmark_sampler --count_only, 4096 px, grid, margin 0, all windows of a level per
+# call): 2.98 samples per latent pixel-step with chunks of B, 2.26 with B/4, 2.13 with B/8.
+PACK_DIVISOR = 4
+
+
+def multilabel_eps(eps_fn: EpsFn, params, x, t, labels, *, num_classes: int, w: float,
+                   chunk: int | None = None):
   """Guided noise estimate of the image model for patches holding several labels.
+
+  Every pixel with label l > 0 takes `guide(null, cond_l, w)` where cond_l is the model
+  run with mask `(labels == l) * l`; label-0 pixels take the unconditional output
+  (SPEC 2). The passes are packed: the (patch, pass) pairs that are needed -- one
+  unconditional pass per patch that has label-0 pixels or when w != 0, one conditional
+  pass per label present in it -- are run in chunks of `chunk` samples (default
+  ceil(B / PACK_DIVISOR)), so a call costs about sum over patches of (labels present + 1)
+  samples instead of
+  B x (most labels in a patch + 1). Each pixel receives exactly one conditional and one
+  unconditional output, so the result equals `multilabel_eps_by_slot`'s.
+
+  Args:
+    labels: [B, h, w] int label ids at the latent resolution of x.
+    chunk: samples per U-Net call (static; default ceil(B / PACK_DIVISOR)).
+  Returns:
+    (eps [B, h, w, C], number of samples evaluated by the U-Net).
+  """
+  b = x.shape[0]
+  c = max(1, -(-b // PACK_DIVISOR)) if chunk is None else int(chunk)
+  slots = num_classes                                     # slot 0: null, slot l: label l
+  ids = jnp.arange(1, num_classes, dtype=labels.dtype)                     # [L]
+  present = (labels.reshape(b, -1, 1) == ids).any(axis=1)                  # [B, L]
+  has_zero = (labels == 0).reshape(b, -1).any(axis=1)                      # [B]
+  need_null = (jnp.full((b,), w != 0.0) | has_zero)[:, None]               # [B, 1]
+  wanted = jnp.concatenate([need_null, present], axis=1).reshape(-1)       # [B * slots]
+  total = wanted.sum()
+  # The wanted pairs first, in (patch, slot) order; one fixed-size gather per chunk.
+  order = jnp.argsort(~wanted, stable=True).astype(jnp.int32)
+  order = jnp.concatenate([order, jnp.zeros((c,), jnp.int32)])           # room to slice
+  n_chunks = (total + c - 1) // c
+
+  def body(carry):
+    k, null, cond = carry
+    pair = jax.lax.dynamic_slice(order, (k * c,), (c,))                  # [C]
+    valid = k * c + jnp.arange(c) < total
+    win, lab = pair // slots, (pair % slots).astype(labels.dtype)        # patch, label
+    lab_p = labels[win]                                                  # [C, h, w]
+    sel = (lab_p == lab[:, None, None]) & (lab[:, None, None] > 0)
+    eps = eps_fn(params, x[win], t[win], jnp.where(sel, lab_p, 0)).astype(jnp.float32)
+    # Each patch gets one null pass and each pixel one conditional pass: adding to zeros
+    # is exact, and unwanted slots go nowhere (index b is dropped).
+    to_null = jnp.where(valid & (lab == 0), win, b)
+    to_cond = jnp.where(valid & (lab > 0), win, b)
+    null = null.at[to_null].add(eps, mode='drop')
+    cond = cond.at[to_cond].add(jnp.where(sel[..., None], eps, 0.0), mode='drop')
+    return k + 1, null, cond
+
+  zeros = jnp.zeros(x.shape, jnp.float32)
+  _, null, cond = jax.lax.while_loop(lambda carry: carry[0] < n_chunks, body,
+                                     (jnp.int32(0), zeros, zeros))
+  value = guide(null, cond, w) if w != 0.0 else cond
+  out = jnp.where((labels == 0)[..., None], null, value)
+  return out, (n_chunks * c).astype(jnp.int32)
+
+
+def multilabel_eps_by_slot(eps_fn: EpsFn, params, x, t, labels, *, num_classes: int, w: float):
+  """`multilabel_eps` unpacked: batched passes over label slots (B samples each), as
+  many as the patch with most labels needs (the form before packing; kept as its check).
 
   Every pixel with label l > 0 takes `guide(null, cond_l, w)` where cond_l is the model
   run with mask `(labels == l) * l`; label-0 pixels take the unconditional output. The
