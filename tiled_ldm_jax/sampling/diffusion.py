@@ -116,7 +116,15 @@ EpsFn = Callable[..., jax.Array]
 # samples, so the last chunk's padding is at most a quarter of the batch. Measured
 # (benchmark_sampler --count_only, 4096 px, grid, margin 0, all windows of a level per
 # call): 2.98 samples per latent pixel-step with chunks of B, 2.26 with B/4, 2.13 with B/8.
+# Small batches keep chunks of B (up to PACK_MIN_CHUNK): never more U-Net calls than the
+# unpacked step, and no batch-1 calls where the batch was a few images.
 PACK_DIVISOR = 4
+PACK_MIN_CHUNK = 8
+
+
+def pack_chunk(batch: int) -> int:
+  """Samples per U-Net call of the packed guidance for a batch of `batch` patches."""
+  return max(-(-batch // PACK_DIVISOR), min(batch, PACK_MIN_CHUNK))
 
 
 def multilabel_eps(eps_fn: EpsFn, params, x, t, labels, *, num_classes: int, w: float,
@@ -128,19 +136,19 @@ def multilabel_eps(eps_fn: EpsFn, params, x, t, labels, *, num_classes: int, w: 
   (SPEC 2). The passes are packed: the (patch, pass) pairs that are needed -- one
   unconditional pass per patch that has label-0 pixels or when w != 0, one conditional
   pass per label present in it -- are run in chunks of `chunk` samples (default
-  ceil(B / PACK_DIVISOR)), so a call costs about sum over patches of (labels present + 1)
+  `pack_chunk(B)`), so a call costs about sum over patches of (labels present + 1)
   samples instead of
   B x (most labels in a patch + 1). Each pixel receives exactly one conditional and one
   unconditional output, so the result equals `multilabel_eps_by_slot`'s.
 
   Args:
     labels: [B, h, w] int label ids at the latent resolution of x.
-    chunk: samples per U-Net call (static; default ceil(B / PACK_DIVISOR)).
+    chunk: samples per U-Net call (static; default `pack_chunk(B)`).
   Returns:
     (eps [B, h, w, C], number of samples evaluated by the U-Net).
   """
   b = x.shape[0]
-  c = max(1, -(-b // PACK_DIVISOR)) if chunk is None else int(chunk)
+  c = pack_chunk(b) if chunk is None else int(chunk)
   slots = num_classes                                     # slot 0: null, slot l: label l
   ids = jnp.arange(1, num_classes, dtype=labels.dtype)                     # [L]
   present = (labels.reshape(b, -1, 1) == ids).any(axis=1)                  # [B, L]
