@@ -100,13 +100,16 @@ def subprocess_env(optimized: bool = False, **extra) -> dict:
   return env
 
 
+def script_path(name: str) -> pathlib.Path:
+  """A user command (scripts/) or a developer tool (tools/) by name."""
+  user = REPO / 'scripts' / f'{name}.py'
+  return user if user.exists() else REPO / 'tools' / f'{name}.py'
+
+
 def run_script(script: str, *args, timeout: float = 600, env: dict | None = None,
                **kw) -> subprocess.CompletedProcess:
   """`python scripts/<script>.py args...` (or tools/) with `subprocess_env()`; text output captured."""
-  path = REPO / 'scripts' / f'{script}.py'
-  if not path.exists():
-    path = REPO / 'tools' / f'{script}.py'
-  return subprocess.run([sys.executable, str(path),
+  return subprocess.run([sys.executable, str(script_path(script)),
                          *map(str, args)], capture_output=True, text=True, timeout=timeout,
                         env=env or subprocess_env(), check=False, **kw)
 

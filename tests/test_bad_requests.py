@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import reference_path, subprocess_env
+from conftest import reference_path, script_path, subprocess_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, 'tiled_ldm_jax', 'demo')
@@ -105,9 +105,7 @@ def inputs(tmp_path_factory):
 
 
 def _script(name: str) -> str:
-  """A user command (scripts/) or a developer tool (tools/)."""
-  user = os.path.join(REPO, 'scripts', name + '.py')
-  return user if os.path.exists(user) else os.path.join(REPO, 'tools', name + '.py')
+  return str(script_path(name))
 
 
 def _first_of_each_script() -> set[int]:

@@ -31,6 +31,7 @@ from tiled_ldm_jax.models import checkpoint
 from tiled_ldm_jax.models import config_files
 from tiled_ldm_jax.models import unet as unet_lib
 from tiled_ldm_jax.models import vae as vae_lib
+from tiled_ldm_jax.sampling import windows
 
 _CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', 'configs')
 
@@ -127,6 +128,5 @@ def run(smoke: bool = False, emit: Callable[[dict], None] = print) -> list[dict]
 
 
 def _grid_k(plan: _Plan, f: int) -> int:
-  from tiled_ldm_jax.sampling import windows  # pylint: disable=g-import-not-at-top
   side = plan.image_size // f
   return windows.default_patches_per_step('grid', (side, side), plan.patch_size // f, 0)

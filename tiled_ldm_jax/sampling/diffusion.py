@@ -139,7 +139,8 @@ def multilabel_eps(eps_fn: EpsFn, params, x, t, labels, *, num_classes: int, w: 
   `pack_chunk(B)`), so a call costs about sum over patches of (labels present + 1)
   samples instead of
   B x (most labels in a patch + 1). Each pixel receives exactly one conditional and one
-  unconditional output, so the result equals `multilabel_eps_by_slot`'s.
+  unconditional output, so the result equals the unpacked step's (batched passes over
+  label slots; `tests/test_diffusion.py` keeps that form as the check).
 
   Args:
     labels: [B, h, w] int label ids at the latent resolution of x.
@@ -184,52 +185,6 @@ def multilabel_eps(eps_fn: EpsFn, params, x, t, labels, *, num_classes: int, w: 
   out = jnp.where((labels == 0)[..., None], null, value)
   return out, (n_chunks * c).astype(jnp.int32)
 
-
-def multilabel_eps_by_slot(eps_fn: EpsFn, params, x, t, labels, *, num_classes: int, w: float):
-  """`multilabel_eps` unpacked: batched passes over label slots (B samples each), as
-  many as the patch with most labels needs (the form before packing; kept as its check).
-
-  Every pixel with label l > 0 takes `guide(null, cond_l, w)` where cond_l is the model
-  run with mask `(labels == l) * l`; label-0 pixels take the unconditional output. The
-  unconditional pass (all-zero mask) runs once for all labels, and is skipped when
-  w == 0 and no pixel has label 0. Conditional passes loop over the k-th present
-  non-zero label of each patch, as many times as the patch with most labels needs.
-
-  Args:
-    labels: [B, h, w] int label ids at the latent resolution of x.
-  Returns:
-    (eps [B, h, w, C], number of samples evaluated by the U-Net).
-  """
-  b = x.shape[0]
-  ids = jnp.arange(1, num_classes, dtype=labels.dtype)                     # [L]
-  present = (labels.reshape(b, -1, 1) == ids).any(axis=1)                  # [B, L]
-  # Present labels of each patch first, in increasing order; absent slots hold 0.
-  order = jnp.sort(jnp.where(present, ids, num_classes), axis=1)
-  order = jnp.where(order == num_classes, 0, order)
-  n_passes = present.sum(axis=1).max()
-
-  need_null = w != 0.0
-  # Pass 0 is the unconditional one (all-zero mask), run when guidance needs it or a
-  # pixel has label 0; pass k >= 1 conditions on the (k-1)-th present label. One loop
-  # body holds the only U-Net call, so the network is traced, lowered and compiled
-  # once per program (not once for the null pass and once for the labels).
-  first = jnp.where(need_null | (labels == 0).any(), 0, 1).astype(jnp.int32)
-
-  def body(carry):
-    k, out, null, evals = carry
-    lab = jnp.where(k == 0, 0, order[:, jnp.maximum(k - 1, 0)]).astype(labels.dtype)  # [B]
-    sel = labels == lab[:, None, None]                                     # [B, h, w]
-    eps = eps_fn(params, x, t, jnp.where(sel, labels, 0)).astype(jnp.float32)
-    null = jnp.where(k == 0, eps, null)
-    value = eps if not need_null else jnp.where(k == 0, eps, guide(null, eps, w))
-    write = jnp.where(k == 0, labels == 0, sel & (lab[:, None, None] > 0))
-    out = jnp.where(write[..., None], value, out)
-    return k + 1, out, null, evals + b
-
-  zeros = jnp.zeros(x.shape, jnp.float32)
-  _, out, _, evals = jax.lax.while_loop(lambda c: c[0] <= n_passes, body,
-                                        (first, zeros, zeros, jnp.int32(0)))
-  return out, evals
 
 
 def original_pass_count(labels, valid, *, num_classes: int, w: float):

@@ -201,12 +201,14 @@ class _ProgressLog:
 
   def __init__(self, label: str):
     self.label = label
+    self._reset()
+
+  def _reset(self) -> None:
     self.started = self.last = time.monotonic()
     self.last_frac = 0.0
 
   def restart(self) -> None:
-    self.started = self.last = time.monotonic()
-    self.last_frac = 0.0
+    self._reset()
     logging.info('%s: started', self.label)
 
   def __call__(self, done, total, iteration) -> None:
