@@ -5,8 +5,9 @@
 
 Writes sampleNNNN.<ext>, sampleNNNN_mask.png (label ids) and sampleNNNN.json under
 --imgs_path, numbering after the samples already there. Bad input is reported in one
-line before anything is computed. The flags are `generate.GenerationConfig`'s fields
-(defaults and help live there); this file only parses them.
+line before anything is computed. The flags are the fields of `pipeline.Options` (how to
+sample) and `generate.GenerationConfig` (what and where; defaults and help live there);
+this file only parses them.
 """
 
 from absl import app
@@ -15,10 +16,12 @@ from absl import logging
 
 from tiled_ldm_jax import flag_util
 from tiled_ldm_jax import generate
+from tiled_ldm_jax import pipeline
 from tiled_ldm_jax import sharding
 
-_FIELDS = flag_util.define_dataclass_flags(generate.GenerationConfig,
-                                           progress_every=50)  # the CLI logs progress
+_FIELDS = (flag_util.define_dataclass_flags(pipeline.Options,
+                                            progress_every=50)   # the CLI logs progress
+           + flag_util.define_dataclass_flags(generate.GenerationConfig))
 _CACHE = flag_util.define_compilation_cache_flag()
 flags.DEFINE_string('coordinator_address', None, 'Multi-host: host:port of process 0 '
                     '(GPU hosts; TPU pods and SLURM read the environment).')
@@ -37,14 +40,10 @@ def main(argv):
     sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                     FLAGS.process_id)
   values = {name: FLAGS[name].value for name in _FIELDS}
-  try:  # bad input: one line, before any compute
-    plan = generate.prepare(generate.GenerationConfig(**values))
-  except (ValueError, OSError) as e:
-    flag_util.fail(e)
-  try:   # e.g. a full disk: one line; a sample's files appear together or not at all
-    records = generate.run(plan, flags_used=values)
-  except OSError as e:
-    flag_util.fail(e)
+  # Bad input: one line (flag_util.run), before any compute. A full disk later: one line
+  # too, and a sample's files appear together or not at all.
+  plan = generate.prepare(generate.GenerationConfig.from_flat(**values))
+  records = generate.run(plan, flags_used=values)
   for r in records:
     logging.info('sample%04d: %s', r['sample'], r['seconds'])
   if sharding.is_writer():
@@ -53,4 +52,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  flag_util.run(main)

@@ -28,7 +28,7 @@ _VAE = flags.DEFINE_string('vae_ckpt', demo.model_path('vae'),
 _LABELS = flags.DEFINE_string('labels', None, 'Label-id PNG [H, W] (default: the benchmark '
                               'map at --image_size).')
 _SIZE = flags.DEFINE_integer('image_size', 2048, 'Image side in pixels (without --labels).')
-_STEPS = flags.DEFINE_integer('steps', 20, 'Sampling steps.')
+_STEPS = flags.DEFINE_integer('sampling_steps', 20, 'Sampling steps.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Root seed.')
 _SCALE = flags.DEFINE_float('cond_scale', 3.0, 'Guidance w: null + (1 + w)(cond - null).')
 _PATCH = flags.DEFINE_integer('patch_size', demo.PATCH_SIZE, 'Window side in pixels (the '
@@ -47,16 +47,16 @@ def main(argv):
   own_model.check_request(_UNET.value, _VAE.value, labels, _PATCH.value)   # before JAX starts
   start = time.perf_counter()
   image = own_model.sample_trained_unet(
-      _UNET.value, _VAE.value, labels, steps=_STEPS.value, seed=_SEED.value,
+      _UNET.value, _VAE.value, labels, sampling_steps=_STEPS.value, seed=_SEED.value,
       cond_scale=_SCALE.value, patch_size=_PATCH.value,
       windows=sampling.Grid() if _SCHEDULE.value == 'grid' else sampling.Random())
   seconds = time.perf_counter() - start
   writers.write_image(_OUTPUT.value, image)
   print(json.dumps({'output': _OUTPUT.value, 'shape': list(image.shape),
-                    'steps': _STEPS.value, 'seconds': round(seconds, 2)}))
+                    'sampling_steps': _STEPS.value, 'seconds': round(seconds, 2)}))
 
 
 if __name__ == '__main__':
   flag_util.run(main, {'unet_ckpt': 'model', 'vae_ckpt': 'model', 'labels': 'file',
-                       'image_size': 'int>0', 'steps': 'int>0', 'patch_size': 'int>0',
+                       'image_size': 'int>0', 'sampling_steps': 'int>0', 'patch_size': 'int>0',
                        'cond_scale': 'finite', 'output': 'out'})

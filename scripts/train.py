@@ -12,7 +12,6 @@ progress to the log and <workdir>/metrics.jsonl, and at the end the EMA params t
 """
 
 import json
-import sys
 
 from absl import app
 from absl import flags
@@ -46,33 +45,27 @@ def _parse_flags(argv):
   ml_collections reports as a bare KeyError or AttributeError)."""
   try:
     return flags.FLAGS(argv)
-  except flags.Error as e:
-    sys.exit(f'FATAL Flags parsing error: {e}')
   except (AttributeError, KeyError) as e:
     known = sorted(training.default_config())
     names = [a[len('--config.'):].split('=')[0] for a in argv if a.startswith('--config.')]
     unknown = [n for n in names if n.split('.')[0] not in known] or [repr(e)]
-    sys.exit(f'error: unknown config field(s) {", ".join(unknown)} in --config.<field> '
-             f'overrides; TrainConfig fields: {", ".join(known)}')
+    raise ValueError(f'unknown config field(s) {", ".join(unknown)} in --config.<field> '
+                     f'overrides; TrainConfig fields: {", ".join(known)}') from None
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if _DEVICES.value < 0:
-    sys.exit(f'error: --devices must be >= 0, got {_DEVICES.value}')
   flag_util.use_compilation_cache(_CACHE.value)
   if flags.FLAGS.distributed or flags.FLAGS.coordinator_address:
     sharding.initialize_distributed(flags.FLAGS.coordinator_address,
                                     flags.FLAGS.num_processes, flags.FLAGS.process_id)
-  try:
-    summary = training.run(_CONFIG.value, _WORKDIR.value, resume=_RESUME.value,
-                           devices=_DEVICES.value or None)
-  except (ValueError, OSError) as e:   # WorkdirError, ConfigError, bad data, missing grain
-    flag_util.fail(e)
+  # WorkdirError, ConfigError, bad data, missing grain: ValueError / OSError, one line
+  summary = training.run(_CONFIG.value, _WORKDIR.value, resume=_RESUME.value,
+                         devices=_DEVICES.value or None)
   if sharding.is_writer():
     print(json.dumps(summary))
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=_parse_flags)
+  flag_util.run(main, {'devices': 'int>=0'}, parse=_parse_flags)

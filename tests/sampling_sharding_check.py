@@ -28,7 +28,7 @@ def main():
   splits = {}
   for prediction, schedule, noise, n, k in CASES:
     kw = dict(keys=sampling.image_keys(0, range(n)), latent_shape=(24, 24, sc.CHANNELS),
-              patch=8, steps=3, process=sc.process_of(prediction, noise, 1.0),
+              patch=8, sampling_steps=3, process=sc.process_of(prediction, noise, 1.0),
               windows=sc.windows_of(schedule, k), eta=1.0,
               return_state=True)
     fn = sc.local_denoiser(prediction)

@@ -30,7 +30,7 @@ def pipeline_check():
   tmp = tempfile.mkdtemp()
   images = {}
   for devices in (1, 0):
-    cfg = generate.GenerationConfig(
+    cfg = generate.GenerationConfig.from_flat(
         mask='demo', imgs_path=f'{tmp}/out{devices}', image_size=128, patch_size=64,
         sampling_steps=2, n_images=2, batch_size=2, devices=devices, progress_every=0)
     generate.generate(cfg)
@@ -39,7 +39,7 @@ def pipeline_check():
   for a, b in zip(images[1], images[0]):
     assert np.abs(a - b).max() <= 1, np.abs(a - b).max()
     assert a.std() > 1   # a real image, not a constant one
-  mesh = sharding.make_mesh(cfg.batch_size, cfg.patches_per_step or 1, cfg.devices)
+  mesh = sharding.make_mesh(cfg.batch_size, cfg.options.patches_per_step or 1, cfg.devices)
   return len(mesh.devices)
 
 
@@ -50,7 +50,7 @@ def main():
   for mode, n, k in (('images', 8, 1), ('patches', 1, 8)):
     labels = jnp.asarray(np.random.RandomState(1).randint(0, 3, (n, 40, 40)), jnp.int32)
     keys = sampler.image_keys(0, range(n))
-    settings = sampler.SamplerSettings(steps=3, patch=8, patches_per_step=k)
+    settings = sampler.SamplerSettings(sampling_steps=3, patch=8, patches_per_step=k)
     one = sampler.Sampler(local_eps, settings).sample(A, keys, sampler.spatial(labels))
     smp = sampler.Sampler(local_eps, settings, mesh=mesh, n_images=n)
     assert smp.split == mode

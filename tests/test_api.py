@@ -114,14 +114,14 @@ def test_grid_schedule_and_bfloat16(pipe):
 def test_generate_zarr_and_tiff_outputs(tmp_path):
   from tiled_ldm_jax import generate
   for fmt in ('zarr', 'tiff'):
-    cfg = generate.GenerationConfig(mask='demo', image_size=256, sampling_steps=2,
+    cfg = generate.GenerationConfig.from_flat(mask='demo', image_size=256, sampling_steps=2,
                                     imgs_path=str(tmp_path / fmt), output_format=fmt,
                                     mpp=0.5, schedule='grid')
     [record] = generate.generate(cfg)
     assert os.path.exists(tmp_path / fmt / record['files']['image'])
     assert os.path.exists(tmp_path / fmt / record['files']['mask'])
   with pytest.raises(ValueError, match='mpp'):
-    generate.prepare(generate.GenerationConfig(mask='demo', mpp=-1.0,
+    generate.prepare(generate.GenerationConfig.from_flat(mask='demo', mpp=-1.0,
                                                imgs_path=str(tmp_path / 'x')))
 
 

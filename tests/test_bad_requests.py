@@ -52,7 +52,7 @@ CASES = [
     ('benchmark_decode', ['--vae_ckpt=' + VAE, '--size=100'], '--size must be a multiple of 8'),
     ('benchmark_sampler', ['--unet_ckpt=' + UNET, '--cond_scale=nan'],
      '--cond_scale must be a finite number'),
-    ('benchmark_sampler', ['--unet_ckpt=' + UNET, '--steps=-3'], '--steps must be > 0'),
+    ('benchmark_sampler', ['--unet_ckpt=' + UNET, '--sampling_steps=-3'], '--sampling_steps must be > 0'),
     ('benchmark_sampler', ['--unet_ckpt=' + UNET, '--repeats=0'], '--repeats must be > 0'),
     ('benchmark_sampler', ['--unet_ckpt=' + UNET, '--grid_margin=-1'],
      '--grid_margin must be >= 0'),

@@ -22,7 +22,7 @@ def test_count_work_equals_the_real_run(demo_unet, schedule, k):
   """The zero-model count (used for FLOP estimates of models too big to run here) visits
   the same patches and makes the same U-Net samples as the real model."""
   config, params = demo_unet
-  kw = dict(image_size=256, patch_size=128, steps=2, cond_scale=3.0, patches_per_step=k,
+  kw = dict(image_size=256, patch_size=128, sampling_steps=2, cond_scale=3.0, patches_per_step=k,
             seed=4, schedule=schedule)
   real = benchmark.run_sampler_benchmark(config, params, repeats=1, time_denoiser=False,
                                          **kw)

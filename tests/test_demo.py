@@ -35,7 +35,7 @@ def demo_samples(tmp_path_factory, demo_pipeline):
   library (`generate`, blend 'original') and its latent decoded again with the
   'partition' blend: only the decode differs."""
   out = tmp_path_factory.mktemp('demo')
-  cfg = generate.GenerationConfig(imgs_path=str(out), image_size=512, mask='demo',
+  cfg = generate.GenerationConfig.from_flat(imgs_path=str(out), image_size=512, mask='demo',
                                   progress_every=0, sampling_steps=SAMPLE_STEPS,
                                   patches_per_step=2, seed=SAMPLE_SEED)
   latents = []

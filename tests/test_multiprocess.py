@@ -136,7 +136,7 @@ def _single_process(out: pathlib.Path, **kw) -> list[np.ndarray]:
   reference the multi-process runs must reproduce (no interpreter of its own)."""
   from tiled_ldm_jax import generate  # pylint: disable=g-import-not-at-top
   flags = dict(a[2:].split('=', 1) for a in COMMON)
-  cfg = generate.GenerationConfig(
+  cfg = generate.GenerationConfig.from_flat(
       imgs_path=str(out), image_size=int(flags['image_size']),
       patch_size=int(flags['patch_size']), sampling_steps=int(flags['sampling_steps']),
       seed=int(flags['seed']), mask=flags['mask'], devices=1, progress_every=0, **kw)

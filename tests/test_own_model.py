@@ -48,7 +48,7 @@ def test_pipeline_samples_by_the_models_objective(tmp_path, objective):
       sampling.multilabel_guidance(net, pipe.unet.config.num_classes, 3.0), pipe.unet.params,
       sampling.spatial(masks.latent_labels(labels, 8).astype(np.int32)),
       keys=pipeline._stage_keys(4, [0], 1),  # pylint: disable=protected-access
-      latent_shape=(16, 32, 4), patch=16, steps=3, process=process)
+      latent_shape=(16, 32, 4), patch=16, sampling_steps=3, process=process)
   np.testing.assert_allclose(z, np.asarray(direct), atol=1e-5)
   eps = pipeline.Pipeline.from_pretrained(demo.model_path('image_unet'), demo.model_path('vae'))
   assert eps.unet.objective == 'eps'
@@ -82,7 +82,7 @@ def test_own_model_script(tmp_path, script_server):
   for i, model in enumerate(models):
     out = tmp_path / f'own{i}.png'
     run = script_server.run(ROOT / 'scripts/sample_own_model.py', f'--unet_ckpt={model}',
-                            '--image_size=256', '--steps=3', f'--output={out}')
+                            '--image_size=256', '--sampling_steps=3', f'--output={out}')
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads(run.stdout.strip().splitlines()[-1])['shape'] == [256, 256, 3]
     img = np.asarray(Image.open(out), np.float32)

@@ -24,7 +24,7 @@ def config(models, imgs_path, **kw):
               mask_unet_ckpt=models['mask_unet'], imgs_path=str(imgs_path), image_size=256,
               sampling_steps=4, patch_size=128, progress_every=0)
   args.update(kw)
-  return generate.GenerationConfig(**args)
+  return generate.GenerationConfig.from_flat(**args)
 
 
 @pytest.fixture(scope='module')

@@ -21,7 +21,7 @@ def _eps(params, x, t, labels):
 
 
 KEYED = program_cache.keyed(_eps, 'test_program_cache._eps', 1)
-SETTINGS = sampler.SamplerSettings(steps=3, patch=8, patches_per_step=2)
+SETTINGS = sampler.SamplerSettings(sampling_steps=3, patch=8, patches_per_step=2)
 
 
 def _run(denoise, settings=SETTINGS):
@@ -60,12 +60,12 @@ def test_second_sampler_loads_without_tracing_and_matches_plain_jit(folder):
       a, b, c = (jax.random.key_data(v) for v in (a, b, c))
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(a, c)
-  assert int(second.level.min()) == SETTINGS.steps
+  assert int(second.level.min()) == SETTINGS.sampling_steps
 
 
 def test_other_settings_other_program_and_unkeyed_functions_are_not_kept(folder):
   _run(KEYED)
-  _run(KEYED, sampler.SamplerSettings(steps=4, patch=8, patches_per_step=2))
+  _run(KEYED, sampler.SamplerSettings(sampling_steps=4, patch=8, patches_per_step=2))
   assert len(_files(folder)) == 2
   _run(_eps)                       # no program key: plain jit, nothing written
   assert len(_files(folder)) == 2

@@ -39,7 +39,7 @@ def test_tiled_equals_full_image_ddim_for_pixel_local_model(h, w, p, k):
   steps = 6
   keys = sampler.image_keys(0, [0, 1])
   labels = random_labels(2, h, w)
-  smp = sampler.Sampler(local_eps, sampler.SamplerSettings(steps=steps, patch=p,
+  smp = sampler.Sampler(local_eps, sampler.SamplerSettings(sampling_steps=steps, patch=p,
                                                            patches_per_step=k, eta=0.0))
   state = smp.sample(A, keys, sampler.spatial(labels))
   assert state.x.shape == (2, h, w, 4) and state.x.dtype == jnp.float32
@@ -52,7 +52,7 @@ def test_each_pixel_takes_exactly_s_steps_and_levels_stay_within_one():
   steps, p, k = 4, 8, 3
   labels = random_labels(2, 24, 32)
   keys = sampler.image_keys(3, [0, 1])
-  smp = sampler.Sampler(local_eps, sampler.SamplerSettings(steps=steps, patch=p,
+  smp = sampler.Sampler(local_eps, sampler.SamplerSettings(sampling_steps=steps, patch=p,
                                                            patches_per_step=k, eta=1.0))
   state = smp.init(keys, labels.shape)
   prev = np.asarray(state.times)
@@ -74,7 +74,7 @@ def test_each_pixel_takes_exactly_s_steps_and_levels_stay_within_one():
 
 def test_same_key_same_output_different_keys_differ():
   labels = random_labels(1, 16, 24)
-  smp = sampler.Sampler(local_eps, sampler.SamplerSettings(steps=3, patch=8, eta=1.0))
+  smp = sampler.Sampler(local_eps, sampler.SamplerSettings(sampling_steps=3, patch=8, eta=1.0))
   a = smp.sample(A, sampler.image_keys(7, [0]), sampler.spatial(labels)).x
   b = smp.sample(A, sampler.image_keys(7, [0]), sampler.spatial(labels)).x
   c = smp.sample(A, sampler.image_keys(8, [0]), sampler.spatial(labels)).x
@@ -85,7 +85,7 @@ def test_same_key_same_output_different_keys_differ():
 
 def test_image_does_not_depend_on_its_batch():
   labels = random_labels(3, 16, 16)
-  smp = sampler.Sampler(local_eps, sampler.SamplerSettings(steps=3, patch=8, eta=1.0,
+  smp = sampler.Sampler(local_eps, sampler.SamplerSettings(sampling_steps=3, patch=8, eta=1.0,
                                                            patches_per_step=2))
   batch = smp.sample(A, sampler.image_keys(5, [0, 1, 2]), sampler.spatial(labels))
   alone = smp.sample(A, sampler.image_keys(5, [2]), sampler.spatial(labels[2:]))
@@ -94,7 +94,7 @@ def test_image_does_not_depend_on_its_batch():
 
 def test_counters():
   labels = random_labels(1, 16, 16)
-  state = sampler.Sampler(local_eps, sampler.SamplerSettings(steps=2, patch=8)).sample(
+  state = sampler.Sampler(local_eps, sampler.SamplerSettings(sampling_steps=2, patch=8)).sample(
       A, sampler.image_keys(0, [0]), sampler.spatial(labels))
   # K = 1, one image: one patch and one denoiser sample per iteration.
   assert int(state.patches) == int(state.iterations) == int(state.evaluations)
@@ -138,7 +138,7 @@ def test_bad_labels_fail_before_compute():
 def test_chunked_run_equals_uninterrupted():
   labels = random_labels(2, 16, 24)
   keys = sampler.image_keys(11, [0, 1])
-  smp = sampler.Sampler(local_eps, sampler.SamplerSettings(steps=3, patch=8, eta=1.0,
+  smp = sampler.Sampler(local_eps, sampler.SamplerSettings(sampling_steps=3, patch=8, eta=1.0,
                                                            patches_per_step=2))
   whole = smp.sample(A, keys, sampler.spatial(labels))
   state = smp.init(keys, labels.shape)

@@ -46,7 +46,7 @@ def test_oracle_lands_on_the_target(prediction):
 def test_the_local_denoiser_is_not_trivial():
   """The equivalence is not vacuous: other keys or cond change the sample."""
   fn = sc.local_denoiser('flow')
-  kw = dict(latent_shape=(16, 16, sc.CHANNELS), patch=8, steps=4, process=sampling.Flow(),
+  kw = dict(latent_shape=(16, 16, sc.CHANNELS), patch=8, sampling_steps=4, process=sampling.Flow(),
             devices=1)
   cond = sc._cond(2, 16, 16, seed=1)  # pylint: disable=protected-access
   a = sampling.sample(fn, jnp.asarray(sc.MIX), cond, keys=sampling.image_keys(0, [0, 1]), **kw)
@@ -74,7 +74,7 @@ def test_spatial_cond_is_cropped_at_the_patch_and_other_leaves_per_image(schedul
     return jnp.zeros_like(x)
 
   sampling.sample(denoise, None, cond, keys=keys, latent_shape=(h, w, 2), patch=8,
-                  steps=2, process=sampling.Flow(), windows=sc.windows_of(schedule, 2),
+                  sampling_steps=2, process=sampling.Flow(), windows=sc.windows_of(schedule, 2),
                   devices=1)
   checked = 0
   for t, x, crop, idx in seen:
@@ -115,10 +115,10 @@ def test_diffinfinite_path_is_the_same_loop():
   keys = sampling.image_keys(0, [0, 1])
   guided = sampling.multilabel_guidance(eps, 3, 2.0)
   state = sampling.sample(guided, a_mat, sampling.spatial(labels), keys=keys,
-                          latent_shape=(16, 16, 4), patch=8, steps=3,
+                          latent_shape=(16, 16, 4), patch=8, sampling_steps=3,
                           process=sampling.Diffusion(clip_x0=1.0),
                           devices=1, return_state=True)
-  smp = sampler.Sampler(guided, sampler.SamplerSettings(steps=3, patch=8))
+  smp = sampler.Sampler(guided, sampler.SamplerSettings(sampling_steps=3, patch=8))
   ref = smp.sample(a_mat, keys, sampler.spatial(labels))
   np.testing.assert_array_equal(state.x, ref.x)
   assert int(state.evaluations) == int(ref.evaluations) > int(state.patches)
@@ -126,7 +126,7 @@ def test_diffinfinite_path_is_the_same_loop():
 
 def test_no_recompile_for_new_keys_or_cond():
   fn = sc.local_denoiser('v')
-  kw = dict(latent_shape=(16, 16, sc.CHANNELS), patch=8, steps=2,
+  kw = dict(latent_shape=(16, 16, sc.CHANNELS), patch=8, sampling_steps=2,
             process=sampling.Diffusion('v', 'linear'), devices=1, eta=1.0)
   before = sampler.compiled.cache_info()   # the one compiled-sampler cache
   for seed in (0, 1):
@@ -134,7 +134,7 @@ def test_no_recompile_for_new_keys_or_cond():
                     keys=sampling.image_keys(seed, [0, 1]), **kw)
   after = sampler.compiled.cache_info()
   assert after.misses == before.misses + 1 and after.hits == before.hits + 1
-  smp = sampling.api._sampler(fn, None, sampler.SamplerSettings(steps=2, patch=8), processes.make(  # pylint: disable=protected-access
+  smp = sampling.api._sampler(fn, None, sampler.SamplerSettings(sampling_steps=2, patch=8), processes.make(  # pylint: disable=protected-access
       'v', 'linear', None), None, 2)
   assert smp.compiles() == 1
 
@@ -174,11 +174,11 @@ def test_noise_schedules():
     (dict(keys=jax.random.split(jax.random.PRNGKey(0), 2)), 'typed PRNG keys'),
     (dict(cond={'m': sampling.spatial(np.zeros((2, 8, 16)))}), 'spatial conditioning leaf'),
     (dict(cond={'c': np.zeros((3,))}), r'not \[N, \.\.\.\] with N = 2'),
-    (dict(steps=1001), 'sampling steps'),
+    (dict(sampling_steps=1001), 'sampling steps'),
 ])
 def test_bad_input_is_one_line_error(kwargs, match):
   kw = dict(keys=sampling.image_keys(0, [0, 1]), latent_shape=(16, 16, 2), patch=8,
-            steps=2, cond=None)
+            sampling_steps=2, cond=None)
   kw.update(kwargs)
   cond = kw.pop('cond')
   with pytest.raises(ValueError, match=match) as e:
@@ -203,7 +203,7 @@ def test_dtype_is_the_denoisers_input_dtype():
     seen.append(x.dtype)            # at trace time
     return -x                       # bfloat16 out: the update stays float32
   x = sampling.sample(denoise, None, None, keys=sampling.image_keys(0, [0]),
-                      latent_shape=(8, 8, 2), patch=8, steps=2, process=sampling.Flow(),
+                      latent_shape=(8, 8, 2), patch=8, sampling_steps=2, process=sampling.Flow(),
                       dtype=jnp.bfloat16, devices=1)
   assert seen and all(d == jnp.bfloat16 for d in seen)
   assert x.dtype == jnp.float32

@@ -89,7 +89,7 @@ def test_counters_track_the_latent_exactly():
   """level, remaining and per-block counts equal recounts of `times` after every step."""
   steps, p, k = 3, 8, 3
   labels = random_labels(2, 20, 28)
-  smp = sampler.Sampler(local_eps, sampler.SamplerSettings(steps=steps, patch=p,
+  smp = sampler.Sampler(local_eps, sampler.SamplerSettings(sampling_steps=steps, patch=p,
                                                            patches_per_step=k))
   state = smp.init(sampler.image_keys(4, [0, 1]), labels.shape)
   for _ in range(2000):
@@ -108,7 +108,7 @@ def test_counters_track_the_latent_exactly():
 
 def grid(steps, p, k, margin=0, eta=0.0):
   return sampler.Sampler(local_eps, sampler.SamplerSettings(
-      steps=steps, patch=p, patches_per_step=k, eta=eta, schedule='grid',
+      sampling_steps=steps, patch=p, patches_per_step=k, eta=eta, schedule='grid',
       grid_margin=margin))
 
 
@@ -161,6 +161,6 @@ def test_grid_offsets_differ_between_levels_and_images():
 
 def test_bad_grid_settings():
   with pytest.raises(ValueError, match='grid_margin'):
-    sampler.SamplerSettings(steps=2, patch=8, schedule='grid', grid_margin=4)
+    sampler.SamplerSettings(sampling_steps=2, patch=8, schedule='grid', grid_margin=4)
   with pytest.raises(ValueError, match='schedule'):
-    sampler.SamplerSettings(steps=2, patch=8, schedule='spiral')
+    sampler.SamplerSettings(sampling_steps=2, patch=8, schedule='spiral')

@@ -24,11 +24,13 @@ def _base_type(hint):
 
 def define_dataclass_flags(cls, **cli_defaults) -> list[str]:
   """Defines `--<field>` for every field of dataclass `cls` (help from the field's
-  `metadata['help']`); `cli_defaults` override a default for the command only.
-  Returns the field names."""
+  `metadata['help']`), but those with `metadata['flag'] = False`; `cli_defaults`
+  override a default for the command only. Returns the flag names."""
   hints = typing.get_type_hints(cls)
   names = []
   for f in dataclasses.fields(cls):
+    if not f.metadata.get('flag', True):
+      continue
     kind = _base_type(hints[f.name])
     default = cli_defaults.get(f.name, f.default)
     _DEFINE[kind](f.name, default, f.metadata.get('help', f.name))
@@ -164,15 +166,19 @@ def checked_main(main: Callable, rules: dict[str, str]) -> Callable:
   return run
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing with a malformed or missing flag as one `error:` line."""
+def parse_flags(argv: list[str], parse: Callable | None = None) -> list[str]:
+  """absl's flag parsing (or `parse(argv)`, which may raise ValueError) with a malformed
+  or missing flag as one `error:` line."""
   try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
+    return (parse or flags.FLAGS)(argv)
+  except (flags.Error, ValueError) as e:
     fail(e)
 
 
-def run(main: Callable, rules: dict[str, str]) -> None:
-  """`app.run(main)` with flags parsed by `parse_flags` and checked by `checked_main`."""
+def run(main: Callable, rules: dict[str, str] | None = None,
+        parse: Callable | None = None) -> None:
+  """`app.run(main)` with flags parsed by `parse_flags` and checked by `checked_main`:
+  every command reports a bad request this one way."""
   from absl import app  # pylint: disable=g-import-not-at-top
-  app.run(checked_main(main, rules), flags_parser=parse_flags)
+  app.run(checked_main(main, rules or {}),
+          flags_parser=lambda argv: parse_flags(argv, parse))

@@ -43,8 +43,15 @@ _help = pipeline_lib._help  # pylint: disable=protected-access
 
 
 @dataclasses.dataclass(frozen=True)
-class GenerationConfig(pipeline_lib.Options):
-  """A run of the command: the `Options` fields plus what and where. Each field is a flag."""
+class GenerationConfig:
+  """A run of the command: what and where, plus how to sample (`options`).
+
+  Every field of this class but `options`, and every field of `Options`, is a flag of
+  `scripts/sample_large_image.py`; `from_flat` builds one from those flag values and
+  `flat()` gives them back (the JSON record's `config`, what a resume compares).
+  """
+  options: pipeline_lib.Options = dataclasses.field(
+      default_factory=pipeline_lib.Options, metadata={'flag': False})
   unet_ckpt: str | None = _help('Converted image model folder (none of the three: the demo '
                                 'models).')
   vae_ckpt: str | None = _help('Converted VAE folder.')
@@ -72,20 +79,32 @@ class GenerationConfig(pipeline_lib.Options):
   devices: int = _help('Devices to shard the batch/patches over (0: all).', 0)
 
 
+  @classmethod
+  def from_flat(cls, **values) -> 'GenerationConfig':
+    """From flag values: `Options` fields go into `options`, the rest are this class's."""
+    names = {f.name for f in dataclasses.fields(pipeline_lib.Options)}
+    options = pipeline_lib.Options(**{k: v for k, v in values.items() if k in names})
+    return cls(options=options, **{k: v for k, v in values.items() if k not in names})
+
+  def flat(self) -> dict[str, Any]:
+    """The flag values: the `Options` fields and this class's other fields, one level."""
+    own = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+           if f.name != 'options'}
+    return {**dataclasses.asdict(self.options), **own}
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """What `prepare` checked and loaded; `run` only computes and writes."""
   cfg: GenerationConfig             # with demo paths and patch sizes resolved
-  options: pipeline_lib.Options
   pipe: pipeline_lib.Pipeline
   mask: np.ndarray | None           # [H, W] the given label map, resized
   hashes: dict[str, str]            # sha256 of each model folder used
   resume_meta: dict[str, Any] | None
 
-
-def options_of(cfg: GenerationConfig) -> pipeline_lib.Options:
-  return pipeline_lib.Options(**{f.name: getattr(cfg, f.name)
-                                 for f in dataclasses.fields(pipeline_lib.Options)})
+  @property
+  def options(self) -> pipeline_lib.Options:
+    return self.cfg.options
 
 
 def _hash_folder(path: str) -> str:
@@ -160,9 +179,9 @@ def prepare(cfg: GenerationConfig) -> Plan:
   if cfg.mask == 'demo':
     cfg = dataclasses.replace(cfg, mask=demo.mask_path())
   pipe = _load_pipeline(cfg)
-  o = pipe.resolve(options_of(cfg))
-  cfg = dataclasses.replace(cfg, patch_size=o.patch_size, mask_patch_size=o.mask_patch_size,
-                            unet_ckpt=pipe.paths['unet'], vae_ckpt=pipe.paths['vae'],
+  o = pipe.resolve(cfg.options)
+  cfg = dataclasses.replace(cfg, options=o, unet_ckpt=pipe.paths['unet'],
+                            vae_ckpt=pipe.paths['vae'],
                             mask_unet_ckpt=pipe.paths.get('mask_unet'))
   size = (cfg.image_size, cfg.image_size)
   pipe.check_image_request(size, o)
@@ -193,17 +212,7 @@ def prepare(cfg: GenerationConfig) -> Plan:
   elif run_ckpt.exists():
     raise ValueError(f'{cfg.imgs_path} holds an unfinished run ({run_ckpt.path}); pass '
                      f'--resume with the same flags to continue it, or remove that folder')
-  return Plan(cfg, o, pipe, mask, hashes, meta)
-
-
-def _run_stage(smp, params, state, labels, steps: int, every: int, save):
-  """Runs a sampler to the end in chunks of `every` iterations, saving after each."""
-  every = every or None
-  while int(state.level.min()) < steps:       # one host sync per chunk
-    state = smp.run(params, state, labels, max_iterations=every)
-    if every and int(state.level.min()) < steps:
-      save(state)
-  return state
+  return Plan(cfg, pipe, mask, hashes, meta)
 
 
 def _sample_files(cfg, number: int) -> tuple[str, str, str]:
@@ -345,29 +354,12 @@ def _fresh(plan: Plan, stage: str, indices):
   return pipe.image_stage(plan.options, np.zeros(shape, np.int32), indices, cfg.seed)
 
 
-def _mask_stage(plan: Plan, indices, state, save):
-  pipe, cfg = plan.pipe, plan.cfg
-  smp, fresh, classes = _fresh(plan, 'mask', indices)
-  state = _run_stage(smp, pipe.mask_unet.params, fresh if state is None else smp.place(state),
-                     classes, cfg.sampling_steps, cfg.checkpoint_every, save)
-  labels = pipe.labels_from_mask_latents(state.x, cfg.image_size, plan.options)
-  return labels, pipeline_lib.stage_stats(state)
-
-
-def _image_stage(plan: Plan, labels, indices, state, save):
-  pipe, cfg = plan.pipe, plan.cfg
-  smp, fresh, latent = pipe.image_stage(plan.options, labels, indices, cfg.seed)
-  state = _run_stage(smp, pipe.unet.params, fresh if state is None else smp.place(state),
-                     latent, cfg.sampling_steps, cfg.checkpoint_every, save)
-  return sharding.to_host(state.x), pipeline_lib.stage_stats(state)
-
-
 def _record(plan: Plan, number: int, index: int, labels, stats: dict, seconds: dict,
             flags_used) -> dict:
   cfg = plan.cfg
   return {
       'sample': number, 'image_index': index, 'seed': cfg.seed,
-      'config': dataclasses.asdict(cfg), 'flags': flags_used or {},
+      'config': cfg.flat(), 'flags': flags_used or {},
       'checkpoint_sha256': plan.hashes, 'image_size': [cfg.image_size, cfg.image_size],
       'labels_present': sorted(int(v) for v in np.unique(labels)),
       'mask_stage': stats.get('mask'), 'image_stage': stats['image'],
@@ -408,8 +400,9 @@ def run(plan: Plan, *, flags_used: dict | None = None) -> list[dict]:
     elif stage == 'mask':
       logging.info('images %d-%d: mask stage', b0, indices[-1])
       start = time.perf_counter()
-      labels, stats['mask'] = _mask_stage(plan, indices, state,
-                                          lambda st: save(stage='mask', state=st))
+      labels, stats['mask'] = plan.pipe.run_mask_stage(
+          plan.options, cfg.image_size, cfg.label, indices, cfg.seed, state=state,
+          chunk=cfg.checkpoint_every, on_chunk=lambda st: save(stage='mask', state=st))
       seconds['mask_stage'] = time.perf_counter() - start
       state = None
       if cfg.checkpoint_every:   # the image stage starts from here after an interruption
@@ -418,9 +411,10 @@ def run(plan: Plan, *, flags_used: dict | None = None) -> list[dict]:
     logging.info('images %d-%d: image stage', b0, indices[-1])
     start = time.perf_counter()
     image_extra = {'mask_stats': stats['mask'], 'seconds': seconds}
-    z, stats['image'] = _image_stage(
-        plan, labels, indices, state,
-        lambda st: save(stage='image', state=st, labels=labels, extra=image_extra))
+    z, stats['image'] = plan.pipe.run_image_stage(
+        plan.options, labels, indices, cfg.seed, state=state, chunk=cfg.checkpoint_every,
+        on_chunk=lambda st: save(stage='image', state=st, labels=labels, extra=image_extra))
+    z = sharding.to_host(z)
     seconds['image_stage'] = time.perf_counter() - start
     for j, index in enumerate(indices):
       number = first + int(index)

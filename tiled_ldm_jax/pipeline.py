@@ -273,7 +273,7 @@ class Pipeline:
     denoise = (denoisers.image_denoiser(net, model.config.num_classes, o.cond_scale)
                if which == 'image' else denoisers.mask_denoiser(net, o.mask_cond_scale))
     settings = sampler_lib.SamplerSettings(
-        steps=o.sampling_steps, patch=patch, patches_per_step=k, eta=o.eta,
+        sampling_steps=o.sampling_steps, patch=patch, patches_per_step=k, eta=o.eta,
         progress_every=o.progress_every, progress_label=f'{which} stage',
         schedule=o.schedule, grid_margin=margin)
     mesh = sharding.make_mesh(n_images, k, self.devices)
@@ -327,27 +327,36 @@ class Pipeline:
     `overrides`: `Options` fields (sampling_steps, mask_patch_size, ...).
     """
     o = self.resolve(options, **overrides)
-    return self._labels(o, label, image_size, _indices(indices, n_images), seed)[0]
+    return self.run_mask_stage(o, image_size, label, _indices(indices, n_images), seed)[0]
 
   def sample_latents(self, labels, seed: int = 0, *, indices=None,
                      options: Options | None = None, **overrides) -> jax.Array:
     """[N, H/f, W/f, C] diffusion latents for pixel label maps `labels` [N, H, W]."""
     o = self.resolve(options, **overrides)
     labels = self.check_labels(labels)
-    return self._latents(o, labels, _indices(indices, len(labels)), seed)[0]
+    return self.run_image_stage(o, labels, _indices(indices, len(labels)), seed)[0]
 
-  def _labels(self, o: Options, label: int, image_size: int, indices, seed: int):
+  # The one stage runner: the staged calls, `__call__` and `generate` (which saves a
+  # resumable checkpoint after each chunk) all run a stage through it.
+
+  def run_mask_stage(self, o: Options, image_size: int, label: int, indices, seed: int, *,
+                     state=None, chunk: int = 0, on_chunk=None):
+    """(labels [N, H, W], counters) of the mask stage; `state`: continue a saved one."""
     self.check_mask_request(image_size, label, o)
-    smp, state, classes = self.mask_stage(o, image_size, label, indices, seed)
-    state = smp.run(self.mask_unet.params, state, classes)
+    smp, fresh, classes = self.mask_stage(o, image_size, label, indices, seed)
+    state = _run_stage(smp, self.mask_unet.params, fresh if state is None else smp.place(state),
+                       classes, o.sampling_steps, chunk, on_chunk)
     return self.labels_from_mask_latents(state.x, image_size, o), stage_stats(state)
 
-  def _latents(self, o: Options, labels: np.ndarray, indices, seed: int):
+  def run_image_stage(self, o: Options, labels: np.ndarray, indices, seed: int, *,
+                      state=None, chunk: int = 0, on_chunk=None):
+    """(latents [N, h, w, C], counters) of the image stage for pixel label maps."""
     self.check_image_request(labels.shape[1:], o)
     if len(indices) != len(labels):
       raise ValueError(f'{len(labels)} label maps but {len(indices)} indices')
-    smp, state, latent = self.image_stage(o, labels, indices, seed)
-    state = smp.run(self.unet.params, state, latent)
+    smp, fresh, latent = self.image_stage(o, labels, indices, seed)
+    state = _run_stage(smp, self.unet.params, fresh if state is None else smp.place(state),
+                       latent, o.sampling_steps, chunk, on_chunk)
     return state.x, stage_stats(state)
 
   # ------------------------------------------------------------------------- decode
@@ -399,14 +408,24 @@ class Pipeline:
       indices = _indices(indices, n_images)
       self.check_image_request((image_size, image_size), o)   # before the mask stage runs
       self.check_memory((image_size, image_size), n_images, o, whole_images=n_images)
-      labels, stats['mask_stage'] = self._labels(o, label, image_size, indices, seed)
+      labels, stats['mask_stage'] = self.run_mask_stage(o, image_size, label, indices, seed)
       labels = self.check_labels(labels)
     else:   # given label maps are already in memory: checked first, then their request
       labels = self.check_labels(labels)
       self.check_memory(labels.shape[1:3], len(labels), o, whole_images=len(labels))
-    latents, stats['image_stage'] = self._latents(
+    latents, stats['image_stage'] = self.run_image_stage(
         o, labels, _indices(indices, len(labels)), seed)
     return Result(self.decode(latents, options=o), labels, stats)
+
+
+def _run_stage(smp, params, state, cond, sampling_steps: int, chunk: int, on_chunk):
+  """Runs a sampler to the end; with `chunk`, `chunk` iterations at a time with
+  `on_chunk(state)` between chunks (not after the last). Chunked runs equal whole ones."""
+  while int(state.level.min()) < sampling_steps:       # one host sync per chunk
+    state = smp.run(params, state, cond, max_iterations=chunk or None)
+    if on_chunk is not None and int(state.level.min()) < sampling_steps:
+      on_chunk(state)
+  return state
 
 
 def _indices(indices, n: int) -> np.ndarray:

@@ -26,12 +26,12 @@ from tiled_ldm_jax.sampling.loop import SamplerState
 
 FOLDER = 'checkpoint'
 FORMAT = 1
-# GenerationConfig fields that cannot change what is generated.
+# Flags (`GenerationConfig.flat()`) that cannot change what is generated.
 NEUTRAL_FIELDS = ('imgs_path', 'progress_every', 'checkpoint_every', 'resume')
 
 
 def result_flags(cfg) -> dict[str, Any]:
-  return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NEUTRAL_FIELDS}
+  return {k: v for k, v in cfg.flat().items() if k not in NEUTRAL_FIELDS}
 
 
 _META_TYPES = {'stage': str, 'batch_start': int, 'first_sample': int, 'flags': dict,

@@ -1,10 +1,10 @@
 """Benchmarks the patch sampler on an image model; prints one JSON line.
 
   python tools/benchmark_sampler.py --unet_ckpt=/tmp/image_unet --image_size=256 \
-      --patch_size=128 --steps=20 --cond_scale=3 --patches_per_step=1
+      --patch_size=128 --sampling_steps=20 --cond_scale=3 --patches_per_step=1
   # no checkpoint: random weights in the released model's shapes (GPU/TPU benchmark)
   python tools/benchmark_sampler.py --full_size --image_size=2048 --patch_size=512 \
-      --steps=50 --schedule=grid --dtype=bfloat16
+      --sampling_steps=50 --schedule=grid --dtype=bfloat16
 """
 
 import json
@@ -32,7 +32,7 @@ _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
                            'U-Net compute dtype (params and sampler state stay float32).')
 _SIZE = flags.DEFINE_integer('image_size', 256, 'Image side in pixels.')
 _PATCH = flags.DEFINE_integer('patch_size', 128, 'Patch side in pixels.')
-_STEPS = flags.DEFINE_integer('steps', 20, 'DDIM sampling steps.')
+_STEPS = flags.DEFINE_integer('sampling_steps', 20, 'DDIM sampling steps.')
 _W = flags.DEFINE_float('cond_scale', 3.0, 'Guidance weight w: null + (1+w)(cond-null).')
 _K = flags.DEFINE_integer('patches_per_step', 1, 'Non-overlapping patches per iteration; 0: '
                          'the pipeline default (random 1; grid every window of a level, '
@@ -83,7 +83,7 @@ def main(argv):
   del argv
   flag_util.use_compilation_cache(_CACHE.value)
   config, params = _model()
-  kwargs = dict(image_size=_SIZE.value, patch_size=_PATCH.value, steps=_STEPS.value,
+  kwargs = dict(image_size=_SIZE.value, patch_size=_PATCH.value, sampling_steps=_STEPS.value,
                 cond_scale=_W.value, patches_per_step=_patches_per_step(), seed=_SEED.value,
                 repeats=_REPEATS.value)
   if _COUNT.value:
@@ -113,7 +113,7 @@ def main(argv):
 
 if __name__ == '__main__':
   flag_util.run(main, {
-      'unet_ckpt': 'model', 'image_size': 'int>0', 'patch_size': 'int>0', 'steps': 'int>0',
+      'unet_ckpt': 'model', 'image_size': 'int>0', 'patch_size': 'int>0', 'sampling_steps': 'int>0',
       'cond_scale': 'finite', 'patches_per_step': 'int>=0', 'batch_size': 'int>0',
       'grid_margin': 'int>=0', 'repeats': 'int>0', 'devices': 'int>0',
       'original_repo': 'dir', 'original_checkpoint': 'file', 'original_config': 'file',

@@ -9,7 +9,6 @@ import json
 import sys
 import tempfile
 
-from absl import app
 from absl import flags
 
 from tiled_ldm_jax import flag_util
@@ -36,4 +35,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  flag_util.run(main, {'reference_dir': 'dir'})

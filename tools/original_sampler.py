@@ -11,7 +11,7 @@ timing. The sampling code paths (`RandomDiffusion.__call__`, `sample_one`,
 
   python tools/original_sampler.py --original_repo=/path/to/diffinfinite \
       --checkpoint=model-1.pt --config_json=config.json --image_size=256 \
-      --patch_size=128 --steps=20 --cond_scale=3 --seed=0
+      --patch_size=128 --sampling_steps=20 --cond_scale=3 --seed=0
 
 Note: the original loop stops once every latent pixel has reached step S-1, so it runs
 S-1 of the S DDIM steps; the result reports the time as measured plus per-step figures.
@@ -164,7 +164,7 @@ class _NoVae:
 
 
 def time_original(original_repo: str, checkpoint_pt: str, config_json: str,
-                  labels: np.ndarray, patch_size: int, steps: int, cond_scale: float,
+                  labels: np.ndarray, patch_size: int, sampling_steps: int, cond_scale: float,
                   seed: int, repeats: int = 1, num_threads: int = 2) -> dict:
   """Times the original `RandomDiffusion.__call__` on one [H, W] int label map.
 
@@ -174,7 +174,7 @@ def time_original(original_repo: str, checkpoint_pt: str, config_json: str,
     config_json: JSON with a 'unet' dict of `dm.Unet` keyword arguments.
     labels: [H, W] int label map in pixels (H == W, as the original assumes).
     patch_size: patch side in pixels, as the original's `patch_size`.
-    steps: DDIM sampling steps S (the original runs S-1 of them, see the module doc).
+    sampling_steps: DDIM sampling steps S (the original runs S-1 of them, see the module doc).
     cond_scale: guidance weight w; the original uses w+1 internally.
     seed: `torch.manual_seed` before each timed run.
     repeats: timed runs; seconds is their median, and every run must make the same calls.
@@ -210,11 +210,11 @@ def time_original(original_repo: str, checkpoint_pt: str, config_json: str,
   # An instance attribute: nn.Module.__call__ and forward_with_cond_scale both use it.
   unet.forward = counted_forward
   diffusion = dm.GaussianDiffusion(unet, image_size=labels.shape[0] // 8, timesteps=1000,
-                                   sampling_timesteps=steps).eval()
+                                   sampling_timesteps=sampling_steps).eval()
   trainer = types.SimpleNamespace(vae=_NoVae(),
                                   ema=types.SimpleNamespace(ema_model=diffusion))
   rd = random_diffusion.RandomDiffusion(trainer, patch_size=patch_size,
-                                        sampling_steps=steps, cond_scale=cond_scale,
+                                        sampling_steps=sampling_steps, cond_scale=cond_scale,
                                         device='cpu')
   sample_one = rd.sample_one
   value_coordinates = rd.get_value_coordinates
@@ -269,7 +269,7 @@ def time_original(original_repo: str, checkpoint_pt: str, config_json: str,
       'original_evaluations_per_step': counts['samples'] / max(done, 1),
       'original_patch_iterations_per_step': counts['patches'] / max(done, 1),
       'original_seconds_per_evaluation': seconds / max(counts['samples'], 1),
-      'original_seconds_all_steps_estimate': seconds * steps / max(done, 1),
+      'original_seconds_all_steps_estimate': seconds * sampling_steps / max(done, 1),
       'original_denoiser_seconds': denoiser_seconds,
       'original_overhead_ratio': seconds / denoiser_seconds,
       'original_last_progress_line': progress,
@@ -289,7 +289,7 @@ def main(argv):
   with open(_CONFIG.value) as f:
     num_classes = json.load(f)['unet']['num_classes']
   labels = benchmark_label_map(_SIZE.value, _SIZE.value, num_classes)
-  result = {'image_size': _SIZE.value, 'patch_size': _PATCH.value, 'steps': _STEPS.value,
+  result = {'image_size': _SIZE.value, 'patch_size': _PATCH.value, 'sampling_steps': _STEPS.value,
             'cond_scale': _W.value, 'seed': _SEED.value, 'repeats': _REPEATS.value}
   start = time.perf_counter()
   result.update(time_original(_REPO.value, _CKPT.value, _CONFIG.value, labels,
@@ -308,7 +308,7 @@ if __name__ == '__main__':
   _CONFIG = flags.DEFINE_string('config_json', None, "JSON with the 'unet' kwargs.")
   _SIZE = flags.DEFINE_integer('image_size', 256, 'Image side in pixels.')
   _PATCH = flags.DEFINE_integer('patch_size', 128, 'Patch side in pixels.')
-  _STEPS = flags.DEFINE_integer('steps', 20, 'DDIM sampling steps.')
+  _STEPS = flags.DEFINE_integer('sampling_steps', 20, 'DDIM sampling steps.')
   _W = flags.DEFINE_float('cond_scale', 3.0, 'Guidance weight w (original uses w+1).')
   _SEED = flags.DEFINE_integer('seed', 0, 'torch.manual_seed before each timed run.')
   _REPEATS = flags.DEFINE_integer('repeats', 1, 'Timed runs; seconds is their median.')

@@ -84,7 +84,7 @@ def original_evaluations(config, cond_scale: float, settings, keys, cond) -> int
   return int(state.evaluations)
 
 
-def run_sampler_benchmark(config, params, *, image_size: int, patch_size: int, steps: int,
+def run_sampler_benchmark(config, params, *, image_size: int, patch_size: int, sampling_steps: int,
                           cond_scale: float, patches_per_step: int, seed: int = 0,
                           repeats: int = 3, batch_size: int = 1, mesh=None,
                           time_denoiser: bool = True, schedule: str = 'random',
@@ -99,7 +99,7 @@ def run_sampler_benchmark(config, params, *, image_size: int, patch_size: int, s
   geom = geometry.LatentGeometry()
   pipeline._check_patch(geom, (image_size, image_size), patch_size,  # pylint: disable=protected-access
                         config.downsample_factor, 'patch_size')
-  settings = sampler_lib.SamplerSettings(steps=steps, patch=patch_size // geom.factor,
+  settings = sampler_lib.SamplerSettings(sampling_steps=sampling_steps, patch=patch_size // geom.factor,
                                          patches_per_step=patches_per_step,
                                          schedule=schedule, grid_margin=grid_margin)
   denoise = denoisers.image_denoiser(unet_lib.eps_fn(config), config.num_classes, cond_scale)
@@ -124,7 +124,7 @@ def run_sampler_benchmark(config, params, *, image_size: int, patch_size: int, s
   denoiser_seconds = (time_denoiser_calls(config, params, batch, patch_size // geom.factor, calls)
                       if time_denoiser else float('nan'))
   return {
-      'image_size': image_size, 'patch_size': patch_size, 'steps': steps,
+      'image_size': image_size, 'patch_size': patch_size, 'sampling_steps': sampling_steps,
       'cond_scale': cond_scale, 'patches_per_step': patches_per_step,
       'batch_size': batch_size,
       'seconds': seconds, 'compile_seconds': first - seconds,
@@ -145,11 +145,11 @@ def run_sampler_benchmark(config, params, *, image_size: int, patch_size: int, s
       'seconds_per_patch_iteration': seconds / int(state.iterations),
       # patches x P^2 / (h w S): 1.0 is a perfect tiling (latent pixels, per image)
       'coverage': int(state.patches) * (patch_size // geom.factor) ** 2
-                  / (batch_size * (image_size // geom.factor) ** 2 * steps),
+                  / (batch_size * (image_size // geom.factor) ** 2 * sampling_steps),
   }
 
 
-def count_work(config, params, *, image_size: int, patch_size: int, steps: int,
+def count_work(config, params, *, image_size: int, patch_size: int, sampling_steps: int,
                cond_scale: float, patches_per_step: int, seed: int = 0,
                schedule: str = 'random', grid_margin: int = 0, **unused) -> dict:
   """The U-Net work of a run without running the U-Net: the sampler with a zero model.
@@ -160,7 +160,7 @@ def count_work(config, params, *, image_size: int, patch_size: int, steps: int,
   del unused
   geom = geometry.LatentGeometry()
   p = patch_size // geom.factor
-  settings = sampler_lib.SamplerSettings(steps=steps, patch=p, patches_per_step=patches_per_step,
+  settings = sampler_lib.SamplerSettings(sampling_steps=sampling_steps, patch=p, patches_per_step=patches_per_step,
                                          schedule=schedule, grid_margin=grid_margin)
   zero = lambda params, x, t, cond, null=None: jnp.zeros(x.shape, jnp.float32)
   denoise = denoisers.image_denoiser(zero, config.num_classes, cond_scale)
@@ -172,13 +172,13 @@ def count_work(config, params, *, image_size: int, patch_size: int, steps: int,
   state = _block(smp.sample(None, keys, cond, config.channels))
   seconds = time.perf_counter() - start
   flops = forward_flops(config, params, 1, p)
-  return {'image_size': image_size, 'patch_size': patch_size, 'steps': steps,
+  return {'image_size': image_size, 'patch_size': patch_size, 'sampling_steps': sampling_steps,
           'schedule': schedule, 'grid_margin': grid_margin,
           'patches_per_step': patches_per_step, 'patch_iterations': int(state.iterations),
           'denoiser_evaluations': int(state.evaluations),
           'gflop_per_forward': flops / 1e9,
           'denoiser_gflop': int(state.evaluations) * flops / 1e9,
-          'coverage': int(state.patches) * p * p / ((image_size // geom.factor) ** 2 * steps),
+          'coverage': int(state.patches) * p * p / ((image_size // geom.factor) ** 2 * sampling_steps),
           # the sampler's own cost: the whole loop with a model that costs nothing
           'zero_model_seconds': seconds,
           'zero_model_seconds_per_patch_iteration': seconds / int(state.iterations)}

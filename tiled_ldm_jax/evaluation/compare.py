@@ -48,7 +48,7 @@ def last_level_grid(pipe, o, image_hw, seed: int) -> tuple[int, int, int]:
   smp, state, _ = pipe.image_stage(o, np.zeros((1,) + tuple(image_hw), np.int32), [0], seed)
   s = smp.settings
   cell = s.patch - 2 * s.grid_margin
-  off = np.asarray(schedules.grid_offset(state.keys[0], s.steps - 1, cell))
+  off = np.asarray(schedules.grid_offset(state.keys[0], s.sampling_steps - 1, cell))
   f = pipe.geometry.factor
   return cell * f, int((-off[0]) % cell) * f, int((-off[1]) % cell) * f
 

@@ -41,12 +41,12 @@ class _Plan:
   batches: tuple[int, ...]
   image_size: int
   patch_size: int
-  steps: int
+  sampling_steps: int
   decode_size: int
 
 
-FULL = _Plan(batches=(1, 8, 32), image_size=2048, patch_size=512, steps=50, decode_size=2048)
-SMOKE = _Plan(batches=(1,), image_size=256, patch_size=128, steps=1, decode_size=128)
+FULL = _Plan(batches=(1, 8, 32), image_size=2048, patch_size=512, sampling_steps=50, decode_size=2048)
+SMOKE = _Plan(batches=(1,), image_size=256, patch_size=128, sampling_steps=1, decode_size=128)
 
 
 def _models(smoke: bool):
@@ -105,13 +105,13 @@ def run(smoke: bool = False, emit: Callable[[dict], None] = print) -> list[dict]
                    ('sampler_grid_packed', dict(schedule='grid', patches_per_step=_grid_k(
                        plan, f)))):
     r = benchmark.run_sampler_benchmark(
-        uc, up, image_size=plan.image_size, patch_size=plan.patch_size, steps=plan.steps,
+        uc, up, image_size=plan.image_size, patch_size=plan.patch_size, sampling_steps=plan.sampling_steps,
         cond_scale=3.0, repeats=1, time_denoiser=False, **kw)
     tflops = r['denoiser_gflop'] / 1e3 / r['seconds']
     out({'name': name, 'seconds': r['seconds'], 'compile_seconds': r['compile_seconds'],
          'tflops': tflops, 'fraction_of_forward_peak': tflops / best if best else None,
          'denoiser_evaluations': r['denoiser_evaluations'], 'coverage': r['coverage'],
-         'image_size': plan.image_size, 'steps': plan.steps})
+         'image_size': plan.image_size, 'sampling_steps': plan.sampling_steps})
   z = np.random.default_rng(0).standard_normal(
       (plan.decode_size // f, plan.decode_size // f, vc.latent_channels)).astype(np.float32)
   s = decode.TiledDecodeSettings(patch_size=plan.patch_size, factor=f, tile_batch=8,

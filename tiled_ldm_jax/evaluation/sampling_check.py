@@ -66,7 +66,7 @@ def _cond(n, h, w, seed):
 
 
 def patch_equivalence(prediction: str, schedule: str, noise_schedule: str, *,
-                      hw=(16, 16), patch: int = 8, steps: int = 4, n: int = 2,
+                      hw=(16, 16), patch: int = 8, sampling_steps: int = 4, n: int = 2,
                       clip_x0: float | None = 1.0) -> float:
   """Max |small patches - one whole-latent patch| for the pixel-local denoiser.
 
@@ -77,7 +77,7 @@ def patch_equivalence(prediction: str, schedule: str, noise_schedule: str, *,
   """
   keys = sampling.image_keys(0, range(n))
   cond = _cond(n, *hw, seed=1)
-  common = dict(keys=keys, latent_shape=hw + (CHANNELS,), steps=steps, eta=0.0, devices=1,
+  common = dict(keys=keys, latent_shape=hw + (CHANNELS,), sampling_steps=sampling_steps, eta=0.0, devices=1,
                 process=process_of(prediction, noise_schedule, clip_x0))
   small = dict(windows=sampling.Random(2) if schedule == 'random' else
                sampling.Grid(margin=2, patches_per_step=4))
@@ -100,14 +100,14 @@ def windows_of(schedule: str, patches_per_step: int | None = None):
 
 
 def oracle_error(prediction: str, schedule: str, noise_schedule: str = 'cosine', *,
-                 hw=(16, 16), patch: int = 8, steps: int = 4, n: int = 2,
+                 hw=(16, 16), patch: int = 8, sampling_steps: int = 4, n: int = 2,
                  eta: float = 0.0) -> float:
   """Max |sample - target| for the oracle denoiser."""
   keys = sampling.image_keys(3, range(n))
   target = np.random.RandomState(2).uniform(-0.9, 0.9, (n,) + hw + (CHANNELS,))
   fn = oracle_denoiser(prediction, processes.noise_schedule(noise_schedule))
   out = sampling.sample(fn, None, {'target': sampling.spatial(target.astype(np.float32))},
-                        keys=keys, latent_shape=hw + (CHANNELS,), patch=patch, steps=steps,
+                        keys=keys, latent_shape=hw + (CHANNELS,), patch=patch, sampling_steps=sampling_steps,
                         process=process_of(prediction, noise_schedule),
                         windows=windows_of(schedule), eta=eta, devices=1)
   return float(np.abs(np.asarray(out) - target).max())

@@ -35,7 +35,7 @@ def check_request(unet_dir: str, vae_dir: str, labels: np.ndarray, patch_size: i
                      f'image side {min(labels.shape)}')
 
 
-def sample_trained_unet(unet_dir: str, vae_dir: str, labels: np.ndarray, *, steps: int = 20,
+def sample_trained_unet(unet_dir: str, vae_dir: str, labels: np.ndarray, *, sampling_steps: int = 20,
                         seed: int = 0, cond_scale: float = 3.0, patch_size: int = 128,
                         windows=None) -> np.ndarray:
   """One image [H, W, 3] uint8 for a pixel label map `labels` [H, W] (ids < the U-Net's
@@ -52,7 +52,7 @@ def sample_trained_unet(unet_dir: str, vae_dir: str, labels: np.ndarray, *, step
                       keys=sampling.image_keys(seed, [0]),
                       latent_shape=(labels.shape[1] // f, labels.shape[2] // f,
                                     pipe.unet.config.channels),
-                      patch=patch_size // f, steps=steps, process=process,
+                      patch=patch_size // f, sampling_steps=sampling_steps, process=process,
                       windows=windows)                           # z: [1, h, w, C]
   image = pipe.decode(z, patch_size=patch_size)[0]               # Hann-blended tiles
   return image                                                   # [H, W, 3] uint8

@@ -2,7 +2,7 @@
 
     from tiled_ldm_jax import sampling
     x = sampling.sample(denoise, params, cond, keys=sampling.image_keys(0, [0, 1]),
-                        latent_shape=(256, 256, 4), patch=64, steps=50,
+                        latent_shape=(256, 256, 4), patch=64, sampling_steps=50,
                         process=sampling.Diffusion('v', 'scaled_linear'),
                         windows=sampling.Grid(margin=2))
 

@@ -2,7 +2,7 @@
 
     from tiled_ldm_jax import sampling
     x = sampling.sample(denoise, params, cond, keys=sampling.image_keys(0, [0, 1]),
-                        latent_shape=(256, 256, 4), patch=64, steps=50,
+                        latent_shape=(256, 256, 4), patch=64, sampling_steps=50,
                         process=sampling.Diffusion('v', 'scaled_linear'))
     # x: [N, 256, 256, 4]
 
@@ -53,7 +53,7 @@ Random = schedules.Random
 Grid = schedules.Grid
 
 
-def sample(denoise, params, cond, *, keys, latent_shape, patch: int, steps: int,
+def sample(denoise, params, cond, *, keys, latent_shape, patch: int, sampling_steps: int,
            process=None, windows=None, eta: float = 1.0, dtype=None, mesh=None,
            devices: int = 0, progress_every: int = 0, return_state: bool = False):
   """N latents [N, h, w, C] sampled patch by patch (see the module docstring).
@@ -65,7 +65,7 @@ def sample(denoise, params, cond, *, keys, latent_shape, patch: int, steps: int,
     keys: [N] typed PRNG keys, one per image (`image_keys(seed, range(N))`); image n
       depends only on keys[n].
     latent_shape: (h, w, C). patch: the latent window side P (<= h, w).
-    steps: sampling steps S (every latent pixel takes exactly S).
+    sampling_steps: sampling steps S (every latent pixel takes exactly S).
     process: what a step does with the prediction: `Diffusion(prediction, noise_schedule,
       clip_x0)` (DDIM; default `Diffusion()`: eps, cosine, no clamp) or `Flow()`.
     windows: where each iteration's windows go: `Random(patches_per_step)` (default
@@ -82,7 +82,7 @@ def sample(denoise, params, cond, *, keys, latent_shape, patch: int, steps: int,
   h, w, c = _check(keys, latent_shape, patch, process, windows, cond)
   schedule, k, margin = windows.settings((h, w), patch)
   settings = sampler_lib.SamplerSettings(
-      steps=steps, patch=patch, patches_per_step=k, eta=eta, progress_every=progress_every,
+      sampling_steps=sampling_steps, patch=patch, patches_per_step=k, eta=eta, progress_every=progress_every,
       schedule=schedule, grid_margin=margin)
   n = keys.shape[0]
   if mesh is None:

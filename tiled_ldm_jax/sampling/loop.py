@@ -107,7 +107,7 @@ class SamplerState:
 @dataclasses.dataclass(frozen=True)
 class SamplerSettings:
   """Static knobs: changing one compiles a new program."""
-  steps: int                  # DDIM sampling steps S
+  sampling_steps: int         # DDIM sampling steps S
   patch: int                  # latent patch side P (patch_size / 8)
   patches_per_step: int = 1   # K: non-overlapping patches per image per iteration
   eta: float = 1.0            # DDIM eta (0: deterministic)
@@ -117,8 +117,8 @@ class SamplerSettings:
   grid_margin: int = 0        # grid: latent pixels of context each side, not written
 
   def __post_init__(self):
-    if self.steps < 1:
-      raise ValueError(f'sampling steps must be >= 1, got {self.steps}')
+    if self.sampling_steps < 1:
+      raise ValueError(f'sampling steps must be >= 1, got {self.sampling_steps}')
     if self.schedule not in SCHEDULES:
       raise ValueError(f'schedule must be one of {SCHEDULES}, got {self.schedule!r}')
     schedules.check_margin(self.grid_margin, self.patch)
@@ -254,7 +254,7 @@ class Sampler:
     self.n_images = n_images
     self.split = _choose_split(mesh, n_images, settings.patches_per_step)
     self.process = processes.Diffusion(clip_x0=1.0) if process is None else process
-    self.pairs = self.process.time_grid(settings.steps)       # [S, 2] (t, t_next)
+    self.pairs = self.process.time_grid(settings.sampling_steps)       # [S, 2] (t, t_next)
     self._log = _ProgressLog(settings.progress_label)
     self._run_jit = program_cache.CachedJit(self._run, self._program_key(),
                                             donate_argnums=(1,), result_like=1)
@@ -305,7 +305,7 @@ class Sampler:
     """One step at each image's `level` for patches [N, K, P, P, C]; (new, evaluations)."""
     s = self.settings
     n, k_slots = valid.shape
-    pair = jnp.asarray(self.pairs)[jnp.minimum(level, s.steps - 1)]      # [N, 2]
+    pair = jnp.asarray(self.pairs)[jnp.minimum(level, s.sampling_steps - 1)]      # [N, 2]
     t_cur = jnp.broadcast_to(pair[:, None, 0], (n, k_slots)).reshape(-1)
     t_next = jnp.broadcast_to(pair[:, None, 1], (n, k_slots)).reshape(-1)
     flat = lambda a: a.reshape((n * k_slots,) + a.shape[2:])
@@ -322,7 +322,7 @@ class Sampler:
     p, k_slots = s.patch, s.patches_per_step
     n, h, w = state.times.shape
     level = state.level                                                 # [N]
-    active = level < s.steps
+    active = level < s.sampling_steps
     it_keys = jax.vmap(lambda k, i: jax.random.fold_in(jax.random.fold_in(k, 1), i))(
         state.keys, state.image_iters)
     corners, _, valid = jax.vmap(functools.partial(
@@ -374,7 +374,7 @@ class Sampler:
     n, h, w = state.times.shape
     n_cells, per_level = self.grid_shape(h, w)
     level, batch = state.level, state.remaining                         # [N] each
-    active = level < s.steps
+    active = level < s.sampling_steps
     offsets = jax.vmap(functools.partial(schedules.grid_offset, cell=p - 2 * m))(
         state.keys, level)                                              # [N, 2]
     index = batch[:, None] * k_slots + jnp.arange(k_slots)[None, :]     # [N, K]
@@ -425,13 +425,13 @@ class Sampler:
       within = state.remaining / self.grid_shape(h, w)[1]
     else:
       within = 1.0 - state.remaining / (h * w)
-    done = jnp.minimum(state.level + jnp.where(state.level < s.steps, within, 0.0), s.steps)
-    return done.sum() / (n * s.steps)
+    done = jnp.minimum(state.level + jnp.where(state.level < s.sampling_steps, within, 0.0), s.sampling_steps)
+    return done.sum() / (n * s.sampling_steps)
 
   def _status(self, state: SamplerState):
     """(share of the work done, all images done, iterations): three replicated scalars,
     read on the host between chunks of the loop."""
-    return (self._fraction(state), state.level.min() >= self.settings.steps,
+    return (self._fraction(state), state.level.min() >= self.settings.sampling_steps,
             state.iterations)
 
   def _run(self, params, state: SamplerState, cond, max_iterations):
@@ -441,11 +441,11 @@ class Sampler:
       return self._step_patch(params, state, cond)
 
     def not_done(st):
-      return (st.level.min() < self.settings.steps) & (st.iterations < stop)
+      return (st.level.min() < self.settings.sampling_steps) & (st.iterations < stop)
     state = jax.lax.while_loop(not_done, body, state)
-    if self.settings.schedule == 'grid' and self.settings.steps % 2 == 1:
+    if self.settings.schedule == 'grid' and self.settings.sampling_steps % 2 == 1:
       # The last level (S - 1, even) wrote x_low: make x the result once all are done.
-      done = (state.level >= self.settings.steps)[:, None, None, None]
+      done = (state.level >= self.settings.sampling_steps)[:, None, None, None]
       state = state.replace(x=jnp.where(done, state.x_low, state.x))
     return state
 
