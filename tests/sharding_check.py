@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from tiled_ldm_jax.sampling import loop as sampler
+from tiled_ldm_jax.sampling import loop as loop_lib
 
 A = jnp.asarray(np.random.RandomState(0).randn(4, 4).astype(np.float32) * 0.5)
 
@@ -49,12 +49,12 @@ def main():
   results = {}
   for mode, n, k in (('images', 8, 1), ('patches', 1, 8)):
     labels = jnp.asarray(np.random.RandomState(1).randint(0, 3, (n, 40, 40)), jnp.int32)
-    keys = sampler.image_keys(0, range(n))
-    settings = sampler.SamplerSettings(sampling_steps=3, patch=8, patches_per_step=k)
-    one = sampler.Sampler(local_eps, settings).sample(A, keys, sampler.spatial(labels))
-    smp = sampler.Sampler(local_eps, settings, mesh=mesh, n_images=n)
+    keys = loop_lib.image_keys(0, range(n))
+    settings = loop_lib.SamplerSettings(sampling_steps=3, patch=8, patches_per_step=k)
+    one = loop_lib.Sampler(local_eps, settings).sample(A, keys, loop_lib.spatial(labels))
+    smp = loop_lib.Sampler(local_eps, settings, mesh=mesh, n_images=n)
     assert smp.split == mode
-    many = smp.sample(A, keys, sampler.spatial(labels))
+    many = smp.sample(A, keys, loop_lib.spatial(labels))
     shards = len(many.x.sharding.device_set)
     # Same randomness, so the same patches in the same order: identical step counts and
     # patch choices. Values agree to float32 rounding, not bitwise: XLA compiles the

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from tiled_ldm_jax import demo
-from tiled_ldm_jax.sampling import guidance as denoisers
+from tiled_ldm_jax.sampling import guidance
 from tiled_ldm_jax import masks
 from tiled_ldm_jax.examples import own_model
 from tiled_ldm_jax import pipeline
@@ -43,7 +43,7 @@ def test_pipeline_samples_by_the_models_objective(tmp_path, objective):
   assert pipe.unet.objective == objective
   opts = dict(sampling_steps=3, patch_size=128)
   z = np.asarray(pipe.sample_latents(labels, seed=4, **opts))
-  net, process = denoisers.trained_unet(unet.eps_fn(pipe.unet.config), objective)
+  net, process = guidance.trained_unet(unet.eps_fn(pipe.unet.config), objective)
   direct = sampling.sample(
       sampling.multilabel_guidance(net, pipe.unet.config.num_classes, 3.0), pipe.unet.params,
       sampling.spatial(masks.latent_labels(labels, 8).astype(np.int32)),

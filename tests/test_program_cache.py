@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tiled_ldm_jax import program_cache
-from tiled_ldm_jax.sampling import loop as sampler
+from tiled_ldm_jax.sampling import loop as loop_lib
 
 TRACES = []
 
@@ -21,13 +21,13 @@ def _eps(params, x, t, labels):
 
 
 KEYED = program_cache.keyed(_eps, 'test_program_cache._eps', 1)
-SETTINGS = sampler.SamplerSettings(sampling_steps=3, patch=8, patches_per_step=2)
+SETTINGS = loop_lib.SamplerSettings(sampling_steps=3, patch=8, patches_per_step=2)
 
 
 def _run(denoise, settings=SETTINGS):
   labels = jnp.asarray(np.random.RandomState(0).randint(0, 3, (2, 16, 24)), jnp.int32)
-  smp = sampler.Sampler(denoise, settings)      # a new instance: no in-memory programs
-  state = smp.sample(jnp.float32(0.7), sampler.image_keys(5, [0, 1]), sampler.spatial(labels))
+  smp = loop_lib.Sampler(denoise, settings)      # a new instance: no in-memory programs
+  state = smp.sample(jnp.float32(0.7), loop_lib.image_keys(5, [0, 1]), loop_lib.spatial(labels))
   return smp, state
 
 
@@ -65,7 +65,7 @@ def test_second_sampler_loads_without_tracing_and_matches_plain_jit(folder):
 
 def test_other_settings_other_program_and_unkeyed_functions_are_not_kept(folder):
   _run(KEYED)
-  _run(KEYED, sampler.SamplerSettings(sampling_steps=4, patch=8, patches_per_step=2))
+  _run(KEYED, loop_lib.SamplerSettings(sampling_steps=4, patch=8, patches_per_step=2))
   assert len(_files(folder)) == 2
   _run(_eps)                       # no program key: plain jit, nothing written
   assert len(_files(folder)) == 2

@@ -7,7 +7,7 @@ import pytest
 
 from tiled_ldm_jax import masks
 from tiled_ldm_jax import generate
-from tiled_ldm_jax.sampling import loop as sampler
+from tiled_ldm_jax.sampling import loop as loop_lib
 
 from test_pipeline import config, given_mask, models  # noqa: F401  (fixtures)
 
@@ -20,7 +20,7 @@ def interrupt_after(monkeypatch, calls: int | None):
   """Makes the `calls`-th Sampler.run call (across stages) raise, as if killed mid-run.
 
   With calls=None it only counts."""
-  real = sampler.Sampler.run
+  real = loop_lib.Sampler.run
   count = {'n': 0}
 
   def run(self, *a, **k):
@@ -28,7 +28,7 @@ def interrupt_after(monkeypatch, calls: int | None):
     if count['n'] == calls:
       raise Interrupt
     return real(self, *a, **k)
-  monkeypatch.setattr(sampler.Sampler, 'run', run)
+  monkeypatch.setattr(loop_lib.Sampler, 'run', run)
   return count
 
 

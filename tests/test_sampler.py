@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tiled_ldm_jax.sampling import diffusion
-from tiled_ldm_jax.sampling import loop as sampler
+from tiled_ldm_jax.sampling import loop as loop_lib
 
 A = jnp.asarray(np.random.RandomState(0).randn(4, 4).astype(np.float32) * 0.5)
 
@@ -20,7 +20,7 @@ def local_eps(params, x, t, labels):
 
 def full_image_ddim(keys, labels, steps, eta=0.0):
   n, h, w = labels.shape
-  x = sampler.init_state(keys, (h, w), 4, 1).x
+  x = loop_lib.init_state(keys, (h, w), 4, 1).x
   sched = diffusion.Schedule()
   for t, tn in diffusion.time_pairs(steps):
     tt, tnn = jnp.full((n,), t), jnp.full((n,), tn)
@@ -37,11 +37,11 @@ def random_labels(n, h, w, seed=1, classes=3):
                                      (12, 20, 12, 1), (32, 24, 8, 4)])
 def test_tiled_equals_full_image_ddim_for_pixel_local_model(h, w, p, k):
   steps = 6
-  keys = sampler.image_keys(0, [0, 1])
+  keys = loop_lib.image_keys(0, [0, 1])
   labels = random_labels(2, h, w)
-  smp = sampler.Sampler(local_eps, sampler.SamplerSettings(sampling_steps=steps, patch=p,
+  smp = loop_lib.Sampler(local_eps, loop_lib.SamplerSettings(sampling_steps=steps, patch=p,
                                                            patches_per_step=k, eta=0.0))
-  state = smp.sample(A, keys, sampler.spatial(labels))
+  state = smp.sample(A, keys, loop_lib.spatial(labels))
   assert state.x.shape == (2, h, w, 4) and state.x.dtype == jnp.float32
   assert (np.asarray(state.times) == steps).all()
   np.testing.assert_allclose(state.x, full_image_ddim(keys, labels, steps), atol=1e-5)
@@ -51,15 +51,15 @@ def test_tiled_equals_full_image_ddim_for_pixel_local_model(h, w, p, k):
 def test_each_pixel_takes_exactly_s_steps_and_levels_stay_within_one():
   steps, p, k = 4, 8, 3
   labels = random_labels(2, 24, 32)
-  keys = sampler.image_keys(3, [0, 1])
-  smp = sampler.Sampler(local_eps, sampler.SamplerSettings(sampling_steps=steps, patch=p,
+  keys = loop_lib.image_keys(3, [0, 1])
+  smp = loop_lib.Sampler(local_eps, loop_lib.SamplerSettings(sampling_steps=steps, patch=p,
                                                            patches_per_step=k, eta=1.0))
   state = smp.init(keys, labels.shape)
   prev = np.asarray(state.times)
   for _ in range(10_000):
     if prev.min() >= steps:
       break
-    state = smp.step_patch(A, state, sampler.spatial(labels))
+    state = smp.step_patch(A, state, loop_lib.spatial(labels))
     times = np.asarray(state.times)
     assert ((times - prev) >= 0).all() and ((times - prev) <= 1).all()
     for n in range(times.shape[0]):
@@ -74,10 +74,10 @@ def test_each_pixel_takes_exactly_s_steps_and_levels_stay_within_one():
 
 def test_same_key_same_output_different_keys_differ():
   labels = random_labels(1, 16, 24)
-  smp = sampler.Sampler(local_eps, sampler.SamplerSettings(sampling_steps=3, patch=8, eta=1.0))
-  a = smp.sample(A, sampler.image_keys(7, [0]), sampler.spatial(labels)).x
-  b = smp.sample(A, sampler.image_keys(7, [0]), sampler.spatial(labels)).x
-  c = smp.sample(A, sampler.image_keys(8, [0]), sampler.spatial(labels)).x
+  smp = loop_lib.Sampler(local_eps, loop_lib.SamplerSettings(sampling_steps=3, patch=8, eta=1.0))
+  a = smp.sample(A, loop_lib.image_keys(7, [0]), loop_lib.spatial(labels)).x
+  b = smp.sample(A, loop_lib.image_keys(7, [0]), loop_lib.spatial(labels)).x
+  c = smp.sample(A, loop_lib.image_keys(8, [0]), loop_lib.spatial(labels)).x
   np.testing.assert_array_equal(a, b)
   assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-2
   assert smp.compiles() == 1  # a new key does not recompile
@@ -85,17 +85,17 @@ def test_same_key_same_output_different_keys_differ():
 
 def test_image_does_not_depend_on_its_batch():
   labels = random_labels(3, 16, 16)
-  smp = sampler.Sampler(local_eps, sampler.SamplerSettings(sampling_steps=3, patch=8, eta=1.0,
+  smp = loop_lib.Sampler(local_eps, loop_lib.SamplerSettings(sampling_steps=3, patch=8, eta=1.0,
                                                            patches_per_step=2))
-  batch = smp.sample(A, sampler.image_keys(5, [0, 1, 2]), sampler.spatial(labels))
-  alone = smp.sample(A, sampler.image_keys(5, [2]), sampler.spatial(labels[2:]))
+  batch = smp.sample(A, loop_lib.image_keys(5, [0, 1, 2]), loop_lib.spatial(labels))
+  alone = smp.sample(A, loop_lib.image_keys(5, [2]), loop_lib.spatial(labels[2:]))
   np.testing.assert_allclose(batch.x[2], alone.x[0], atol=1e-6)
 
 
 def test_counters():
   labels = random_labels(1, 16, 16)
-  state = sampler.Sampler(local_eps, sampler.SamplerSettings(sampling_steps=2, patch=8)).sample(
-      A, sampler.image_keys(0, [0]), sampler.spatial(labels))
+  state = loop_lib.Sampler(local_eps, loop_lib.SamplerSettings(sampling_steps=2, patch=8)).sample(
+      A, loop_lib.image_keys(0, [0]), loop_lib.spatial(labels))
   # K = 1, one image: one patch and one denoiser sample per iteration.
   assert int(state.patches) == int(state.iterations) == int(state.evaluations)
   assert int(state.iterations) >= 2 * 4  # at least (16/8)^2 patches per level
@@ -137,14 +137,14 @@ def test_bad_labels_fail_before_compute():
 
 def test_chunked_run_equals_uninterrupted():
   labels = random_labels(2, 16, 24)
-  keys = sampler.image_keys(11, [0, 1])
-  smp = sampler.Sampler(local_eps, sampler.SamplerSettings(sampling_steps=3, patch=8, eta=1.0,
+  keys = loop_lib.image_keys(11, [0, 1])
+  smp = loop_lib.Sampler(local_eps, loop_lib.SamplerSettings(sampling_steps=3, patch=8, eta=1.0,
                                                            patches_per_step=2))
-  whole = smp.sample(A, keys, sampler.spatial(labels))
+  whole = smp.sample(A, keys, loop_lib.spatial(labels))
   state = smp.init(keys, labels.shape)
   chunks = 0
   while int(state.level.min()) < 3:
-    state = smp.run(A, state, sampler.spatial(labels), max_iterations=4)
+    state = smp.run(A, state, loop_lib.spatial(labels), max_iterations=4)
     chunks += 1
   assert chunks > 2
   np.testing.assert_array_equal(state.x, whole.x)

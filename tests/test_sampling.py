@@ -19,7 +19,7 @@ import pytest
 
 from tiled_ldm_jax.sampling import diffusion
 from tiled_ldm_jax.sampling import processes
-from tiled_ldm_jax.sampling import loop as sampler
+from tiled_ldm_jax.sampling import loop as loop_lib
 from tiled_ldm_jax import sampling
 from tiled_ldm_jax.evaluation import sampling_check as sc
 
@@ -63,7 +63,7 @@ def test_spatial_cond_is_cropped_at_the_patch_and_other_leaves_per_image(schedul
   the id, so `x + 100 id == cond crop` checks both the crop's place and the image."""
   n, h, w = 2, 16, 24
   keys = sampling.image_keys(4, range(n))
-  noise0 = np.asarray(sampler.init_state(keys, (h, w), 2, 8).x)
+  noise0 = np.asarray(loop_lib.init_state(keys, (h, w), 2, 8).x)
   ids = np.array([3.0, 7.0], np.float32)
   cond = {'noise': sampling.spatial(noise0 + 100 * ids[:, None, None, None]), 'id': ids}
   seen = []
@@ -118,8 +118,8 @@ def test_diffinfinite_path_is_the_same_loop():
                           latent_shape=(16, 16, 4), patch=8, sampling_steps=3,
                           process=sampling.Diffusion(clip_x0=1.0),
                           devices=1, return_state=True)
-  smp = sampler.Sampler(guided, sampler.SamplerSettings(sampling_steps=3, patch=8))
-  ref = smp.sample(a_mat, keys, sampler.spatial(labels))
+  smp = loop_lib.Sampler(guided, loop_lib.SamplerSettings(sampling_steps=3, patch=8))
+  ref = smp.sample(a_mat, keys, loop_lib.spatial(labels))
   np.testing.assert_array_equal(state.x, ref.x)
   assert int(state.evaluations) == int(ref.evaluations) > int(state.patches)
 
@@ -128,13 +128,13 @@ def test_no_recompile_for_new_keys_or_cond():
   fn = sc.local_denoiser('v')
   kw = dict(latent_shape=(16, 16, sc.CHANNELS), patch=8, sampling_steps=2,
             process=sampling.Diffusion('v', 'linear'), devices=1, eta=1.0)
-  before = sampler.compiled.cache_info()   # the one compiled-sampler cache
+  before = loop_lib.compiled.cache_info()   # the one compiled-sampler cache
   for seed in (0, 1):
     sampling.sample(fn, jnp.asarray(sc.MIX), sc._cond(2, 16, 16, seed),  # pylint: disable=protected-access
                     keys=sampling.image_keys(seed, [0, 1]), **kw)
-  after = sampler.compiled.cache_info()
+  after = loop_lib.compiled.cache_info()
   assert after.misses == before.misses + 1 and after.hits == before.hits + 1
-  smp = sampling.api._sampler(fn, None, sampler.SamplerSettings(sampling_steps=2, patch=8), processes.make(  # pylint: disable=protected-access
+  smp = sampling.api._sampler(fn, None, loop_lib.SamplerSettings(sampling_steps=2, patch=8), processes.make(  # pylint: disable=protected-access
       'v', 'linear', None), None, 2)
   assert smp.compiles() == 1
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from tiled_ldm_jax.sampling import diffusion
-from tiled_ldm_jax.sampling import loop as sampler
-from tiled_ldm_jax.sampling import windows as schedules
+from tiled_ldm_jax.sampling import loop as loop_lib
+from tiled_ldm_jax.sampling import windows as windows_lib
 
 from test_sampler import A, full_image_ddim, local_eps, random_labels
 
@@ -18,7 +18,7 @@ from test_sampler import A, full_image_ddim, local_eps, random_labels
 def _counts(times, level, patch):
   """Brute-force lowest-level pixels per block, in `block_sizes` layout."""
   h, w = times.shape
-  out = np.zeros(schedules.block_sizes(h, w, patch).shape, np.int64)
+  out = np.zeros(windows_lib.block_sizes(h, w, patch).shape, np.int64)
   for y in range(h):
     for x in range(w):
       if times[y, x] == level:
@@ -34,7 +34,7 @@ def test_exclusion_zone_matches_the_overlap_rule(h, w, p):
     starts = np.clip(np.arange(size) - p // 2, 0, size - p)
     for c in range(size - p + 1):
       want = np.flatnonzero(np.abs(starts - c) < p)
-      lo, hi = schedules._exclusion(jnp.int32(c), size, p)  # pylint: disable=protected-access
+      lo, hi = windows_lib._exclusion(jnp.int32(c), size, p)  # pylint: disable=protected-access
       assert (int(lo), int(hi)) == (want.min(), want.max()), (size, c)
 
 
@@ -49,7 +49,7 @@ def test_centre_draws_are_uniform_over_eligible_pixels(k_slots):
   counts = jnp.asarray(_counts(times, 0, p), jnp.int32)
   draws = 40000
   keys = jax.random.split(jax.random.key(1), draws)
-  choose = jax.jit(jax.vmap(functools.partial(schedules.choose_random, patch=p,
+  choose = jax.jit(jax.vmap(functools.partial(windows_lib.choose_random, patch=p,
                                               k_slots=k_slots),
                             (None, None, None, 0)))
   corners, centres, valid = choose(jnp.asarray(times), counts, jnp.int32(0), keys)
@@ -89,9 +89,9 @@ def test_counters_track_the_latent_exactly():
   """level, remaining and per-block counts equal recounts of `times` after every step."""
   steps, p, k = 3, 8, 3
   labels = random_labels(2, 20, 28)
-  smp = sampler.Sampler(local_eps, sampler.SamplerSettings(sampling_steps=steps, patch=p,
+  smp = loop_lib.Sampler(local_eps, loop_lib.SamplerSettings(sampling_steps=steps, patch=p,
                                                            patches_per_step=k))
-  state = smp.init(sampler.image_keys(4, [0, 1]), labels.shape)
+  state = smp.init(loop_lib.image_keys(4, [0, 1]), labels.shape)
   for _ in range(2000):
     times = np.asarray(state.times)
     if times.min() >= steps:
@@ -101,13 +101,13 @@ def test_counters_track_the_latent_exactly():
       assert int(state.level[n]) == level
       assert int(state.remaining[n]) == (times[n] == level).sum()
       np.testing.assert_array_equal(np.asarray(state.counts[n]), _counts(times[n], level, p))
-    state = smp.step_patch(A, state, sampler.spatial(labels))
+    state = smp.step_patch(A, state, loop_lib.spatial(labels))
   assert (np.asarray(state.times) == steps).all()
   assert (np.asarray(state.level) == steps).all()
 
 
 def grid(steps, p, k, margin=0, eta=0.0):
-  return sampler.Sampler(local_eps, sampler.SamplerSettings(
+  return loop_lib.Sampler(local_eps, loop_lib.SamplerSettings(
       sampling_steps=steps, patch=p, patches_per_step=k, eta=eta, schedule='grid',
       grid_margin=margin))
 
@@ -116,10 +116,10 @@ def grid(steps, p, k, margin=0, eta=0.0):
                                             (20, 12, 8, 9, 1), (13, 29, 6, 5, 0)])   # K=9: more slots than the 8 windows
 def test_grid_equals_full_image_ddim_for_pixel_local_model(h, w, p, k, margin):
   for steps in (5, 6):   # odd and even: the result ends in either buffer
-    keys = sampler.image_keys(0, [0, 1])
+    keys = loop_lib.image_keys(0, [0, 1])
     labels = random_labels(2, h, w)
     smp = grid(steps, p, k, margin)
-    state = smp.sample(A, keys, sampler.spatial(labels))
+    state = smp.sample(A, keys, loop_lib.spatial(labels))
     assert (np.asarray(state.times) == steps).all()
     np.testing.assert_allclose(state.x, full_image_ddim(keys, labels, steps), atol=1e-5)
     cells, per_level = smp.grid_shape(h, w)
@@ -131,36 +131,36 @@ def test_grid_does_not_depend_on_k_and_covers_each_pixel_once_per_level():
   """eta = 1 (noise per window): K = 1 and K = all windows give the same images; every
   level advances every pixel exactly once."""
   labels = random_labels(2, 12, 20)      # 2 x 4 = 8 windows of 6 written pixels
-  keys = sampler.image_keys(9, [0, 1])
+  keys = loop_lib.image_keys(9, [0, 1])
   one = grid(4, 8, 1, margin=1, eta=1.0)
   cells, _ = one.grid_shape(12, 20)
-  a = one.sample(A, keys, sampler.spatial(labels))
-  b = grid(4, 8, cells, margin=1, eta=1.0).sample(A, keys, sampler.spatial(labels))
+  a = one.sample(A, keys, loop_lib.spatial(labels))
+  b = grid(4, 8, cells, margin=1, eta=1.0).sample(A, keys, loop_lib.spatial(labels))
   np.testing.assert_allclose(a.x, b.x, atol=1e-6)
   smp = grid(3, 8, 2, margin=1, eta=1.0)
   state = smp.init(keys, labels.shape)
   for level in range(3):
     for _ in range(smp.grid_shape(12, 20)[1]):
-      state = smp.step_patch(A, state, sampler.spatial(labels))
+      state = smp.step_patch(A, state, loop_lib.spatial(labels))
     assert (np.asarray(state.times) == level + 1).all()
 
 
 def test_grid_offsets_differ_between_levels_and_images():
   labels = random_labels(2, 32, 32)
   smp = grid(2, 8, 1)
-  state = smp.init(sampler.image_keys(2, [0, 1]), labels.shape)
+  state = smp.init(loop_lib.image_keys(2, [0, 1]), labels.shape)
   first = []
   for _ in range(2):   # the first window of level 0 and level 1
     before = np.asarray(state.times)
-    state = smp.step_patch(A, state, sampler.spatial(labels))
+    state = smp.step_patch(A, state, loop_lib.spatial(labels))
     first.append(np.argwhere(np.asarray(state.times) != before))
     while int(state.remaining[0]) != 0:
-      state = smp.step_patch(A, state, sampler.spatial(labels))
+      state = smp.step_patch(A, state, loop_lib.spatial(labels))
   assert first[0].size and first[1].size
 
 
 def test_bad_grid_settings():
   with pytest.raises(ValueError, match='grid_margin'):
-    sampler.SamplerSettings(sampling_steps=2, patch=8, schedule='grid', grid_margin=4)
+    loop_lib.SamplerSettings(sampling_steps=2, patch=8, schedule='grid', grid_margin=4)
   with pytest.raises(ValueError, match='schedule'):
-    sampler.SamplerSettings(sampling_steps=2, patch=8, schedule='spiral')
+    loop_lib.SamplerSettings(sampling_steps=2, patch=8, schedule='spiral')

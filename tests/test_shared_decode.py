@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tiled_ldm_jax.output import ome_zarr
-from tiled_ldm_jax.output import shared_writer as shared_decode
+from tiled_ldm_jax.output import shared_writer
 from tiled_ldm_jax.output import writers
 from tiled_ldm_jax.evaluation import benchmark
 
@@ -67,11 +67,11 @@ def image(demo_pipeline):
 
 
 def test_split_ranges():
-  assert shared_decode.split_ranges(4, 2, 2) == [(0, 2), (2, 4)]
-  assert shared_decode.split_ranges(5, 2, 2) == [(0, 2), (2, 5)]
-  assert shared_decode.split_ranges(1, 3) == [(0, 0), (0, 0), (0, 1)]
+  assert shared_writer.split_ranges(4, 2, 2) == [(0, 2), (2, 4)]
+  assert shared_writer.split_ranges(5, 2, 2) == [(0, 2), (2, 5)]
+  assert shared_writer.split_ranges(1, 3) == [(0, 0), (0, 0), (0, 1)]
   for n, parts, unit in ((17, 3, 4), (8, 8, 1), (3, 4, 2)):
-    r = shared_decode.split_ranges(n, parts, unit)
+    r = shared_writer.split_ranges(n, parts, unit)
     assert r[0][0] == 0 and r[-1][1] == n and len(r) == parts
     assert all(a % unit == 0 or a == b for a, b in r) and all(
         r[i][1] == r[i + 1][0] for i in range(parts - 1))
@@ -88,7 +88,7 @@ def test_zarr_written_by_several_equals_one(tmp_path, image):
   many = tmp_path / 'many.zarr'
 
   def fn(pid):
-    shared_decode.write_zarr(pipe, o, z, labels, str(many), tile=128, process_index=pid,
+    shared_writer.write_zarr(pipe, o, z, labels, str(many), tile=128, process_index=pid,
                              process_count=processes, barrier=fn.threads.barrier)
   _run_threads(processes, fn)
   for array in ('image', 'labels'):
@@ -111,7 +111,7 @@ def test_tiff_gathered_by_process_0_equals_one(tmp_path, image):
   real_iter = pipe.iter_decode
 
   def fn(pid):
-    shared_decode.write_tiff(pipe, o, z, str(many), 256, process_index=pid,
+    shared_writer.write_tiff(pipe, o, z, str(many), 256, process_index=pid,
                              process_count=processes, allgather=fn.threads.allgather(pid),
                              compression='zlib', tile=128)
   pipe.iter_decode = lambda *a, **k: _counting(real_iter(*a, **k), decoded)

@@ -34,7 +34,7 @@ from tiled_ldm_jax import masks as masks_lib
 from tiled_ldm_jax.output import ome_zarr
 from tiled_ldm_jax import pipeline as pipeline_lib
 from tiled_ldm_jax import resume
-from tiled_ldm_jax.output import shared_writer as shared_decode
+from tiled_ldm_jax.output import shared_writer
 from tiled_ldm_jax import sharding
 from tiled_ldm_jax.output import writers
 
@@ -337,10 +337,10 @@ def _write_shared(plan: Plan, z, labels: np.ndarray, image_path: str) -> None:
   cfg, where = plan.cfg, dict(process_index=jax.process_index(),
                               process_count=jax.process_count())
   if cfg.output_format == 'zarr':
-    shared_decode.write_zarr(plan.pipe, plan.options, z, labels, image_path, mpp=cfg.mpp,
+    shared_writer.write_zarr(plan.pipe, plan.options, z, labels, image_path, mpp=cfg.mpp,
                              barrier=sharding.barrier, **where)
   else:
-    shared_decode.write_tiff(plan.pipe, plan.options, z, image_path, labels.shape[0],
+    shared_writer.write_tiff(plan.pipe, plan.options, z, image_path, labels.shape[0],
                              allgather=sharding.allgather, compression=cfg.tiff_compression,
                              jpeg_quality=cfg.jpeg_quality, mpp=cfg.mpp, **where)
 

@@ -32,19 +32,19 @@ import numpy as np
 from tiled_ldm_jax.models import checkpoint
 from tiled_ldm_jax import decode as decode_lib
 from tiled_ldm_jax import demo
-from tiled_ldm_jax.sampling import guidance as denoisers
+from tiled_ldm_jax.sampling import guidance
 from tiled_ldm_jax.sampling import diffusion
 from tiled_ldm_jax import geometry
 from tiled_ldm_jax import masks as masks_lib
 from tiled_ldm_jax import memory
-from tiled_ldm_jax.sampling import loop as sampler_lib
-from tiled_ldm_jax.sampling import windows as schedules
+from tiled_ldm_jax.sampling import loop as loop_lib
+from tiled_ldm_jax.sampling import windows as windows_lib
 from tiled_ldm_jax import sharding
 from tiled_ldm_jax.models import unet as unet_lib
 from tiled_ldm_jax.models import vae as vae_lib
 
 DTYPES = ('float32', 'bfloat16')
-GRID_BATCH_PIXELS = schedules.GRID_BATCH_PIXELS   # grid: default window batch cap
+GRID_BATCH_PIXELS = windows_lib.GRID_BATCH_PIXELS   # grid: default window batch cap
 MASK_DOWNSCALE = 4       # the mask model works at a quarter of the image size
 DEFAULT_PATCH_SIZE = 512  # image-model patch of the released DiffInfinite models (pixels)
 
@@ -95,8 +95,8 @@ class Options:
       raise ValueError(f'tile_batch must be >= 1, got {self.tile_batch}')
     if self.patches_per_step is not None and self.patches_per_step < 1:
       raise ValueError(f'patches_per_step must be >= 1, got {self.patches_per_step}')
-    if self.schedule not in sampler_lib.SCHEDULES:
-      raise ValueError(f'schedule must be one of {sampler_lib.SCHEDULES}, got '
+    if self.schedule not in loop_lib.SCHEDULES:
+      raise ValueError(f'schedule must be one of {loop_lib.SCHEDULES}, got '
                        f'{self.schedule!r}')
     if self.grid_margin is not None and self.grid_margin < 0:
       raise ValueError(f'grid_margin must be >= 0, got {self.grid_margin}')
@@ -138,7 +138,7 @@ def mask_size(image_size: int, factor: int) -> int:
 
 
 def _stage_keys(seed: int, indices, stage: int) -> jax.Array:
-  keys = sampler_lib.image_keys(seed, indices)
+  keys = loop_lib.image_keys(seed, indices)
   return _fold_in_all(keys, stage)
 
 
@@ -268,16 +268,16 @@ class Pipeline:
         if o.grid_margin else 0
     k = self.patches_per_step(o, patch, margin, latent_hw)
     model = self.unet if which == 'image' else self.mask_unet
-    net, process = denoisers.trained_unet(
+    net, process = guidance.trained_unet(
         unet_lib.eps_fn(dataclasses.replace(model.config, dtype=o.dtype)), model.objective)
-    denoise = (denoisers.image_denoiser(net, model.config.num_classes, o.cond_scale)
-               if which == 'image' else denoisers.mask_denoiser(net, o.mask_cond_scale))
-    settings = sampler_lib.SamplerSettings(
+    denoise = (guidance.image_denoiser(net, model.config.num_classes, o.cond_scale)
+               if which == 'image' else guidance.mask_denoiser(net, o.mask_cond_scale))
+    settings = loop_lib.SamplerSettings(
         sampling_steps=o.sampling_steps, patch=patch, patches_per_step=k, eta=o.eta,
         progress_every=o.progress_every, progress_label=f'{which} stage',
         schedule=o.schedule, grid_margin=margin)
     mesh = sharding.make_mesh(n_images, k, self.devices)
-    return sampler_lib.compiled(denoise, settings, mesh, n_images, process)
+    return loop_lib.compiled(denoise, settings, mesh, n_images, process)
 
   @staticmethod
   def patches_per_step(o: Options, patch: int, margin: int, latent_hw) -> int:
@@ -285,7 +285,7 @@ class Pipeline:
     (split evenly over the calls a level then needs)."""
     if o.patches_per_step:
       return o.patches_per_step
-    return schedules.default_patches_per_step(o.schedule, latent_hw, patch, margin,
+    return windows_lib.default_patches_per_step(o.schedule, latent_hw, patch, margin,
                                               GRID_BATCH_PIXELS)
 
   def mask_stage(self, o: Options, image_size: int, label: int, indices, seed: int):
@@ -296,14 +296,14 @@ class Pipeline:
     classes = np.full((len(indices), side, side), label, np.int32)
     state = smp.init(_stage_keys(seed, indices, 0), classes.shape,
                      self.mask_unet.config.channels)
-    return smp, state, sampler_lib.spatial(classes)
+    return smp, state, loop_lib.spatial(classes)
 
   def image_stage(self, o: Options, labels: np.ndarray, indices, seed: int):
     """(sampler, initial state, conditioning: the latent label map, spatial)."""
     latent = masks_lib.latent_labels(labels, self.geometry.factor).astype(np.int32)
     smp = self._sampler('image', o, o.patch_size, latent.shape[1:], len(indices))
     state = smp.init(_stage_keys(seed, indices, 1), latent.shape, self.unet.config.channels)
-    return smp, state, sampler_lib.spatial(latent)
+    return smp, state, loop_lib.spatial(latent)
 
   def labels_from_mask_latents(self, z, image_size: int, o: Options) -> np.ndarray:
     """Mask-model latents -> [N, H, W] label ids (decode, quantize, clean, upsample)."""

@@ -14,11 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tiled_ldm_jax.sampling import guidance as denoisers
+from tiled_ldm_jax.sampling import guidance
 from tiled_ldm_jax.sampling import diffusion
 from tiled_ldm_jax import geometry
 from tiled_ldm_jax import pipeline
-from tiled_ldm_jax.sampling import loop as sampler_lib
+from tiled_ldm_jax.sampling import loop as loop_lib
 from tiled_ldm_jax.models import unet as unet_lib
 
 
@@ -80,7 +80,7 @@ def original_evaluations(config, cond_scale: float, settings, keys, cond) -> int
         labels, valid, num_classes=config.num_classes, w=cond_scale)
   # Idle slots get all-zero labels and count 1 each in original_pass_count; with K = 1
   # and a single image there are none.
-  state = sampler_lib.Sampler(counting, settings).sample(None, keys, cond, config.channels)
+  state = loop_lib.Sampler(counting, settings).sample(None, keys, cond, config.channels)
   return int(state.evaluations)
 
 
@@ -99,13 +99,13 @@ def run_sampler_benchmark(config, params, *, image_size: int, patch_size: int, s
   geom = geometry.LatentGeometry()
   pipeline._check_patch(geom, (image_size, image_size), patch_size,  # pylint: disable=protected-access
                         config.downsample_factor, 'patch_size')
-  settings = sampler_lib.SamplerSettings(sampling_steps=sampling_steps, patch=patch_size // geom.factor,
+  settings = loop_lib.SamplerSettings(sampling_steps=sampling_steps, patch=patch_size // geom.factor,
                                          patches_per_step=patches_per_step,
                                          schedule=schedule, grid_margin=grid_margin)
-  denoise = denoisers.image_denoiser(unet_lib.eps_fn(config), config.num_classes, cond_scale)
-  smp = sampler_lib.Sampler(denoise, settings, mesh=mesh, n_images=batch_size)
-  cond = sampler_lib.spatial(jnp.asarray(labels[:, ::geom.factor, ::geom.factor]))
-  keys = sampler_lib.image_keys(seed, np.arange(batch_size))
+  denoise = guidance.image_denoiser(unet_lib.eps_fn(config), config.num_classes, cond_scale)
+  smp = loop_lib.Sampler(denoise, settings, mesh=mesh, n_images=batch_size)
+  cond = loop_lib.spatial(jnp.asarray(labels[:, ::geom.factor, ::geom.factor]))
+  keys = loop_lib.image_keys(seed, np.arange(batch_size))
 
   start = time.perf_counter()
   state = _block(smp.sample(params, keys, cond, config.channels))
@@ -160,13 +160,13 @@ def count_work(config, params, *, image_size: int, patch_size: int, sampling_ste
   del unused
   geom = geometry.LatentGeometry()
   p = patch_size // geom.factor
-  settings = sampler_lib.SamplerSettings(sampling_steps=sampling_steps, patch=p, patches_per_step=patches_per_step,
+  settings = loop_lib.SamplerSettings(sampling_steps=sampling_steps, patch=p, patches_per_step=patches_per_step,
                                          schedule=schedule, grid_margin=grid_margin)
   zero = lambda params, x, t, cond, null=None: jnp.zeros(x.shape, jnp.float32)
-  denoise = denoisers.image_denoiser(zero, config.num_classes, cond_scale)
+  denoise = guidance.image_denoiser(zero, config.num_classes, cond_scale)
   labels = benchmark_label_map(image_size, image_size, config.num_classes)
-  cond = sampler_lib.spatial(jnp.asarray(labels[None, ::geom.factor, ::geom.factor]))
-  smp, keys = sampler_lib.Sampler(denoise, settings), sampler_lib.image_keys(seed, [0])
+  cond = loop_lib.spatial(jnp.asarray(labels[None, ::geom.factor, ::geom.factor]))
+  smp, keys = loop_lib.Sampler(denoise, settings), loop_lib.image_keys(seed, [0])
   _block(smp.sample(None, keys, cond, config.channels))           # compile
   start = time.perf_counter()
   state = _block(smp.sample(None, keys, cond, config.channels))

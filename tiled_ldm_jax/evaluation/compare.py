@@ -17,7 +17,7 @@ import time
 import jax
 import numpy as np
 
-from tiled_ldm_jax.sampling import windows as schedules
+from tiled_ldm_jax.sampling import windows as windows_lib
 from tiled_ldm_jax.evaluation import adherence
 from tiled_ldm_jax.evaluation import seams
 
@@ -48,7 +48,7 @@ def last_level_grid(pipe, o, image_hw, seed: int) -> tuple[int, int, int]:
   smp, state, _ = pipe.image_stage(o, np.zeros((1,) + tuple(image_hw), np.int32), [0], seed)
   s = smp.settings
   cell = s.patch - 2 * s.grid_margin
-  off = np.asarray(schedules.grid_offset(state.keys[0], s.sampling_steps - 1, cell))
+  off = np.asarray(windows_lib.grid_offset(state.keys[0], s.sampling_steps - 1, cell))
   f = pipe.geometry.factor
   return cell * f, int((-off[0]) % cell) * f, int((-off[1]) % cell) * f
 

@@ -30,27 +30,27 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from tiled_ldm_jax.sampling import guidance as denoisers
+from tiled_ldm_jax.sampling import guidance
 from tiled_ldm_jax.sampling import processes
 from tiled_ldm_jax import program_cache
-from tiled_ldm_jax.sampling import loop as sampler_lib
-from tiled_ldm_jax.sampling import windows as schedules
+from tiled_ldm_jax.sampling import loop as loop_lib
+from tiled_ldm_jax.sampling import windows as windows_lib
 from tiled_ldm_jax import sharding
 
 # Re-exported: the public names of this module.
-Spatial = sampler_lib.Spatial
-spatial = sampler_lib.spatial
+Spatial = loop_lib.Spatial
+spatial = loop_lib.spatial
 noise_schedule = processes.noise_schedule
-classifier_free_guidance = denoisers.classifier_free_guidance
-multilabel_guidance = denoisers.multilabel_guidance
-image_keys = sampler_lib.image_keys
+classifier_free_guidance = guidance.classifier_free_guidance
+multilabel_guidance = guidance.multilabel_guidance
+image_keys = loop_lib.image_keys
 PREDICTIONS = processes.PREDICTIONS
 NOISE_SCHEDULES = processes.NOISE_SCHEDULES
 # The strategies: how a step uses the prediction, where the windows go.
 Diffusion = processes.Diffusion
 Flow = processes.Flow
-Random = schedules.Random
-Grid = schedules.Grid
+Random = windows_lib.Random
+Grid = windows_lib.Grid
 
 
 def sample(denoise, params, cond, *, keys, latent_shape, patch: int, sampling_steps: int,
@@ -81,7 +81,7 @@ def sample(denoise, params, cond, *, keys, latent_shape, patch: int, sampling_st
   windows = Random() if windows is None else windows
   h, w, c = _check(keys, latent_shape, patch, process, windows, cond)
   schedule, k, margin = windows.settings((h, w), patch)
-  settings = sampler_lib.SamplerSettings(
+  settings = loop_lib.SamplerSettings(
       sampling_steps=sampling_steps, patch=patch, patches_per_step=k, eta=eta, progress_every=progress_every,
       schedule=schedule, grid_margin=margin)
   n = keys.shape[0]
@@ -107,16 +107,16 @@ def _check(keys, latent_shape, patch, process, windows, cond):
           and keys.ndim == 1):
     raise ValueError('keys must be [N] typed PRNG keys (jax.random.key / image_keys)')
   h, w, c = (int(v) for v in latent_shape)
-  sampler_lib.check_shapes((keys.shape[0], h, w), patch)
-  sampler_lib.check_cond(cond, (keys.shape[0], h, w))
+  loop_lib.check_shapes((keys.shape[0], h, w), patch)
+  loop_lib.check_cond(cond, (keys.shape[0], h, w))
   return h, w, c
 
 
-def _sampler(denoise, dtype, settings, process, mesh, n_images) -> sampler_lib.Sampler:
+def _sampler(denoise, dtype, settings, process, mesh, n_images) -> loop_lib.Sampler:
   """The compiled sampler (`loop.compiled`, the one cache) of a request."""
   if dtype is not None:
     denoise = _cast(denoise, dtype)
-  return sampler_lib.compiled(denoise, settings, mesh, n_images, process)
+  return loop_lib.compiled(denoise, settings, mesh, n_images, process)
 
 
 @functools.lru_cache(maxsize=16)

@@ -45,7 +45,7 @@ import numpy as np
 
 from tiled_ldm_jax.sampling import processes
 from tiled_ldm_jax import program_cache
-from tiled_ldm_jax.sampling import windows as schedules
+from tiled_ldm_jax.sampling import windows as windows_lib
 from tiled_ldm_jax import sharding as sharding_lib
 
 SCHEDULES = ('random', 'grid')
@@ -121,7 +121,7 @@ class SamplerSettings:
       raise ValueError(f'sampling steps must be >= 1, got {self.sampling_steps}')
     if self.schedule not in SCHEDULES:
       raise ValueError(f'schedule must be one of {SCHEDULES}, got {self.schedule!r}')
-    schedules.check_margin(self.grid_margin, self.patch)
+    windows_lib.check_margin(self.grid_margin, self.patch)
     if self.patch < 1:
       raise ValueError(f'patch side must be >= 1 latent pixel, got {self.patch}')
     if self.patches_per_step < 1:
@@ -143,7 +143,7 @@ def init_state(keys: jax.Array, shape: tuple[int, int], channels: int,
   x = _initial_noise(keys, (h, w, channels))
   n = keys.shape[0]
   zero = lambda: jnp.zeros((), jnp.int32)  # distinct buffers: step_patch donates the state
-  sizes = schedules.block_sizes(h, w, patch)
+  sizes = windows_lib.block_sizes(h, w, patch)
   return SamplerState(x=x, x_low=jnp.copy(x), times=jnp.zeros((n, h, w), jnp.int32),
                       level=jnp.zeros((n,), jnp.int32),
                       remaining=jnp.full((n,), h * w if schedule == 'random' else 0,
@@ -326,7 +326,7 @@ class Sampler:
     it_keys = jax.vmap(lambda k, i: jax.random.fold_in(jax.random.fold_in(k, 1), i))(
         state.keys, state.image_iters)
     corners, _, valid = jax.vmap(functools.partial(
-        schedules.choose_random, patch=p, k_slots=k_slots))(
+        windows_lib.choose_random, patch=p, k_slots=k_slots))(
             state.times, state.counts, level, it_keys)                  # [N, K, 2], [N, K]
     corners, valid = _own_buffers(state.iterations >= 0, (corners, valid & active[:, None]))
 
@@ -344,11 +344,11 @@ class Sampler:
 
     write = behind & valid[:, :, None, None]                            # [N, K, P, P]
     paste = jax.vmap(functools.partial(_paste_all, patch=p))
-    counts = jax.vmap(functools.partial(schedules.update_counts, patch=p))(
+    counts = jax.vmap(functools.partial(windows_lib.update_counts, patch=p))(
         state.counts, corners, write)
     remaining = state.remaining - write.sum(axis=(1, 2, 3)).astype(jnp.int32)
     next_level = active & (remaining == 0)     # every pixel is now one level up
-    sizes = schedules.block_sizes(h, w, p)
+    sizes = windows_lib.block_sizes(h, w, p)
     slot = valid[:, :, None, None]
     return state.replace(
         x=paste(state.x, jnp.where(write[..., None], new, x_p), corners, slot),
@@ -365,7 +365,7 @@ class Sampler:
   def grid_shape(self, h: int, w: int) -> tuple[int, int]:
     """(cells per level, iterations per level) of the grid schedule on an h x w latent."""
     s = self.settings
-    n_r, n_c = schedules.grid_cells(h, w, s.patch - 2 * s.grid_margin)
+    n_r, n_c = windows_lib.grid_cells(h, w, s.patch - 2 * s.grid_margin)
     return n_r * n_c, -(-(n_r * n_c) // s.patches_per_step)
 
   def _step_grid(self, params, state: SamplerState, cond) -> SamplerState:
@@ -375,11 +375,11 @@ class Sampler:
     n_cells, per_level = self.grid_shape(h, w)
     level, batch = state.level, state.remaining                         # [N] each
     active = level < s.sampling_steps
-    offsets = jax.vmap(functools.partial(schedules.grid_offset, cell=p - 2 * m))(
+    offsets = jax.vmap(functools.partial(windows_lib.grid_offset, cell=p - 2 * m))(
         state.keys, level)                                              # [N, 2]
     index = batch[:, None] * k_slots + jnp.arange(k_slots)[None, :]     # [N, K]
     corners, rects = jax.vmap(functools.partial(
-        schedules.grid_windows, h=h, w=w, patch=p, margin=m))(index, offsets)
+        windows_lib.grid_windows, h=h, w=w, patch=p, margin=m))(index, offsets)
     valid = ((index < n_cells) & (rects[..., 0] < rects[..., 1])
              & (rects[..., 2] < rects[..., 3]) & active[:, None])
     odd = (level % 2 == 1)[:, None, None, None, None]                   # read x_low, write x
