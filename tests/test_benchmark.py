@@ -43,9 +43,9 @@ def test_grid_batches_split_a_level_evenly(cells, expected):
   patch = 16
   assert pipeline.GRID_BATCH_PIXELS // patch ** 2 == 256
   width = cells * patch - patch + 1      # a 1 x cells grid (grid_cells rounds up)
-  o = pipeline.Options(schedule='grid')
-  assert pipeline.Pipeline.patches_per_step(o, patch, 0, (1, width)) == expected
-  assert pipeline.Pipeline.patches_per_step(pipeline.Options(), patch, 0, (64, 64)) == 1
+  k = lambda o: pipeline.window_fields(o, patch, 1, (1, width))['patches_per_step']
+  assert k(pipeline.Options(schedule='grid', grid_margin=0)) == expected
+  assert k(pipeline.Options(schedule='random', grid_margin=0)) == 1
 
 
 def test_grid_seam_ratio_finds_borders_of_a_shifted_grid():

@@ -75,6 +75,9 @@ class Options:
       'Default: patch_size / 16 rounded down to the latent factor, at least one latent '
       'pixel (8 px for 128 px patches): on the demo models margin 0 left a small seam '
       'excess at the window borders that 8 px removed (README).', None)
+  grid_margin_levels: int | None = _help(
+      'Grid: the margin only in the last this many levels (earlier levels: margin 0, '
+      'each pixel in one window); default: every level.', None)
   dtype: str = _help('Compute dtype of the U-Nets and the VAE: float32 or bfloat16 '
                      '(params, norms, softmax, DDIM and the sampler state stay float32).',
                      'float32')
@@ -100,6 +103,8 @@ class Options:
                        f'{self.schedule!r}')
     if self.grid_margin is not None and self.grid_margin < 0:
       raise ValueError(f'grid_margin must be >= 0, got {self.grid_margin}')
+    if self.grid_margin_levels is not None and self.grid_margin_levels < 0:
+      raise ValueError(f'grid_margin_levels must be >= 0, got {self.grid_margin_levels}')
     if self.dtype not in DTYPES:
       raise ValueError(f'dtype must be one of {DTYPES}, got {self.dtype!r}')
     if self.progress_every < 0:
@@ -205,17 +210,7 @@ class Pipeline:
     o = dataclasses.replace(
         o, patch_size=o.patch_size or self.default_patch_size,
         mask_patch_size=o.mask_patch_size or demo.MASK_PATCH_SIZE)
-    if o.grid_margin is None:
-      o = dataclasses.replace(o, grid_margin=self.default_grid_margin(o)
-                              if o.schedule == 'grid' else 0)
-    return o
-
-  def default_grid_margin(self, o: Options) -> int:
-    """patch/16 px rounded down to the latent factor, at least one latent pixel (the
-    grid schedule's default). Both stages use it: it is refused like a given margin if
-    it is not below half the mask stage's patch."""
-    f = self.geometry.factor
-    return max(f, o.patch_size // 16 // f * f)
+    return with_grid_margin(o, self.geometry.factor)
 
   def check_image_request(self, image_hw, o: Options) -> None:
     """ValueError for an image size or patch the image model cannot take."""
@@ -264,29 +259,19 @@ class Pipeline:
     """The compiled sampler of a stage, from the process-wide cache (`loop.compiled`:
     equal models and settings share it, across Pipelines)."""
     f = self.geometry.factor
-    patch, margin = patch_px // f, self.geometry.latent_size(o.grid_margin, 'grid_margin') \
-        if o.grid_margin else 0
-    k = self.patches_per_step(o, patch, margin, latent_hw)
+    if o.grid_margin:
+      self.geometry.latent_size(o.grid_margin, 'grid_margin')   # a multiple of f
+    placement = window_fields(o, patch_px, f, latent_hw)
     model = self.unet if which == 'image' else self.mask_unet
     net, process = guidance.trained_unet(
         unet_lib.eps_fn(dataclasses.replace(model.config, dtype=o.dtype)), model.objective)
     denoise = (guidance.image_denoiser(net, model.config.num_classes, o.cond_scale)
                if which == 'image' else guidance.mask_denoiser(net, o.mask_cond_scale))
     settings = loop_lib.SamplerSettings(
-        sampling_steps=o.sampling_steps, patch=patch, patches_per_step=k, eta=o.eta,
-        progress_every=o.progress_every, progress_label=f'{which} stage',
-        schedule=o.schedule, grid_margin=margin)
-    mesh = sharding.make_mesh(n_images, k, self.devices)
+        sampling_steps=o.sampling_steps, patch=patch_px // f, eta=o.eta,
+        progress_every=o.progress_every, progress_label=f'{which} stage', **placement)
+    mesh = sharding.make_mesh(n_images, settings.patches_per_step, self.devices)
     return loop_lib.compiled(denoise, settings, mesh, n_images, process)
-
-  @staticmethod
-  def patches_per_step(o: Options, patch: int, margin: int, latent_hw) -> int:
-    """K: as given; else 1 (random) or every window of a level up to GRID_BATCH_PIXELS
-    (split evenly over the calls a level then needs)."""
-    if o.patches_per_step:
-      return o.patches_per_step
-    return windows_lib.default_patches_per_step(o.schedule, latent_hw, patch, margin,
-                                              GRID_BATCH_PIXELS)
 
   def mask_stage(self, o: Options, image_size: int, label: int, indices, seed: int):
     """(sampler, initial state, conditioning: the class map, spatial) of the mask stage."""
@@ -416,6 +401,35 @@ class Pipeline:
     latents, stats['image_stage'] = self.run_image_stage(
         o, labels, _indices(indices, len(labels)), seed)
     return Result(self.decode(latents, options=o), labels, stats)
+
+
+def default_grid_margin(patch_px: int, factor: int) -> int:
+  """patch/16 px rounded down to the latent factor, at least one latent pixel (the
+  grid schedule's default). Both stages use it: it is refused like a given margin if
+  it is not below half the mask stage's patch."""
+  return max(factor, patch_px // 16 // factor * factor)
+
+
+def with_grid_margin(o: Options, factor: int) -> Options:
+  """`o` with its grid margin filled in (None: `default_grid_margin` for the grid, 0 for
+  random placement); `o.patch_size` must be set."""
+  if o.grid_margin is not None:
+    return o
+  return dataclasses.replace(o, grid_margin=default_grid_margin(o.patch_size, factor)
+                             if o.schedule == 'grid' else 0)
+
+
+def window_fields(o: Options, patch_px: int, factor: int, latent_hw) -> dict:
+  """The placement fields of `SamplerSettings` for a stage of `o` (resolved) with
+  `patch_px` windows on a latent of `latent_hw`: schedule, K (as given; else 1 for
+  random, or every window of a level up to GRID_BATCH_PIXELS latent pixels per call,
+  split evenly over the calls a level then needs), margin in latent pixels, margin
+  levels. The commands, the API and the benchmarks all place windows through it."""
+  patch, margin = patch_px // factor, (o.grid_margin or 0) // factor
+  k = o.patches_per_step or windows_lib.default_patches_per_step(
+      o.schedule, latent_hw, patch, margin, GRID_BATCH_PIXELS)
+  return dict(schedule=o.schedule, patches_per_step=k, grid_margin=margin,
+              grid_margin_levels=o.grid_margin_levels if o.schedule == 'grid' else None)
 
 
 def _run_stage(smp, params, state, cond, sampling_steps: int, chunk: int, on_chunk):

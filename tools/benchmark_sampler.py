@@ -34,13 +34,16 @@ _SIZE = flags.DEFINE_integer('image_size', 256, 'Image side in pixels.')
 _PATCH = flags.DEFINE_integer('patch_size', 128, 'Patch side in pixels.')
 _STEPS = flags.DEFINE_integer('sampling_steps', 20, 'DDIM sampling steps.')
 _W = flags.DEFINE_float('cond_scale', 3.0, 'Guidance weight w: null + (1+w)(cond-null).')
-_K = flags.DEFINE_integer('patches_per_step', 1, 'Non-overlapping patches per iteration; 0: '
-                         'the pipeline default (random 1; grid every window of a level, '
-                         'capped by a memory budget).')
+_K = flags.DEFINE_integer('patches_per_step', None, 'Windows per image per iteration '
+                         '(default: the commands\' default, `pipeline.Options`).')
 _BATCH = flags.DEFINE_integer('batch_size', 1, 'Images sampled together.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Root PRNG seed.')
-_SCHEDULE = flags.DEFINE_enum('schedule', 'random', ['random', 'grid'], 'Patch placement.')
-_MARGIN = flags.DEFINE_integer('grid_margin', 0, 'Grid: latent pixels of context per side.')
+_SCHEDULE = flags.DEFINE_enum('schedule', None, ['random', 'grid'],
+                              'Window placement (default: the commands\').')
+_MARGIN = flags.DEFINE_integer('grid_margin', None, 'Grid: pixels of context per side '
+                               '(default: the commands\').')
+_MARGIN_LEVELS = flags.DEFINE_integer('grid_margin_levels', None, 'Grid: the margin only in '
+                                      'the last this many levels (default: the commands\').')
 _CACHE = flag_util.define_compilation_cache_flag()
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed runs after the compile run.')
 _DEVICES = flags.DEFINE_integer('devices', 1, 'If > 1: seconds per image on 1 device vs this '
@@ -70,34 +73,38 @@ def _model():
   return config, jax.jit(unet_lib.init_params, static_argnums=0)(config, jax.random.key(0))
 
 
-def _patches_per_step() -> int:
-  if _K.value:
-    return _K.value
+def _placement() -> dict:
+  """Schedule, K, margin (latent pixels) and margin levels: the flags given, else the
+  defaults of the commands and the API (`pipeline.Options`, `pipeline.window_fields`)."""
+  given = {'schedule': _SCHEDULE.value, 'patches_per_step': _K.value,
+           'grid_margin': _MARGIN.value, 'grid_margin_levels': _MARGIN_LEVELS.value}
+  o = pipeline.Options(patch_size=_PATCH.value,
+                       **{k: v for k, v in given.items() if v is not None})
   f = geometry.LatentGeometry().factor
-  o = pipeline.Options(schedule=_SCHEDULE.value, grid_margin=_MARGIN.value)
+  o = pipeline.with_grid_margin(o, f)
+  if o.grid_margin % f:
+    raise ValueError(f'--grid_margin must be a multiple of {f} pixels, got {o.grid_margin}')
   side = _SIZE.value // f
-  return pipeline.Pipeline.patches_per_step(o, _PATCH.value // f, _MARGIN.value, (side, side))
+  return pipeline.window_fields(o, _PATCH.value, f, (side, side))
 
 
 def main(argv):
   del argv
   flag_util.use_compilation_cache(_CACHE.value)
   config, params = _model()
+  placement = _placement()
   kwargs = dict(image_size=_SIZE.value, patch_size=_PATCH.value, sampling_steps=_STEPS.value,
-                cond_scale=_W.value, patches_per_step=_patches_per_step(), seed=_SEED.value,
-                repeats=_REPEATS.value)
+                cond_scale=_W.value, seed=_SEED.value, repeats=_REPEATS.value,
+                patches_per_step=placement.pop('patches_per_step'))
   if _COUNT.value:
-    result = benchmark.count_work(config, params, schedule=_SCHEDULE.value,
-                                  grid_margin=_MARGIN.value, **kwargs)
+    result = benchmark.count_work(config, params, **placement, **kwargs)
   elif _DEVICES.value > 1:
     result = benchmark.run_scaling_benchmark(
         config, params, devices=_DEVICES.value,
-        batch_size=_BATCH.value if _BATCH.value > 1 else None, **kwargs)
+        batch_size=_BATCH.value if _BATCH.value > 1 else None, **placement, **kwargs)
   else:
     result = benchmark.run_sampler_benchmark(config, params, batch_size=_BATCH.value,
-                                             schedule=_SCHEDULE.value,
-                                             grid_margin=_MARGIN.value, dtype=_DTYPE.value,
-                                             **kwargs)
+                                             dtype=_DTYPE.value, **placement, **kwargs)
     if _ORIG_REPO.value:   # side by side, in the same process and conditions
       sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
       import original_sampler  # pylint: disable=g-import-not-at-top
@@ -115,6 +122,6 @@ if __name__ == '__main__':
   flag_util.run(main, {
       'unet_ckpt': 'model', 'image_size': 'int>0', 'patch_size': 'int>0', 'sampling_steps': 'int>0',
       'cond_scale': 'finite', 'patches_per_step': 'int>=0', 'batch_size': 'int>0',
-      'grid_margin': 'int>=0', 'repeats': 'int>0', 'devices': 'int>0',
+      'grid_margin': 'int>=0', 'grid_margin_levels': 'int>=0', 'repeats': 'int>0', 'devices': 'int>0',
       'original_repo': 'dir', 'original_checkpoint': 'file', 'original_config': 'file',
       'original_threads': 'int>0'})

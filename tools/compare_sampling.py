@@ -29,6 +29,8 @@ _STEPS = flags.DEFINE_integer('sampling_steps', 20, 'DDIM steps.')
 _SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds (dtype: the first only).')
 _MARGINS = flags.DEFINE_list('grid_margins', None, 'schedules: grid margins in px to compare '
                              '(default: 0 and patch_size / 8).')
+_LEVELS = flags.DEFINE_list('grid_margin_levels', None, 'schedules: also each grid margin > 0 '
+                            'in only the last this many levels.')
 _CACHE = flag_util.define_compilation_cache_flag()
 
 
@@ -64,11 +66,20 @@ def main(argv):
       margins = [int(m) for m in _MARGINS.value or (0, o.patch_size // 8)]
     except ValueError:
       raise ValueError(f'--grid_margins must be integers, got {_MARGINS.value}') from None
-    variants = [('random', 0)] + [('grid', m) for m in margins]
-    for _, m in variants:
-      pipe.check_image_request(labels.shape, pipe.resolve(o, grid_margin=m))
+    try:
+      levels = [int(v) for v in _LEVELS.value or ()]
+    except ValueError:
+      raise ValueError(f'--grid_margin_levels must be integers, got {_LEVELS.value}') from None
+    variants = [dict(schedule='random', patches_per_step=1, grid_margin=0)]
+    for m in margins:
+      variants.append(dict(schedule='grid', grid_margin=m))
+      variants += [dict(schedule='grid', grid_margin=m, grid_margin_levels=l)
+                   for l in levels if m]
+    for v in variants:
+      pipe.check_image_request(labels.shape, pipe.resolve(o, **v))
     rows = compare.compare_schedules(pipe, labels, seeds, variants, **options)
-    summary = _summary(rows, lambda r: f"{r['schedule']} margin {r['grid_margin']}")
+    summary = _summary(rows, lambda r: f"{r['schedule']} margin {r['grid_margin']} "
+                                       f"levels {r['grid_margin_levels']}")
   else:
     rows = compare.compare_dtypes(pipe, labels, seeds[0], **options)
     summary = []

@@ -88,7 +88,8 @@ def run_sampler_benchmark(config, params, *, image_size: int, patch_size: int, s
                           cond_scale: float, patches_per_step: int, seed: int = 0,
                           repeats: int = 3, batch_size: int = 1, mesh=None,
                           time_denoiser: bool = True, schedule: str = 'random',
-                          grid_margin: int = 0, dtype: str = 'float32') -> dict:
+                          grid_margin: int = 0, grid_margin_levels: int | None = None,
+                          dtype: str = 'float32') -> dict:
   """Times `Sampler.sample` (compile separately) and the denoiser calls it makes.
 
   `dtype`: the U-Net's compute dtype (params as given; the sampler state stays float32).
@@ -99,9 +100,10 @@ def run_sampler_benchmark(config, params, *, image_size: int, patch_size: int, s
   geom = geometry.LatentGeometry()
   pipeline._check_patch(geom, (image_size, image_size), patch_size,  # pylint: disable=protected-access
                         config.downsample_factor, 'patch_size')
-  settings = loop_lib.SamplerSettings(sampling_steps=sampling_steps, patch=patch_size // geom.factor,
-                                         patches_per_step=patches_per_step,
-                                         schedule=schedule, grid_margin=grid_margin)
+  settings = loop_lib.SamplerSettings(
+      sampling_steps=sampling_steps, patch=patch_size // geom.factor,
+      patches_per_step=patches_per_step, schedule=schedule, grid_margin=grid_margin,
+      grid_margin_levels=grid_margin_levels)
   denoise = guidance.image_denoiser(unet_lib.eps_fn(config), config.num_classes, cond_scale)
   smp = loop_lib.Sampler(denoise, settings, mesh=mesh, n_images=batch_size)
   cond = loop_lib.spatial(jnp.asarray(labels[:, ::geom.factor, ::geom.factor]))
@@ -141,7 +143,8 @@ def run_sampler_benchmark(config, params, *, image_size: int, patch_size: int, s
       'device': str(jax.devices()[0].device_kind),
       'devices': 1 if mesh is None else int(mesh.devices.size),
       'seconds_per_image': seconds / batch_size,
-      'schedule': schedule, 'grid_margin': grid_margin, 'dtype': dtype,
+      'schedule': schedule, 'grid_margin': grid_margin,
+      'grid_margin_levels': grid_margin_levels, 'dtype': dtype,
       'seconds_per_patch_iteration': seconds / int(state.iterations),
       # patches x P^2 / (h w S): 1.0 is a perfect tiling (latent pixels, per image)
       'coverage': int(state.patches) * (patch_size // geom.factor) ** 2
@@ -151,7 +154,8 @@ def run_sampler_benchmark(config, params, *, image_size: int, patch_size: int, s
 
 def count_work(config, params, *, image_size: int, patch_size: int, sampling_steps: int,
                cond_scale: float, patches_per_step: int, seed: int = 0,
-               schedule: str = 'random', grid_margin: int = 0, **unused) -> dict:
+               schedule: str = 'random', grid_margin: int = 0,
+               grid_margin_levels: int | None = None, **unused) -> dict:
   """The U-Net work of a run without running the U-Net: the sampler with a zero model.
 
   Placement never depends on latent values and the guided step's pass count only on the
@@ -160,8 +164,9 @@ def count_work(config, params, *, image_size: int, patch_size: int, sampling_ste
   del unused
   geom = geometry.LatentGeometry()
   p = patch_size // geom.factor
-  settings = loop_lib.SamplerSettings(sampling_steps=sampling_steps, patch=p, patches_per_step=patches_per_step,
-                                         schedule=schedule, grid_margin=grid_margin)
+  settings = loop_lib.SamplerSettings(
+      sampling_steps=sampling_steps, patch=p, patches_per_step=patches_per_step,
+      schedule=schedule, grid_margin=grid_margin, grid_margin_levels=grid_margin_levels)
   zero = lambda params, x, t, cond, null=None: jnp.zeros(x.shape, jnp.float32)
   denoise = guidance.image_denoiser(zero, config.num_classes, cond_scale)
   labels = benchmark_label_map(image_size, image_size, config.num_classes)
@@ -174,11 +179,14 @@ def count_work(config, params, *, image_size: int, patch_size: int, sampling_ste
   flops = forward_flops(config, params, 1, p)
   return {'image_size': image_size, 'patch_size': patch_size, 'sampling_steps': sampling_steps,
           'schedule': schedule, 'grid_margin': grid_margin,
-          'patches_per_step': patches_per_step, 'patch_iterations': int(state.iterations),
+          'grid_margin_levels': grid_margin_levels, 'patches_per_step': patches_per_step, 'patch_iterations': int(state.iterations),
           'denoiser_evaluations': int(state.evaluations),
           'gflop_per_forward': flops / 1e9,
           'denoiser_gflop': int(state.evaluations) * flops / 1e9,
-          'coverage': int(state.patches) * p * p / ((image_size // geom.factor) ** 2 * sampling_steps),
+          'coverage': int(state.patches) * p * p
+                      / ((image_size // geom.factor) ** 2 * sampling_steps),
+          'unet_samples_per_latent_pixel_step': int(state.evaluations) * p * p
+                      / ((image_size // geom.factor) ** 2 * sampling_steps),
           # the sampler's own cost: the whole loop with a model that costs nothing
           'zero_model_seconds': seconds,
           'zero_model_seconds_per_patch_iteration': seconds / int(state.iterations)}

@@ -47,7 +47,7 @@ def last_level_grid(pipe, o, image_hw, seed: int) -> tuple[int, int, int]:
   level for image 0: borders lie at `first + k * cell`."""
   smp, state, _ = pipe.image_stage(o, np.zeros((1,) + tuple(image_hw), np.int32), [0], seed)
   s = smp.settings
-  cell = s.patch - 2 * s.grid_margin
+  cell = s.patch - 2 * int(smp.grid_margin_at(s.sampling_steps - 1))
   off = np.asarray(windows_lib.grid_offset(state.keys[0], s.sampling_steps - 1, cell))
   f = pipe.geometry.factor
   return cell * f, int((-off[0]) % cell) * f, int((-off[1]) % cell) * f
@@ -63,20 +63,26 @@ def grid_seam_ratio(img: np.ndarray, tile: int, first_row: int, first_col: int) 
 
 def compare_schedules(pipe, labels: np.ndarray, seeds, variants, *, classifier=None,
                       **options) -> list[dict]:
-  """One row per (variant, seed). `variants`: [(schedule, grid_margin_px)], `labels` [H, W].
+  """One row per (variant, seed). `variants`: [dicts of `Options` fields, e.g.
+  {'schedule': 'grid', 'grid_margin': 8, 'grid_margin_levels': 1}], `labels` [H, W].
+  Adherence by the texture classifier and by the held-out colour one
+  (`adherence.fit_colour_classifier`).
 
   Seams (`seams.seam_ratio`, ~1 when invisible) are measured for every variant at the
   cell borders of the last level of the margin-0 grid of that seed (for random placement
   these lines are a control) and, for a grid, also at its own last level's borders.
   """
   labels = np.asarray(labels, np.int32)[None]
+  round_trip = adherence.vae_round_trip(pipe.vae.config, pipe.vae.params)
   if classifier is None:
     classifier = adherence.fit_texture_classifier(
-        pipe.unet.config.num_classes, n_images=12,
-        transform=adherence.vae_round_trip(pipe.vae.config, pipe.vae.params))
+        pipe.unet.config.num_classes, n_images=12, transform=round_trip)
+  colour = adherence.fit_colour_classifier(pipe.unet.config.num_classes,
+                                           transform=round_trip)
   rows = []
-  for schedule, margin in variants:
-    o = pipe.resolve(schedule=schedule, grid_margin=margin, **options)
+  for variant in variants:
+    o = pipe.resolve(**{**options, **variant})
+    schedule = o.schedule
     _timed_latents(pipe, labels, WARMUP_SEED, o)
     for seed in seeds:
       state, seconds = _timed_latents(pipe, labels, seed, o)
@@ -91,11 +97,13 @@ def compare_schedules(pipe, labels: np.ndarray, seeds, variants, *, classifier=N
       n, h, w = state.times.shape
       p = pipe.geometry.latent_size(o.patch_size, 'patch_size')
       rows.append({
-          'schedule': schedule, 'grid_margin': margin, 'seed': int(seed),
+          'schedule': schedule, 'grid_margin': o.grid_margin,
+          'grid_margin_levels': o.grid_margin_levels, 'seed': int(seed),
           'seconds': seconds,
           'coverage': int(state.patches) * p * p / (n * h * w * o.sampling_steps),
           'patch_iterations': int(state.iterations),
           'adherence': adherence.mask_adherence(img, labels[0], classifier)['adherence'],
+          'adherence_colour': adherence.mask_adherence(img, labels[0], colour)['adherence'],
           'denoiser_evaluations': int(state.evaluations),
           'seam_ratio': seam, 'seam_ratio_own_grid': seam_own})
   return rows

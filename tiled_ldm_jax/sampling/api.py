@@ -69,7 +69,7 @@ def sample(denoise, params, cond, *, keys, latent_shape, patch: int, sampling_st
     process: what a step does with the prediction: `Diffusion(prediction, noise_schedule,
       clip_x0)` (DDIM; default `Diffusion()`: eps, cosine, no clamp) or `Flow()`.
     windows: where each iteration's windows go: `Random(patches_per_step)` (default
-      `Random()`, DiffInfinite's) or `Grid(margin, patches_per_step)`.
+      `Random()`, DiffInfinite's) or `Grid(margin, patches_per_step, margin_levels)`.
     eta: DDIM eta (0: deterministic given the initial noise; unused for flow).
     dtype: the dtype `x` is given to `denoise` in (e.g. jnp.bfloat16); the state and the
       update stay float32.
@@ -80,10 +80,10 @@ def sample(denoise, params, cond, *, keys, latent_shape, patch: int, sampling_st
   process = Diffusion() if process is None else process
   windows = Random() if windows is None else windows
   h, w, c = _check(keys, latent_shape, patch, process, windows, cond)
-  schedule, k, margin = windows.settings((h, w), patch)
-  settings = loop_lib.SamplerSettings(
-      sampling_steps=sampling_steps, patch=patch, patches_per_step=k, eta=eta, progress_every=progress_every,
-      schedule=schedule, grid_margin=margin)
+  settings = loop_lib.SamplerSettings(sampling_steps=sampling_steps, patch=patch, eta=eta,
+                                      progress_every=progress_every,
+                                      **windows.settings((h, w), patch))
+  k = settings.patches_per_step
   n = keys.shape[0]
   if mesh is None:
     mesh = sharding.make_mesh(n, k, devices)

@@ -115,6 +115,8 @@ class SamplerSettings:
   progress_label: str = 'sampling'
   schedule: str = 'random'    # 'random' (the original's) or 'grid' (sampling/windows.py)
   grid_margin: int = 0        # grid: latent pixels of context each side, not written
+  grid_margin_levels: int | None = None   # grid: the margin only in the last this many
+                              # levels (earlier ones: margin 0); None: in every level
 
   def __post_init__(self):
     if self.sampling_steps < 1:
@@ -122,6 +124,9 @@ class SamplerSettings:
     if self.schedule not in SCHEDULES:
       raise ValueError(f'schedule must be one of {SCHEDULES}, got {self.schedule!r}')
     windows_lib.check_margin(self.grid_margin, self.patch)
+    if self.grid_margin_levels is not None and self.grid_margin_levels < 0:
+      raise ValueError(f'grid_margin_levels must be >= 0 or None, got '
+                       f'{self.grid_margin_levels}')
     if self.patch < 1:
       raise ValueError(f'patch side must be >= 1 latent pixel, got {self.patch}')
     if self.patches_per_step < 1:
@@ -362,25 +367,46 @@ class Sampler:
         patches=state.patches + valid.sum().astype(jnp.int32),
         evaluations=state.evaluations + evals)
 
-  def grid_shape(self, h: int, w: int) -> tuple[int, int]:
-    """(cells per level, iterations per level) of the grid schedule on an h x w latent."""
+  def grid_shape(self, h: int, w: int, margin: int | None = None) -> tuple[int, int]:
+    """(cells per level, iterations per level) of the grid schedule on an h x w latent,
+    for the levels with `margin` (default the settings' margin)."""
     s = self.settings
-    n_r, n_c = windows_lib.grid_cells(h, w, s.patch - 2 * s.grid_margin)
+    m = s.grid_margin if margin is None else margin
+    n_r, n_c = windows_lib.grid_cells(h, w, s.patch - 2 * m)
     return n_r * n_c, -(-(n_r * n_c) // s.patches_per_step)
+
+  def grid_margin_at(self, level):
+    """[N] int32: the grid margin of each image's current level (`grid_margin_levels`)."""
+    s = self.settings
+    if s.grid_margin_levels is None or not s.grid_margin:
+      return jnp.full(jnp.shape(level), s.grid_margin, jnp.int32)
+    return jnp.where(level >= s.sampling_steps - s.grid_margin_levels, s.grid_margin,
+                     0).astype(jnp.int32)
+
+  def _grid_level_shape(self, h: int, w: int, margin):
+    """(cells, iterations per level, cells per row) for traced margins [N] that take
+    the values 0 or the settings' margin (both static shapes, chosen per image)."""
+    m = self.settings.grid_margin
+    with_m, without = self.grid_shape(h, w, m), self.grid_shape(h, w, 0)
+    cols = (windows_lib.grid_cells(h, w, self.settings.patch - 2 * m)[1],
+            windows_lib.grid_cells(h, w, self.settings.patch)[1])
+    pick = lambda a, b: jnp.where(margin == m, a, b).astype(jnp.int32)
+    return pick(with_m[0], without[0]), pick(with_m[1], without[1]), pick(*cols)
 
   def _step_grid(self, params, state: SamplerState, cond) -> SamplerState:
     s = self.settings
-    p, k_slots, m = s.patch, s.patches_per_step, s.grid_margin
+    p, k_slots = s.patch, s.patches_per_step
     n, h, w = state.times.shape
-    n_cells, per_level = self.grid_shape(h, w)
     level, batch = state.level, state.remaining                         # [N] each
+    m = self.grid_margin_at(level)                                      # [N]
+    n_cells, per_level, n_cols = self._grid_level_shape(h, w, m)        # [N] each
     active = level < s.sampling_steps
-    offsets = jax.vmap(functools.partial(windows_lib.grid_offset, cell=p - 2 * m))(
-        state.keys, level)                                              # [N, 2]
+    offsets = jax.vmap(windows_lib.grid_offset)(state.keys, level, p - 2 * m)   # [N, 2]
     index = batch[:, None] * k_slots + jnp.arange(k_slots)[None, :]     # [N, K]
     corners, rects = jax.vmap(functools.partial(
-        windows_lib.grid_windows, h=h, w=w, patch=p, margin=m))(index, offsets)
-    valid = ((index < n_cells) & (rects[..., 0] < rects[..., 1])
+        windows_lib.grid_windows, h=h, w=w, patch=p))(index, offsets, margin=m,
+                                                      n_cols=n_cols)
+    valid = ((index < n_cells[:, None]) & (rects[..., 0] < rects[..., 1])
              & (rects[..., 2] < rects[..., 3]) & active[:, None])
     odd = (level % 2 == 1)[:, None, None, None, None]                   # read x_low, write x
     crop = jax.vmap(jax.vmap(functools.partial(_crop, patch=p), (None, 0)), (0, 0))
@@ -422,7 +448,8 @@ class Sampler:
     s = self.settings
     n, h, w = state.times.shape
     if s.schedule == 'grid':
-      within = state.remaining / self.grid_shape(h, w)[1]
+      within = state.remaining / self._grid_level_shape(
+          h, w, self.grid_margin_at(state.level))[1]
     else:
       within = 1.0 - state.remaining / (h * w)
     done = jnp.minimum(state.level + jnp.where(state.level < s.sampling_steps, within, 0.0), s.sampling_steps)

@@ -42,25 +42,30 @@ class Random:
   patches_per_step: int = 1
   name = 'random'
 
-  def settings(self, hw, patch: int) -> tuple[str, int, int]:
-    """(schedule name, K, margin) for `SamplerSettings`."""
+  def settings(self, hw, patch: int) -> dict:
+    """The `SamplerSettings` fields of this placement."""
     del hw, patch
-    return self.name, self.patches_per_step, 0
+    return dict(schedule=self.name, patches_per_step=self.patches_per_step)
 
 
 @dataclasses.dataclass(frozen=True)
 class Grid:
   """Shifted non-overlapping grid windows: every cell once per level, `margin` latent
-  pixels of context each side of a window (read, not written); `patches_per_step` None:
-  every window of a level, at most `GRID_BATCH_PIXELS` latent pixels per call."""
+  pixels of context each side of a window (read, not written) in the last
+  `margin_levels` levels (None: in all; earlier levels use margin 0, so cells are whole
+  windows); `patches_per_step` None: every window of a level, at most
+  `GRID_BATCH_PIXELS` latent pixels per call."""
   margin: int = 0
   patches_per_step: int | None = None
+  margin_levels: int | None = None
   name = 'grid'
 
-  def settings(self, hw, patch: int) -> tuple[str, int, int]:
+  def settings(self, hw, patch: int) -> dict:
+    """The `SamplerSettings` fields of this placement."""
     check_margin(self.margin, patch)
     k = self.patches_per_step or default_patches_per_step('grid', hw, patch, self.margin)
-    return self.name, k, self.margin
+    return dict(schedule=self.name, patches_per_step=k, grid_margin=self.margin,
+                grid_margin_levels=self.margin_levels)
 
 
 def check_margin(margin: int, patch: int) -> None:
@@ -211,11 +216,12 @@ def default_patches_per_step(schedule: str, hw, patch: int, margin: int,
   return -(-(n_r * n_c) // calls)   # the fewest calls, then the fewest idle slots
 
 
-def grid_windows(index, offset, h: int, w: int, patch: int, margin: int):
+def grid_windows(index, offset, h: int, w: int, patch: int, margin, n_cols=None):
   """Window corners [K, 2] and written cell rectangles [K, 4] (y0, y1, x0, x1: half-open)
-  of cells `index` [K] (row-major) under a grid offset [2]."""
+  of cells `index` [K] (row-major) under a grid offset [2]. `margin` may be traced; then
+  give `n_cols`, the cells per row (`grid_cells`) for that margin."""
   cell = patch - 2 * margin
-  _, n_c = grid_cells(h, w, cell)
+  n_c = grid_cells(h, w, cell)[1] if n_cols is None else n_cols
   j, i = index // n_c, index % n_c
   y0, x0 = j * cell - offset[0], i * cell - offset[1]
   rect = jnp.stack([jnp.maximum(y0, 0), jnp.minimum(y0 + cell, h),
