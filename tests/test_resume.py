@@ -2,10 +2,8 @@
 
 import os
 
-import numpy as np
 import pytest
 
-from tiled_ldm_jax import masks
 from tiled_ldm_jax import generate
 from tiled_ldm_jax.sampling import loop as loop_lib
 
@@ -37,7 +35,8 @@ def _files(folder):
           if n.startswith('sample') and not n.endswith('.json')}
 
 
-STAGES_KW = dict(sampling_steps=3, checkpoint_every=4)
+# Random placement (many iterations per level): chunks of 4 fall inside both stages.
+STAGES_KW = dict(sampling_steps=3, checkpoint_every=4, schedule='random', patches_per_step=1)
 
 
 @pytest.fixture(scope='module')
@@ -69,7 +68,7 @@ def test_resume_mask_and_image_stages_byte_identical(models, whole_run, tmp_path
 
 
 def test_resume_across_batches_with_given_mask(models, given_mask, tmp_path, monkeypatch):
-  kw = dict(sampling_steps=3, checkpoint_every=5, mask=given_mask, n_images=2)
+  kw = dict(STAGES_KW, checkpoint_every=5, mask=given_mask, n_images=2)
   count = interrupt_after(monkeypatch, None)
   generate.generate(config(models, tmp_path / 'whole', **kw))
   monkeypatch.undo()
@@ -82,12 +81,29 @@ def test_resume_across_batches_with_given_mask(models, given_mask, tmp_path, mon
   assert _files(tmp_path / 'whole') == _files(tmp_path / 'cut')
 
 
+def test_resume_at_the_default_grid(models, given_mask, tmp_path, monkeypatch):
+  """The default placement (grid, margin in the last levels): cut mid-run, resumed,
+  byte-identical."""
+  kw = dict(sampling_steps=3, checkpoint_every=1, mask=given_mask)
+  count = interrupt_after(monkeypatch, None)
+  generate.generate(config(models, tmp_path / 'whole', **kw))
+  monkeypatch.undo()
+  assert count['n'] >= 3, count
+  interrupt_after(monkeypatch, count['n'] // 2 + 1)
+  with pytest.raises(Interrupt):
+    generate.generate(config(models, tmp_path / 'cut', **kw))
+  monkeypatch.undo()
+  assert os.path.isdir(tmp_path / 'cut' / 'checkpoint')
+  generate.generate(config(models, tmp_path / 'cut', resume=True, **kw))
+  assert _files(tmp_path / 'whole') == _files(tmp_path / 'cut')
+
+
 @pytest.mark.parametrize('change,name', [(dict(sampling_steps=4), 'sampling_steps'),
                                          (dict(cond_scale=1.0), 'cond_scale'),
                                          (dict(seed=1), 'seed')])
 def test_resume_with_changed_flag_is_refused(models, given_mask, tmp_path, monkeypatch,
                                             change, name):
-  kw = dict(sampling_steps=3, checkpoint_every=3, mask=given_mask)
+  kw = dict(STAGES_KW, checkpoint_every=3, mask=given_mask)
   interrupt_after(monkeypatch, 2)
   with pytest.raises(Interrupt):
     generate.generate(config(models, tmp_path, **kw))

@@ -148,7 +148,7 @@ def hann_windows(size: int) -> dict[str, Array]:
 # ----------------------------------------------------------------------------- settings
 
 
-BLEND_MODES = ('original', 'partition')
+BLEND_MODES = ('original', 'partition', 'overlap')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,7 +168,12 @@ class TiledDecodeSettings:
   blend: bool = True                  # False: the unshifted tiled decode alone (A)
   blend_mode: str = 'original'        # 'original': SPEC 4 exactly; 'partition': the four
                                       # decodes weighted (1-v)(1-h), v(1-h), (1-v)h, vh
-                                      # (no residual seam; see the module docstring)
+                                      # (no residual seam; see the module docstring);
+                                      # 'overlap': tiles overlapping by `overlap`,
+                                      # cross-faded, ~1.3 decodes per pixel, not four
+                                      # (decode_overlap.py)
+  overlap: int | None = None          # 'overlap' only: latent pixels neighbouring tiles
+                                      # share, 1 .. P/2 (default P/8)
   pad_mode: str = 'reflect'           # numpy.pad mode for the latent's bottom/right padding
 
   def __post_init__(self):
@@ -182,6 +187,9 @@ class TiledDecodeSettings:
       raise ValueError(f'band_tiles must be >= 1 or None, got {self.band_tiles}')
     if self.blend_mode not in BLEND_MODES:
       raise ValueError(f'blend_mode must be one of {BLEND_MODES}, got {self.blend_mode!r}')
+    if self.overlap is not None and not 1 <= self.overlap <= self.latent_patch // 2:
+      raise ValueError(f'overlap must be 1 .. {self.latent_patch // 2} latent pixels (half '
+                       f'a tile), got {self.overlap}')
     if self.clip is not None and not self.clip[0] <= self.clip[1]:
       raise ValueError(f'clip must be (low, high) with low <= high, got {self.clip}')
     for name in ('latent_mean', 'latent_std'):
@@ -405,6 +413,12 @@ def _as_hwc(z) -> np.ndarray:
   return z
 
 
+def _overlap():
+  # Imported on use: decode_overlap builds on this module's helpers.
+  from tiled_ldm_jax import decode_overlap
+  return decode_overlap
+
+
 def _resolve(settings: TiledDecodeSettings | None, overrides: dict) -> TiledDecodeSettings:
   settings = settings or TiledDecodeSettings()
   return dataclasses.replace(settings, **overrides) if overrides else settings
@@ -417,12 +431,29 @@ def output_shape(z_shape: Sequence[int], settings: TiledDecodeSettings | None = 
   return int(z_shape[-3]) * s.factor, int(z_shape[-2]) * s.factor, channels
 
 
+def passes_per_pixel(z_shape: Sequence[int], settings: TiledDecodeSettings | None = None,
+                     **overrides) -> float:
+  """Decoder evaluations per output pixel for a latent [.., h, w, C]: tiles decoded x P^2
+  / (h w). The four-shift modes: ~4 (A, V, H and C tiles); 'overlap': ~(P / (P - o))^2
+  (1.31 at o = P/8) plus the edge tiles; `blend=False`: ~1."""
+  s = _resolve(settings, overrides)
+  h, w = int(z_shape[-3]), int(z_shape[-2])
+  if s.blend and s.blend_mode == 'overlap':
+    return _overlap().passes_per_pixel(s, h, w)
+  P = s.latent_patch
+  n_r, n_c = -(-h // P), -(-w // P)
+  tiles = n_r * n_c if not s.blend else (2 * n_r - 1) * (2 * n_c - 1)
+  return tiles * P * P / (h * w)
+
+
 def band_layout(z_shape: Sequence[int], settings: TiledDecodeSettings | None = None,
                 **overrides) -> tuple[int, int]:
   """(pixel rows per band, number of bands) of `iter_decode_bands` for a latent
   [.., h, w, C] (the last band may be cut at the image's bottom)."""
   s = _resolve(settings, overrides)
   h, w = int(z_shape[-3]), int(z_shape[-2])
+  if s.blend and s.blend_mode == 'overlap':
+    return _overlap().band_layout(s, h, w)
   g = _geometry(s, h, w, False)
   n_r = -(-h // s.latent_patch)                                    # tile rows
   return g.k * g.p, -(-n_r // g.k)
@@ -451,6 +482,9 @@ def iter_decode_bands(decode: DecodeFn, params, z, settings: TiledDecodeSettings
   """
   s = _resolve(settings, overrides)
   z = s.decoder_input(_as_hwc(z))                                  # [h, w, C]
+  if s.blend and s.blend_mode == 'overlap':
+    yield from _overlap().iter_bands(decode, params, z, s, uint8=uint8, bands=bands)
+    return
   h, w, c = z.shape
   g = _geometry(s, h, w, uint8)
   P = s.latent_patch

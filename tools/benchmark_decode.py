@@ -1,12 +1,17 @@
-"""Throughput of the tiled, Hann-blended decode: one JSON line per tile batch.
+"""Throughput and quality of the tiled decode: one JSON line per (blend mode, tile batch).
 
   python tools/benchmark_decode.py --vae_ckpt=/tmp/vae_ref --size=2048 --patch_size=64 \
-      --tile_batch=1,8
+      --tile_batch=1,8 --blend_mode=original,overlap --latent=image
 
 `compile_seconds` is a warm-up decode of one band of the same width (compiles the band
 program, plus one band of work); `seconds` is the full decode after it, in memory
-(`decode.decode_image`, float32 pixels on the host). Megapixels are output pixels; each is
-decoded four times (the four shifted tilings).
+(`decode.decode_image`, float32 pixels on the host). Megapixels are output pixels;
+`passes_per_pixel` counts decoder evaluations per pixel (`decode.passes_per_pixel`: ~4
+for the four-shift blends, ~1.3 for 'overlap'). With `--latent=image` the latent is the
+VAE's encoding of a synthetic tissue-like image (`training.data.synth_example`) and each
+line adds `seam_ratio` (at the mode's own tile borders: the four-shift grid; for
+'overlap' the worst of the cross-fades' start, middle and end) and, with
+`--compare_whole`, `psnr_vs_whole` against one whole-image decode (where it fits).
 """
 
 import json
@@ -20,7 +25,9 @@ from tiled_ldm_jax.models import checkpoint
 from tiled_ldm_jax import decode
 from tiled_ldm_jax import flag_util
 from tiled_ldm_jax import geometry
+from tiled_ldm_jax.evaluation import seams
 from tiled_ldm_jax.models import vae
+from tiled_ldm_jax.training import data
 
 _VAE = flags.DEFINE_string('vae_ckpt', None, 'Converted VAE folder.')
 _SIZE = flags.DEFINE_string('size', '2048', 'Output image side in pixels, or HxW.')
@@ -30,12 +37,24 @@ _SCALE = flags.DEFINE_float('latent_scale', None, 'Decoder input = latent * late
                             '(default: the scale stored with the VAE).')
 _STD = flags.DEFINE_float('random_std', None, 'Std of the random latent (default 1 / scale).')
 _BLEND = flags.DEFINE_bool('blend', True, 'False: time the unblended tiled decode.')
+_MODES = flags.DEFINE_list('blend_mode', ['original'],
+                           f'Blend modes to time, of {", ".join(decode.BLEND_MODES)}.')
+_LATENT = flags.DEFINE_enum('latent', 'random', ['random', 'image'],
+                            "'random': Gaussian latent; 'image': a synthetic image encoded "
+                            '(adds seam_ratio).')
+_WHOLE = flags.DEFINE_bool('compare_whole', False, "With --latent=image: PSNR against a "
+                           'whole-image decode (one decoder call on the whole latent).')
 flags.mark_flag_as_required('vae_ckpt')
 _CACHE = flag_util.define_compilation_cache_flag()
 
 
 def main(argv):
   del argv
+  bad = [m for m in _MODES.value if m not in decode.BLEND_MODES]
+  if bad:
+    flag_util.fail(f'--blend_mode: {bad} not of {decode.BLEND_MODES}')
+  if _WHOLE.value and _LATENT.value != 'image':
+    flag_util.fail('--compare_whole needs --latent=image')
   flag_util.use_compilation_cache(_CACHE.value)
   _, config, params = checkpoint.load_model(_VAE.value, expect='vae')
   params = jax.device_put(params)
@@ -45,24 +64,53 @@ def main(argv):
   h, w = (hw * 2)[:2]
   if h % f or w % f:
     flag_util.fail(f'--size must be a multiple of {f}, got {_SIZE.value}')
-  z = (np.random.default_rng(0).standard_normal((h // f, w // f, config.latent_channels),
-                                                 np.float32) * (_STD.value or 1 / scale))
   fn = vae.decode_fn(config)
-  for tb in (int(v) for v in _TILE_BATCH.value):
-    s = decode.TiledDecodeSettings(patch_size=_PATCH.value, factor=f, tile_batch=tb,
-                                   latent_scale=scale, blend=_BLEND.value)
-    start = time.perf_counter()
-    decode.decode_image(fn, params, z[:s.latent_patch], s)
-    compile_s = time.perf_counter() - start
-    start = time.perf_counter()
-    out = decode.decode_image(fn, params, z, s)
-    seconds = time.perf_counter() - start
-    print(json.dumps({
-        'megapixels_per_second': round(h * w / 1e6 / seconds, 4), 'tile_batch': tb,
-        'seconds': round(seconds, 2), 'compile_seconds': round(compile_s, 2),
-        'image': [h, w], 'patch_size': _PATCH.value, 'blend': _BLEND.value,
-        'mean_pixel': round(float(out.mean()), 4), 'device': str(jax.devices()[0]),
-        'platform': jax.devices()[0].platform}), flush=True)
+  if _LATENT.value == 'image':
+    ex = data.synth_example(0, max(h, w), data.SynthSpec(num_classes=5,
+                                                          region_size_max=384.0))
+    z = np.asarray(jax.jit(vae.encode_fn(config))(
+        params, jax.numpy.asarray(ex.image[:h, :w])[None])[0])[0] / scale
+  else:
+    z = (np.random.default_rng(0).standard_normal(
+        (h // f, w // f, config.latent_channels), np.float32) * (_STD.value or 1 / scale))
+  whole = None
+  if _WHOLE.value:
+    whole = np.asarray(jax.jit(fn)(params, jax.numpy.asarray(z * scale)[None]))[0]
+    lo, hi = decode.TiledDecodeSettings().clip
+    whole = np.clip(whole, lo, hi)
+  for mode in _MODES.value:
+    for tb in (int(v) for v in _TILE_BATCH.value):
+      s = decode.TiledDecodeSettings(patch_size=_PATCH.value, factor=f, tile_batch=tb,
+                                     latent_scale=scale, blend=_BLEND.value, blend_mode=mode)
+      start = time.perf_counter()
+      decode.decode_image(fn, params, z[:s.latent_patch], s)
+      compile_s = time.perf_counter() - start
+      start = time.perf_counter()
+      out = decode.decode_image(fn, params, z, s)
+      seconds = time.perf_counter() - start
+      line = {
+          'megapixels_per_second': round(h * w / 1e6 / seconds, 4), 'tile_batch': tb,
+          'seconds': round(seconds, 2), 'compile_seconds': round(compile_s, 2),
+          'image': [h, w], 'patch_size': _PATCH.value, 'blend': _BLEND.value,
+          'blend_mode': mode, 'passes_per_pixel': round(decode.passes_per_pixel(z.shape, s), 3),
+          'mean_pixel': round(float(out.mean()), 4), 'latent': _LATENT.value,
+          'device': str(jax.devices()[0]), 'platform': jax.devices()[0].platform}
+      if _LATENT.value == 'image':
+        line['seam_ratio'] = round(_seam_ratio(out, s), 4)
+      if whole is not None:
+        mse = float(np.mean((out - whole) ** 2))
+        line['psnr_vs_whole'] = round(10 * np.log10(1 / mse), 2) if mse else None
+      print(json.dumps(line), flush=True)
+
+
+def _seam_ratio(img, s: decode.TiledDecodeSettings) -> float:
+  """At the mode's tile borders: the unshifted grid, or the overlap's cross-fades."""
+  if not (s.blend and s.blend_mode == 'overlap'):
+    return seams.seam_ratio(img, s.patch_size)
+  from tiled_ldm_jax import decode_overlap
+  o = decode_overlap.overlap_of(s)
+  stride, fade = (s.latent_patch - o) * s.factor, o * s.factor
+  return max(seams.seam_ratio(img, stride, offset=off) for off in (0, fade // 2, fade))
 
 
 if __name__ == '__main__':

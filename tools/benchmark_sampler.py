@@ -35,7 +35,7 @@ _PATCH = flags.DEFINE_integer('patch_size', 128, 'Patch side in pixels.')
 _STEPS = flags.DEFINE_integer('sampling_steps', 20, 'DDIM sampling steps.')
 _W = flags.DEFINE_float('cond_scale', 3.0, 'Guidance weight w: null + (1+w)(cond-null).')
 _K = flags.DEFINE_integer('patches_per_step', None, 'Windows per image per iteration '
-                         '(default: the commands\' default, `pipeline.Options`).')
+                         '(default, or 0: the commands\' default, `pipeline.Options`).')
 _BATCH = flags.DEFINE_integer('batch_size', 1, 'Images sampled together.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Root PRNG seed.')
 _SCHEDULE = flags.DEFINE_enum('schedule', None, ['random', 'grid'],
@@ -76,7 +76,7 @@ def _model():
 def _placement() -> dict:
   """Schedule, K, margin (latent pixels) and margin levels: the flags given, else the
   defaults of the commands and the API (`pipeline.Options`, `pipeline.window_fields`)."""
-  given = {'schedule': _SCHEDULE.value, 'patches_per_step': _K.value,
+  given = {'schedule': _SCHEDULE.value, 'patches_per_step': _K.value or None,   # 0: default
            'grid_margin': _MARGIN.value, 'grid_margin_levels': _MARGIN_LEVELS.value}
   o = pipeline.Options(patch_size=_PATCH.value,
                        **{k: v for k, v in given.items() if v is not None})
