@@ -39,6 +39,7 @@ from tiled_ldm_jax import sharding
 from tiled_ldm_jax.output import writers
 
 FORMATS = ('png', 'jpg', 'tiff', 'zarr')
+DEFAULT_IMAGE_SIZE = 1024     # without --image_size and --mask
 _help = pipeline_lib._help  # pylint: disable=protected-access
 
 
@@ -56,13 +57,16 @@ class GenerationConfig:
                                 'models).')
   vae_ckpt: str | None = _help('Converted VAE folder.')
   mask_unet_ckpt: str | None = _help('Converted mask model folder (unless --mask).')
-  mask: str | None = _help('PNG of label ids (any size; resized nearest), or "demo" for the '
-                           'bundled one. Replaces the mask model.')
+  mask: str | None = _help('PNG of label ids, or "demo" for the bundled one: the image '
+                           'size by default, else resized nearest to --image_size. Replaces '
+                           'the mask model.')
   imgs_path: str = _help('Output folder.', './results/large')
   n_images: int = _help('Images to generate.', 1)
   batch_size: int = _help('Images sampled together (n_images must be a multiple).', 1)
   label: int = _help('Class the mask model lays out (ignored with --mask).', 1)
-  image_size: int = _help('Image side in pixels (a multiple of the VAE factor, 8).', 1024)
+  image_size: str | None = _help(f'Image size in pixels, N (square) or HxW (multiples of the '
+                                 f'VAE factor, 8); default: the --mask file\'s size, else '
+                                 f'{DEFAULT_IMAGE_SIZE}.')
   seed: int = _help('Root PRNG seed; image n uses fold_in(seed, n).', 0)
   output_format: str = _help(f'Image file format: {" | ".join(FORMATS)} (tiff: pyramidal '
                              'BigTIFF that OpenSlide reads; zarr: OME-Zarr store with a '
@@ -85,6 +89,12 @@ class GenerationConfig:
     names = {f.name for f in dataclasses.fields(pipeline_lib.Options)}
     options = pipeline_lib.Options(**{k: v for k, v in values.items() if k in names})
     return cls(options=options, **{k: v for k, v in values.items() if k not in names})
+
+  @property
+  def size(self) -> tuple[int, int]:
+    """(H, W) pixels (`prepare` resolves a missing `image_size`)."""
+    return pipeline_lib.image_hw(DEFAULT_IMAGE_SIZE if self.image_size is None
+                                 else self.image_size)
 
   def flat(self) -> dict[str, Any]:
     """The flag values: the `Options` fields and this class's other fields, one level."""
@@ -183,21 +193,21 @@ def prepare(cfg: GenerationConfig) -> Plan:
   cfg = dataclasses.replace(cfg, options=o, unet_ckpt=pipe.paths['unet'],
                             vae_ckpt=pipe.paths['vae'],
                             mask_unet_ckpt=pipe.paths.get('mask_unet'))
-  size = (cfg.image_size, cfg.image_size)
+  given = _mask_errors(cfg.mask, lambda: masks_lib.read_label_png(cfg.mask)) \
+      if cfg.mask else None
+  if cfg.image_size is None and given is not None:
+    cfg = dataclasses.replace(cfg, image_size='{}x{}'.format(*given.shape))
+  size = cfg.size
+  cfg = dataclasses.replace(cfg, image_size=f'{size[0]}x{size[1]}')   # one spelling
   pipe.check_image_request(size, o)
   pipe.check_memory(size, cfg.batch_size, o,
                     whole_images=int(cfg.output_format in ('png', 'jpg')))
   mask = None
-  if cfg.mask:
-    try:
-      mask = masks_lib.resize_labels(masks_lib.read_label_png(cfg.mask), size)
-      pipe.check_labels(mask[None])
-    except (OSError, ValueError) as e:
-      # read_label_png's messages start with the path already.
-      message = str(e) if cfg.mask in str(e) else f'{cfg.mask}: {e}'
-      raise ValueError(f'--mask {message}') from None
+  if given is not None:
+    mask = _mask_errors(cfg.mask, lambda: pipe.check_labels(
+        masks_lib.resize_labels(given, size)[None])[0])
   else:
-    pipe.check_mask_request(cfg.image_size, cfg.label, o)
+    pipe.check_mask_request(size, cfg.label, o)
   _check_writable(cfg.imgs_path)
   used = {k: v for k, v in pipe.paths.items() if k != 'mask_unet' or mask is None}
   hashes = {name: _hash_folder(path) for name, path in used.items()}
@@ -213,6 +223,16 @@ def prepare(cfg: GenerationConfig) -> Plan:
     raise ValueError(f'{cfg.imgs_path} holds an unfinished run ({run_ckpt.path}); pass '
                      f'--resume with the same flags to continue it, or remove that folder')
   return Plan(cfg, pipe, mask, hashes, meta)
+
+
+def _mask_errors(path: str, fn):
+  """`fn()` (reads or checks the --mask at `path`), its errors as one `--mask` ValueError."""
+  try:
+    return fn()
+  except (OSError, ValueError) as e:
+    # read_label_png's messages start with the path already.
+    message = str(e) if path in str(e) else f'{path}: {e}'
+    raise ValueError(f'--mask {message}') from None
 
 
 def _sample_files(cfg, number: int) -> tuple[str, str, str]:
@@ -258,7 +278,7 @@ def _check_free_space(cfg: GenerationConfig) -> None:
   except OSError:
     return
   free = stat.f_bavail * stat.f_frsize
-  need = int(cfg.n_images * cfg.image_size ** 2 *
+  need = int(cfg.n_images * math.prod(cfg.size) *
              _MIN_BYTES_PER_PIXEL.get(cfg.output_format, 0.15))
   if need > free:
     raise ValueError(f'{cfg.n_images} image(s) of {cfg.image_size} px need at least '
@@ -349,8 +369,8 @@ def _fresh(plan: Plan, stage: str, indices):
   """(sampler, initial state, sampler labels) of a stage (also the template to restore)."""
   cfg, pipe = plan.cfg, plan.pipe
   if stage == 'mask':
-    return pipe.mask_stage(plan.options, cfg.image_size, cfg.label, indices, cfg.seed)
-  shape = (len(indices), cfg.image_size, cfg.image_size)
+    return pipe.mask_stage(plan.options, cfg.size, cfg.label, indices, cfg.seed)
+  shape = (len(indices),) + cfg.size
   return pipe.image_stage(plan.options, np.zeros(shape, np.int32), indices, cfg.seed)
 
 
@@ -360,7 +380,7 @@ def _record(plan: Plan, number: int, index: int, labels, stats: dict, seconds: d
   return {
       'sample': number, 'image_index': index, 'seed': cfg.seed,
       'config': cfg.flat(), 'flags': flags_used or {},
-      'checkpoint_sha256': plan.hashes, 'image_size': [cfg.image_size, cfg.image_size],
+      'checkpoint_sha256': plan.hashes, 'image_size': list(cfg.size),
       'labels_present': sorted(int(v) for v in np.unique(labels)),
       'mask_stage': stats.get('mask'), 'image_stage': stats['image'],
       'batch': {'size': cfg.batch_size, 'stats_are_per_batch': True},
@@ -387,7 +407,7 @@ def run(plan: Plan, *, flags_used: dict | None = None) -> list[dict]:
     if meta is not None and b0 == start_batch:
       stage = meta['stage']
       like = _fresh(plan, stage, indices)[1]
-      labels_shape = (len(indices), cfg.image_size, cfg.image_size) \
+      labels_shape = (len(indices),) + cfg.size \
           if meta['has_labels'] else None
       state, labels = run_ckpt.load(like, labels_shape)
       extra = meta.get('extra', {})
@@ -401,7 +421,7 @@ def run(plan: Plan, *, flags_used: dict | None = None) -> list[dict]:
       logging.info('images %d-%d: mask stage', b0, indices[-1])
       start = time.perf_counter()
       labels, stats['mask'] = plan.pipe.run_mask_stage(
-          plan.options, cfg.image_size, cfg.label, indices, cfg.seed, state=state,
+          plan.options, cfg.size, cfg.label, indices, cfg.seed, state=state,
           chunk=cfg.checkpoint_every, on_chunk=lambda st: save(stage='mask', state=st))
       seconds['mask_stage'] = time.perf_counter() - start
       state = None

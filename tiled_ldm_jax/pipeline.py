@@ -148,6 +148,31 @@ def mask_size(image_size: int, factor: int) -> int:
   return max(-(-image_size // MASK_DOWNSCALE // factor), 1) * factor
 
 
+def image_hw(image_size) -> tuple[int, int]:
+  """`N` (square), `(H, W)` or `'HxW'` / `'N'` -> (H, W) pixels."""
+  if isinstance(image_size, str):
+    parts = image_size.lower().split('x')
+    try:
+      hw = [int(v) for v in parts]
+    except ValueError:
+      hw = []
+    if len(hw) not in (1, 2):
+      raise ValueError(f'image_size must be N or HxW, got {image_size!r}')
+    image_size = hw[0] if len(hw) == 1 else tuple(hw)
+  if isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool):
+    image_size = (int(image_size), int(image_size))
+  h, w = (int(v) for v in image_size)
+  if h <= 0 or w <= 0:
+    raise ValueError(f'image_size must be positive, got {h}x{w}')
+  return h, w
+
+
+def mask_hw(image_size, factor: int) -> tuple[int, int]:
+  """(H, W) of the mask model's image for an image of `image_size` (`image_hw`)."""
+  h, w = image_hw(image_size)
+  return mask_size(h, factor), mask_size(w, factor)
+
+
 def _stage_keys(seed: int, indices, stage: int) -> jax.Array:
   keys = loop_lib.image_keys(seed, indices)
   return _fold_in_all(keys, stage)
@@ -236,16 +261,16 @@ class Pipeline:
     h, w = image_hw
     memory.check(need, f'a {h}x{w} image (batch of {n_batch})')
 
-  def check_mask_request(self, image_size: int, label: int, o: Options) -> None:
+  def check_mask_request(self, image_size, label: int, o: Options) -> None:
     if self.mask_unet is None:
       raise ValueError('this pipeline has no mask model: give label maps')
     classes = self.mask_unet.config.num_classes
     if not 0 <= label < classes:
       raise ValueError(f"label {label} is outside the mask model's classes [0, {classes})")
-    msize = mask_size(image_size, self.geometry.factor)
-    _check_patch(self.geometry, (msize, msize), self._mask_patch(msize, o),
+    mhw = mask_hw(image_size, self.geometry.factor)
+    _check_patch(self.geometry, mhw, self._mask_patch(mhw, o),
                  self.mask_unet.config.downsample_factor, 'mask stage: mask_patch_size')
-    _check_margin(self.geometry, o.grid_margin, self._mask_patch(msize, o),
+    _check_margin(self.geometry, o.grid_margin, self._mask_patch(mhw, o),
                   'mask stage: mask_patch_size')
 
   def check_labels(self, labels: np.ndarray) -> np.ndarray:
@@ -256,8 +281,9 @@ class Pipeline:
         np.int32, copy=False)
 
   @staticmethod
-  def _mask_patch(msize: int, o: Options) -> int:
-    return min(o.mask_patch_size, msize)
+  def _mask_patch(mhw: tuple[int, int], o: Options) -> int:
+    """The mask stage's window: mask_patch_size, or the mask image's shorter side."""
+    return min(o.mask_patch_size, *mhw)
 
   # ------------------------------------------------------------------------- samplers
 
@@ -279,12 +305,13 @@ class Pipeline:
     mesh = sharding.make_mesh(n_images, settings.patches_per_step, self.devices)
     return loop_lib.compiled(denoise, settings, mesh, n_images, process)
 
-  def mask_stage(self, o: Options, image_size: int, label: int, indices, seed: int):
+  def mask_stage(self, o: Options, image_size, label: int, indices, seed: int):
     """(sampler, initial state, conditioning: the class map, spatial) of the mask stage."""
-    msize = mask_size(image_size, self.geometry.factor)
-    side = msize // self.geometry.factor
-    smp = self._sampler('mask', o, self._mask_patch(msize, o), (side, side), len(indices))
-    classes = np.full((len(indices), side, side), label, np.int32)
+    f = self.geometry.factor
+    mhw = mask_hw(image_size, f)
+    latent_hw = (mhw[0] // f, mhw[1] // f)
+    smp = self._sampler('mask', o, self._mask_patch(mhw, o), latent_hw, len(indices))
+    classes = np.full((len(indices),) + latent_hw, label, np.int32)
     state = smp.init(_stage_keys(seed, indices, 0), classes.shape,
                      self.mask_unet.config.channels)
     return smp, state, loop_lib.spatial(classes)
@@ -296,24 +323,25 @@ class Pipeline:
     state = smp.init(_stage_keys(seed, indices, 1), latent.shape, self.unet.config.channels)
     return smp, state, loop_lib.spatial(latent)
 
-  def labels_from_mask_latents(self, z, image_size: int, o: Options) -> np.ndarray:
+  def labels_from_mask_latents(self, z, image_size, o: Options) -> np.ndarray:
     """Mask-model latents -> [N, H, W] label ids (decode, quantize, clean, upsample)."""
     num_labels = self.unet.config.num_classes
-    msize = z.shape[1] * self.geometry.factor
-    settings = self._decode_settings(o, self._mask_patch(msize, o))
+    f = self.geometry.factor
+    settings = self._decode_settings(o, self._mask_patch((z.shape[1] * f, z.shape[2] * f), o))
     out = []
     for zi in sharding.to_host(z):
       img = decode_lib.decode_image(self._decoder(o), self.vae.params, zi, settings)
       q = masks_lib.quantize_mask_image(img, num_labels)
-      out.append(masks_lib.clean_mask(q, num_labels, (image_size, image_size)))
+      out.append(masks_lib.clean_mask(q, num_labels, image_hw(image_size)))
     return np.stack(out)
 
   # ------------------------------------------------------------------------- stages
 
-  def sample_labels(self, label: int = 1, image_size: int = 1024, n_images: int = 1,
+  def sample_labels(self, label: int = 1, image_size=1024, n_images: int = 1,
                     seed: int = 0, *, indices=None, options: Options | None = None,
                     **overrides) -> np.ndarray:
-    """[N, H, W] int32 label maps from the mask model for class `label`.
+    """[N, H, W] int32 label maps from the mask model for class `label`; `image_size`:
+    N (square) or (H, W).
 
     `overrides`: `Options` fields (sampling_steps, mask_patch_size, ...).
     """
@@ -330,7 +358,7 @@ class Pipeline:
   # The one stage runner: the staged calls, `__call__` and `generate` (which saves a
   # resumable checkpoint after each chunk) all run a stage through it.
 
-  def run_mask_stage(self, o: Options, image_size: int, label: int, indices, seed: int, *,
+  def run_mask_stage(self, o: Options, image_size, label: int, indices, seed: int, *,
                      state=None, chunk: int = 0, on_chunk=None):
     """(labels [N, H, W], counters) of the mask stage; `state`: continue a saved one."""
     self.check_mask_request(image_size, label, o)
@@ -388,17 +416,19 @@ class Pipeline:
 
   # ------------------------------------------------------------------------- all stages
 
-  def __call__(self, label: int = 1, labels=None, image_size: int = 1024,
+  def __call__(self, label: int = 1, labels=None, image_size=1024,
                n_images: int = 1, seed: int = 0, *, indices=None,
                options: Options | None = None, **overrides) -> Result:
     """Images for label maps `labels` [N, H, W], or for mask-model layouts of class `label`
-    (`image_size` square, `n_images` of them). Same bytes as the staged calls."""
+    (`image_size`: N for square or (H, W); `n_images` of them). Same bytes as the staged
+    calls."""
     o = self.resolve(options, **overrides)
     stats = {}
     if labels is None:
       indices = _indices(indices, n_images)
-      self.check_image_request((image_size, image_size), o)   # before the mask stage runs
-      self.check_memory((image_size, image_size), n_images, o, whole_images=n_images)
+      hw = image_hw(image_size)
+      self.check_image_request(hw, o)   # before the mask stage runs
+      self.check_memory(hw, n_images, o, whole_images=n_images)
       labels, stats['mask_stage'] = self.run_mask_stage(o, image_size, label, indices, seed)
       labels = self.check_labels(labels)
     else:   # given label maps are already in memory: checked first, then their request
