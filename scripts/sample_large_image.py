@@ -10,10 +10,13 @@ sample) and `generate.GenerationConfig` (what and where; defaults and help live 
 this file only parses them.
 """
 
+import json
+
 from absl import app
 from absl import flags
 from absl import logging
 
+from tiled_ldm_jax import estimate
 from tiled_ldm_jax import flag_util
 from tiled_ldm_jax import generate
 from tiled_ldm_jax import pipeline
@@ -43,6 +46,12 @@ def main(argv):
   # Bad input: one line (flag_util.run), before any compute. A full disk later: one line
   # too, and a sample's files appear together or not at all.
   plan = generate.prepare(generate.GenerationConfig.from_flat(**values))
+  if plan.cfg.dry_run:
+    if sharding.is_writer():
+      out = generate.dry_run(plan)
+      print(json.dumps(out))
+      print(estimate.summary(out))
+    return
   records = generate.run(plan, flags_used=values)
   for r in records:
     logging.info('sample%04d: %s', r['sample'], r['seconds'])

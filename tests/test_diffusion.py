@@ -178,3 +178,28 @@ def test_packed_passes_equal_the_unpacked_step(w, chunk, classes):
       eps_fn, mix, x, t, jnp.asarray(labels), num_classes=classes, w=w))(x)
   np.testing.assert_allclose(np.asarray(packed), np.asarray(ref), atol=1e-6, rtol=0)
   assert int(n_packed) < int(n_ref)
+
+
+def test_idle_patches_cost_no_samples():
+  """`valid=False` patches (the sampler's idle slots) run no pass; the others are unchanged."""
+  rng = np.random.RandomState(0)
+  b, h, classes = 6, 8, 4
+  labels = jnp.asarray(rng.randint(0, classes, (b, h, h)))
+  x = jnp.asarray(rng.randn(b, h, h, 3).astype(np.float32))
+  t = jnp.asarray(rng.randint(0, 1000, b))
+  valid = jnp.asarray([True, False, True, False, False, True])
+
+  def eps_fn(params, x, t, cond):
+    return jnp.tanh(x + 1e-3 * t[:, None, None, None] + 0.3 * cond[..., None])
+  run = lambda v, c: jax.jit(lambda x: diffusion.multilabel_eps(
+      eps_fn, None, x, t, labels, num_classes=classes, w=2.0, chunk=c, valid=v))(x)
+  full, n_full = run(None, 1)
+  part, n_part = run(valid, 1)
+  keep = np.asarray(valid)
+  np.testing.assert_allclose(np.asarray(part)[keep], np.asarray(full)[keep], atol=1e-6, rtol=0)
+  assert not np.asarray(part)[~keep].any()
+  # chunks of 1: the samples are exactly the wanted pairs of the valid patches.
+  lab = np.asarray(labels)
+  wanted = [len(set(np.unique(p)) - {0}) + 1 for p in lab]
+  assert int(n_full) == sum(wanted)
+  assert int(n_part) == sum(n for n, k in zip(wanted, keep) if k)

@@ -47,12 +47,13 @@ def test_centre_draws_are_uniform_over_eligible_pixels(k_slots):
   times = (rng.rand(h, w) < 0.35).astype(np.int32)        # level 0 where 0
   times[:8, :] = 1                                         # a band with no eligible pixel
   counts = jnp.asarray(_counts(times, 0, p), jnp.int32)
+  supers = windows_lib.super_sums(counts, windows_lib.super_side(h, w, p))
   draws = 40000
   keys = jax.random.split(jax.random.key(1), draws)
   choose = jax.jit(jax.vmap(functools.partial(windows_lib.choose_random, patch=p,
                                               k_slots=k_slots),
-                            (None, None, None, 0)))
-  corners, centres, valid = choose(jnp.asarray(times), counts, jnp.int32(0), keys)
+                            (None, None, None, None, 0)))
+  corners, centres, valid = choose(jnp.asarray(times), counts, supers, jnp.int32(0), keys)
   corners, centres, valid = map(np.asarray, (corners, centres, valid))
   assert valid[:, 0].all()
   eligible = times == 0
@@ -101,6 +102,8 @@ def test_counters_track_the_latent_exactly():
       assert int(state.level[n]) == level
       assert int(state.remaining[n]) == (times[n] == level).sum()
       np.testing.assert_array_equal(np.asarray(state.counts[n]), _counts(times[n], level, p))
+      np.testing.assert_array_equal(np.asarray(state.super_counts[n]), windows_lib.super_sums(
+          _counts(times[n], level, p), windows_lib.super_side(20, 28, p)))
     state = smp.step_patch(A, state, loop_lib.spatial(labels))
   assert (np.asarray(state.times) == steps).all()
   assert (np.asarray(state.level) == steps).all()

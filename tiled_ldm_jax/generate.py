@@ -30,6 +30,8 @@ import numpy as np
 
 from tiled_ldm_jax.files import atomic
 from tiled_ldm_jax import demo
+from tiled_ldm_jax import estimate
+from tiled_ldm_jax.files import geojson_labels
 from tiled_ldm_jax import masks as masks_lib
 from tiled_ldm_jax.output import ome_zarr
 from tiled_ldm_jax import pipeline as pipeline_lib
@@ -57,9 +59,14 @@ class GenerationConfig:
                                 'models).')
   vae_ckpt: str | None = _help('Converted VAE folder.')
   mask_unet_ckpt: str | None = _help('Converted mask model folder (unless --mask).')
-  mask: str | None = _help('PNG of label ids, or "demo" for the bundled one: the image '
-                           'size by default, else resized nearest to --image_size. Replaces '
-                           'the mask model.')
+  mask: str | None = _help('Label map replacing the mask model: a PNG of label ids (its '
+                           'size is the default image size, else resized nearest to '
+                           '--image_size), a QuPath GeoJSON of annotations (with '
+                           '--mask_classes and --image_size; rasterized band by band), or '
+                           '"demo" for the bundled PNG. The format is read from the '
+                           'file\'s contents.')
+  mask_classes: str | None = _help('GeoJSON --mask: class name to label id, '
+                                   '"Tumor=1,Stroma=2,..." (unannotated pixels are 0).')
   imgs_path: str = _help('Output folder.', './results/large')
   n_images: int = _help('Images to generate.', 1)
   batch_size: int = _help('Images sampled together (n_images must be a multiple).', 1)
@@ -81,6 +88,11 @@ class GenerationConfig:
   resume: bool = _help('Continue the run saved under imgs_path/checkpoint (same flags '
                        'required).', False)
   devices: int = _help('Devices to shard the batch/patches over (0: all).', 0)
+  dry_run: bool = _help('Check the request and print its plan (per stage: latent shape, '
+                        'iterations, windows, U-Net samples and TFLOP, decoder tiles; host '
+                        'and device bytes; seconds from short timed U-Net and decoder calls '
+                        'on this device) as one JSON line and a summary; sample and write '
+                        'nothing.', False)
 
 
   @classmethod
@@ -108,9 +120,11 @@ class Plan:
   """What `prepare` checked and loaded; `run` only computes and writes."""
   cfg: GenerationConfig             # with demo paths and patch sizes resolved
   pipe: pipeline_lib.Pipeline
-  mask: np.ndarray | None           # [H, W] the given label map, resized
+  mask: masks_lib.LabelMap | None   # [H, W] the given label map (resized lazily)
   hashes: dict[str, str]            # sha256 of each model folder used
   resume_meta: dict[str, Any] | None
+  work: dict[str, Any]              # `estimate.plan` of the request (in every record)
+  refused: tuple[str, ...] = ()     # dry run: why the run would be refused (memory, disk)
 
   @property
   def options(self) -> pipeline_lib.Options:
@@ -193,26 +207,51 @@ def prepare(cfg: GenerationConfig) -> Plan:
   cfg = dataclasses.replace(cfg, options=o, unet_ckpt=pipe.paths['unet'],
                             vae_ckpt=pipe.paths['vae'],
                             mask_unet_ckpt=pipe.paths.get('mask_unet'))
-  given = _mask_errors(cfg.mask, lambda: masks_lib.read_label_png(cfg.mask)) \
-      if cfg.mask else None
+  annotations = bool(cfg.mask) and _mask_errors(
+      cfg.mask, lambda: geojson_labels.looks_like_json(cfg.mask))
+  if cfg.mask_classes and not annotations:
+    raise ValueError('--mask_classes is only for a GeoJSON --mask')
+  if annotations:
+    if not cfg.mask_classes:
+      raise ValueError(f'--mask {cfg.mask} is GeoJSON: give --mask_classes=NAME=ID,...')
+    if cfg.image_size is None:
+      raise ValueError(f'--mask {cfg.mask} is GeoJSON, which has no size: give '
+                       '--image_size=HxW (the annotations\' pixel grid)')
+  given = (_mask_errors(cfg.mask, lambda: masks_lib.read_label_png(cfg.mask))
+           if cfg.mask and not annotations else None)
   if cfg.image_size is None and given is not None:
     cfg = dataclasses.replace(cfg, image_size='{}x{}'.format(*given.shape))
   size = cfg.size
   cfg = dataclasses.replace(cfg, image_size=f'{size[0]}x{size[1]}')   # one spelling
   pipe.check_image_request(size, o)
-  pipe.check_memory(size, cfg.batch_size, o,
-                    whole_images=int(cfg.output_format in ('png', 'jpg')))
+  whole = int(cfg.output_format in ('png', 'jpg'))
+  refused = []
+
+  def resource_check(fn):   # a dry run reports these with the rest of the plan
+    try:
+      fn()
+    except ValueError as e:
+      if not cfg.dry_run:
+        raise
+      refused.append(str(e))
+  resource_check(lambda: pipe.check_memory(size, cfg.batch_size, o, whole_images=whole))
   mask = None
-  if given is not None:
-    mask = _mask_errors(cfg.mask, lambda: pipe.check_labels(
-        masks_lib.resize_labels(given, size)[None])[0])
+  if annotations:
+    classes = geojson_labels.parse_classes(cfg.mask_classes)
+    mask = _mask_errors(cfg.mask, lambda: geojson_labels.read_geojson(
+        cfg.mask, classes, size, pipe.unet.config.num_classes))
+  elif given is not None:
+    # Checked at the file's resolution and kept there: the map is resized (nearest) by
+    # rows on demand, never held whole at the image's (masks.LabelMap).
+    mask = _mask_errors(cfg.mask, lambda: masks_lib.LabelMap(
+        pipe.check_labels(given[None])[0], size))
   else:
     pipe.check_mask_request(size, cfg.label, o)
   _check_writable(cfg.imgs_path)
   used = {k: v for k, v in pipe.paths.items() if k != 'mask_unet' or mask is None}
   hashes = {name: _hash_folder(path) for name, path in used.items()}
   _check_name_length(cfg)
-  _check_free_space(cfg)
+  resource_check(lambda: _check_free_space(cfg))
   run_ckpt = resume.RunCheckpoint(cfg.imgs_path)
   meta = None
   if cfg.resume:
@@ -222,7 +261,17 @@ def prepare(cfg: GenerationConfig) -> Plan:
   elif run_ckpt.exists():
     raise ValueError(f'{cfg.imgs_path} holds an unfinished run ({run_ckpt.path}); pass '
                      f'--resume with the same flags to continue it, or remove that folder')
-  return Plan(cfg, pipe, mask, hashes, meta)
+  work = estimate.plan(pipe, size, o, n_batch=cfg.batch_size, n_images=cfg.n_images,
+                       labels=mask, whole_images=whole)
+  return Plan(cfg, pipe, mask, hashes, meta, work, tuple(refused))
+
+
+def dry_run(plan: Plan) -> dict:
+  """The plan with seconds estimated from timed calls (`estimate.timed`); nothing is
+  sampled or written. `refused`: why the run itself would be refused (memory, disk)."""
+  out = estimate.timed(plan.pipe, plan.work, plan.options)
+  out['refused'] = list(plan.refused)
+  return out
 
 
 def _mask_errors(path: str, fn):
@@ -292,7 +341,7 @@ def shares_decode(cfg: GenerationConfig, batch: int) -> bool:
   return batch < jax.process_count() and cfg.output_format in ('tiff', 'zarr')
 
 
-def _write_sample(plan: Plan, number: int, z, labels: np.ndarray, record: dict,
+def _write_sample(plan: Plan, number: int, z, labels: masks_lib.LabelMap, record: dict,
                   mine: bool = True, shared: bool = False) -> dict:
   """Decodes one latent (bands for TIFF/Zarr, whole otherwise), writes image, mask, JSON.
 
@@ -337,7 +386,7 @@ def _dump_record(path: str, record: dict) -> None:
     json.dump(record, f, indent=1, default=str)
 
 
-def _write_image(plan: Plan, z, labels: np.ndarray, image_path: str) -> None:
+def _write_image(plan: Plan, z, labels: masks_lib.LabelMap, image_path: str) -> None:
   """One process: this image in the run's format (bands for TIFF/Zarr, whole otherwise)."""
   cfg = plan.cfg
   h, w = labels.shape
@@ -352,7 +401,7 @@ def _write_image(plan: Plan, z, labels: np.ndarray, image_path: str) -> None:
                         quality=cfg.jpeg_quality)
 
 
-def _write_shared(plan: Plan, z, labels: np.ndarray, image_path: str) -> None:
+def _write_shared(plan: Plan, z, labels: masks_lib.LabelMap, image_path: str) -> None:
   """All processes: this image's TIFF or OME-Zarr, each decoding its share of bands."""
   cfg, where = plan.cfg, dict(process_index=jax.process_index(),
                               process_count=jax.process_count())
@@ -370,8 +419,8 @@ def _fresh(plan: Plan, stage: str, indices):
   cfg, pipe = plan.cfg, plan.pipe
   if stage == 'mask':
     return pipe.mask_stage(plan.options, cfg.size, cfg.label, indices, cfg.seed)
-  shape = (len(indices),) + cfg.size
-  return pipe.image_stage(plan.options, np.zeros(shape, np.int32), indices, cfg.seed)
+  zeros = [masks_lib.LabelMap(np.zeros((1, 1), np.uint8), cfg.size)] * len(indices)
+  return pipe.image_stage(plan.options, zeros, indices, cfg.seed)
 
 
 def _record(plan: Plan, number: int, index: int, labels, stats: dict, seconds: dict,
@@ -381,10 +430,11 @@ def _record(plan: Plan, number: int, index: int, labels, stats: dict, seconds: d
       'sample': number, 'image_index': index, 'seed': cfg.seed,
       'config': cfg.flat(), 'flags': flags_used or {},
       'checkpoint_sha256': plan.hashes, 'image_size': list(cfg.size),
-      'labels_present': sorted(int(v) for v in np.unique(labels)),
+      'labels_present': labels.present(),
       'mask_stage': stats.get('mask'), 'image_stage': stats['image'],
       'batch': {'size': cfg.batch_size, 'stats_are_per_batch': True},
       'seconds': dict(seconds), 'device': str(jax.devices()[0].device_kind),
+      'plan': plan.work,
       'tiled_ldm_jax_version': __import__('tiled_ldm_jax').__version__,
   }
 
@@ -392,6 +442,7 @@ def _record(plan: Plan, number: int, index: int, labels, stats: dict, seconds: d
 def run(plan: Plan, *, flags_used: dict | None = None) -> list[dict]:
   """Generates `cfg.n_images` images into `cfg.imgs_path`; returns their JSON records."""
   cfg, meta = plan.cfg, plan.resume_meta
+  f = plan.pipe.geometry.factor
   run_ckpt = resume.RunCheckpoint(cfg.imgs_path)
   os.makedirs(cfg.imgs_path, exist_ok=True)
   # every process numbers from process 0's view of the folder
@@ -407,22 +458,25 @@ def run(plan: Plan, *, flags_used: dict | None = None) -> list[dict]:
     if meta is not None and b0 == start_batch:
       stage = meta['stage']
       like = _fresh(plan, stage, indices)[1]
-      labels_shape = (len(indices),) + cfg.size \
-          if meta['has_labels'] else None
+      labels_shape = ((len(indices),) + pipeline_lib.mask_source_hw(cfg.size, f)
+                      if meta['has_labels'] else None)
       state, labels = run_ckpt.load(like, labels_shape)
+      if labels is not None:
+        labels = [masks_lib.LabelMap(m, cfg.size) for m in labels]
       extra = meta.get('extra', {})
       logging.info('resuming batch at image %d, %s stage, iteration %d', b0, stage,
                    meta['iterations'])
     seconds = dict(extra.get('seconds', {}))
     stats = {'mask': extra.get('mask_stats')}
     if plan.mask is not None:
-      labels = np.broadcast_to(plan.mask, (cfg.batch_size,) + plan.mask.shape)
+      labels = [plan.mask] * cfg.batch_size
     elif stage == 'mask':
       logging.info('images %d-%d: mask stage', b0, indices[-1])
       start = time.perf_counter()
       labels, stats['mask'] = plan.pipe.run_mask_stage(
           plan.options, cfg.size, cfg.label, indices, cfg.seed, state=state,
-          chunk=cfg.checkpoint_every, on_chunk=lambda st: save(stage='mask', state=st))
+          chunk=cfg.checkpoint_every, on_chunk=lambda st: save(stage='mask', state=st),
+          lazy=True)
       seconds['mask_stage'] = time.perf_counter() - start
       state = None
       if cfg.checkpoint_every:   # the image stage starts from here after an interruption
@@ -433,7 +487,9 @@ def run(plan: Plan, *, flags_used: dict | None = None) -> list[dict]:
     image_extra = {'mask_stats': stats['mask'], 'seconds': seconds}
     z, stats['image'] = plan.pipe.run_image_stage(
         plan.options, labels, indices, cfg.seed, state=state, chunk=cfg.checkpoint_every,
-        on_chunk=lambda st: save(stage='image', state=st, labels=labels, extra=image_extra))
+        on_chunk=lambda st: save(stage='image', state=st, extra=image_extra,
+                                 # a given map is read again on resume, never saved
+                                 labels=labels if plan.mask is None else None))
     z = sharding.to_host(z)
     seconds['image_stage'] = time.perf_counter() - start
     for j, index in enumerate(indices):

@@ -11,12 +11,15 @@ into integer label ids at the requested size, exactly as DiffInfinite's `CleanMa
 4. `round((num_labels - 1) * v / 255)` to label ids;
 5. nearest-neighbour resize with PIL.
 
-Label maps elsewhere are int32 arrays `[H, W]` of class ids. Only numpy and Pillow are
-used here.
+Label maps elsewhere are integer arrays `[H, W]` of class ids, or a `LabelMap`: a
+small source map (the mask model's cleaned map, a label file) in its compact dtype plus
+the nearest resize to the image size, computed by rows on demand, so a whole-slide map
+is never held at pixel resolution. Only numpy and Pillow are used here.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Sequence
 
@@ -128,11 +131,22 @@ def clean_mask(m: np.ndarray, num_labels: int, out_size: int | Sequence[int]) ->
     raise ValueError(f'mask must be float with values in [0, 1], got dtype {m.dtype}')
   if m.size and (m.min() < 0 or m.max() > 1):
     raise ValueError(f'mask values must be in [0, 1], got [{m.min()}, {m.max()}]')
-  gray = (m * 255).astype(np.uint8)                       # truncation
+  return resize_labels(clean_gray(mask_gray(m), num_labels), _size_hw(out_size))
+
+
+def mask_gray(m: np.ndarray) -> np.ndarray:
+  """Step 1 of `clean_mask`: a quantized mask (any shape) as 8-bit gray by truncation.
+  Per pixel, so it may run band by band."""
+  return (np.asarray(m) * 255).astype(np.uint8)
+
+
+def clean_gray(gray: np.ndarray, num_labels: int) -> np.ndarray:
+  """Steps 2-4 of `clean_mask` on the 8-bit gray mask [H, W] (H, W >= 6): label ids
+  [H - 5, W - 5], uint8 (num_labels <= 256) else uint16, before the resize."""
   gray = np.where(find_boundaries(gray), np.uint8(0), gray)
   gray = min_filter_valid(gray)
-  labels = np.round((num_labels - 1) * gray.astype(np.float64) / 255).astype(np.int32)
-  return resize_labels(labels, _size_hw(out_size))
+  lut = np.round((num_labels - 1) * np.arange(256, dtype=np.float64) / 255)
+  return lut.astype(compact_dtype(num_labels - 1))[gray]      # the same ids as the formula
 
 
 def resize_labels(labels: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
@@ -155,6 +169,109 @@ def resize_labels(labels: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
   h, w = _size_hw(size)
   img = Image.fromarray(np.ascontiguousarray(labels, dtype=np.int32))
   return np.asarray(img.resize((w, h), Image.NEAREST), dtype=np.int32)
+
+
+def compact_dtype(max_id: int):
+  """The smallest unsigned dtype that holds ids up to `max_id` (uint8, uint16, uint32)."""
+  return next(d for d in (np.uint8, np.uint16, np.uint32) if max_id <= np.iinfo(d).max)
+
+
+def compact(labels: np.ndarray) -> np.ndarray:
+  """Non-negative integer ids in their smallest unsigned dtype (no copy if already)."""
+  labels = np.asarray(labels)
+  _check_integer(labels)
+  if labels.size and labels.min() < 0:
+    raise ValueError(f'label ids must be >= 0, got {labels.min()}')
+  return labels.astype(compact_dtype(int(labels.max(initial=0))), copy=False)
+
+
+@functools.lru_cache(maxsize=64)
+def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
+  """[n_out] source index of each output row (or column) of PIL's NEAREST resize, taken
+  from PIL itself (the resize is separable): `resize_labels(src, (H, W))` equals
+  `src[rows][:, cols]` (tests/test_masks.py)."""
+  a = np.arange(n_in, dtype=np.int32)[None]
+  out = np.asarray(Image.fromarray(a).resize((n_out, 1), Image.NEAREST), np.int32)[0]
+  out.flags.writeable = False
+  return out
+
+
+class LabelMap:
+  """A label map [H, W] held as a smaller source map and its nearest resize, never whole.
+
+  `source` is kept in its compact dtype (`compact`); rows, bands and the latent-resolution
+  map are computed from it on demand and equal `resize_labels(source, (H, W))` sliced.
+  It slices by rows like an array (`m[r0:r1]`), so the OME-Zarr writer takes it; `np.asarray(m)`
+  builds the whole map (for PNG masks and the in-memory API).
+  """
+  ndim = 2
+
+  def __init__(self, source: np.ndarray, hw):
+    source = compact(_as_2d(source, 'label map'))
+    self.source = source
+    self.shape = _size_hw(hw)
+    self.dtype = source.dtype
+    self._rows = _nearest_index(source.shape[0], self.shape[0])
+    self._cols = _nearest_index(source.shape[1], self.shape[1])
+
+  @property
+  def size(self) -> int:
+    return self.shape[0] * self.shape[1]
+
+  def rows(self, r0: int, r1: int) -> np.ndarray:
+    """Rows [r0, r1) of the map, [r, W]."""
+    return self.source[self._rows[r0:r1]][:, self._cols]
+
+  def __getitem__(self, key):
+    key = key if isinstance(key, tuple) else (key,)
+    rows, cols = (key + (slice(None),))[:2]
+    if not isinstance(rows, slice) or rows.step not in (None, 1):
+      raise TypeError('LabelMap slices by row ranges, m[r0:r1] or m[r0:r1, cols]')
+    r0, r1, _ = rows.indices(self.shape[0])
+    return self.rows(r0, max(r0, r1))[:, cols]
+
+  def __array__(self, dtype=None, copy=None):
+    del copy
+    whole = self.rows(0, self.shape[0])
+    return whole if dtype is None else whole.astype(dtype)
+
+  def latent(self, factor: int) -> np.ndarray:
+    """`np.asarray(self)[::f, ::f]` without the whole map: [H / f, W / f]."""
+    h, w = self.shape
+    if factor <= 0 or h % factor or w % factor:
+      raise ValueError(f'label map {h}x{w} is not divisible by the latent factor {factor}')
+    return self.source[self._rows[::factor]][:, self._cols[::factor]]
+
+  def present(self) -> list[int]:
+    """Sorted ids that occur in the map (those of the source the resize keeps)."""
+    used = self.source[np.unique(self._rows)][:, np.unique(self._cols)]
+    return [int(v) for v in np.unique(used)]
+
+  def max(self, axis=None, out=None, initial=None, **unused):
+    del axis, out, unused
+    m = int(self.source.max()) if self.source.size else None
+    return max(v for v in (m, initial) if v is not None)
+
+  def min(self, axis=None, out=None, initial=None, **unused):
+    del axis, out, unused
+    m = int(self.source.min()) if self.source.size else None
+    return min(v for v in (m, initial) if v is not None)
+
+
+def latent_label_maps(labels, factor: int) -> np.ndarray:
+  """[N, H/f, W/f] int32 latent-resolution maps of pixel maps [N, H, W]: an array, or a
+  sequence of lazy maps (`LabelMap`, `files.geojson_labels.GeoJSONLabels`: anything with
+  `latent(f)`), each read at latent resolution only."""
+  if isinstance(labels, np.ndarray) or not all(hasattr(m, 'latent') for m in labels):
+    return latent_labels(np.asarray(labels), factor).astype(np.int32)
+  return np.stack([m.latent(factor) for m in labels]).astype(np.int32)
+
+
+def labels_shape(labels) -> tuple[int, ...]:
+  """[N, H, W] of an array or a sequence of `LabelMap`s."""
+  if isinstance(labels, np.ndarray):
+    return labels.shape
+  return (len(labels),) + tuple(labels[0].shape) if len(labels) else (0,)
 
 
 def latent_labels(labels: np.ndarray, factor: int = 8) -> np.ndarray:

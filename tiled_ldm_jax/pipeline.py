@@ -173,6 +173,12 @@ def mask_hw(image_size, factor: int) -> tuple[int, int]:
   return mask_size(h, factor), mask_size(w, factor)
 
 
+def mask_source_hw(image_size, factor: int) -> tuple[int, int]:
+  """(h, w) of the mask stage's cleaned map before its upsampling (`masks.clean_gray`)."""
+  h, w = mask_hw(image_size, factor)
+  return h - masks_lib.MIN_FILTER_SIZE + 1, w - masks_lib.MIN_FILTER_SIZE + 1
+
+
 def _stage_keys(seed: int, indices, stage: int) -> jax.Array:
   keys = loop_lib.image_keys(seed, indices)
   return _fold_in_all(keys, stage)
@@ -316,24 +322,36 @@ class Pipeline:
                      self.mask_unet.config.channels)
     return smp, state, loop_lib.spatial(classes)
 
-  def image_stage(self, o: Options, labels: np.ndarray, indices, seed: int):
-    """(sampler, initial state, conditioning: the latent label map, spatial)."""
-    latent = masks_lib.latent_labels(labels, self.geometry.factor).astype(np.int32)
+  def image_stage(self, o: Options, labels, indices, seed: int):
+    """(sampler, initial state, conditioning: the latent label map, spatial); `labels`
+    [N, H, W] pixel maps, an array or `masks.LabelMap`s (read at latent resolution only)."""
+    latent = masks_lib.latent_label_maps(labels, self.geometry.factor)
     smp = self._sampler('image', o, o.patch_size, latent.shape[1:], len(indices))
     state = smp.init(_stage_keys(seed, indices, 1), latent.shape, self.unet.config.channels)
     return smp, state, loop_lib.spatial(latent)
 
-  def labels_from_mask_latents(self, z, image_size, o: Options) -> np.ndarray:
-    """Mask-model latents -> [N, H, W] label ids (decode, quantize, clean, upsample)."""
+  def labels_from_mask_latents(self, z, image_size, o: Options, *, lazy: bool = False):
+    """Mask-model latents -> [N, H, W] label ids (decode, quantize, clean, upsample).
+
+    The decode runs band by band and each band is quantized to 8-bit gray at once
+    (per pixel), so the float mask image is never whole; the clean runs on the gray map
+    at the mask's resolution. `lazy`: a list of `masks.LabelMap` (the cleaned map and
+    its nearest upsampling, never held at pixel resolution) instead of an int32 array;
+    both are the same ids as `masks.clean_mask` of the whole decoded image.
+    """
     num_labels = self.unet.config.num_classes
     f = self.geometry.factor
     settings = self._decode_settings(o, self._mask_patch((z.shape[1] * f, z.shape[2] * f), o))
+    hw = image_hw(image_size)
     out = []
     for zi in sharding.to_host(z):
-      img = decode_lib.decode_image(self._decoder(o), self.vae.params, zi, settings)
-      q = masks_lib.quantize_mask_image(img, num_labels)
-      out.append(masks_lib.clean_mask(q, num_labels, image_hw(image_size)))
-    return np.stack(out)
+      gray = np.empty((zi.shape[0] * f, zi.shape[1] * f), np.uint8)
+      for r0, band in decode_lib.iter_decode_bands(self._decoder(o), self.vae.params, zi,
+                                                   settings):
+        gray[r0:r0 + band.shape[0]] = masks_lib.mask_gray(
+            masks_lib.quantize_mask_image(band, num_labels))
+      out.append(masks_lib.LabelMap(masks_lib.clean_gray(gray, num_labels), hw))
+    return out if lazy else np.stack([np.asarray(m, np.int32) for m in out])
 
   # ------------------------------------------------------------------------- stages
 
@@ -359,18 +377,21 @@ class Pipeline:
   # resumable checkpoint after each chunk) all run a stage through it.
 
   def run_mask_stage(self, o: Options, image_size, label: int, indices, seed: int, *,
-                     state=None, chunk: int = 0, on_chunk=None):
-    """(labels [N, H, W], counters) of the mask stage; `state`: continue a saved one."""
+                     state=None, chunk: int = 0, on_chunk=None, lazy: bool = False):
+    """(labels [N, H, W], counters) of the mask stage; `state`: continue a saved one;
+    `lazy`: the labels as `masks.LabelMap`s (`labels_from_mask_latents`)."""
     self.check_mask_request(image_size, label, o)
     smp, fresh, classes = self.mask_stage(o, image_size, label, indices, seed)
     state = _run_stage(smp, self.mask_unet.params, fresh if state is None else smp.place(state),
                        classes, o.sampling_steps, chunk, on_chunk)
-    return self.labels_from_mask_latents(state.x, image_size, o), stage_stats(state)
+    return (self.labels_from_mask_latents(state.x, image_size, o, lazy=lazy),
+            stage_stats(state))
 
-  def run_image_stage(self, o: Options, labels: np.ndarray, indices, seed: int, *,
+  def run_image_stage(self, o: Options, labels, indices, seed: int, *,
                       state=None, chunk: int = 0, on_chunk=None):
-    """(latents [N, h, w, C], counters) of the image stage for pixel label maps."""
-    self.check_image_request(labels.shape[1:], o)
+    """(latents [N, h, w, C], counters) of the image stage for pixel label maps [N, H, W]
+    (an array or `masks.LabelMap`s)."""
+    self.check_image_request(masks_lib.labels_shape(labels)[1:], o)
     if len(indices) != len(labels):
       raise ValueError(f'{len(labels)} label maps but {len(indices)} indices')
     smp, fresh, latent = self.image_stage(o, labels, indices, seed)

@@ -25,9 +25,9 @@ from tiled_ldm_jax import sharding
 from tiled_ldm_jax.sampling.loop import SamplerState
 
 FOLDER = 'checkpoint'
-FORMAT = 1
+FORMAT = 2   # 2: the random sampler's state holds super_counts
 # Flags (`GenerationConfig.flat()`) that cannot change what is generated.
-NEUTRAL_FIELDS = ('imgs_path', 'progress_every', 'checkpoint_every', 'resume')
+NEUTRAL_FIELDS = ('imgs_path', 'progress_every', 'checkpoint_every', 'resume', 'dry_run')
 
 
 def result_flags(cfg) -> dict[str, Any]:
@@ -67,8 +67,8 @@ def _state_tree(state: SamplerState, labels) -> dict[str, np.ndarray]:
   tree = {f.name: sharding.to_host(getattr(state, f.name)) for f in dataclasses.fields(state)
           if f.name != 'keys'}
   tree['key_data'] = sharding.to_host(jax.random.key_data(state.keys))
-  if labels is not None:
-    tree['labels'] = np.asarray(labels, np.int32)
+  if labels is not None:   # a LabelMap is saved as its source (the mask's resolution)
+    tree['labels'] = np.stack([np.asarray(getattr(m, 'source', m), np.int32) for m in labels])
   return tree
 
 

@@ -439,19 +439,31 @@ def mask_path(image_path) -> str:
 
 
 def write_labels(path, labels, *, tile: int = DEFAULT_TILE) -> None:
-  """Label ids `[H, W]` as a PNG (`masks.write_label_png`) or a tiled TIFF, atomically."""
+  """Label ids `[H, W]` (an array or a `masks.LabelMap`) as a PNG
+  (`masks.write_label_png`, whole) or a tiled TIFF written tile row by tile row (a
+  `LabelMap` is never held whole), atomically."""
   if _suffix(path) not in TIFF_SUFFIXES:
     if _suffix(path) != '.png':
       raise ValueError(f'label masks are written as .png or .tif/.tiff, got {path!r}')
-    masks_lib.write_label_png(path, labels)
+    masks_lib.write_label_png(path, np.asarray(labels))
     return
   tifffile = _tifffile()
-  labels = np.asarray(labels)
-  if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
-    raise ValueError(f'labels must be integer [H, W], got {labels.dtype} {labels.shape}')
-  if labels.size and (labels.min() < 0 or labels.max() >= 1 << 16):
-    raise ValueError(f'label ids must be in [0, 65536), got [{labels.min()}, {labels.max()}]')
-  dtype = np.uint16 if labels.size and labels.max() >= 256 else np.uint8
+  if not hasattr(labels, 'rows'):     # lazy maps (masks.LabelMap, ...) stay lazy
+    labels = np.asarray(labels)
+    if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
+      raise ValueError(f'labels must be integer [H, W], got {labels.dtype} {labels.shape}')
+  lo, hi = (int(labels.min(initial=0)), int(labels.max(initial=0))) if labels.size else (0, 0)
+  if lo < 0 or hi >= 1 << 16:
+    raise ValueError(f'label ids must be in [0, 65536), got [{lo}, {hi}]')
+  dtype = np.uint16 if hi >= 256 else np.uint8
+  h, w = labels.shape
+
+  def tiles():   # row-major whole tiles (edge tiles padded), one tile row in memory
+    for r in range(0, h, tile):
+      band = np.asarray(labels[r:r + tile]).astype(dtype)
+      for c in range(0, w, tile):
+        yield _pad_tile(band[:, c:c + tile, None], tile)[..., 0]
   with atomic_path(path) as tmp:
-    tifffile.imwrite(tmp, labels.astype(dtype), bigtiff=True, tile=(tile, tile),
-                     photometric='minisblack', compression='zlib', metadata=None)
+    tifffile.imwrite(tmp, tiles(), shape=(h, w), dtype=dtype, bigtiff=True,
+                     tile=(tile, tile), photometric='minisblack', compression='zlib',
+                     metadata=None)

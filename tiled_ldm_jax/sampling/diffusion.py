@@ -128,7 +128,7 @@ def pack_chunk(batch: int) -> int:
 
 
 def multilabel_eps(eps_fn: EpsFn, params, x, t, labels, *, num_classes: int, w: float,
-                   chunk: int | None = None):
+                   chunk: int | None = None, valid=None):
   """Guided noise estimate of the image model for patches holding several labels.
 
   Every pixel with label l > 0 takes `guide(null, cond_l, w)` where cond_l is the model
@@ -145,6 +145,8 @@ def multilabel_eps(eps_fn: EpsFn, params, x, t, labels, *, num_classes: int, w: 
   Args:
     labels: [B, h, w] int label ids at the latent resolution of x.
     chunk: samples per U-Net call (static; default `pack_chunk(B)`).
+    valid: optional [B] bool; patches that are False (the sampler's idle slots) run no
+      pass and their output is zeros.
   Returns:
     (eps [B, h, w, C], number of samples evaluated by the U-Net).
   """
@@ -155,7 +157,10 @@ def multilabel_eps(eps_fn: EpsFn, params, x, t, labels, *, num_classes: int, w: 
   present = (labels.reshape(b, -1, 1) == ids).any(axis=1)                  # [B, L]
   has_zero = (labels == 0).reshape(b, -1).any(axis=1)                      # [B]
   need_null = (jnp.full((b,), w != 0.0) | has_zero)[:, None]               # [B, 1]
-  wanted = jnp.concatenate([need_null, present], axis=1).reshape(-1)       # [B * slots]
+  wanted = jnp.concatenate([need_null, present], axis=1)                  # [B, slots]
+  if valid is not None:
+    wanted = wanted & valid[:, None]
+  wanted = wanted.reshape(-1)                                              # [B * slots]
   total = wanted.sum()
   # The wanted pairs first, in (patch, slot) order; one fixed-size gather per chunk.
   order = jnp.argsort(~wanted, stable=True).astype(jnp.int32)
@@ -183,6 +188,8 @@ def multilabel_eps(eps_fn: EpsFn, params, x, t, labels, *, num_classes: int, w: 
                                      (jnp.int32(0), zeros, zeros))
   value = guide(null, cond, w) if w != 0.0 else cond
   out = jnp.where((labels == 0)[..., None], null, value)
+  if valid is not None:
+    out = jnp.where(valid[:, None, None, None], out, 0.0)
   return out, (n_chunks * c).astype(jnp.int32)
 
 

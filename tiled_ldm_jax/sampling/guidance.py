@@ -65,9 +65,10 @@ def multilabel_guidance(denoise, num_classes: int, w: float):
   with mask `(labels == l) * l`, guided by the all-zero-mask pass; label 0 pixels the
   unconditional pass (L+1 passes; `diffusion.multilabel_eps`).
   """
-  def fn(params, x, t, labels):
+  def fn(params, x, t, labels, valid=None):
     return diffusion.multilabel_eps(lambda *a: counted(denoise(*a), x.shape[0])[0], params,
-                                    x, t, labels, num_classes=num_classes, w=w)
+                                    x, t, labels, num_classes=num_classes, w=w, valid=valid)
+  fn.skips_idle = True      # the sampler passes `valid`: idle slots cost no U-Net samples
   return program_cache.keyed(fn, 'multilabel', denoise, num_classes, w)
 
 

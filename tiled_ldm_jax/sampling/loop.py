@@ -97,6 +97,8 @@ class SamplerState:
                           # batches of the level already done
   counts: jax.Array       # [N, bh, bw] int32: random: lowest-level pixels per P x P block
                           # (`windows.block_sizes` layout); grid: unused
+  super_counts: jax.Array  # [N, bh / g, bw / g] int32: random: their sums over g x g
+                          # blocks (`windows.super_sums`; the draw's first level)
   keys: jax.Array         # [N] typed PRNG keys, one per image
   image_iters: jax.Array  # [N] int32: iterations in which the image advanced patches
   iterations: jax.Array   # [] int32: loop iterations (one batch of N*K patches each)
@@ -149,11 +151,13 @@ def init_state(keys: jax.Array, shape: tuple[int, int], channels: int,
   n = keys.shape[0]
   zero = lambda: jnp.zeros((), jnp.int32)  # distinct buffers: step_patch donates the state
   sizes = windows_lib.block_sizes(h, w, patch)
+  supers = windows_lib.super_sums(sizes, windows_lib.super_side(h, w, patch))
   return SamplerState(x=x, x_low=jnp.copy(x), times=jnp.zeros((n, h, w), jnp.int32),
                       level=jnp.zeros((n,), jnp.int32),
                       remaining=jnp.full((n,), h * w if schedule == 'random' else 0,
                                          jnp.int32),
                       counts=jnp.broadcast_to(sizes, (n,) + sizes.shape).copy(),
+                      super_counts=jnp.broadcast_to(supers, (n,) + supers.shape).copy(),
                       keys=_copy_keys(keys), image_iters=jnp.zeros((n,), jnp.int32),
                       iterations=zero(), patches=zero(), evaluations=zero())
 
@@ -315,9 +319,12 @@ class Sampler:
     t_next = jnp.broadcast_to(pair[:, None, 1], (n, k_slots)).reshape(-1)
     flat = lambda a: a.reshape((n * k_slots,) + a.shape[2:])
     leaves, tree = jax.tree_util.tree_flatten(cond_p)
-    b_x, b_t, b_tn, b_noise, *b_leaves = self._constrain_patches(
-        flat(model_in), t_cur, t_next, flat(noise), *map(flat, leaves))
-    out = self.denoise(params, b_x, b_t, jax.tree_util.tree_unflatten(tree, b_leaves))
+    b_x, b_t, b_tn, b_noise, b_valid, *b_leaves = self._constrain_patches(
+        flat(model_in), t_cur, t_next, flat(noise), flat(valid), *map(flat, leaves))
+    # A denoiser that says it can (`skips_idle`) is told which slots are idle, so that it
+    # runs no U-Net samples for them (their output is never written).
+    kw = {'valid': b_valid} if getattr(self.denoise, 'skips_idle', False) else {}
+    out = self.denoise(params, b_x, b_t, jax.tree_util.tree_unflatten(tree, b_leaves), **kw)
     pred, evals = out if isinstance(out, tuple) else (out, b_x.shape[0])
     new = self.process.step(b_x, pred.astype(jnp.float32), b_t, b_tn, b_noise, s.eta)
     return new.reshape(model_in.shape), jnp.asarray(evals, jnp.int32)
@@ -332,7 +339,7 @@ class Sampler:
         state.keys, state.image_iters)
     corners, _, valid = jax.vmap(functools.partial(
         windows_lib.choose_random, patch=p, k_slots=k_slots))(
-            state.times, state.counts, level, it_keys)                  # [N, K, 2], [N, K]
+            state.times, state.counts, state.super_counts, level, it_keys)  # [N, K, 2], [N, K]
     corners, valid = _own_buffers(state.iterations >= 0, (corners, valid & active[:, None]))
 
     crop = jax.vmap(jax.vmap(functools.partial(_crop, patch=p), (None, 0)), (0, 0))
@@ -349,11 +356,18 @@ class Sampler:
 
     write = behind & valid[:, :, None, None]                            # [N, K, P, P]
     paste = jax.vmap(functools.partial(_paste_all, patch=p))
-    counts = jax.vmap(functools.partial(windows_lib.update_counts, patch=p))(
-        state.counts, corners, write)
+    counts, supers = jax.vmap(functools.partial(windows_lib.update_counts, patch=p))(
+        state.counts, state.super_counts, corners, write)
     remaining = state.remaining - write.sum(axis=(1, 2, 3)).astype(jnp.int32)
     next_level = active & (remaining == 0)     # every pixel is now one level up
-    sizes = windows_lib.block_sizes(h, w, p)
+
+    def reset(counts, supers):   # O(blocks): run only in the iterations that end a level
+      sizes = windows_lib.block_sizes(h, w, p)
+      sums = windows_lib.super_sums(sizes, windows_lib.super_side(h, w, p))
+      return (jnp.where(next_level[:, None, None], sizes, counts),
+              jnp.where(next_level[:, None, None], sums, supers))
+    counts, supers = jax.lax.cond(next_level.any(), reset, lambda c, u: (c, u),
+                                  counts, supers)
     slot = valid[:, :, None, None]
     return state.replace(
         x=paste(state.x, jnp.where(write[..., None], new, x_p), corners, slot),
@@ -361,7 +375,7 @@ class Sampler:
         times=paste(state.times, t_p + write.astype(jnp.int32), corners, slot),
         level=level + next_level.astype(jnp.int32),
         remaining=jnp.where(next_level, h * w, remaining),
-        counts=jnp.where(next_level[:, None, None], sizes, counts),
+        counts=counts, super_counts=supers,
         image_iters=state.image_iters + active.astype(jnp.int32),
         iterations=state.iterations + 1,
         patches=state.patches + valid.sum().astype(jnp.int32),

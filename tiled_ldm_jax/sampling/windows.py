@@ -11,7 +11,9 @@ subtracted from the counts exactly, so the draw is uniform over the same set as 
 full-latent argmax it replaces. Writing a patch subtracts its advanced pixels from the
 (at most 2 x 2) blocks it covers; when no pixel is left at the lowest level, every pixel
 is at the next one and the counts are reset to the block sizes. Per iteration this costs
-O(K^2 P^2 + blocks) with blocks = (h / P) (w / P), instead of O(K h w).
+O(K^2 P^2 + K sqrt(blocks)) with blocks = (h / P) (w / P), instead of O(K h w): the
+block is drawn in two steps (a superblock of about sqrt(blocks) blocks by its sum, then a
+block inside it), and the counts are reset only in the iteration that ends a level.
 
 Grid (`schedule='grid'`; SpotDiffusion-like). At each level a grid of cells of side
 G = P - 2m (m: `grid_margin`) with a random offset per image and level covers the latent;
@@ -75,11 +77,28 @@ def check_margin(margin: int, patch: int) -> None:
                      f'latent pixels, got {margin}')
 
 
+def super_side(h: int, w: int, patch: int) -> int:
+  """Blocks per side of a superblock: about sqrt(blocks per side), so that a draw scans
+  about as many superblocks as blocks inside one (two levels: O(sqrt(blocks)) each)."""
+  nb = max(-(-h // patch), -(-w // patch)) + PAD_BLOCKS
+  return max(1, int(round(nb ** 0.5)))
+
+
 def block_sizes(h: int, w: int, patch: int):
-  """[nbh + PAD, nbw + PAD] int32: pixels of each P x P block (edge blocks are partial)."""
-  rows = jnp.clip(h - jnp.arange(-(-h // patch) + PAD_BLOCKS) * patch, 0, patch)
-  cols = jnp.clip(w - jnp.arange(-(-w // patch) + PAD_BLOCKS) * patch, 0, patch)
+  """[bh, bw] int32: pixels of each P x P block (edge blocks are partial), padded with
+  empty blocks: at least PAD_BLOCKS past the bottom/right, up to whole superblocks."""
+  g = super_side(h, w, patch)
+  nbh = -(-(-(-h // patch) + PAD_BLOCKS) // g) * g
+  nbw = -(-(-(-w // patch) + PAD_BLOCKS) // g) * g
+  rows = jnp.clip(h - jnp.arange(nbh) * patch, 0, patch)
+  cols = jnp.clip(w - jnp.arange(nbw) * patch, 0, patch)
   return (rows[:, None] * cols[None, :]).astype(jnp.int32)
+
+
+def super_sums(counts, g: int):
+  """[bh / g, bw / g]: the sums of g x g blocks of counts [bh, bw] (the coarse level)."""
+  bh, bw = counts.shape
+  return counts.reshape(bh // g, g, bw // g, g).sum(axis=(1, 3))
 
 
 def _corner(c, size: int, patch: int):
@@ -127,32 +146,46 @@ def _zone_counts(times, level, rect, earlier, patch: int):
   return counts, b0
 
 
-def _add_blocks(counts, delta, b0):
+def _add_blocks(counts, supers, delta, b0):
+  """Adds delta [d, d] to the blocks from b0, and to the superblocks that hold them."""
+  g = counts.shape[0] // supers.shape[0]
   cur = jax.lax.dynamic_slice(counts, b0, delta.shape)
-  return jax.lax.dynamic_update_slice(counts, cur + delta, b0)
+  counts = jax.lax.dynamic_update_slice(counts, cur + delta, b0)
+  rows = (b0[0] + jnp.arange(delta.shape[0])) // g
+  cols = (b0[1] + jnp.arange(delta.shape[1])) // g
+  supers = supers.at[rows[:, None], cols[None, :]].add(delta, mode='drop')
+  return counts, supers
 
 
 _EMPTY = (1, 0, 1, 0)   # a rectangle that holds no pixel
 
 
-def choose_random(times, counts, level, key, patch: int, k_slots: int):
+def choose_random(times, counts, supers, level, key, patch: int, k_slots: int):
   """Corners [K, 2], centres [K, 2] and validity [K] of up to K non-overlapping patches.
 
-  times: [h, w]; counts: lowest-level pixels per block (`block_sizes` layout); level: [].
-  The slots are drawn one after another in a `fori_loop` (the program does not grow
-  with K); slot k excludes the zones of slots < k (later rows of `rects` are empty).
+  times: [h, w]; counts: lowest-level pixels per block (`block_sizes` layout); supers:
+  their `super_sums`; level: []. A block is drawn with probability count / total in two
+  steps, a superblock by its sum, then a block inside it by its count (the same law as
+  one draw over all blocks, at O(sqrt(blocks)) per slot). The slots are drawn one after
+  another in a `fori_loop` (the program does not grow with K); slot k excludes the zones
+  of slots < k (later rows of `rects` are empty).
   """
   h, w = times.shape
-  nbw = counts.shape[1]
+  g = counts.shape[0] // supers.shape[0]
+  n_sw = supers.shape[1]
 
   def draw(k, carry):
-    avail, rects, corners, centres, valid = carry
+    avail, sup, rects, corners, centres, valid = carry
     kk = jax.random.fold_in(key, k)
-    cum = jnp.cumsum(avail.reshape(-1))
+    cum = jnp.cumsum(sup.reshape(-1))
     total = cum[-1]
     u = jax.random.randint(jax.random.fold_in(kk, 0), (), 0, jnp.maximum(total, 1))
-    b = jnp.searchsorted(cum, u, side='right')               # first block with cum > u
-    bi, bj = b // nbw, b % nbw
+    sb = jnp.minimum(jnp.searchsorted(cum, u, side='right'), cum.shape[0] - 1)
+    u_in = u - (cum[sb] - sup.reshape(-1)[sb])                # rank inside the superblock
+    s0 = (sb // n_sw) * g, (sb % n_sw) * g
+    inner = jnp.cumsum(jax.lax.dynamic_slice(avail, s0, (g, g)).reshape(-1))
+    b = jnp.minimum(jnp.searchsorted(inner, u_in, side='right'), g * g - 1)
+    bi, bj = s0[0] + b // g, s0[1] + b % g
     r0, c0 = jnp.minimum(bi * patch, h - patch), jnp.minimum(bj * patch, w - patch)
     rows, cols = r0 + jnp.arange(patch), c0 + jnp.arange(patch)
     elig = (((rows // patch) == bi)[:, None] & ((cols // patch) == bj)[None, :]
@@ -166,16 +199,16 @@ def choose_random(times, counts, level, key, patch: int, k_slots: int):
     corner = jnp.stack([_corner(cy, h, patch), _corner(cx, w, patch)])
     # Take this patch's exclusion zone out of the later draws (an invalid slot's is empty).
     rect = jnp.stack(_exclusion(corner[0], h, patch) + _exclusion(corner[1], w, patch))
-    zone, b0 = _zone_counts(times, level, rect, rects, patch)
-    avail = _add_blocks(avail, -jnp.where(ok, zone, 0), b0)
+    zone, z0 = _zone_counts(times, level, rect, rects, patch)
+    avail, sup = _add_blocks(avail, sup, -jnp.where(ok, zone, 0), z0)
     rects = rects.at[k].set(jnp.where(ok, rect, jnp.array(_EMPTY)))
-    return (avail, rects, corners.at[k].set(corner), centres.at[k].set(jnp.stack([cy, cx])),
-            valid.at[k].set(ok))
+    return (avail, sup, rects, corners.at[k].set(corner),
+            centres.at[k].set(jnp.stack([cy, cx])), valid.at[k].set(ok))
 
-  init = (counts, jnp.broadcast_to(jnp.array(_EMPTY, jnp.int32), (k_slots, 4)),
+  init = (counts, supers, jnp.broadcast_to(jnp.array(_EMPTY, jnp.int32), (k_slots, 4)),
           jnp.zeros((k_slots, 2), jnp.int32), jnp.zeros((k_slots, 2), jnp.int32),
           jnp.zeros((k_slots,), bool))
-  _, _, corners, centres, valid = jax.lax.fori_loop(0, k_slots, draw, init)
+  _, _, _, corners, centres, valid = jax.lax.fori_loop(0, k_slots, draw, init)
   return corners, centres, valid
 
 
@@ -188,12 +221,13 @@ def written_per_block(corner, write, patch: int):
   return onehot_r.T @ write.astype(jnp.int32) @ onehot_c, b0
 
 
-def update_counts(counts, corners, writes, patch: int):
-  """Subtracts the pixels each patch advanced. corners [K, 2], writes [K, P, P] bool."""
+def update_counts(counts, supers, corners, writes, patch: int):
+  """Subtracts the pixels each patch advanced from both levels; (counts, supers).
+  corners [K, 2], writes [K, P, P] bool."""
   for k in range(corners.shape[0]):
     delta, b0 = written_per_block(corners[k], writes[k], patch)
-    counts = _add_blocks(counts, -delta, b0)
-  return counts
+    counts, supers = _add_blocks(counts, supers, -delta, b0)
+  return counts, supers
 
 
 # ----------------------------------------------------------------------------- grid

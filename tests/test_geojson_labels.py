@@ -1,0 +1,147 @@
+"""Label maps from QuPath-style GeoJSON: the rasterized map equals the polygons (an
+independent per-pixel even-odd test), painted in file order with holes; the `_mask` a run
+writes equals it; bad files and flags are one error line before any work."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tiled_ldm_jax import generate
+from tiled_ldm_jax import masks
+from tiled_ldm_jax.files import geojson_labels as gj
+
+from test_pipeline import config, models  # noqa: F401  (fixtures)
+
+H, W = 768, 1024
+CLASSES = {'Tumor': 1, 'Stroma': 2, 'Necrosis': 3}
+
+
+def feature(cls, kind, coords):
+  return {'type': 'Feature', 'geometry': {'type': kind, 'coordinates': coords},
+          'properties': {'classification': {'name': cls, 'color': [200, 0, 0]},
+                         'isLocked': False}}
+
+
+def annotations():
+  tumor = [[[100.5, 80.2], [700.3, 80.2], [700.3, 500.7], [100.5, 500.7], [100.5, 80.2]],
+           [[300, 200], [400, 200], [400, 300], [300, 300], [300, 200]]]       # with a hole
+  stroma = [[[650, 420.5], [1020, 700.25], [600.75, 760], [650, 420.5]]]       # a triangle
+  necrosis = [[[[0, 0], [120, 0], [120, 90.5], [0, 90.5]]],                   # two parts,
+              [[[500, 450], [560, 450], [560, 600], [500, 600], [500, 450]]]]  # over tumor
+  return {'type': 'FeatureCollection', 'features': [
+      feature('Tumor', 'Polygon', tumor), feature('Stroma', 'Polygon', stroma),
+      feature('Necrosis', 'MultiPolygon', necrosis)]}
+
+
+def brute_force(doc, h, w):
+  """Per pixel centre, the classic even-odd crossing test (PNPOLY), feature by feature."""
+  py, px = np.mgrid[0:h, 0:w] + 0.5
+  out = np.zeros((h, w), np.int32)
+  for feat in doc['features']:
+    geom = feat['geometry']
+    polys = [geom['coordinates']] if geom['type'] == 'Polygon' else geom['coordinates']
+    union = np.zeros((h, w), bool)
+    for poly in polys:
+      inside = np.zeros((h, w), bool)
+      for ring in poly:
+        ring = np.asarray(ring, float)
+        for (x0, y0), (x1, y1) in zip(ring, np.roll(ring, -1, axis=0)):
+          if y0 == y1:
+            continue
+          cross = ((y0 > py) != (y1 > py)) & (px > x0 + (py - y0) * (x1 - x0) / (y1 - y0))
+          inside ^= cross
+      union |= inside
+    out[union] = CLASSES[feat['properties']['classification']['name']]
+  return out
+
+
+def write(tmp_path, doc, name='ann.geojson'):
+  path = tmp_path / name
+  path.write_text(json.dumps(doc))
+  return str(path)
+
+
+def test_rasterized_map_equals_the_polygons(tmp_path):
+  doc = annotations()
+  m = gj.read_geojson(write(tmp_path, doc), CLASSES, (H, W))
+  want = brute_force(doc, H, W)
+  assert set(np.unique(want)) == {0, 1, 2, 3}
+  np.testing.assert_array_equal(np.asarray(m), want)
+  np.testing.assert_array_equal(m[100:357], want[100:357])
+  np.testing.assert_array_equal(m.latent(8), want[::8, ::8])
+  assert m.present() == [0, 1, 2, 3] and m.dtype == np.uint8
+  assert (want[250, 350] == 0) and want[520, 530] == 3     # the hole; painted later
+
+
+def test_run_writes_the_rasterized_mask(models, tmp_path):
+  doc = annotations()
+  path = write(tmp_path, doc)
+  cfg = config(models, tmp_path / 'out', mask=path, mask_classes='Tumor=1,Stroma=2,Necrosis=3',
+               image_size=f'{H}x{W}', sampling_steps=1, output_format='tiff')
+  (record,) = generate.generate(cfg)
+  tifffile = pytest.importorskip('tifffile')
+  mask = tifffile.imread(tmp_path / 'out' / 'sample0000_mask.tif')
+  np.testing.assert_array_equal(mask, brute_force(doc, H, W))
+  assert record['labels_present'] == [0, 1, 2, 3] and record['image_size'] == [H, W]
+  assert 'mask_stage' not in record['plan']['stages']
+
+
+def test_parse_classes():
+  assert gj.parse_classes('Tumor=1, Stroma = 2') == {'Tumor': 1, 'Stroma': 2}
+  assert gj.parse_classes('Other: a=b=3') == {'Other: a=b': 3}
+  for bad in ('Tumor', 'Tumor=x', '=1', 'Tumor=-1', 'A=1,A=2', ''):
+    with pytest.raises(ValueError, match='mask_classes'):
+      gj.parse_classes(bad)
+
+
+@pytest.mark.parametrize('change,message', [
+    (lambda d: d['features'].append(feature('Immune cells', 'Polygon',
+                                            [[[1, 1], [5, 1], [5, 5]]])),
+     'classes not in --mask_classes: Immune cells'),
+    (lambda d: d['features'].append(feature('Tumor', 'LineString', [[1, 1], [5, 5]])),
+     'unsupported geometry types: LineString'),
+    (lambda d: d['features'].append(feature('Tumor', 'Polygon',
+                                            [[[1, 1], [1500, 1], [5, 5]]])),
+     'outside the 768x1024 image'),
+    (lambda d: d['features'][0]['properties'].pop('classification'),
+     'without properties.classification.name'),
+    (lambda d: d['features'].append(feature('Tumor', 'Polygon', [[[1, 1], [2, 2]]])),
+     'at least 3'),
+    (lambda d: d.update(type='Topology'), 'not a GeoJSON FeatureCollection'),
+])
+def test_bad_annotations_are_one_error(tmp_path, change, message):
+  doc = annotations()
+  change(doc)
+  with pytest.raises(ValueError, match=message):
+    gj.read_geojson(write(tmp_path, doc), CLASSES, (H, W))
+
+
+def test_bad_files_and_flags_before_any_work(models, tmp_path):
+  good = write(tmp_path, annotations())
+  nan = tmp_path / 'nan.geojson'
+  nan.write_text('{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": '
+                 '[[[NaN, 1], [5, 1], [5, 5]]]}, "properties": {}}')
+  cut = tmp_path / 'cut.geojson'
+  cut.write_text(json.dumps(annotations())[:200])
+  out = tmp_path / 'out'
+  cases = [
+      (dict(mask=good, image_size=f'{H}x{W}'), 'give --mask_classes'),
+      (dict(mask=good, mask_classes='Tumor=1,Stroma=2,Necrosis=3', image_size=None),
+       'give --image_size'),
+      (dict(mask=str(nan), mask_classes='Tumor=1', image_size='256'), 'not valid JSON'),
+      (dict(mask=str(cut), mask_classes='Tumor=1', image_size='256'), 'not valid JSON'),
+      (dict(mask=good, mask_classes='Tumor=1,Stroma=2,Necrosis=9', image_size=f'{H}x{W}'),
+       "outside the model's classes"),
+      (dict(mask=good, mask_classes='Tumor=1,Stroma=2', image_size=f'{H}x{W}'),
+       'classes not in --mask_classes: Necrosis'),
+  ]
+  for kw, message in cases:
+    with pytest.raises(ValueError, match=message):
+      generate.prepare(config(models, out, **kw))
+  png = tmp_path / 'labels.png'
+  masks.write_label_png(png, np.ones((64, 64), np.int32))
+  with pytest.raises(ValueError, match='only for a GeoJSON'):
+    generate.prepare(config(models, out, mask=str(png), mask_classes='Tumor=1'))
+  assert not os.path.exists(out)
