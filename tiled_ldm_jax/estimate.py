@@ -146,7 +146,7 @@ def _decode_tiles(latent_hw, c: int, settings) -> float:
 
 
 def plan(pipe, image_hw, o, *, n_batch: int = 1, n_images: int = 1, labels=None,
-         whole_images: int = 0) -> dict:
+         whole_images: int = 0, label_source_pixels: int | None = None) -> dict:
   """The work and memory of a request (see the module doc); `o` resolved `Options`,
   `labels` the given [N, H, W] (or [H, W]) map, else the mask stage is planned."""
   f = pipe.geometry.factor
@@ -208,11 +208,7 @@ def plan(pipe, image_hw, o, *, n_batch: int = 1, n_images: int = 1, labels=None,
     s['unet_tflop'] = round(s['unet_samples'] * s['unet_gflop_per_sample'] / 1e3, 3)
     s['decoder_tflop'] = round(s['decoder_tiles'] * s['decoder_gflop_per_tile'] / 1e3, 3)
     tflop += s['unet_tflop'] + s['decoder_tflop']
-  weights = sum(v.nbytes for m in (pipe.unet, pipe.vae)
-                for v in jax.tree_util.tree_leaves(m.params))
-  need = memory.request_bytes(
-      image_hw=image_hw, n_batch=n_batch, latent_channels=pipe.unet.config.channels,
-      factor=f, whole_images=whole_images, tile_px=o.patch_size, weights_bytes=weights)
+  need = pipe.memory_need(image_hw, n_batch, o, whole_images, label_source_pixels)
   return {'image_size': [h_px, w_px], 'n_images': n_images, 'batch_size': n_batch,
           'batches': -(-n_images // n_batch), 'stages': stages,
           'tflop_per_batch': round(tflop, 3), 'host_bytes': need['host'],

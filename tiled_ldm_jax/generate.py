@@ -32,6 +32,7 @@ from tiled_ldm_jax.files import atomic
 from tiled_ldm_jax import demo
 from tiled_ldm_jax import estimate
 from tiled_ldm_jax.files import geojson_labels
+from tiled_ldm_jax.files import label_files
 from tiled_ldm_jax import masks as masks_lib
 from tiled_ldm_jax.output import ome_zarr
 from tiled_ldm_jax import pipeline as pipeline_lib
@@ -61,7 +62,8 @@ class GenerationConfig:
   mask_unet_ckpt: str | None = _help('Converted mask model folder (unless --mask).')
   mask: str | None = _help('Label map replacing the mask model: a PNG of label ids (its '
                            'size is the default image size, else resized nearest to '
-                           '--image_size), a QuPath GeoJSON of annotations (with '
+                           '--image_size), a tiled TIFF of label ids or an OME-Zarr store with a labels group '
+                           '(both read lazily, band by band), a QuPath GeoJSON of annotations (with '
                            '--mask_classes and --image_size; rasterized band by band), or '
                            '"demo" for the bundled PNG. The format is read from the '
                            'file\'s contents.')
@@ -207,7 +209,12 @@ def prepare(cfg: GenerationConfig) -> Plan:
   cfg = dataclasses.replace(cfg, options=o, unet_ckpt=pipe.paths['unet'],
                             vae_ckpt=pipe.paths['vae'],
                             mask_unet_ckpt=pipe.paths.get('mask_unet'))
-  annotations = bool(cfg.mask) and _mask_errors(
+  if cfg.mask and not os.path.exists(cfg.mask):
+    raise ValueError(f'--mask {cfg.mask}: no such file or folder')
+  # The reader is chosen by the contents: an OME-Zarr folder, a TIFF, JSON, else PNG.
+  lazy = _mask_errors(cfg.mask, lambda: label_files.open_label_source(cfg.mask)) \
+      if cfg.mask else None
+  annotations = bool(cfg.mask) and lazy is None and _mask_errors(
       cfg.mask, lambda: geojson_labels.looks_like_json(cfg.mask))
   if cfg.mask_classes and not annotations:
     raise ValueError('--mask_classes is only for a GeoJSON --mask')
@@ -218,7 +225,9 @@ def prepare(cfg: GenerationConfig) -> Plan:
       raise ValueError(f'--mask {cfg.mask} is GeoJSON, which has no size: give '
                        '--image_size=HxW (the annotations\' pixel grid)')
   given = (_mask_errors(cfg.mask, lambda: masks_lib.read_label_png(cfg.mask))
-           if cfg.mask and not annotations else None)
+           if cfg.mask and not annotations and lazy is None else None)
+  if lazy is not None:
+    given = lazy       # a row source: .shape, .ids; read by bands, never held
   if cfg.image_size is None and given is not None:
     cfg = dataclasses.replace(cfg, image_size='{}x{}'.format(*given.shape))
   size = cfg.size
@@ -234,12 +243,24 @@ def prepare(cfg: GenerationConfig) -> Plan:
       if not cfg.dry_run:
         raise
       refused.append(str(e))
-  resource_check(lambda: pipe.check_memory(size, cfg.batch_size, o, whole_images=whole))
+  # host pixels of the label source: the file's, none for annotations (rasterized by
+  # bands), None: the mask model's map
+  source_px = (0 if annotations or lazy is not None else
+               given.size if given is not None else None)
+  resource_check(lambda: pipe.check_memory(size, cfg.batch_size, o, whole_images=whole,
+                                           label_source_pixels=source_px))
   mask = None
   if annotations:
     classes = geojson_labels.parse_classes(cfg.mask_classes)
     mask = _mask_errors(cfg.mask, lambda: geojson_labels.read_geojson(
         cfg.mask, classes, size, pipe.unet.config.num_classes))
+  elif lazy is not None:
+    classes = pipe.unet.config.num_classes
+    bad = [v for v in lazy.ids if not 0 <= v < classes]
+    if bad:
+      shown = ', '.join(str(v) for v in bad[:20]) + (', ...' if len(bad) > 20 else '')
+      raise ValueError(f'--mask {cfg.mask}: label values out of range [0, {classes}): {shown}')
+    mask = masks_lib.LabelMap(lazy, size)
   elif given is not None:
     # Checked at the file's resolution and kept there: the map is resized (nearest) by
     # rows on demand, never held whole at the image's (masks.LabelMap).
@@ -262,7 +283,7 @@ def prepare(cfg: GenerationConfig) -> Plan:
     raise ValueError(f'{cfg.imgs_path} holds an unfinished run ({run_ckpt.path}); pass '
                      f'--resume with the same flags to continue it, or remove that folder')
   work = estimate.plan(pipe, size, o, n_batch=cfg.batch_size, n_images=cfg.n_images,
-                       labels=mask, whole_images=whole)
+                       labels=mask, whole_images=whole, label_source_pixels=source_px)
   return Plan(cfg, pipe, mask, hashes, meta, work, tuple(refused))
 
 

@@ -140,13 +140,41 @@ def mask_gray(m: np.ndarray) -> np.ndarray:
   return (np.asarray(m) * 255).astype(np.uint8)
 
 
-def clean_gray(gray: np.ndarray, num_labels: int) -> np.ndarray:
+CLEAN_BAND_ROWS = 256   # output rows per band of `clean_gray` (bounded temporaries)
+
+
+def _boundaries_rows(gray: np.ndarray, r0: int, r1: int) -> np.ndarray:
+  """`find_boundaries(gray)[r0:r1]` from rows r0 - 1 .. r1 only (edges replicated at the
+  image's own top and bottom, as the whole-image version)."""
+  lo, hi = max(r0 - 1, 0), min(r1 + 1, gray.shape[0])
+  band = gray[lo:hi]
+  band = np.pad(band, ((1 if r0 == 0 else 0, 1 if r1 == gray.shape[0] else 0), (0, 0)),
+                mode='edge')
+  return find_boundaries(band)[1:-1]
+
+
+def clean_gray(gray: np.ndarray, num_labels: int,
+               band_rows: int = CLEAN_BAND_ROWS) -> np.ndarray:
   """Steps 2-4 of `clean_mask` on the 8-bit gray mask [H, W] (H, W >= 6): label ids
-  [H - 5, W - 5], uint8 (num_labels <= 256) else uint16, before the resize."""
-  gray = np.where(find_boundaries(gray), np.uint8(0), gray)
-  gray = min_filter_valid(gray)
-  lut = np.round((num_labels - 1) * np.arange(256, dtype=np.float64) / 255)
-  return lut.astype(compact_dtype(num_labels - 1))[gray]      # the same ids as the formula
+  [H - 5, W - 5], uint8 (num_labels <= 256) else uint16, before the resize.
+
+  Both filters are local (the boundary test reads one row each side, the minimum filter
+  the next 5), so output rows are computed in bands of `band_rows` from their input rows
+  plus that halo: temporaries of a band, ids equal to the whole-image formula.
+  """
+  h, w = gray.shape
+  if h < MIN_FILTER_SIZE or w < MIN_FILTER_SIZE:
+    raise ValueError(f'min filter of size {MIN_FILTER_SIZE} needs an image at least that '
+                     f'big, got {gray.shape}')
+  lut = np.round((num_labels - 1) * np.arange(256, dtype=np.float64) / 255).astype(
+      compact_dtype(num_labels - 1))                      # the same ids as the formula
+  out = np.empty((h - MIN_FILTER_SIZE + 1, w - MIN_FILTER_SIZE + 1), lut.dtype)
+  for a in range(0, out.shape[0], band_rows):
+    b = min(a + band_rows, out.shape[0])
+    r1 = b + MIN_FILTER_SIZE - 1                          # input rows a .. r1 - 1
+    g = np.where(_boundaries_rows(gray, a, r1), np.uint8(0), gray[a:r1])
+    out[a:b] = lut[min_filter_valid(g)]
+  return out
 
 
 def resize_labels(labels: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
@@ -197,17 +225,21 @@ def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
 
 
 class LabelMap:
-  """A label map [H, W] held as a smaller source map and its nearest resize, never whole.
+  """A label map [H, W] held as a source map and its nearest resize, never whole.
 
-  `source` is kept in its compact dtype (`compact`); rows, bands and the latent-resolution
-  map are computed from it on demand and equal `resize_labels(source, (H, W))` sliced.
-  It slices by rows like an array (`m[r0:r1]`), so the OME-Zarr writer takes it; `np.asarray(m)`
-  builds the whole map (for PNG masks and the in-memory API).
+  `source` is an array, kept in its compact dtype (`compact`), or a row reader (a tiled
+  TIFF or an OME-Zarr labels array on disk: `.shape`, `.dtype`, `.ids` the sorted ids it
+  holds, `.read_rows(r0, r1)`). Rows, bands and the latent-resolution map are computed
+  from it on demand and equal `resize_labels(source, (H, W))` sliced. It slices by rows
+  like an array (`m[r0:r1]`), so the OME-Zarr writer takes it; `np.asarray(m)` builds the
+  whole map (for PNG masks and the in-memory API).
   """
   ndim = 2
+  READ_ROWS = 512    # source rows per read of a lazy source (latent map, present ids)
 
-  def __init__(self, source: np.ndarray, hw):
-    source = compact(_as_2d(source, 'label map'))
+  def __init__(self, source, hw):
+    if not hasattr(source, 'read_rows'):
+      source = compact(_as_2d(source, 'label map'))
     self.source = source
     self.shape = _size_hw(hw)
     self.dtype = source.dtype
@@ -218,9 +250,23 @@ class LabelMap:
   def size(self) -> int:
     return self.shape[0] * self.shape[1]
 
+  def _source_rows(self, index: np.ndarray) -> np.ndarray:
+    """Source rows at `index` (sorted, any count), [len(index), w_source]."""
+    if not hasattr(self.source, 'read_rows'):
+      return self.source[index]
+    out = []
+    i = 0
+    while i < len(index):   # one read per READ_ROWS source rows
+      lo = index[i]
+      j = int(np.searchsorted(index, lo + self.READ_ROWS, side='left'))
+      block = self.source.read_rows(int(lo), int(index[j - 1]) + 1)
+      out.append(block[index[i:j] - lo])
+      i = j
+    return np.concatenate(out) if out else np.zeros((0, self.source.shape[1]), self.dtype)
+
   def rows(self, r0: int, r1: int) -> np.ndarray:
     """Rows [r0, r1) of the map, [r, W]."""
-    return self.source[self._rows[r0:r1]][:, self._cols]
+    return self._source_rows(self._rows[r0:r1])[:, self._cols]
 
   def __getitem__(self, key):
     key = key if isinstance(key, tuple) else (key,)
@@ -240,22 +286,28 @@ class LabelMap:
     h, w = self.shape
     if factor <= 0 or h % factor or w % factor:
       raise ValueError(f'label map {h}x{w} is not divisible by the latent factor {factor}')
-    return self.source[self._rows[::factor]][:, self._cols[::factor]]
+    return self._source_rows(self._rows[::factor])[:, self._cols[::factor]]
 
   def present(self) -> list[int]:
-    """Sorted ids that occur in the map (those of the source the resize keeps)."""
+    """Sorted ids that occur in the map (those of the source the resize keeps; for a
+    lazy source, those the source holds)."""
+    if hasattr(self.source, 'read_rows'):
+      return list(self.source.ids)
     used = self.source[np.unique(self._rows)][:, np.unique(self._cols)]
     return [int(v) for v in np.unique(used)]
 
+  def _ids(self) -> list[int]:
+    if hasattr(self.source, 'read_rows'):
+      return list(self.source.ids)
+    return [int(self.source.min()), int(self.source.max())] if self.source.size else []
+
   def max(self, axis=None, out=None, initial=None, **unused):
     del axis, out, unused
-    m = int(self.source.max()) if self.source.size else None
-    return max(v for v in (m, initial) if v is not None)
+    return max(self._ids() + ([] if initial is None else [initial]))
 
   def min(self, axis=None, out=None, initial=None, **unused):
     del axis, out, unused
-    m = int(self.source.min()) if self.source.size else None
-    return min(v for v in (m, initial) if v is not None)
+    return min(self._ids() + ([] if initial is None else [initial]))
 
 
 def latent_label_maps(labels, factor: int) -> np.ndarray:

@@ -4,17 +4,24 @@ An upper-bound model, per sampled batch of N images of H x W pixels (latent h x 
 factor f), from what the code holds at once:
 
   device  sampler state: x, x_low float32 [N, h, w, C] and times int32 [N, h, w]
-          = N*h*w*(8C + 4); labels int32 [N, H, W] = 4*N*H*W; plus the model weights.
-  host    label maps: int32 [N, H, W] and one validated copy = 8*N*H*W;
-          latents fetched for decoding: 4*N*h*w*C;
-          output: PNG/JPEG are decoded and encoded whole: uint8 [H, W, 3] and the encoder's
-          copy = 6*H*W (one image at a time); TIFF/Zarr are written in bands of one decode
-          tile row: float32 tiles and a uint8 band ~ (12 + 3)*W*tile, plus the pyramid's
-          half-size band per level (< the band again).
+          = N*h*w*(8C + 4); the latent-resolution label map int32 = 4*N*h*w; the model
+          weights; the largest activations of one U-Net or decoder call (`activations`).
+  host    label sources, never the pixel map: the mask model's map at its resolution
+          (H/4 x W/4) or a label file's pixels, ~LABEL_SOURCE_BYTES each (the source,
+          the mask stage's gray map and its clean's temporaries); GeoJSON none (rasterized
+          by bands); the latent label map 4*N*h*w; latents fetched for decoding 4*N*h*w*C;
+          output: PNG/JPEG are decoded and encoded whole: uint8 [H, W, 3] and the
+          encoder's copy = 6*H*W, plus the PNG mask and its copies 3*H*W (one image at a
+          time); TIFF/Zarr are written in bands of one decode tile row: float32 tiles and
+          a uint8 band ~ (12 + 3)*W*tile, plus the pyramid's half-size band per level.
+  CPU     the device is the host: its bytes are added to the host's.
 
-Every term grows with the pixel count H*W (labels, whole-image PNG) or the latent area
-h*w = H*W/f^2; nothing grows faster. Calibrated against peak RSS of
-`scripts/sample_large_image.py` on the demo models (1024 px: 1.28 GiB PNG, 1.24 GiB TIFF).
+With TIFF/Zarr output every term grows with the latent area h*w = H*W/f^2 (or less);
+only whole PNG/JPEG outputs grow with H*W. Activations follow one call's batch:
+UNET_ACTIVATION x batch x P^2 x dim x 4 bytes and DECODER_ACTIVATION x tiles x p^2 x
+width x 4 bytes (P latent patch, dim the U-Net's base width; p the tile in pixels, width
+the VAE's first block), measured as the peak RSS growth of one call on CPU (full-size
+SD VAE, 4 tiles of 512 px: 4.1 GiB, XLA temp 3.5 GiB; full-size U-Net at batch 8: 1.4 GiB).
 """
 
 from __future__ import annotations
@@ -24,21 +31,42 @@ import os
 GiB = 1 << 30
 # Fixed host cost of a run beside the request: Python, JAX, XLA's compiled programs.
 HOST_BASE = 3 * GiB // 2   # measured: 1.28 GiB peak RSS for a 1024 px PNG on the demo models
+LABEL_SOURCE_BYTES = 10    # per label-source pixel (see the module doc)
+UNET_ACTIVATION = 48       # measured 44 (full-size 5-class U-Net), 29 (demo)
+DECODER_ACTIVATION = 9     # measured 8.3 (SD VAE); the demo's ~14 is within HOST_BASE
+
+
+def activations(*, unet_batch: int, latent_patch: int, unet_dim: int, tile_batch: int,
+                tile_px: int, vae_width: int) -> int:
+  """Bytes of the largest activations of one U-Net or decoder call (module doc)."""
+  unet = UNET_ACTIVATION * unet_batch * latent_patch ** 2 * unet_dim * 4
+  decoder = DECODER_ACTIVATION * tile_batch * tile_px ** 2 * vae_width * 4
+  return max(unet, decoder)
 
 
 def request_bytes(*, image_hw, n_batch: int, latent_channels: int, factor: int,
-                  whole_images: int, tile_px: int, weights_bytes: int = 0) -> dict[str, int]:
+                  whole_images: int, tile_px: int, weights_bytes: int = 0,
+                  label_source_pixels: int | None = None, activation_bytes: int = 0,
+                  host_is_device: bool = False) -> dict[str, int]:
   """{'host': bytes, 'device': bytes} one batch of the request needs (see module doc);
   `whole_images`: decoded images held whole at once (CLI PNG/JPEG 1, TIFF/Zarr 0, the
-  Python API N)."""
+  Python API N); `label_source_pixels`: pixels of one image's label source (default
+  the mask model's, H*W/16); `host_is_device`: the CPU backend."""
   h_px, w_px = (int(v) for v in image_hw)
   pixels = h_px * w_px
   latent = -(-h_px // factor) * -(-w_px // factor)
   c = int(latent_channels)
-  device = n_batch * (latent * (8 * c + 4) + 4 * pixels) + int(weights_bytes)
-  host = n_batch * (8 * pixels + 4 * latent * c)
-  host += 6 * pixels * int(whole_images) + 2 * 15 * w_px * int(tile_px)
-  return {'host': HOST_BASE + host, 'device': device}
+  if label_source_pixels is None:
+    label_source_pixels = pixels // 16
+  device = (n_batch * latent * (8 * c + 4 + 4) + int(weights_bytes)
+            + int(activation_bytes))
+  host = n_batch * (LABEL_SOURCE_BYTES * int(label_source_pixels) + 4 * latent
+                    + 4 * latent * c)
+  host += 9 * pixels * int(whole_images) + 2 * 15 * w_px * int(tile_px)
+  host += HOST_BASE
+  if host_is_device:
+    host += device
+  return {'host': host, 'device': device}
 
 
 def host_available() -> int | None:

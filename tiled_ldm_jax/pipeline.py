@@ -255,15 +255,39 @@ class Pipeline:
                  'patch_size')
     _check_margin(self.geometry, o.grid_margin, o.patch_size, 'patch_size')
 
-  def check_memory(self, image_hw, n_batch: int, o: Options, whole_images: int) -> None:
-    """ValueError if one batch of this request needs more host or device memory than
-    is available (`memory.request_bytes`), before any work."""
-    weights = sum(v.nbytes for m in (self.unet, self.vae)   # no copy of the weights
-                  for v in jax.tree_util.tree_leaves(m.params))
-    need = memory.request_bytes(
+  def memory_need(self, image_hw, n_batch: int, o: Options, whole_images: int,
+                  label_source_pixels: int | None = None) -> dict[str, int]:
+    """{'host', 'device'} bytes one batch of this request needs (`memory.request_bytes`):
+    `label_source_pixels` per image (None: the mask model's map; 0: rasterized by bands)."""
+    weights = sum(v.nbytes for m in (self.unet, self.vae, self.mask_unet) if m is not None
+                  for v in jax.tree_util.tree_leaves(m.params))   # no copy of the weights
+    f = self.geometry.factor
+    latent_hw = tuple(v // f for v in image_hw)
+    k = window_fields(o, o.patch_size, f, latent_hw)['patches_per_step']
+    act = memory.activations(
+        unet_batch=diffusion.pack_chunk(n_batch * k), latent_patch=o.patch_size // f,
+        unet_dim=self.unet.config.dim, tile_batch=o.tile_batch, tile_px=o.patch_size,
+        vae_width=self.vae.config.block_out_channels[0])
+    if self.mask_unet is not None and label_source_pixels is None:
+      mhw = mask_hw(image_hw, f)
+      m_patch = self._mask_patch(mhw, o)
+      mk = window_fields(o, m_patch, f, (mhw[0] // f, mhw[1] // f))['patches_per_step']
+      act = max(act, memory.activations(
+          unet_batch=n_batch * mk * (2 if o.mask_cond_scale else 1),
+          latent_patch=m_patch // f, unet_dim=self.mask_unet.config.dim,
+          tile_batch=o.tile_batch, tile_px=m_patch,
+          vae_width=self.vae.config.block_out_channels[0]))
+    return memory.request_bytes(
         image_hw=image_hw, n_batch=n_batch, latent_channels=self.unet.config.channels,
-        factor=self.geometry.factor, whole_images=whole_images, tile_px=o.patch_size,
-        weights_bytes=weights)
+        factor=f, whole_images=whole_images, tile_px=o.patch_size, weights_bytes=weights,
+        label_source_pixels=label_source_pixels, activation_bytes=act,
+        host_is_device=jax.default_backend() == 'cpu')
+
+  def check_memory(self, image_hw, n_batch: int, o: Options, whole_images: int,
+                   label_source_pixels: int | None = None) -> None:
+    """ValueError if one batch of this request needs more host or device memory than
+    is available (`memory_need`), before any work."""
+    need = self.memory_need(image_hw, n_batch, o, whole_images, label_source_pixels)
     h, w = image_hw
     memory.check(need, f'a {h}x{w} image (batch of {n_batch})')
 
@@ -454,7 +478,8 @@ class Pipeline:
       labels = self.check_labels(labels)
     else:   # given label maps are already in memory: checked first, then their request
       labels = self.check_labels(labels)
-      self.check_memory(labels.shape[1:3], len(labels), o, whole_images=len(labels))
+      self.check_memory(labels.shape[1:3], len(labels), o, whole_images=len(labels),
+                        label_source_pixels=labels[0].size)
     latents, stats['image_stage'] = self.run_image_stage(
         o, labels, _indices(indices, len(labels)), seed)
     return Result(self.decode(latents, options=o), labels, stats)

@@ -169,8 +169,11 @@ def count_work(config, params, *, image_size: int, patch_size: int, sampling_ste
       schedule=schedule, grid_margin=grid_margin, grid_margin_levels=grid_margin_levels)
   zero = lambda params, x, t, cond, null=None: jnp.zeros(x.shape, jnp.float32)
   denoise = guidance.image_denoiser(zero, config.num_classes, cond_scale)
-  labels = benchmark_label_map(image_size, image_size, config.num_classes)
-  cond = loop_lib.spatial(jnp.asarray(labels[None, ::geom.factor, ::geom.factor]))
+  # Built at latent resolution (what the sampler reads): a 100,000 px pixel map would be
+  # 40 GB. Equal to the pixel map's [::f, ::f] for sides that are multiples of 8 f.
+  side = image_size // geom.factor
+  labels = benchmark_label_map(side, side, config.num_classes)
+  cond = loop_lib.spatial(jnp.asarray(labels[None]))
   smp, keys = loop_lib.Sampler(denoise, settings), loop_lib.image_keys(seed, [0])
   _block(smp.sample(None, keys, cond, config.channels))           # compile
   start = time.perf_counter()

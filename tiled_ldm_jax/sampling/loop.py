@@ -173,12 +173,16 @@ def _paste_all(a, values, corners, masks, *, patch: int):
 
   No two slots' masks share a pixel, but their windows may overlap (an idle slot's, or
   grid windows with a margin), so each writes back what is there now elsewhere, not its
-  stale crop."""
-  for k in range(corners.shape[0]):
+  stale crop. A `fori_loop`, so the program does not grow with K (unrolled, the demo
+  image stage at 2048 px, K = 200, took 86 s and 2.13 GiB peak RSS for 2 steps, mostly
+  compiling; with the loop 14 s and 0.65 GiB)."""
+  def body(k, a):
     keep = _crop(a, corners[k], patch)
     m = jnp.reshape(masks[k], masks[k].shape + (1,) * (keep.ndim - masks[k].ndim))
-    a = _paste(a, corners[k], jnp.where(m, values[k], keep))
-  return a
+    return _paste(a, corners[k], jnp.where(m, values[k], keep))
+  if corners.shape[0] == 1:
+    return body(0, a)
+  return jax.lax.fori_loop(0, corners.shape[0], body, a)
 
 
 def _own_buffers(true, crops):
