@@ -22,14 +22,16 @@ from tiled_ldm_jax.sampling import loop as loop_lib
 from tiled_ldm_jax.models import unet as unet_lib
 
 
-def benchmark_label_map(height: int, width: int, num_classes: int) -> np.ndarray:
-  """[H, W] int32: left half 1, right half 2, centre square of half the side 3, top
+def benchmark_label_map(height: int, width: int, num_classes: int,
+                        dtype=np.int32) -> np.ndarray:
+  """[H, W] `dtype`: left half 1, right half 2, centre square of half the side 3, top
   eighth of rows 0; every label taken modulo num_classes."""
-  m = np.ones((height, width), np.int32)
-  m[:, width // 2:] = 2
-  m[height // 4: height // 4 + height // 2, width // 4: width // 4 + width // 2] = 3
+  m = np.full((height, width), 1 % num_classes, dtype)
+  m[:, width // 2:] = 2 % num_classes
+  m[height // 4: height // 4 + height // 2, width // 4: width // 4 + width // 2] = (
+      3 % num_classes)
   m[: height // 8] = 0
-  return m % num_classes
+  return m
 
 
 def _block(tree):
@@ -172,8 +174,8 @@ def count_work(config, params, *, image_size: int, patch_size: int, sampling_ste
   # Built at latent resolution (what the sampler reads): a 100,000 px pixel map would be
   # 40 GB. Equal to the pixel map's [::f, ::f] for sides that are multiples of 8 f.
   side = image_size // geom.factor
-  labels = benchmark_label_map(side, side, config.num_classes)
-  cond = loop_lib.spatial(jnp.asarray(labels[None]))
+  cond = loop_lib.spatial(jnp.asarray(benchmark_label_map(side, side, config.num_classes,
+                                                          np.uint8)[None]))
   smp, keys = loop_lib.Sampler(denoise, settings), loop_lib.image_keys(seed, [0])
   _block(smp.sample(None, keys, cond, config.channels))           # compile
   start = time.perf_counter()
