@@ -207,3 +207,60 @@ def test_dtype_is_the_denoisers_input_dtype():
                       dtype=jnp.bfloat16, devices=1)
   assert seen and all(d == jnp.bfloat16 for d in seen)
   assert x.dtype == jnp.float32
+
+
+# ------------------------------------------------------------------ starting from latents
+
+def _init_run(prediction, schedule, strength, *, patch, init, steps=4, eta=0.0):
+  keys = sampling.image_keys(0, range(2))
+  cond = sc._cond(2, 16, 16, seed=1)  # pylint: disable=protected-access
+  windows = (sampling.Random(2) if schedule == 'random' else
+             sampling.Grid(margin=2, patches_per_step=4)) if patch < 16 else sampling.Random()
+  return sampling.sample(sc.local_denoiser(prediction), jnp.asarray(sc.MIX), cond, keys=keys,
+                         latent_shape=(16, 16, sc.CHANNELS), patch=patch, sampling_steps=steps,
+                         eta=eta, devices=1, windows=windows, init=init, strength=strength,
+                         process=sc.process_of(prediction, NOISE[prediction], 1.0),
+                         return_state=True)
+
+
+@pytest.mark.parametrize('schedule', ['random', 'grid'])
+@pytest.mark.parametrize('prediction', ['eps', 'v', 'flow'])
+def test_strength_runs_the_last_steps_from_the_noised_init(prediction, schedule):
+  """Small patches equal one whole patch from the same noised init (the start level and
+  noising are per pixel, not per patch), only round(s S) steps run, s = 1 is from noise."""
+  init = np.random.RandomState(7).uniform(-0.8, 0.8, (2, 16, 16, sc.CHANNELS)).astype(np.float32)
+  tiled = _init_run(prediction, schedule, 0.5, patch=8, init=init)
+  whole = _init_run(prediction, schedule, 0.5, patch=16, init=init)
+  np.testing.assert_allclose(tiled.x, whole.x, atol=1e-5)
+  assert int(whole.iterations) == 2                    # one whole window per level, 2 of 4
+  fresh = _init_run(prediction, schedule, 1.0, patch=8, init=None)
+  from_init = _init_run(prediction, schedule, 1.0, patch=8, init=init)
+  np.testing.assert_array_equal(fresh.x, from_init.x)   # strength 1: the init is unused
+  assert not np.allclose(tiled.x, fresh.x, atol=1e-3)
+
+
+@pytest.mark.parametrize('prediction', ['eps', 'v', 'x0', 'flow'])
+def test_strength_with_the_oracle_lands_on_the_target(prediction):
+  """From any init at any strength, the oracle still lands on its target; with the
+  target as init and strength 0.25 the first denoised value is already the target."""
+  keys = sampling.image_keys(3, range(2))
+  target = np.random.RandomState(2).uniform(-0.9, 0.9, (2, 16, 16, sc.CHANNELS)).astype(np.float32)
+  fn = sc.oracle_denoiser(prediction, processes.noise_schedule(NOISE[prediction]))
+  for init, strength in ((np.zeros_like(target), 0.5), (target, 0.25)):
+    out = sampling.sample(fn, None, {'target': sampling.spatial(target)}, keys=keys,
+                          latent_shape=(16, 16, sc.CHANNELS), patch=8, sampling_steps=8,
+                          process=sc.process_of(prediction, NOISE[prediction]),
+                          windows=sampling.Grid(), eta=0.0, devices=1, init=init,
+                          strength=strength)
+    np.testing.assert_allclose(np.asarray(out), target, atol=1e-5)
+
+
+def test_bad_init_or_strength_is_one_line_error():
+  keys = sampling.image_keys(0, range(1))
+  args = dict(keys=keys, latent_shape=(16, 16, 4), patch=8, sampling_steps=4, devices=1)
+  fn = lambda params, x, t, cond: x
+  for kw, match in ((dict(strength=0.0), 'strength'), (dict(strength=1.5), 'strength'),
+                    (dict(init=np.zeros((1, 8, 16, 4)), strength=0.5), 'init latents'),
+                    (dict(init=np.full((1, 16, 16, 4), np.nan), strength=0.5), 'NaN')):
+    with pytest.raises(ValueError, match=match):
+      sampling.sample(fn, None, {}, **args, **kw)

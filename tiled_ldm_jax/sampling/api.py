@@ -55,7 +55,8 @@ Grid = windows_lib.Grid
 
 def sample(denoise, params, cond, *, keys, latent_shape, patch: int, sampling_steps: int,
            process=None, windows=None, eta: float = 1.0, dtype=None, mesh=None,
-           devices: int = 0, progress_every: int = 0, return_state: bool = False):
+           devices: int = 0, progress_every: int = 0, return_state: bool = False,
+           init=None, strength: float = 1.0):
   """N latents [N, h, w, C] sampled patch by patch (see the module docstring).
 
   Args:
@@ -76,10 +77,14 @@ def sample(denoise, params, cond, *, keys, latent_shape, patch: int, sampling_st
     mesh / devices: a 1-D `jax.sharding.Mesh`, or at most this many devices (0: all);
       images are split over devices when N divides, else each iteration's patches.
     return_state: return the final `loop.SamplerState` (x and counters) instead of x.
+    init / strength: start from clean latents init [N, h, w, C] noised to the level where
+      the last round(strength * sampling_steps) steps begin (strength in (0, 1]; 1: from
+      noise); only those steps run (`loop.Sampler.init`).
   """
   process = Diffusion() if process is None else process
   windows = Random() if windows is None else windows
   h, w, c = _check(keys, latent_shape, patch, process, windows, cond)
+  loop_lib.start_level(sampling_steps, strength)          # (0, 1], before any work
   settings = loop_lib.SamplerSettings(sampling_steps=sampling_steps, patch=patch, eta=eta,
                                       progress_every=progress_every,
                                       **windows.settings((h, w), patch))
@@ -89,7 +94,7 @@ def sample(denoise, params, cond, *, keys, latent_shape, patch: int, sampling_st
     mesh = sharding.make_mesh(n, k, devices)
   smp = _sampler(denoise, None if dtype is None else jnp.dtype(dtype), settings, process,
                  mesh, n)
-  state = smp.run(params, smp.init(keys, (n, h, w), c), cond)
+  state = smp.run(params, smp.init(keys, (n, h, w), c, init=init, strength=strength), cond)
   return state if return_state else state.x
 
 

@@ -143,6 +143,15 @@ def _copy_keys(keys):
                                   impl=jax.random.key_impl(keys))
 
 
+def start_level(sampling_steps: int, strength: float) -> int:
+  """The level an image starts from with `strength` s in (0, 1]: S - round(s S) (so
+  round(s S) >= 1 steps run); ValueError outside (0, 1]."""
+  s = float(strength)
+  if not (0.0 < s <= 1.0):
+    raise ValueError(f'strength must be in (0, 1], got {strength!r}')
+  return sampling_steps - max(1, int(round(s * sampling_steps)))
+
+
 def init_state(keys: jax.Array, shape: tuple[int, int], channels: int,
                patch: int, schedule: str = 'random') -> SamplerState:
   """x ~ N(0, 1) per image from `fold_in(key, 0)`; x_low = x; times = 0; level 0."""
@@ -494,13 +503,36 @@ class Sampler:
       state = state.replace(x=jnp.where(done, state.x_low, state.x))
     return state
 
-  def init(self, keys, shape, channels: int = 4) -> SamplerState:
-    """The initial state for N images (one key each) of latent shape [N, h, w]."""
+  def init(self, keys, shape, channels: int = 4, *, init=None,
+           strength: float = 1.0) -> SamplerState:
+    """The initial state for N images (one key each) of latent shape [N, h, w].
+
+    `init` [N, h, w, C] (clean latents, e.g. `Pipeline.encode` of images) with
+    `strength` s in (0, 1]: every pixel starts at level L0 = S - round(s S), its value
+    the init noised to that level's time with the image's own initial noise
+    (`process.noised`), so only the last round(s S) steps run; s = 1 (or no init) is
+    sampling from noise.
+    """
     check_shapes(shape, self.settings.patch)
     if keys.shape != tuple(shape[:1]):
       raise ValueError(f'need one key per image: keys {keys.shape}, latent {shape}')
-    return self.place(init_state(keys, tuple(shape[1:]), channels,
-                                 self.settings.patch, self.settings.schedule))
+    level = start_level(self.settings.sampling_steps, strength)
+    state = init_state(keys, tuple(shape[1:]), channels, self.settings.patch,
+                       self.settings.schedule)
+    if init is not None:
+      init = jnp.asarray(init, jnp.float32)
+      if init.shape != state.x.shape:
+        raise ValueError(f'init latents {tuple(init.shape)} do not match the latent '
+                         f'{list(state.x.shape)}')
+      if not bool(jnp.isfinite(init).all()):
+        raise ValueError('init latents hold NaN or inf')
+      if level > 0:
+        x = self.process.noised(init, state.x, self.pairs[level][0])
+        n = keys.shape[0]
+        state = state.replace(x=x, x_low=jnp.copy(x),
+                              times=jnp.full(state.times.shape, level, jnp.int32),
+                              level=jnp.full((n,), level, jnp.int32))
+    return self.place(state)
 
   def run(self, params, state: SamplerState, cond,
           max_iterations: int | None = None) -> SamplerState:
@@ -531,7 +563,8 @@ class Sampler:
         return state
 
   def sample(self, params, keys, cond, channels: int = 4,
-             hw: tuple[int, int] | None = None) -> SamplerState:
+             hw: tuple[int, int] | None = None, *, init=None,
+             strength: float = 1.0) -> SamplerState:
     """Samples N latents [N, h, w, channels]; returns the final state (x is the result).
 
     Args:
@@ -547,7 +580,8 @@ class Sampler:
       if not found:
         raise ValueError('give the latent size hw: the conditioning has no spatial leaf')
       hw = found[0]
-    return self.run(params, self.init(keys, (keys.shape[0],) + tuple(hw), channels), cond)
+    return self.run(params, self.init(keys, (keys.shape[0],) + tuple(hw), channels,
+                                      init=init, strength=strength), cond)
 
   # --------------------------------------------------------------------------- sharding
 

@@ -7,6 +7,7 @@ A process gives the sampler (`loop.Sampler`) two things:
   schedule's `alphas_cumprod` (the original's `int(linspace(-1, T-1, S+1))`, reversed);
   flow: floats 1 -> 0 on a uniform grid.
 - `step(x, pred, t, t_next, noise, eta)`: one update of a batch of patches [B, P, P, C].
+- `noised(x0, noise, t)`: a clean latent taken to time t (starting from an image).
 The sampler's per-pixel step counts index this grid, so the random-patch and grid
 schedules (levels, per-pixel times) are the same code for every prediction type.
 
@@ -102,6 +103,11 @@ class Diffusion:
     return diffusion.ddim_step(self.schedule, x, pred, t, t_next, noise, eta,
                                prediction=self.prediction, clip=self.clip_x0)
 
+  def noised(self, x0, noise, t):
+    """x0 taken to time t (an int timestep): sqrt(a_t) x0 + sqrt(1 - a_t) noise."""
+    a = float(self.schedule.alphas_cumprod[int(t)])
+    return np.float32(a ** 0.5) * x0 + np.float32((1.0 - a) ** 0.5) * noise
+
 
 class Flow:
   """Euler steps of a flow-matching (rectified flow) velocity model from t = 1 to 0."""
@@ -123,6 +129,10 @@ class Flow:
       raise ValueError(f'sampling steps must be >= 1, got {steps}')
     t = np.linspace(1.0, 0.0, steps + 1, dtype=np.float64).astype(np.float32)
     return np.stack([t[:-1], t[1:]], axis=1)
+
+  def noised(self, x0, noise, t):
+    """x0 taken to time t in [0, 1]: (1 - t) x0 + t noise."""
+    return np.float32(1.0 - float(t)) * x0 + np.float32(float(t)) * noise
 
   def step(self, x, pred, t, t_next, noise, eta: float):
     del noise, eta   # an ODE step
