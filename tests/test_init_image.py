@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from tiled_ldm_jax import encode
-from tiled_ldm_jax.models import vae as vae_lib
+
+from test_pipeline import models  # noqa: F401  (fixture)
 
 
 def _image(h, w, seed=0):
@@ -63,3 +64,32 @@ def test_strength_on_the_api(demo_pipeline):
 def test_bad_init_is_one_line_error(demo_pipeline, kw, match):
   with pytest.raises(ValueError, match=match):
     demo_pipeline(labels=np.ones((1, 128, 128), np.int32), sampling_steps=2, **kw)
+
+
+def test_command_init_image(models, tmp_path):  # noqa: F811
+  """--init_image/--strength: the run starts from the image (fewer iterations, closer to
+  it than from noise); a wrong size, a bad strength, a strength without an image, an
+  unreadable file: one error line before any work, nothing written."""
+  from test_pipeline import config   # pylint: disable=g-import-not-at-top
+  from tiled_ldm_jax import generate
+  from PIL import Image
+  img = (_image(256, 256) * 255).astype(np.uint8)
+  path = tmp_path / 'init.png'
+  Image.fromarray(img).save(path)
+  (rec,) = generate.generate(config(models, tmp_path / 'a', init_image=str(path),
+                                    strength=0.5, sampling_steps=4))
+  (ref,) = generate.generate(config(models, tmp_path / 'b', sampling_steps=4))
+  assert rec['image_stage']['patch_iterations'] < ref['image_stage']['patch_iterations']
+  assert rec['config']['strength'] == 0.5 and rec['config']['init_image'] == str(path)
+  bad = tmp_path / 'bad.png'
+  bad.write_bytes(b'\x89PNG\r\n\x1a\nnot really')
+  small = tmp_path / 'small.png'
+  Image.fromarray(img[:128]).save(small)
+  out = tmp_path / 'never'
+  for kw, match in ((dict(init_image=str(small), strength=0.5), 'is 128x256'),
+                    (dict(init_image=str(path), strength=0.0), r'--strength must be in \(0, 1\]'),
+                    (dict(strength=0.5), '--strength needs --init_image'),
+                    (dict(init_image=str(bad), strength=0.5), '--init_image')):
+    with pytest.raises(ValueError, match=match):
+      generate.prepare(config(models, out, **kw))
+  assert not out.exists()

@@ -32,11 +32,13 @@ from tiled_ldm_jax.files import atomic
 from tiled_ldm_jax import demo
 from tiled_ldm_jax import estimate
 from tiled_ldm_jax.files import geojson_labels
+from tiled_ldm_jax.files import image_files
 from tiled_ldm_jax.files import label_files
 from tiled_ldm_jax import masks as masks_lib
 from tiled_ldm_jax.output import ome_zarr
 from tiled_ldm_jax import pipeline as pipeline_lib
 from tiled_ldm_jax import resume
+from tiled_ldm_jax.sampling import loop as loop_lib
 from tiled_ldm_jax.output import shared_writer
 from tiled_ldm_jax import sharding
 from tiled_ldm_jax.output import writers
@@ -69,6 +71,11 @@ class GenerationConfig:
                            'file\'s contents.')
   mask_classes: str | None = _help('GeoJSON --mask: class name to label id, '
                                    '"Tumor=1,Stroma=2,..." (unannotated pixels are 0).')
+  init_image: str | None = _help('Start from this image (PNG, JPEG or TIFF of the output '
+                                 'size, read by its contents): encoded tile by tile and '
+                                 'noised to where the last --strength of the steps begin.')
+  strength: float = _help('With --init_image: the share of the sampling steps run, in '
+                          '(0, 1] (1: from noise, the image unused).', 1.0)
   imgs_path: str = _help('Output folder.', './results/large')
   n_images: int = _help('Images to generate.', 1)
   batch_size: int = _help('Images sampled together (n_images must be a multiple).', 1)
@@ -127,6 +134,7 @@ class Plan:
   resume_meta: dict[str, Any] | None
   work: dict[str, Any]              # `estimate.plan` of the request (in every record)
   refused: tuple[str, ...] = ()     # dry run: why the run would be refused (memory, disk)
+  init_image: np.ndarray | None = None   # [H, W, 3] uint8 (--init_image)
 
   @property
   def options(self) -> pipeline_lib.Options:
@@ -233,6 +241,7 @@ def prepare(cfg: GenerationConfig) -> Plan:
   size = cfg.size
   cfg = dataclasses.replace(cfg, image_size=f'{size[0]}x{size[1]}')   # one spelling
   pipe.check_image_request(size, o)
+  init_image = _read_init_image(cfg, size)
   whole = int(cfg.output_format in ('png', 'jpg'))
   refused = []
 
@@ -284,7 +293,29 @@ def prepare(cfg: GenerationConfig) -> Plan:
                      f'--resume with the same flags to continue it, or remove that folder')
   work = estimate.plan(pipe, size, o, n_batch=cfg.batch_size, n_images=cfg.n_images,
                        labels=mask, whole_images=whole, label_source_pixels=source_px)
-  return Plan(cfg, pipe, mask, hashes, meta, work, tuple(refused))
+  return Plan(cfg, pipe, mask, hashes, meta, work, tuple(refused), init_image)
+
+
+def _read_init_image(cfg: GenerationConfig, size) -> np.ndarray | None:
+  """The --init_image as uint8 [H, W, 3], checked against the output size and
+  --strength; None without one."""
+  try:
+    loop_lib.start_level(cfg.options.sampling_steps, cfg.strength)
+  except ValueError as e:
+    raise ValueError(f'--{e}') from None
+  if cfg.init_image is None:
+    if cfg.strength != 1.0:
+      raise ValueError('--strength needs --init_image')
+    return None
+  try:
+    img = image_files.read_rgb(cfg.init_image, what='init image')
+  except (OSError, ValueError) as e:
+    message = str(e) if cfg.init_image in str(e) else f'{cfg.init_image}: {e}'
+    raise ValueError(f'--init_image {message}') from None
+  if img.shape[:2] != tuple(size):
+    raise ValueError(f'--init_image {cfg.init_image} is {img.shape[0]}x{img.shape[1]}, the '
+                     f'output is {size[0]}x{size[1]} (give --image_size or resize it)')
+  return img
 
 
 def dry_run(plan: Plan) -> dict:
@@ -506,8 +537,13 @@ def run(plan: Plan, *, flags_used: dict | None = None) -> list[dict]:
     logging.info('images %d-%d: image stage', b0, indices[-1])
     start = time.perf_counter()
     image_extra = {'mask_stats': stats['mask'], 'seconds': seconds}
+    init = None
+    if plan.init_image is not None and state is None:   # a resumed state has it already
+      init = plan.pipe.encode(np.broadcast_to(plan.init_image, (len(indices),)
+                                              + plan.init_image.shape), options=plan.options)
     z, stats['image'] = plan.pipe.run_image_stage(
         plan.options, labels, indices, cfg.seed, state=state, chunk=cfg.checkpoint_every,
+        init=init, strength=cfg.strength,
         on_chunk=lambda st: save(stage='image', state=st, extra=image_extra,
                                  # a given map is read again on resume, never saved
                                  labels=labels if plan.mask is None else None))
