@@ -264,3 +264,37 @@ def test_bad_init_or_strength_is_one_line_error():
                     (dict(init=np.full((1, 16, 16, 4), np.nan), strength=0.5), 'NaN')):
     with pytest.raises(ValueError, match=match):
       sampling.sample(fn, None, {}, **args, **kw)
+
+
+@pytest.mark.parametrize('schedule', ['random', 'grid'])
+@pytest.mark.parametrize('prediction', ['eps', 'v', 'x0', 'flow'])
+def test_keep_pixels_land_on_the_init_free_pixels_on_the_target(prediction, schedule):
+  """The oracle test with a keep mask: kept pixels end exactly on the init, the others
+  on the oracle's target, whatever the strength."""
+  keys = sampling.image_keys(4, range(2))
+  rng = np.random.RandomState(6)
+  target = rng.uniform(-0.9, 0.9, (2, 16, 24, sc.CHANNELS)).astype(np.float32)
+  init = rng.uniform(-0.9, 0.9, target.shape).astype(np.float32)
+  keep = np.zeros((2, 16, 24), bool)
+  keep[:, :, :12] = True
+  keep[1, 5:9, 14:20] = True
+  fn = sc.oracle_denoiser(prediction, processes.noise_schedule(NOISE[prediction]))
+  for strength in (1.0, 0.5):
+    out = np.asarray(sampling.sample(
+        fn, None, {'target': sampling.spatial(target)}, keys=keys,
+        latent_shape=(16, 24, sc.CHANNELS), patch=8, sampling_steps=6,
+        process=sc.process_of(prediction, NOISE[prediction]), windows=sc.windows_of(schedule),
+        eta=0.0, devices=1, init=init, strength=strength, keep=keep))
+    np.testing.assert_allclose(out[keep], init[keep], atol=1e-5)
+    np.testing.assert_allclose(out[~keep], target[~keep], atol=1e-5)
+
+
+def test_keep_needs_init_and_its_shape():
+  keys = sampling.image_keys(0, range(1))
+  args = dict(keys=keys, latent_shape=(16, 16, 4), patch=8, sampling_steps=4, devices=1)
+  fn = lambda params, x, t, cond: x
+  with pytest.raises(ValueError, match='keep needs init'):
+    sampling.sample(fn, None, {}, keep=np.ones((1, 16, 16)), **args)
+  with pytest.raises(ValueError, match='keep must be'):
+    sampling.sample(fn, None, {}, keep=np.ones((1, 8, 16)), init=np.zeros((1, 16, 16, 4)),
+                    **args)

@@ -76,6 +76,9 @@ class GenerationConfig:
                                  'noised to where the last --strength of the steps begin.')
   strength: float = _help('With --init_image: the share of the sampling steps run, in '
                           '(0, 1] (1: from noise, the image unused).', 1.0)
+  keep_mask: str | None = _help('With --init_image: a PNG of the output size whose non-zero '
+                                'pixels keep the init image (they follow it at every '
+                                'level); the others are generated for the label map.')
   imgs_path: str = _help('Output folder.', './results/large')
   n_images: int = _help('Images to generate.', 1)
   batch_size: int = _help('Images sampled together (n_images must be a multiple).', 1)
@@ -135,6 +138,7 @@ class Plan:
   work: dict[str, Any]              # `estimate.plan` of the request (in every record)
   refused: tuple[str, ...] = ()     # dry run: why the run would be refused (memory, disk)
   init_image: np.ndarray | None = None   # [H, W, 3] uint8 (--init_image)
+  keep: np.ndarray | None = None         # [H, W] bool (--keep_mask)
 
   @property
   def options(self) -> pipeline_lib.Options:
@@ -242,6 +246,18 @@ def prepare(cfg: GenerationConfig) -> Plan:
   cfg = dataclasses.replace(cfg, image_size=f'{size[0]}x{size[1]}')   # one spelling
   pipe.check_image_request(size, o)
   init_image = _read_init_image(cfg, size)
+  keep = None
+  if cfg.keep_mask is not None:
+    if init_image is None:
+      raise ValueError('--keep_mask needs --init_image: the image the kept pixels follow')
+    try:
+      keep = masks_lib.read_label_png(cfg.keep_mask) != 0
+    except (OSError, ValueError) as e:
+      message = str(e) if cfg.keep_mask in str(e) else f'{cfg.keep_mask}: {e}'
+      raise ValueError(f'--keep_mask {message}') from None
+    if keep.shape != tuple(size):
+      raise ValueError(f'--keep_mask {cfg.keep_mask} is {keep.shape[0]}x{keep.shape[1]}, '
+                       f'the output is {size[0]}x{size[1]}')
   whole = int(cfg.output_format in ('png', 'jpg'))
   refused = []
 
@@ -293,7 +309,7 @@ def prepare(cfg: GenerationConfig) -> Plan:
                      f'--resume with the same flags to continue it, or remove that folder')
   work = estimate.plan(pipe, size, o, n_batch=cfg.batch_size, n_images=cfg.n_images,
                        labels=mask, whole_images=whole, label_source_pixels=source_px)
-  return Plan(cfg, pipe, mask, hashes, meta, work, tuple(refused), init_image)
+  return Plan(cfg, pipe, mask, hashes, meta, work, tuple(refused), init_image, keep)
 
 
 def _read_init_image(cfg: GenerationConfig, size) -> np.ndarray | None:
@@ -538,12 +554,14 @@ def run(plan: Plan, *, flags_used: dict | None = None) -> list[dict]:
     start = time.perf_counter()
     image_extra = {'mask_stats': stats['mask'], 'seconds': seconds}
     init = None
-    if plan.init_image is not None and state is None:   # a resumed state has it already
+    if plan.init_image is not None and (state is None or plan.keep is not None):
       init = plan.pipe.encode(np.broadcast_to(plan.init_image, (len(indices),)
                                               + plan.init_image.shape), options=plan.options)
     z, stats['image'] = plan.pipe.run_image_stage(
         plan.options, labels, indices, cfg.seed, state=state, chunk=cfg.checkpoint_every,
         init=init, strength=cfg.strength,
+        keep=None if plan.keep is None else np.broadcast_to(
+            plan.keep, (len(indices),) + plan.keep.shape),
         on_chunk=lambda st: save(stage='image', state=st, extra=image_extra,
                                  # a given map is read again on resume, never saved
                                  labels=labels if plan.mask is None else None))

@@ -318,7 +318,8 @@ class Pipeline:
 
   # ------------------------------------------------------------------------- samplers
 
-  def _sampler(self, which: str, o: Options, patch_px: int, latent_hw, n_images: int):
+  def _sampler(self, which: str, o: Options, patch_px: int, latent_hw, n_images: int,
+               keep: bool = False):
     """The compiled sampler of a stage, from the process-wide cache (`loop.compiled`:
     equal models and settings share it, across Pipelines)."""
     f = self.geometry.factor
@@ -332,7 +333,8 @@ class Pipeline:
                if which == 'image' else guidance.mask_denoiser(net, o.mask_cond_scale))
     settings = loop_lib.SamplerSettings(
         sampling_steps=o.sampling_steps, patch=patch_px // f, eta=o.eta,
-        progress_every=o.progress_every, progress_label=f'{which} stage', **placement)
+        progress_every=o.progress_every, progress_label=f'{which} stage', keep=keep,
+        **placement)
     mesh = sharding.make_mesh(n_images, settings.patches_per_step, self.devices)
     return loop_lib.compiled(denoise, settings, mesh, n_images, process)
 
@@ -348,15 +350,28 @@ class Pipeline:
     return smp, state, loop_lib.spatial(classes)
 
   def image_stage(self, o: Options, labels, indices, seed: int, *, init=None,
-                  strength: float = 1.0):
+                  strength: float = 1.0, keep=None):
     """(sampler, initial state, conditioning: the latent label map, spatial); `labels`
     [N, H, W] pixel maps, an array or `masks.LabelMap`s (read at latent resolution only);
-    `init` [N, h, w, C] latents to start from at `strength` (`loop.Sampler.init`)."""
-    latent = masks_lib.latent_label_maps(labels, self.geometry.factor)
-    smp = self._sampler('image', o, o.patch_size, latent.shape[1:], len(indices))
+    `init` [N, h, w, C] latents to start from at `strength` (`loop.Sampler.init`);
+    `keep` [N, H, W] pixels (non-zero) that follow `init` (read at latent resolution)."""
+    f = self.geometry.factor
+    latent = masks_lib.latent_label_maps(labels, f)
+    smp = self._sampler('image', o, o.patch_size, latent.shape[1:], len(indices),
+                        keep=keep is not None)
     state = smp.init(_stage_keys(seed, indices, 1), latent.shape, self.unet.config.channels,
                      init=init, strength=strength)
-    return smp, state, loop_lib.spatial(latent)
+    cond = loop_lib.spatial(latent)
+    if keep is not None:
+      if init is None:
+        raise ValueError('keep needs init latents (or an init_image): what the kept '
+                         'pixels follow')
+      keep = np.asarray(keep)
+      if keep.shape != latent.shape[:1] + (latent.shape[1] * f, latent.shape[2] * f):
+        raise ValueError(f'keep mask {list(keep.shape)} is not [N, H, W] = '
+                         f'{[latent.shape[0], latent.shape[1] * f, latent.shape[2] * f]}')
+      cond = (cond, loop_lib.known(init, keep[:, ::f, ::f]))
+    return smp, state, cond
 
   def labels_from_mask_latents(self, z, image_size, o: Options, *, lazy: bool = False):
     """Mask-model latents -> [N, H, W] label ids (decode, quantize, clean, upsample).
@@ -395,16 +410,18 @@ class Pipeline:
     return self.run_mask_stage(o, image_size, label, _indices(indices, n_images), seed)[0]
 
   def sample_latents(self, labels, seed: int = 0, *, indices=None, init_latents=None,
-                     strength: float = 1.0, options: Options | None = None,
+                     strength: float = 1.0, keep=None, options: Options | None = None,
                      **overrides) -> jax.Array:
     """[N, H/f, W/f, C] diffusion latents for pixel label maps `labels` [N, H, W];
     `init_latents` [N, H/f, W/f, C] (e.g. `encode(images)`) with `strength` in (0, 1]:
-    start from them noised to the level where the last round(strength * S) steps begin."""
+    start from them noised to the level where the last round(strength * S) steps begin;
+    `keep` [N, H, W] (non-zero = keep): those pixels follow the init at every level
+    (inpainting: the rest is generated to join them)."""
     o = self.resolve(options, **overrides)
     loop_lib.start_level(o.sampling_steps, strength)
     labels = self.check_labels(labels)
     return self.run_image_stage(o, labels, _indices(indices, len(labels)), seed,
-                                init=init_latents, strength=strength)[0]
+                                init=init_latents, strength=strength, keep=keep)[0]
 
   def encode(self, images, *, options: Options | None = None, halo_px: int | None = None,
              **overrides) -> np.ndarray:
@@ -436,14 +453,14 @@ class Pipeline:
 
   def run_image_stage(self, o: Options, labels, indices, seed: int, *,
                       state=None, chunk: int = 0, on_chunk=None, init=None,
-                      strength: float = 1.0):
+                      strength: float = 1.0, keep=None):
     """(latents [N, h, w, C], counters) of the image stage for pixel label maps [N, H, W]
     (an array or `masks.LabelMap`s)."""
     self.check_image_request(masks_lib.labels_shape(labels)[1:], o)
     if len(indices) != len(labels):
       raise ValueError(f'{len(labels)} label maps but {len(indices)} indices')
     smp, fresh, latent = self.image_stage(o, labels, indices, seed, init=init,
-                                          strength=strength)
+                                          strength=strength, keep=keep)
     state = _run_stage(smp, self.unet.params, fresh if state is None else smp.place(state),
                        latent, o.sampling_steps, chunk, on_chunk)
     return state.x, stage_stats(state)
@@ -488,14 +505,18 @@ class Pipeline:
 
   def __call__(self, label: int = 1, labels=None, image_size=1024,
                n_images: int = 1, seed: int = 0, *, indices=None, init_image=None,
-               strength: float = 1.0, options: Options | None = None,
+               strength: float = 1.0, keep=None, options: Options | None = None,
                **overrides) -> Result:
     """Images for label maps `labels` [N, H, W], or for mask-model layouts of class `label`
     (`image_size`: N for square or (H, W); `n_images` of them). Same bytes as the staged
     calls. `init_image` [N, H, W, 3] (or [H, W, 3] for all) with `strength` in (0, 1]:
-    regenerate those images (`encode`, then `sample_latents(init_latents=...)`)."""
+    regenerate those images (`encode`, then `sample_latents(init_latents=...)`); `keep`
+    [H, W] or [N, H, W] (non-zero = keep, needs init_image): inpaint the rest."""
     o = self.resolve(options, **overrides)
     loop_lib.start_level(o.sampling_steps, strength)
+    if keep is not None and init_image is None:
+      raise ValueError('keep needs init latents (or an init_image): what the kept pixels '
+                       'follow')
     stats = {}
     init = None
     if init_image is not None:
@@ -518,7 +539,8 @@ class Pipeline:
     if init is not None:
       init = self.encode(np.broadcast_to(init, (len(labels),) + init.shape[1:]), options=o)
     latents, stats['image_stage'] = self.run_image_stage(
-        o, labels, _indices(indices, len(labels)), seed, init=init, strength=strength)
+        o, labels, _indices(indices, len(labels)), seed, init=init, strength=strength,
+        keep=None if keep is None else np.broadcast_to(keep, labels.shape))
     return Result(self.decode(latents, options=o), labels, stats)
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 
 from tiled_ldm_jax.sampling import guidance
@@ -56,7 +57,7 @@ Grid = windows_lib.Grid
 def sample(denoise, params, cond, *, keys, latent_shape, patch: int, sampling_steps: int,
            process=None, windows=None, eta: float = 1.0, dtype=None, mesh=None,
            devices: int = 0, progress_every: int = 0, return_state: bool = False,
-           init=None, strength: float = 1.0):
+           init=None, strength: float = 1.0, keep=None):
   """N latents [N, h, w, C] sampled patch by patch (see the module docstring).
 
   Args:
@@ -80,13 +81,25 @@ def sample(denoise, params, cond, *, keys, latent_shape, patch: int, sampling_st
     init / strength: start from clean latents init [N, h, w, C] noised to the level where
       the last round(strength * sampling_steps) steps begin (strength in (0, 1]; 1: from
       noise); only those steps run (`loop.Sampler.init`).
+    keep: [N, h, w] (non-zero = keep; needs init): kept pixels follow init noised to
+      each level (replaced at every step, as RePaint), the others are generated.
   """
   process = Diffusion() if process is None else process
   windows = Random() if windows is None else windows
   h, w, c = _check(keys, latent_shape, patch, process, windows, cond)
   loop_lib.start_level(sampling_steps, strength)          # (0, 1], before any work
+  if keep is not None:
+    if init is None:
+      raise ValueError('keep needs init: the latents the kept pixels follow')
+    if tuple(np.shape(keep)) != (keys.shape[0], h, w):
+      raise ValueError(f'keep must be [N, h, w] = {[keys.shape[0], h, w]}, got '
+                       f'{list(np.shape(keep))}')
+    if tuple(np.shape(init)) != (keys.shape[0], h, w, c):
+      raise ValueError(f'init latents {tuple(np.shape(init))} do not match the latent '
+                       f'{[keys.shape[0], h, w, c]}')
+    cond = (cond, loop_lib.known(init, keep))
   settings = loop_lib.SamplerSettings(sampling_steps=sampling_steps, patch=patch, eta=eta,
-                                      progress_every=progress_every,
+                                      progress_every=progress_every, keep=keep is not None,
                                       **windows.settings((h, w), patch))
   k = settings.patches_per_step
   n = keys.shape[0]

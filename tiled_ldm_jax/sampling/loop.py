@@ -62,6 +62,19 @@ class Spatial:
   value: jax.Array
 
 
+@flax.struct.dataclass
+class Known:
+  """What a keep mask holds fixed (`SamplerSettings.keep`): `init` [N, h, w, C] clean
+  latents and `keep` [N, h, w] bool, both `Spatial`."""
+  init: Spatial
+  keep: Spatial
+
+
+def known(init, keep) -> Known:
+  """`Known` from arrays init [N, h, w, C] and keep [N, h, w] (non-zero = keep)."""
+  return Known(spatial(jnp.asarray(init, jnp.float32)), spatial(jnp.asarray(keep) != 0))
+
+
 def spatial(array) -> Spatial:
   """Marks `array` [N, h, w, ...] (latent resolution) to be cropped to each patch."""
   return Spatial(array if hasattr(array, 'shape') else np.asarray(array))
@@ -119,6 +132,7 @@ class SamplerSettings:
   grid_margin: int = 0        # grid: latent pixels of context each side, not written
   grid_margin_levels: int | None = None   # grid: the margin only in the last this many
                               # levels (earlier ones: margin 0); None: in every level
+  keep: bool = False          # cond is (user cond, Known): kept pixels follow the init
 
   def __post_init__(self):
     if self.sampling_steps < 1:
@@ -323,6 +337,28 @@ class Sampler:
       return jnp.where(keep, v, jnp.zeros_like(v))
     return jax.tree_util.tree_map(one, cond, is_leaf=_is_spatial)
 
+  def _split(self, cond):
+    """(the denoiser's cond, `Known` or None)."""
+    return cond if self.settings.keep else (cond, None)
+
+  def _keep_known(self, new, known, corners, valid, level, noise):
+    """Kept pixels of the patches [N, K, P, P, C] take the init noised to the level
+    they reach (the init itself after the last step), as RePaint: the free pixels
+    are generated around them. The replacement noise is the step's own per-slot noise
+    (its DDIM value for these pixels is discarded)."""
+    if known is None:
+      return new
+    kp = self._cond_patches(known, corners, valid)
+    s = self.settings
+    nxt = level + 1                                                           # [N]
+    t = jnp.asarray(self.pairs)[jnp.minimum(nxt, s.sampling_steps - 1), 0]    # [N]
+    n, k = valid.shape
+    flat = lambda a: a.reshape((n * k,) + a.shape[2:])
+    noised = self.process.noised(flat(kp.init), flat(noise), jnp.repeat(t, k))
+    target = jnp.where(jnp.repeat(nxt >= s.sampling_steps, k)[:, None, None, None],
+                       flat(kp.init), noised).reshape(new.shape)
+    return jnp.where(kp.keep[..., None], target, new)
+
   def _denoise_patches(self, params, model_in, cond_p, valid, level, noise):
     """One step at each image's `level` for patches [N, K, P, P, C]; (new, evaluations)."""
     s = self.settings
@@ -363,9 +399,11 @@ class Sampler:
     noise = jax.vmap(lambda key: jax.vmap(
         lambda j: jax.random.normal(jax.random.fold_in(key, k_slots + j), x_p.shape[2:]))(
             jnp.arange(k_slots)))(it_keys)                              # [N, K, P, P, C]
+    cond, known = self._split(cond)
     new, evals = self._denoise_patches(params, model_in,
                                        self._cond_patches(cond, corners, valid), valid,
                                        level, noise)
+    new = self._keep_known(new, known, corners, valid, level, noise)
 
     write = behind & valid[:, :, None, None]                            # [N, K, P, P]
     paste = jax.vmap(functools.partial(_paste_all, patch=p))
@@ -443,9 +481,11 @@ class Sampler:
     noise = jax.vmap(lambda key, lv, idx: jax.vmap(lambda j: jax.random.normal(
         jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, 3), lv), j),
         x_p.shape[2:]))(idx))(state.keys, level, index)                 # [N, K, P, P, C]
+    cond, known = self._split(cond)
     new, evals = self._denoise_patches(params, model_in,
                                        self._cond_patches(cond, corners, valid), valid,
                                        level, noise)
+    new = self._keep_known(new, known, corners, valid, level, noise)
 
     rows = corners[..., 0, None] + jnp.arange(p)                        # [N, K, P]
     cols = corners[..., 1, None] + jnp.arange(p)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 
+import jax.numpy as jnp
 import numpy as np
 
 from tiled_ldm_jax.sampling import diffusion
@@ -104,9 +105,11 @@ class Diffusion:
                                prediction=self.prediction, clip=self.clip_x0)
 
   def noised(self, x0, noise, t):
-    """x0 taken to time t (an int timestep): sqrt(a_t) x0 + sqrt(1 - a_t) noise."""
-    a = float(self.schedule.alphas_cumprod[int(t)])
-    return np.float32(a ** 0.5) * x0 + np.float32((1.0 - a) ** 0.5) * noise
+    """x0 taken to time t (int timesteps, a scalar or [N] for x0 [N, ...]):
+    sqrt(a_t) x0 + sqrt(1 - a_t) noise."""
+    a = jnp.asarray(self.schedule.alphas_cumprod, jnp.float32)[jnp.asarray(t, jnp.int32)]
+    a = jnp.reshape(a, jnp.shape(a) + (1,) * (jnp.ndim(x0) - jnp.ndim(a)))
+    return jnp.sqrt(a) * x0 + jnp.sqrt(1.0 - a) * noise
 
 
 class Flow:
@@ -131,8 +134,10 @@ class Flow:
     return np.stack([t[:-1], t[1:]], axis=1)
 
   def noised(self, x0, noise, t):
-    """x0 taken to time t in [0, 1]: (1 - t) x0 + t noise."""
-    return np.float32(1.0 - float(t)) * x0 + np.float32(float(t)) * noise
+    """x0 taken to time t in [0, 1] (a scalar or [N] for x0 [N, ...]): (1 - t) x0 + t noise."""
+    t = jnp.asarray(t, jnp.float32)
+    t = jnp.reshape(t, jnp.shape(t) + (1,) * (jnp.ndim(x0) - jnp.ndim(t)))
+    return (1.0 - t) * x0 + t * noise
 
   def step(self, x, pred, t, t_next, noise, eta: float):
     del noise, eta   # an ODE step
