@@ -30,7 +30,7 @@ import os
 
 GiB = 1 << 30
 # Fixed host cost of a run beside the request: Python, JAX, XLA's compiled programs.
-HOST_BASE = 3 * GiB // 2   # measured: 1.28 GiB peak RSS for a 1024 px PNG on the demo models
+HOST_BASE = GiB   # measured: 0.89-0.96 GiB peak RSS of demo-model runs, 1024-4096 px TIFF
 LABEL_SOURCE_BYTES = 10    # per label-source pixel (see the module doc)
 UNET_ACTIVATION = 48       # measured 44 (full-size 5-class U-Net), 29 (demo)
 DECODER_ACTIVATION = 9     # measured 8.3 (SD VAE); the demo's ~14 is within HOST_BASE

@@ -269,9 +269,11 @@ class Pipeline:
         unet_batch=diffusion.pack_chunk(n_batch * k), latent_patch=o.patch_size // f,
         unet_dim=self.unet.config.dim, tile_batch=o.tile_batch, tile_px=o.patch_size,
         vae_width=self.vae.config.block_out_channels[0])
-    if self.mask_unet is not None and label_source_pixels is None:
-      mhw = mask_hw(image_hw, f)
-      m_patch = self._mask_patch(mhw, o)
+    mhw = mask_hw(image_hw, f)
+    m_patch = self._mask_patch(mhw, o)
+    # (a margin the mask stage cannot take is refused by check_mask_request)
+    if (self.mask_unet is not None and label_source_pixels is None
+        and 2 * (o.grid_margin or 0) < m_patch):
       mk = window_fields(o, m_patch, f, (mhw[0] // f, mhw[1] // f))['patches_per_step']
       act = max(act, memory.activations(
           unet_batch=n_batch * mk * (2 if o.mask_cond_scale else 1),
@@ -534,6 +536,7 @@ class Pipeline:
       labels = self.check_labels(labels)
     else:   # given label maps are already in memory: checked first, then their request
       labels = self.check_labels(labels)
+      self.check_image_request(labels.shape[1:3], o)
       self.check_memory(labels.shape[1:3], len(labels), o, whole_images=len(labels),
                         label_source_pixels=labels[0].size)
     if init is not None:
