@@ -278,12 +278,18 @@ def test_band_ranges_give_the_whole_decodes_pixels(band_tiles, split):
   whole = list(decode.iter_decode_bands(_blurred, None, z, **kw))
   rows, n = decode.band_layout(z.shape, **kw)
   assert n == len(whole) and rows == 64 * band_tiles
-  edges = (0,) + split + (n,)
-  parts = [band for a, b in zip(edges[:-1], edges[1:])
-           for band in decode.iter_decode_bands(_blurred, None, z, bands=(a, b), **kw)]
-  assert [r for r, _ in parts] == [r for r, _ in whole]
-  for (_, got), (_, want) in zip(parts, whole):
-    np.testing.assert_array_equal(got, want)
+  assert_band_ranges_equal(_blurred, z, kw, split, whole)
   with pytest.raises(ValueError, match='outside the'):
     list(decode.iter_decode_bands(_blurred, None, z, bands=(0, n + 1), **kw))
   assert not list(decode.iter_decode_bands(_blurred, None, z, bands=(2, 2), **kw))
+
+
+def assert_band_ranges_equal(fn, z, kw, split, whole):
+  """Decoding (with `fn`) the band ranges cut at `split` gives the whole decode's bands,
+  bit for bit."""
+  edges = (0,) + tuple(split) + (len(whole),)
+  parts = [band for a, b in zip(edges[:-1], edges[1:])
+           for band in decode.iter_decode_bands(fn, None, z, bands=(a, b), **kw)]
+  assert [r for r, _ in parts] == [r for r, _ in whole]
+  for (_, got), (_, want) in zip(parts, whole):
+    np.testing.assert_array_equal(got, want)

@@ -10,6 +10,8 @@ from tiled_ldm_jax import decode
 from tiled_ldm_jax import decode_overlap
 from tiled_ldm_jax.evaluation import seams
 
+import test_decode
+
 _M = np.random.default_rng(1).normal(size=(4, 3)).astype(np.float32)
 
 
@@ -85,12 +87,7 @@ def test_band_ranges_give_the_whole_decodes_pixels(band_tiles, split):
   rows, n = decode.band_layout(z.shape, **kw)
   assert n == len(whole) and rows == 8 * 7 * band_tiles          # S = 8 - 1
   assert n == -(-40 // (7 * band_tiles))
-  edges = (0,) + split + (n,)
-  parts = [band for a, b in zip(edges[:-1], edges[1:])
-           for band in decode.iter_decode_bands(_blurred, None, z, bands=(a, b), **kw)]
-  assert [r for r, _ in parts] == [r for r, _ in whole]
-  for (_, got), (_, want) in zip(parts, whole):
-    np.testing.assert_array_equal(got, want)
+  test_decode.assert_band_ranges_equal(_blurred, z, kw, split, whole)
 
 
 def test_passes_per_pixel_and_errors():

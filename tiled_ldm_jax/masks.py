@@ -224,7 +224,41 @@ def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
   return out
 
 
-class LabelMap:
+class RowMap:
+  """A label map [H, W] computed by rows (`rows(r0, r1)`), never held whole: it slices
+  by row ranges like an array (`m[r0:r1]`, `m[r0:r1, cols]`), so the writers take it,
+  and `np.asarray(m)` builds the whole map (PNG masks, the in-memory API). Subclasses set
+  `shape`, `dtype` and give `rows` and `latent(factor)` (the map's [::f, ::f])."""
+  ndim = 2
+  shape: tuple[int, int]
+
+  @property
+  def size(self) -> int:
+    return self.shape[0] * self.shape[1]
+
+  def rows(self, r0: int, r1: int) -> np.ndarray:
+    raise NotImplementedError
+
+  def __getitem__(self, key):
+    key = key if isinstance(key, tuple) else (key,)
+    rows, cols = (key + (slice(None),))[:2]
+    if not isinstance(rows, slice) or rows.step not in (None, 1):
+      raise TypeError(f'{type(self).__name__} slices by row ranges, m[r0:r1] or m[r0:r1, cols]')
+    r0, r1, _ = rows.indices(self.shape[0])
+    return self.rows(r0, max(r0, r1))[:, cols]
+
+  def __array__(self, dtype=None, copy=None):
+    del copy
+    whole = self.rows(0, self.shape[0])
+    return whole if dtype is None else whole.astype(dtype)
+
+  def _check_factor(self, factor: int) -> None:
+    h, w = self.shape
+    if factor <= 0 or h % factor or w % factor:
+      raise ValueError(f'label map {h}x{w} is not divisible by the latent factor {factor}')
+
+
+class LabelMap(RowMap):
   """A label map [H, W] held as a source map and its nearest resize, never whole.
 
   `source` is an array, kept in its compact dtype (`compact`), or a row reader (a tiled
@@ -234,7 +268,6 @@ class LabelMap:
   like an array (`m[r0:r1]`), so the OME-Zarr writer takes it; `np.asarray(m)` builds the
   whole map (for PNG masks and the in-memory API).
   """
-  ndim = 2
   READ_ROWS = 512    # source rows per read of a lazy source (latent map, present ids)
 
   def __init__(self, source, hw):
@@ -245,10 +278,6 @@ class LabelMap:
     self.dtype = source.dtype
     self._rows = _nearest_index(source.shape[0], self.shape[0])
     self._cols = _nearest_index(source.shape[1], self.shape[1])
-
-  @property
-  def size(self) -> int:
-    return self.shape[0] * self.shape[1]
 
   def _source_rows(self, index: np.ndarray) -> np.ndarray:
     """Source rows at `index` (sorted, any count), [len(index), w_source]."""
@@ -268,24 +297,9 @@ class LabelMap:
     """Rows [r0, r1) of the map, [r, W]."""
     return self._source_rows(self._rows[r0:r1])[:, self._cols]
 
-  def __getitem__(self, key):
-    key = key if isinstance(key, tuple) else (key,)
-    rows, cols = (key + (slice(None),))[:2]
-    if not isinstance(rows, slice) or rows.step not in (None, 1):
-      raise TypeError('LabelMap slices by row ranges, m[r0:r1] or m[r0:r1, cols]')
-    r0, r1, _ = rows.indices(self.shape[0])
-    return self.rows(r0, max(r0, r1))[:, cols]
-
-  def __array__(self, dtype=None, copy=None):
-    del copy
-    whole = self.rows(0, self.shape[0])
-    return whole if dtype is None else whole.astype(dtype)
-
   def latent(self, factor: int) -> np.ndarray:
     """`np.asarray(self)[::f, ::f]` without the whole map: [H / f, W / f]."""
-    h, w = self.shape
-    if factor <= 0 or h % factor or w % factor:
-      raise ValueError(f'label map {h}x{w} is not divisible by the latent factor {factor}')
+    self._check_factor(factor)
     return self._source_rows(self._rows[::factor])[:, self._cols[::factor]]
 
   def present(self) -> list[int]:

@@ -107,20 +107,15 @@ def _edges(polygon: list[np.ndarray]) -> np.ndarray:
   return np.concatenate(out)
 
 
-class GeoJSONLabels:
+class GeoJSONLabels(masks_lib.RowMap):
   """Annotations as a label map [H, W] rasterized on demand (module doc); it slices by
   rows like `masks.LabelMap`, so the writers and the image stage take either."""
-  ndim = 2
 
   def __init__(self, polygons: list[tuple[int, np.ndarray]], hw, dtype):
     self.polygons = polygons          # (label, edges [E, 4]) in painting order
     self.shape = tuple(int(v) for v in hw)
     self.dtype = np.dtype(dtype)
     self._present = None
-
-  @property
-  def size(self) -> int:
-    return self.shape[0] * self.shape[1]
 
   def sample(self, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
     """Labels at the points (xs[j], ys[i]) (pixel coordinates): [len(ys), len(xs)]."""
@@ -135,24 +130,10 @@ class GeoJSONLabels:
   def rows(self, r0: int, r1: int) -> np.ndarray:
     return self.sample(np.arange(r0, r1) + 0.5, np.arange(self.shape[1]) + 0.5)
 
-  def __getitem__(self, key):
-    key = key if isinstance(key, tuple) else (key,)
-    rows, cols = (key + (slice(None),))[:2]
-    if not isinstance(rows, slice) or rows.step not in (None, 1):
-      raise TypeError('GeoJSONLabels slices by row ranges, m[r0:r1] or m[r0:r1, cols]')
-    r0, r1, _ = rows.indices(self.shape[0])
-    return self.rows(r0, max(r0, r1))[:, cols]
-
-  def __array__(self, dtype=None, copy=None):
-    del copy
-    whole = self.rows(0, self.shape[0])
-    return whole if dtype is None else whole.astype(dtype)
-
   def latent(self, factor: int) -> np.ndarray:
     """The pixels [::f, ::f], rasterized at those pixels only: [H / f, W / f]."""
+    self._check_factor(factor)
     h, w = self.shape
-    if factor <= 0 or h % factor or w % factor:
-      raise ValueError(f'label map {h}x{w} is not divisible by the latent factor {factor}')
     return self.sample(np.arange(0, h, factor) + 0.5, np.arange(0, w, factor) + 0.5)
 
   def bands(self, rows: int = 1024):
