@@ -75,16 +75,27 @@ def test_rasterized_map_equals_the_polygons(tmp_path):
   assert (want[250, 350] == 0) and want[520, 530] == 3     # the hole; painted later
 
 
+def scaled(doc, s):
+  """The annotations with every coordinate times s (a smaller run of the same layout)."""
+  def walk(c):
+    return [walk(v) for v in c] if isinstance(c[0], list) else [v * s for v in c]
+  out = json.loads(json.dumps(doc))
+  for feat in out['features']:
+    feat['geometry']['coordinates'] = walk(feat['geometry']['coordinates'])
+  return out
+
+
 def test_run_writes_the_rasterized_mask(models, tmp_path):
-  doc = annotations()
+  doc = scaled(annotations(), 0.25)            # 192 x 256 (the 768 x 1024 example's layout)
   path = write(tmp_path, doc)
+  h, w = H // 4, W // 4
   cfg = config(models, tmp_path / 'out', mask=path, mask_classes='Tumor=1,Stroma=2,Necrosis=3',
-               image_size=f'{H}x{W}', sampling_steps=1, output_format='tiff')
+               image_size=f'{h}x{w}', sampling_steps=1, output_format='tiff')
   (record,) = generate.generate(cfg)
   tifffile = pytest.importorskip('tifffile')
   mask = tifffile.imread(tmp_path / 'out' / 'sample0000_mask.tif')
-  np.testing.assert_array_equal(mask, brute_force(doc, H, W))
-  assert record['labels_present'] == [0, 1, 2, 3] and record['image_size'] == [H, W]
+  np.testing.assert_array_equal(mask, brute_force(doc, h, w))
+  assert record['labels_present'] == [0, 1, 2, 3] and record['image_size'] == [h, w]
   assert 'mask_stage' not in record['plan']['stages']
 
 

@@ -73,34 +73,35 @@ def test_command_init_image(models, tmp_path):  # noqa: F811
   from test_pipeline import config   # pylint: disable=g-import-not-at-top
   from tiled_ldm_jax import generate
   from PIL import Image
-  img = (_image(256, 256) * 255).astype(np.uint8)
+  img = (_image(128, 128) * 255).astype(np.uint8)
   path = tmp_path / 'init.png'
   Image.fromarray(img).save(path)
+  small_run = dict(image_size=128, sampling_steps=4)
   (rec,) = generate.generate(config(models, tmp_path / 'a', init_image=str(path),
-                                    strength=0.5, sampling_steps=4))
-  (ref,) = generate.generate(config(models, tmp_path / 'b', sampling_steps=4))
+                                    strength=0.5, **small_run))
+  (ref,) = generate.generate(config(models, tmp_path / 'b', **small_run))
   assert rec['image_stage']['patch_iterations'] < ref['image_stage']['patch_iterations']
   assert rec['config']['strength'] == 0.5 and rec['config']['init_image'] == str(path)
   bad = tmp_path / 'bad.png'
   bad.write_bytes(b'\x89PNG\r\n\x1a\nnot really')
   small = tmp_path / 'small.png'
-  Image.fromarray(img[:128]).save(small)
-  keep = np.zeros((256, 256), np.uint8)
-  keep[:, :128] = 1
+  Image.fromarray(img[:64]).save(small)
+  keep = np.zeros((128, 128), np.uint8)
+  keep[:, :64] = 1
   keep_path = tmp_path / 'keep.png'
   Image.fromarray(keep).save(keep_path)
   (kept,) = generate.generate(config(models, tmp_path / 'k', init_image=str(path),
-                                     keep_mask=str(keep_path), sampling_steps=4))
+                                     keep_mask=str(keep_path), **small_run))
   assert kept['config']['keep_mask'] == str(keep_path)
   out = tmp_path / 'never'
   for kw, match in ((dict(keep_mask=str(keep_path)), '--keep_mask needs --init_image'),
                     (dict(init_image=str(path), keep_mask=str(small)), '--keep_mask'),
-                    (dict(init_image=str(small), strength=0.5), 'is 128x256'),
+                    (dict(init_image=str(small), strength=0.5), 'is 64x128'),
                     (dict(init_image=str(path), strength=0.0), r'--strength must be in \(0, 1\]'),
                     (dict(strength=0.5), '--strength needs --init_image'),
                     (dict(init_image=str(bad), strength=0.5), '--init_image')):
     with pytest.raises(ValueError, match=match):
-      generate.prepare(config(models, out, **kw))
+      generate.prepare(config(models, out, image_size=128, **kw))
   assert not out.exists()
 
 
