@@ -81,6 +81,9 @@ def test_command_init_image(models, tmp_path):  # noqa: F811
                                     strength=0.5, **small_run))
   (ref,) = generate.generate(config(models, tmp_path / 'b', **small_run))
   assert rec['image_stage']['patch_iterations'] < ref['image_stage']['patch_iterations']
+  for r in (rec, ref):    # the plan counts the steps that run (grid: exact)
+    assert r['plan']['stages']['image_stage']['patch_iterations'] == \
+        r['image_stage']['patch_iterations']
   assert rec['config']['strength'] == 0.5 and rec['config']['init_image'] == str(path)
   bad = tmp_path / 'bad.png'
   bad.write_bytes(b'\x89PNG\r\n\x1a\nnot really')

@@ -38,6 +38,7 @@ from tiled_ldm_jax import memory
 from tiled_ldm_jax import pipeline as pipeline_lib
 from tiled_ldm_jax.models import unet as unet_lib
 from tiled_ldm_jax.sampling import diffusion
+from tiled_ldm_jax.sampling import loop as loop_lib
 from tiled_ldm_jax.sampling import windows as windows_lib
 
 # Windows per latent pixel and step of the random placement (`tools/benchmark_sampler.py
@@ -146,7 +147,8 @@ def _decode_tiles(latent_hw, c: int, settings) -> float:
 
 
 def plan(pipe, image_hw, o, *, n_batch: int = 1, n_images: int = 1, labels=None,
-         whole_images: int = 0, label_source_pixels: int | None = None) -> dict:
+         whole_images: int = 0, label_source_pixels: int | None = None,
+         strength: float = 1.0) -> dict:
   """The work and memory of a request (see the module doc); `o` resolved `Options`,
   `labels` the given [N, H, W] (or [H, W]) map, else the mask stage is planned."""
   f = pipe.geometry.factor
@@ -181,7 +183,8 @@ def plan(pipe, image_hw, o, *, n_batch: int = 1, n_images: int = 1, labels=None,
     source = 'counted on the label map'
   patch = o.patch_size // f
   fields = pipeline_lib.window_fields(o, o.patch_size, f, latent_hw)
-  it, win = _placement(fields, latent_hw, patch, o.sampling_steps, n_batch)
+  steps = o.sampling_steps - loop_lib.start_level(o.sampling_steps, strength)  # levels run
+  it, win = _placement(fields, latent_hw, patch, steps, n_batch)
   batch = n_batch * fields['patches_per_step']
   chunk = diffusion.pack_chunk(batch)
   passes = per_window + 1      # the unconditional pass: w != 0, or label 0 present
@@ -193,10 +196,10 @@ def plan(pipe, image_hw, o, *, n_batch: int = 1, n_images: int = 1, labels=None,
       labels_per_window=round(per_window, 3), labels_per_window_source=source,
       unet_samples=round(samples), unet_batch=chunk,
       unet_gflop_per_sample=_unet_flops(pipe.unet, patch) / 1e9,
-      coverage=round(win * patch ** 2 / (n_batch * latent_hw[0] * latent_hw[1]
-                                         * o.sampling_steps), 3),
+      sampling_steps_run=steps,
+      coverage=round(win * patch ** 2 / (n_batch * latent_hw[0] * latent_hw[1] * steps), 3),
       unet_samples_per_latent_pixel_step=round(
-          samples * patch ** 2 / (n_batch * latent_hw[0] * latent_hw[1] * o.sampling_steps), 3),
+          samples * patch ** 2 / (n_batch * latent_hw[0] * latent_hw[1] * steps), 3),
       decoder_tiles=round(n_batch * _decode_tiles(latent_hw, pipe.vae.config.latent_channels,
                                                   settings)),
       decoder_tile=patch, decoder_tile_batch=settings.tile_batch,

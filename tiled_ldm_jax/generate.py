@@ -308,7 +308,8 @@ def prepare(cfg: GenerationConfig) -> Plan:
     raise ValueError(f'{cfg.imgs_path} holds an unfinished run ({run_ckpt.path}); pass '
                      f'--resume with the same flags to continue it, or remove that folder')
   work = estimate.plan(pipe, size, o, n_batch=cfg.batch_size, n_images=cfg.n_images,
-                       labels=mask, whole_images=whole, label_source_pixels=source_px)
+                       labels=mask, whole_images=whole, label_source_pixels=source_px,
+                       strength=cfg.strength)
   return Plan(cfg, pipe, mask, hashes, meta, work, tuple(refused), init_image, keep)
 
 
