@@ -33,7 +33,8 @@ GiB = 1 << 30
 HOST_BASE = GiB   # measured: 0.89-0.96 GiB peak RSS of demo-model runs, 1024-4096 px TIFF
 LABEL_SOURCE_BYTES = 10    # per label-source pixel (see the module doc)
 UNET_ACTIVATION = 48       # measured 44 (full-size 5-class U-Net), 29 (demo)
-DECODER_ACTIVATION = 9     # measured 8.3 (SD VAE); the demo's ~14 is within HOST_BASE
+DECODER_ACTIVATION = 10    # measured 8.3 (SD VAE), plus room: full-size runs at 512-1536 px
+                           # peaked 6.06-6.50 GiB, 2-3% under the estimate with 9
 
 
 def activations(*, unet_batch: int, latent_patch: int, unet_dim: int, tile_batch: int,
