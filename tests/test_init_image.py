@@ -106,6 +106,11 @@ def test_command_init_image(models, tmp_path):  # noqa: F811
     with pytest.raises(ValueError, match=match):
       generate.prepare(config(models, out, image_size=128, **kw))
   assert not out.exists()
+  # Without --image_size (and --mask) the image's own size is the output's.
+  plan = generate.prepare(config(models, out, image_size=None, init_image=str(path),
+                                 strength=0.5))
+  assert plan.cfg.size == (128, 128)
+  assert not out.exists()
 
 
 def test_keep_mask_on_the_api(demo_pipeline):

@@ -72,8 +72,10 @@ class GenerationConfig:
   mask_classes: str | None = _help('GeoJSON --mask: class name to label id, '
                                    '"Tumor=1,Stroma=2,..." (unannotated pixels are 0).')
   init_image: str | None = _help('Start from this image (PNG, JPEG or TIFF of the output '
-                                 'size, read by its contents): encoded tile by tile and '
-                                 'noised to where the last --strength of the steps begin.')
+                                 'size, read by its contents; without --image_size and '
+                                 '--mask its size is the output\'s): encoded tile by tile '
+                                 'and noised to where the last --strength of the steps '
+                                 'begin.')
   strength: float = _help('With --init_image: the share of the sampling steps run, in '
                           '(0, 1] (1: from noise, the image unused).', 1.0)
   keep_mask: str | None = _help('With --init_image: a PNG of the output size whose non-zero '
@@ -242,10 +244,16 @@ def prepare(cfg: GenerationConfig) -> Plan:
     given = lazy       # a row source: .shape, .ids; read by bands, never held
   if cfg.image_size is None and given is not None:
     cfg = dataclasses.replace(cfg, image_size='{}x{}'.format(*given.shape))
+  init_image = _read_init_image(cfg)
+  if cfg.image_size is None and init_image is not None:   # else its size is checked below
+    cfg = dataclasses.replace(cfg, image_size='{}x{}'.format(*init_image.shape[:2]))
   size = cfg.size
   cfg = dataclasses.replace(cfg, image_size=f'{size[0]}x{size[1]}')   # one spelling
+  if init_image is not None and init_image.shape[:2] != tuple(size):
+    raise ValueError(f'--init_image {cfg.init_image} is {init_image.shape[0]}x'
+                     f'{init_image.shape[1]}, the output is {size[0]}x{size[1]} (give '
+                     f'--image_size or resize it)')
   pipe.check_image_request(size, o)
-  init_image = _read_init_image(cfg, size)
   keep = None
   if cfg.keep_mask is not None:
     if init_image is None:
@@ -313,9 +321,8 @@ def prepare(cfg: GenerationConfig) -> Plan:
   return Plan(cfg, pipe, mask, hashes, meta, work, tuple(refused), init_image, keep)
 
 
-def _read_init_image(cfg: GenerationConfig, size) -> np.ndarray | None:
-  """The --init_image as uint8 [H, W, 3], checked against the output size and
-  --strength; None without one."""
+def _read_init_image(cfg: GenerationConfig) -> np.ndarray | None:
+  """The --init_image as uint8 [H, W, 3] (with --strength checked); None without one."""
   try:
     loop_lib.start_level(cfg.options.sampling_steps, cfg.strength)
   except ValueError as e:
@@ -329,9 +336,6 @@ def _read_init_image(cfg: GenerationConfig, size) -> np.ndarray | None:
   except (OSError, ValueError) as e:
     message = str(e) if cfg.init_image in str(e) else f'{cfg.init_image}: {e}'
     raise ValueError(f'--init_image {message}') from None
-  if img.shape[:2] != tuple(size):
-    raise ValueError(f'--init_image {cfg.init_image} is {img.shape[0]}x{img.shape[1]}, the '
-                     f'output is {size[0]}x{size[1]} (give --image_size or resize it)')
   return img
 
 
