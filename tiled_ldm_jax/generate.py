@@ -258,11 +258,8 @@ def prepare(cfg: GenerationConfig) -> Plan:
   if cfg.keep_mask is not None:
     if init_image is None:
       raise ValueError('--keep_mask needs --init_image: the image the kept pixels follow')
-    try:
-      keep = masks_lib.read_label_png(cfg.keep_mask) != 0
-    except (OSError, ValueError) as e:
-      message = str(e) if cfg.keep_mask in str(e) else f'{cfg.keep_mask}: {e}'
-      raise ValueError(f'--keep_mask {message}') from None
+    keep = _file_errors('keep_mask', cfg.keep_mask,
+                        lambda: masks_lib.read_label_png(cfg.keep_mask)) != 0
     if keep.shape != tuple(size):
       raise ValueError(f'--keep_mask {cfg.keep_mask} is {keep.shape[0]}x{keep.shape[1]}, '
                        f'the output is {size[0]}x{size[1]}')
@@ -331,12 +328,8 @@ def _read_init_image(cfg: GenerationConfig) -> np.ndarray | None:
     if cfg.strength != 1.0:
       raise ValueError('--strength needs --init_image')
     return None
-  try:
-    img = image_files.read_rgb(cfg.init_image, what='init image')
-  except (OSError, ValueError) as e:
-    message = str(e) if cfg.init_image in str(e) else f'{cfg.init_image}: {e}'
-    raise ValueError(f'--init_image {message}') from None
-  return img
+  return _file_errors('init_image', cfg.init_image,
+                      lambda: image_files.read_rgb(cfg.init_image, what='init image'))
 
 
 def dry_run(plan: Plan) -> dict:
@@ -347,14 +340,19 @@ def dry_run(plan: Plan) -> dict:
   return out
 
 
-def _mask_errors(path: str, fn):
-  """`fn()` (reads or checks the --mask at `path`), its errors as one `--mask` ValueError."""
+def _file_errors(flag: str, path: str, fn):
+  """`fn()` (reads or checks the file `path` given to `--flag`), its errors as one
+  `--flag` ValueError naming the file."""
   try:
     return fn()
   except (OSError, ValueError) as e:
-    # read_label_png's messages start with the path already.
+    # the readers' messages usually start with the path already
     message = str(e) if path in str(e) else f'{path}: {e}'
-    raise ValueError(f'--mask {message}') from None
+    raise ValueError(f'--{flag} {message}') from None
+
+
+def _mask_errors(path: str, fn):
+  return _file_errors('mask', path, fn)
 
 
 def _sample_files(cfg, number: int) -> tuple[str, str, str]:
@@ -560,8 +558,8 @@ def run(plan: Plan, *, flags_used: dict | None = None) -> list[dict]:
     image_extra = {'mask_stats': stats['mask'], 'seconds': seconds}
     init = None
     if plan.init_image is not None and (state is None or plan.keep is not None):
-      init = plan.pipe.encode(np.broadcast_to(plan.init_image, (len(indices),)
-                                              + plan.init_image.shape), options=plan.options)
+      one = plan.pipe.encode(plan.init_image[None], options=plan.options)   # once per batch
+      init = np.broadcast_to(one, (len(indices),) + one.shape[1:])
     z, stats['image'] = plan.pipe.run_image_stage(
         plan.options, labels, indices, cfg.seed, state=state, chunk=cfg.checkpoint_every,
         init=init, strength=cfg.strength,

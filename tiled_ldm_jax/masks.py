@@ -330,7 +330,11 @@ def latent_label_maps(labels, factor: int) -> np.ndarray:
   `latent(f)`), each read at latent resolution only."""
   if isinstance(labels, np.ndarray) or not all(hasattr(m, 'latent') for m in labels):
     return latent_labels(np.asarray(labels), factor).astype(np.int32)
-  return np.stack([m.latent(factor) for m in labels]).astype(np.int32)
+  once = {}    # a batch repeats one given map: rasterize / read it once
+  for m in labels:
+    if id(m) not in once:
+      once[id(m)] = m.latent(factor).astype(np.int32)
+  return np.stack([once[id(m)] for m in labels])
 
 
 def labels_shape(labels) -> tuple[int, ...]:

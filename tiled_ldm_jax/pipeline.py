@@ -539,8 +539,10 @@ class Pipeline:
       self.check_image_request(labels.shape[1:3], o)
       self.check_memory(labels.shape[1:3], len(labels), o, whole_images=len(labels),
                         label_source_pixels=labels[0].size)
-    if init is not None:
-      init = self.encode(np.broadcast_to(init, (len(labels),) + init.shape[1:]), options=o)
+    if init is not None:   # one image for all is encoded once
+      init = np.broadcast_to(self.encode(init, options=o), (len(labels),) + (
+          init.shape[1] // self.geometry.factor, init.shape[2] // self.geometry.factor,
+          self.unet.config.channels))
     latents, stats['image_stage'] = self.run_image_stage(
         o, labels, _indices(indices, len(labels)), seed, init=init, strength=strength,
         keep=None if keep is None else np.broadcast_to(keep, labels.shape))

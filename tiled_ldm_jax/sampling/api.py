@@ -94,9 +94,6 @@ def sample(denoise, params, cond, *, keys, latent_shape, patch: int, sampling_st
     if tuple(np.shape(keep)) != (keys.shape[0], h, w):
       raise ValueError(f'keep must be [N, h, w] = {[keys.shape[0], h, w]}, got '
                        f'{list(np.shape(keep))}')
-    if tuple(np.shape(init)) != (keys.shape[0], h, w, c):
-      raise ValueError(f'init latents {tuple(np.shape(init))} do not match the latent '
-                       f'{[keys.shape[0], h, w, c]}')
     cond = (cond, loop_lib.known(init, keep))
   settings = loop_lib.SamplerSettings(sampling_steps=sampling_steps, patch=patch, eta=eta,
                                       progress_every=progress_every, keep=keep is not None,
