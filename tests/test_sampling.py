@@ -266,11 +266,13 @@ def test_bad_init_or_strength_is_one_line_error():
       sampling.sample(fn, None, {}, **args, **kw)
 
 
-@pytest.mark.parametrize('schedule', ['random', 'grid'])
+@pytest.mark.parametrize('schedule,resample', [('random', 0), ('grid', 0), ('random', 2),
+                                               ('grid', 1)])
 @pytest.mark.parametrize('prediction', ['eps', 'v', 'x0', 'flow'])
-def test_keep_pixels_land_on_the_init_free_pixels_on_the_target(prediction, schedule):
+def test_keep_pixels_land_on_the_init_free_pixels_on_the_target(prediction, schedule,
+                                                                  resample):
   """The oracle test with a keep mask: kept pixels end exactly on the init, the others
-  on the oracle's target, whatever the strength."""
+  on the oracle's target, whatever the strength and the resampling passes."""
   keys = sampling.image_keys(4, range(2))
   rng = np.random.RandomState(6)
   target = rng.uniform(-0.9, 0.9, (2, 16, 24, sc.CHANNELS)).astype(np.float32)
@@ -284,7 +286,7 @@ def test_keep_pixels_land_on_the_init_free_pixels_on_the_target(prediction, sche
         fn, None, {'target': sampling.spatial(target)}, keys=keys,
         latent_shape=(16, 24, sc.CHANNELS), patch=8, sampling_steps=6,
         process=sc.process_of(prediction, NOISE[prediction]), windows=sc.windows_of(schedule),
-        eta=0.0, devices=1, init=init, strength=strength, keep=keep))
+        eta=0.0, devices=1, init=init, strength=strength, keep=keep, resample=resample))
     np.testing.assert_allclose(out[keep], init[keep], atol=1e-5)
     np.testing.assert_allclose(out[~keep], target[~keep], atol=1e-5)
 
@@ -298,3 +300,51 @@ def test_keep_needs_init_and_its_shape():
   with pytest.raises(ValueError, match='keep must be'):
     sampling.sample(fn, None, {}, keep=np.ones((1, 8, 16)), init=np.zeros((1, 16, 16, 4)),
                     **args)
+
+
+@pytest.mark.parametrize('process', [processes.Diffusion('eps', 'cosine'), processes.Flow()])
+def test_renoise_takes_a_noised_value_to_the_later_time(process):
+  """q(x_to | x_from) composed with q(x_from | x0) is q(x_to | x0): the same mean and
+  variance per pixel (50,000 draws), for a clean start too."""
+  grid = process.time_grid(10)
+  rng = np.random.RandomState(0)
+  x0 = jnp.full((50_000,), 0.6, jnp.float32)
+  for t_from, t_to in ((grid[5, 1], grid[5, 0]), (grid[-1, 1], grid[-1, 0]),
+                       (grid[8, 0], grid[2, 0])):
+    n1, n2 = (jnp.asarray(rng.randn(50_000), jnp.float32) for _ in range(2))
+    clean = isinstance(process, processes.Diffusion) and t_from <= 0
+    start = x0 if clean else process.noised(x0, n1, jnp.full((50_000,), t_from))
+    got = np.asarray(process.renoise(start, n2, jnp.full((50_000,), t_from),
+                                     jnp.full((50_000,), t_to)))
+    want = np.asarray(process.noised(x0, jnp.asarray(rng.randn(50_000), jnp.float32),
+                                     jnp.full((50_000,), t_to)))
+    assert abs(got.mean() - want.mean()) < 0.02, (t_from, t_to)
+    assert abs(got.std() - want.std()) < 0.02, (t_from, t_to)
+
+
+def test_resampling_costs_only_the_windows_at_the_keep_border():
+  """Resampling passes run only in windows holding kept and free pixels: nothing kept
+  (or everything) costs no more samples than no resampling; a half keep costs more,
+  but less than (1 + passes) times."""
+  keys = sampling.image_keys(1, range(1))
+  target = np.random.RandomState(3).uniform(-0.9, 0.9, (1, 16, 32, sc.CHANNELS)).astype(np.float32)
+  oracle = sc.oracle_denoiser('eps', processes.noise_schedule('cosine'))
+
+  def fn(params, x, t, cond, valid):   # counts the slots it is asked for, as the U-Net's
+    return oracle(params, x, t, cond), jnp.sum(valid).astype(jnp.int32)
+  fn.skips_idle = True
+
+  def evals(keep, resample):
+    state = sampling.sample(
+        fn, None, {'target': sampling.spatial(target)}, keys=keys,
+        latent_shape=(16, 32, sc.CHANNELS), patch=8, sampling_steps=4,
+        process=sc.process_of('eps', 'cosine'), windows=sampling.Grid(), devices=1,
+        init=np.zeros_like(target), keep=keep, resample=resample, return_state=True)
+    return int(state.evaluations)
+  half = np.zeros((1, 16, 32), bool)
+  half[:, :, :12] = True
+  none, every = np.zeros_like(half), np.ones_like(half)
+  assert evals(none, 3) == evals(none, 0)
+  assert evals(every, 3) == evals(every, 0)
+  base, more = evals(half, 0), evals(half, 3)
+  assert base < more < 4 * base, (base, more)

@@ -32,8 +32,8 @@ from tiled_ldm_jax.files import atomic
 from tiled_ldm_jax import demo
 from tiled_ldm_jax import estimate
 from tiled_ldm_jax.files import geojson_labels
-from tiled_ldm_jax.files import image_files
 from tiled_ldm_jax.files import label_files
+from tiled_ldm_jax.files import large_images
 from tiled_ldm_jax import masks as masks_lib
 from tiled_ldm_jax.output import ome_zarr
 from tiled_ldm_jax import pipeline as pipeline_lib
@@ -71,11 +71,17 @@ class GenerationConfig:
                            'file\'s contents.')
   mask_classes: str | None = _help('GeoJSON --mask: class name to label id, '
                                    '"Tumor=1,Stroma=2,..." (unannotated pixels are 0).')
-  init_image: str | None = _help('Start from this image (PNG, JPEG or TIFF of the output '
-                                 'size, read by its contents; without --image_size and '
-                                 '--mask its size is the output\'s): encoded tile by tile '
-                                 'and noised to where the last --strength of the steps '
-                                 'begin.')
+  init_image: str | None = _help('Start from this image (PNG, JPEG, an RGB TIFF or an '
+                                 'OME-Zarr image store, read by its contents; TIFF and '
+                                 'OME-Zarr band by band; of the output size unless '
+                                 '--init_offset; without --image_size and --mask its size '
+                                 'is the output\'s): encoded tile by tile and noised to '
+                                 'where the last --strength of the steps begin.')
+  init_offset: str | None = _help('With --init_image: outpaint. "y,x" pixels (multiples of '
+                                  'the VAE factor, 8) where the init image\'s top-left corner '
+                                  'lies on the larger --image_size canvas; its pixels are kept '
+                                  '(or those of --keep_mask inside it) and the canvas around '
+                                  'them is generated from noise (--strength 1).')
   strength: float = _help('With --init_image: the share of the sampling steps run, in '
                           '(0, 1] (1: from noise, the image unused).', 1.0)
   keep_mask: str | None = _help('With --init_image: a PNG of the output size whose non-zero '
@@ -139,8 +145,9 @@ class Plan:
   resume_meta: dict[str, Any] | None
   work: dict[str, Any]              # `estimate.plan` of the request (in every record)
   refused: tuple[str, ...] = ()     # dry run: why the run would be refused (memory, disk)
-  init_image: np.ndarray | None = None   # [H, W, 3] uint8 (--init_image)
-  keep: np.ndarray | None = None         # [H, W] bool (--keep_mask)
+  init_image: Any = None                 # a row source (files/large_images.py)
+  keep: np.ndarray | None = None         # [H/f, W/f] bool, latent pixels (--keep_mask)
+  init_offset: tuple[int, int] = (0, 0)  # (y, x) pixels of the init on the canvas
 
   @property
   def options(self) -> pipeline_lib.Options:
@@ -245,24 +252,25 @@ def prepare(cfg: GenerationConfig) -> Plan:
   if cfg.image_size is None and given is not None:
     cfg = dataclasses.replace(cfg, image_size='{}x{}'.format(*given.shape))
   init_image = _read_init_image(cfg)
+  offset = _init_offset(cfg, init_image, pipe.geometry.factor)
   if cfg.image_size is None and init_image is not None:   # else its size is checked below
+    if cfg.init_offset is not None:
+      raise ValueError('--init_offset needs --image_size (or --mask): the canvas the init '
+                       'image lies on')
     cfg = dataclasses.replace(cfg, image_size='{}x{}'.format(*init_image.shape[:2]))
   size = cfg.size
   cfg = dataclasses.replace(cfg, image_size=f'{size[0]}x{size[1]}')   # one spelling
-  if init_image is not None and init_image.shape[:2] != tuple(size):
-    raise ValueError(f'--init_image {cfg.init_image} is {init_image.shape[0]}x'
-                     f'{init_image.shape[1]}, the output is {size[0]}x{size[1]} (give '
-                     f'--image_size or resize it)')
+  if init_image is not None:
+    ih, iw = init_image.shape[:2]
+    if cfg.init_offset is None and (ih, iw) != tuple(size):
+      raise ValueError(f'--init_image {cfg.init_image} is {ih}x{iw}, the output is '
+                       f'{size[0]}x{size[1]} (give --image_size, resize it, or place it '
+                       f'with --init_offset)')
+    if offset[0] + ih > size[0] or offset[1] + iw > size[1]:
+      raise ValueError(f'--init_offset {offset[0]},{offset[1]}: the {ih}x{iw} init image '
+                       f'does not fit on the {size[0]}x{size[1]} canvas')
   pipe.check_image_request(size, o)
-  keep = None
-  if cfg.keep_mask is not None:
-    if init_image is None:
-      raise ValueError('--keep_mask needs --init_image: the image the kept pixels follow')
-    keep = _file_errors('keep_mask', cfg.keep_mask,
-                        lambda: masks_lib.read_label_png(cfg.keep_mask)) != 0
-    if keep.shape != tuple(size):
-      raise ValueError(f'--keep_mask {cfg.keep_mask} is {keep.shape[0]}x{keep.shape[1]}, '
-                       f'the output is {size[0]}x{size[1]}')
+  keep = _keep_mask(cfg, init_image, offset, size, pipe.geometry.factor)
   whole = int(cfg.output_format in ('png', 'jpg'))
   refused = []
 
@@ -315,11 +323,71 @@ def prepare(cfg: GenerationConfig) -> Plan:
   work = estimate.plan(pipe, size, o, n_batch=cfg.batch_size, n_images=cfg.n_images,
                        labels=mask, whole_images=whole, label_source_pixels=source_px,
                        strength=cfg.strength)
-  return Plan(cfg, pipe, mask, hashes, meta, work, tuple(refused), init_image, keep)
+  return Plan(cfg, pipe, mask, hashes, meta, work, tuple(refused), init_image, keep, offset)
 
 
-def _read_init_image(cfg: GenerationConfig) -> np.ndarray | None:
-  """The --init_image as uint8 [H, W, 3] (with --strength checked); None without one."""
+def _init_offset(cfg: GenerationConfig, init_image, factor: int) -> tuple[int, int]:
+  """--init_offset as (y, x) pixels ((0, 0) without it), checked."""
+  if cfg.init_offset is None:
+    return (0, 0)
+  if init_image is None:
+    raise ValueError('--init_offset needs --init_image: the image to place on the canvas')
+  m = re.fullmatch(r'\s*(\d+)\s*,\s*(\d+)\s*', cfg.init_offset)
+  if not m:
+    raise ValueError(f'--init_offset must be "y,x" (pixels >= 0), got {cfg.init_offset!r}')
+  y, x = int(m.group(1)), int(m.group(2))
+  if y % factor or x % factor:
+    raise ValueError(f'--init_offset {y},{x}: both must be multiples of the VAE factor '
+                     f'{factor}')
+  if cfg.strength != 1.0:
+    raise ValueError('--init_offset needs --strength 1: the canvas around the init image '
+                     'has nothing to start from')
+  return (y, x)
+
+
+def _keep_mask(cfg: GenerationConfig, init_image, offset, size, factor: int):
+  """[H/f, W/f] bool latent keep mask: --keep_mask's (a PNG of the output size, read at
+  latent resolution), else the init image's area with --init_offset; None."""
+  keep = None
+  if cfg.keep_mask is not None:
+    if init_image is None:
+      raise ValueError('--keep_mask needs --init_image: the image the kept pixels follow')
+    full = _file_errors('keep_mask', cfg.keep_mask,
+                        lambda: masks_lib.read_label_png(cfg.keep_mask))
+    if full.shape != tuple(size):
+      raise ValueError(f'--keep_mask {cfg.keep_mask} is {full.shape[0]}x{full.shape[1]}, '
+                       f'the output is {size[0]}x{size[1]}')
+    keep = full[::factor, ::factor] != 0
+  if cfg.init_offset is None:
+    return keep
+  (y, x), (ih, iw) = offset, init_image.shape[:2]
+  inside = np.zeros((size[0] // factor, size[1] // factor), bool)
+  inside[y // factor:(y + ih) // factor, x // factor:(x + iw) // factor] = True
+  if keep is None:
+    return inside
+  if (keep & ~inside).any():
+    raise ValueError(f'--keep_mask {cfg.keep_mask} keeps pixels outside the init image '
+                     f'placed at --init_offset {y},{x}: there is nothing to keep there')
+  return keep
+
+
+def encode_init(plan: Plan) -> np.ndarray:
+  """The init image's diffusion latent on the canvas, [H/f, W/f, C] (zeros outside the
+  init image with --init_offset: there every pixel is generated)."""
+  f = plan.pipe.geometry.factor
+  z = plan.pipe.encode(plan.init_image, options=plan.options)[0]
+  if plan.cfg.init_offset is None:
+    return z
+  h, w = plan.cfg.size
+  canvas = np.zeros((h // f, w // f, z.shape[-1]), np.float32)
+  y, x = plan.init_offset[0] // f, plan.init_offset[1] // f
+  canvas[y:y + z.shape[0], x:x + z.shape[1]] = z
+  return canvas
+
+
+def _read_init_image(cfg: GenerationConfig):
+  """The --init_image as a row source (`large_images.open_rgb_source`, with --strength
+  checked); None without one."""
   try:
     loop_lib.start_level(cfg.options.sampling_steps, cfg.strength)
   except ValueError as e:
@@ -329,7 +397,7 @@ def _read_init_image(cfg: GenerationConfig) -> np.ndarray | None:
       raise ValueError('--strength needs --init_image')
     return None
   return _file_errors('init_image', cfg.init_image,
-                      lambda: image_files.read_rgb(cfg.init_image, what='init image'))
+                      lambda: large_images.open_rgb_source(cfg.init_image))
 
 
 def dry_run(plan: Plan) -> dict:
@@ -521,6 +589,10 @@ def run(plan: Plan, *, flags_used: dict | None = None) -> list[dict]:
   start_batch = meta['batch_start'] if meta else 0
   first_stage = 'image' if plan.mask is not None else 'mask'
   records, total_start = [], time.perf_counter()
+  init_latent = None
+  if plan.init_image is not None:   # once, before anything is written: a damaged file
+    logging.info('encoding the init image')        # stops the run here
+    init_latent = encode_init(plan)
   for b0 in range(start_batch, cfg.n_images, cfg.batch_size):
     indices = np.arange(b0, b0 + cfg.batch_size)
     save = functools.partial(run_ckpt.save, cfg=cfg, hashes=plan.hashes, batch_start=b0,
@@ -557,9 +629,8 @@ def run(plan: Plan, *, flags_used: dict | None = None) -> list[dict]:
     start = time.perf_counter()
     image_extra = {'mask_stats': stats['mask'], 'seconds': seconds}
     init = None
-    if plan.init_image is not None and (state is None or plan.keep is not None):
-      one = plan.pipe.encode(plan.init_image[None], options=plan.options)   # once per batch
-      init = np.broadcast_to(one, (len(indices),) + one.shape[1:])
+    if init_latent is not None and (state is None or plan.keep is not None):
+      init = np.broadcast_to(init_latent, (len(indices),) + init_latent.shape)
     z, stats['image'] = plan.pipe.run_image_stage(
         plan.options, labels, indices, cfg.seed, state=state, chunk=cfg.checkpoint_every,
         init=init, strength=cfg.strength,

@@ -93,6 +93,10 @@ class Options:
                           "1/8, cross-faded: ~1.3 decoder passes per pixel instead of 4).",
                           'original')
   progress_every: int = _help('Sampler progress log period in iterations (0: off).', 0)
+  resample: int = _help('With a keep mask: RePaint resampling passes per step of the '
+                        'windows that hold kept and free pixels (each pass takes the '
+                        'step back with fresh noise and runs it again, so both sides '
+                        'agree at the border; 0: none).', 0)
 
   def __post_init__(self):
     for name in ('cond_scale', 'mask_cond_scale', 'eta'):
@@ -116,6 +120,8 @@ class Options:
       raise ValueError(f'dtype must be one of {DTYPES}, got {self.dtype!r}')
     if self.progress_every < 0:
       raise ValueError(f'progress_every must be >= 0, got {self.progress_every}')
+    if self.resample < 0:
+      raise ValueError(f'resample must be >= 0, got {self.resample}')
     diffusion.time_pairs(self.sampling_steps)          # 1 <= S <= T
     if self.blend_mode not in decode_lib.BLEND_MODES:
       raise ValueError(f'blend_mode must be one of {decode_lib.BLEND_MODES}, got '
@@ -336,7 +342,7 @@ class Pipeline:
     settings = loop_lib.SamplerSettings(
         sampling_steps=o.sampling_steps, patch=patch_px // f, eta=o.eta,
         progress_every=o.progress_every, progress_label=f'{which} stage', keep=keep,
-        **placement)
+        resample=o.resample if keep else 0, **placement)
     mesh = sharding.make_mesh(n_images, settings.patches_per_step, self.devices)
     return loop_lib.compiled(denoise, settings, mesh, n_images, process)
 
@@ -356,7 +362,8 @@ class Pipeline:
     """(sampler, initial state, conditioning: the latent label map, spatial); `labels`
     [N, H, W] pixel maps, an array or `masks.LabelMap`s (read at latent resolution only);
     `init` [N, h, w, C] latents to start from at `strength` (`loop.Sampler.init`);
-    `keep` [N, H, W] pixels (non-zero) that follow `init` (read at latent resolution)."""
+    `keep` [N, H, W] pixels (non-zero) that follow `init` (read at latent resolution), or
+    [N, H/f, W/f] latent pixels."""
     f = self.geometry.factor
     latent = masks_lib.latent_label_maps(labels, f)
     smp = self._sampler('image', o, o.patch_size, latent.shape[1:], len(indices),
@@ -369,10 +376,13 @@ class Pipeline:
         raise ValueError('keep needs init latents (or an init_image): what the kept '
                          'pixels follow')
       keep = np.asarray(keep)
-      if keep.shape != latent.shape[:1] + (latent.shape[1] * f, latent.shape[2] * f):
-        raise ValueError(f'keep mask {list(keep.shape)} is not [N, H, W] = '
-                         f'{[latent.shape[0], latent.shape[1] * f, latent.shape[2] * f]}')
-      cond = (cond, loop_lib.known(init, keep[:, ::f, ::f]))
+      pixels = latent.shape[:1] + (latent.shape[1] * f, latent.shape[2] * f)
+      if keep.shape == pixels:
+        keep = keep[:, ::f, ::f]
+      elif keep.shape != latent.shape:
+        raise ValueError(f'keep mask {list(keep.shape)} is not [N, H, W] = {list(pixels)} '
+                         f'(pixels) or {list(latent.shape)} (latent pixels)')
+      cond = (cond, loop_lib.known(init, keep))
     return smp, state, cond
 
   def labels_from_mask_latents(self, z, image_size, o: Options, *, lazy: bool = False):
@@ -430,9 +440,15 @@ class Pipeline:
     """[N, H, W, 3] RGB images (uint8, or float in [0, 1]) -> [N, H/f, W/f, C] diffusion
     latents, tile by tile (`encode.py`; tiles of `patch_size`, a halo of patch/2: on
     the demo VAE, 256 x 384 px, 128 px tiles, the largest latent differs from the whole
-    encode's by 3.8% of the latents' range with it, 7% with patch/4, 39% with none)."""
+    encode's by 3.8% of the latents' range with it, 7% with patch/4, 39% with none).
+    `images` may also be one row source (`files/large_images.py`: a TIFF or OME-Zarr
+    slide), read band by band: [1, H/f, W/f, C]."""
     o = self.resolve(options, **overrides)
-    images = encode_lib.check_images(images, self.geometry.factor)
+    if hasattr(images, 'read_rows'):
+      encode_lib.check_size(images.shape, self.geometry.factor)
+      images = [images]
+    else:
+      images = encode_lib.check_images(images, self.geometry.factor)
     fn = vae_lib.encode_fn(dataclasses.replace(self.vae.config, dtype=o.dtype))
     halo = o.patch_size // 2 if halo_px is None else halo_px
     return np.stack([encode_lib.encode_image(

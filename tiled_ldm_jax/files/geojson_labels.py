@@ -20,7 +20,6 @@ large additions for this one function).
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Any
 

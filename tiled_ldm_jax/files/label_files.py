@@ -16,6 +16,7 @@ import os
 import numpy as np
 
 from tiled_ldm_jax.files import image_files
+from tiled_ldm_jax.files import tiff_rows
 
 _TIFF_SIGNATURES = (b'II*\x00', b'MM\x00*', b'II+\x00', b'MM\x00+')   # TIFF, BigTIFF
 
@@ -40,53 +41,21 @@ class TiffLabels:
   """The first page (full resolution) of a TIFF of label ids, tile row by tile row."""
 
   def __init__(self, path):
-    import tifffile  # pylint: disable=g-import-not-at-top  # an extra: only for TIFF input
-    self.path = os.fspath(path)
-    name = image_files._printable(path)  # pylint: disable=protected-access
-    try:
-      with tifffile.TiffFile(self.path) as tf:
-        page = tf.pages[0]
-        shape, dtype = tuple(page.shape), np.dtype(page.dtype)
-        self._segment = (page.tilelength, page.tilewidth) if page.is_tiled else (
-            page.rowsperstrip, page.imagewidth)
-    except Exception as e:  # pylint: disable=broad-except  # any parse failure: one line
-      raise ValueError(f'{name}: not a readable TIFF ({str(e)[:120]})') from None
+    self._rows = tiff_rows.TiffRows(path)
+    name, shape, dtype = self._rows.name, self._rows.shape, self._rows.dtype
     if len(shape) != 2:
       raise ValueError(f'{name}: a label TIFF must be one channel [H, W], its first page '
                        f'is {list(shape)}')
     _check_ids(dtype, name)
-    if shape[0] * shape[1] > image_files.MAX_PIXELS * 8:
-      raise ValueError(f'{name}: {shape[0]}x{shape[1]} px is more than this reader takes')
-    self.shape, self.dtype, self._name = shape, dtype, name
+    self.path, self.shape, self.dtype, self._name = self._rows.path, shape, dtype, name
     ids = set()
-    step = max(self._segment[0], 1)
+    step = max(self._rows._segment[0], 1)  # pylint: disable=protected-access
     for r0 in range(0, shape[0], step * 4):           # the check pass: every segment once
       ids.update(int(v) for v in np.unique(self.read_rows(r0, min(r0 + step * 4, shape[0]))))
     self.ids = sorted(ids)
 
   def read_rows(self, r0: int, r1: int) -> np.ndarray:
-    import tifffile  # pylint: disable=g-import-not-at-top
-    th, tw = self._segment
-    h, w = self.shape
-    out = np.zeros((r1 - r0, w), self.dtype)
-    try:
-      with tifffile.TiffFile(self.path) as tf:
-        page = tf.pages[0]
-        fh = tf.filehandle
-        per_row = -(-w // tw)
-        for ti in range(r0 // th, -(-r1 // th)):
-          for tj in range(per_row):
-            index = ti * per_row + tj
-            fh.seek(page.dataoffsets[index])
-            data = fh.read(page.databytecounts[index])
-            seg, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
-            seg = np.asarray(seg).reshape(seg.shape[-3], seg.shape[-2])
-            y0, x0 = ti * th, tj * tw
-            a, b = max(r0, y0), min(r1, y0 + th, h)
-            out[a - r0:b - r0, x0:min(x0 + tw, w)] = seg[a - y0:b - y0, :min(tw, w - x0)]
-    except Exception as e:  # pylint: disable=broad-except  # codecs raise their own types
-      raise ValueError(f'{self._name}: cannot decode the rows {r0}-{r1} ({str(e)[:120]})') from None
-    return out
+    return self._rows.read_rows(r0, r1)
 
 
 class ZarrLabels:

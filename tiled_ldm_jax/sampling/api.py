@@ -57,7 +57,7 @@ Grid = windows_lib.Grid
 def sample(denoise, params, cond, *, keys, latent_shape, patch: int, sampling_steps: int,
            process=None, windows=None, eta: float = 1.0, dtype=None, mesh=None,
            devices: int = 0, progress_every: int = 0, return_state: bool = False,
-           init=None, strength: float = 1.0, keep=None):
+           init=None, strength: float = 1.0, keep=None, resample: int = 0):
   """N latents [N, h, w, C] sampled patch by patch (see the module docstring).
 
   Args:
@@ -83,6 +83,8 @@ def sample(denoise, params, cond, *, keys, latent_shape, patch: int, sampling_st
       noise); only those steps run (`loop.Sampler.init`).
     keep: [N, h, w] (non-zero = keep; needs init): kept pixels follow init noised to
       each level (replaced at every step, as RePaint), the others are generated.
+    resample: with keep, RePaint resampling passes per step of the windows that hold
+      kept and free pixels (the process needs `renoise`; 0: none).
   """
   process = Diffusion() if process is None else process
   windows = Random() if windows is None else windows
@@ -95,8 +97,12 @@ def sample(denoise, params, cond, *, keys, latent_shape, patch: int, sampling_st
       raise ValueError(f'keep must be [N, h, w] = {[keys.shape[0], h, w]}, got '
                        f'{list(np.shape(keep))}')
     cond = (cond, loop_lib.known(init, keep))
+    if resample and not hasattr(process, 'renoise'):
+      raise ValueError(f'resample needs a process with renoise(x, noise, t_from, t_to); '
+                       f'{process!r} has none')
   settings = loop_lib.SamplerSettings(sampling_steps=sampling_steps, patch=patch, eta=eta,
                                       progress_every=progress_every, keep=keep is not None,
+                                      resample=resample if keep is not None else 0,
                                       **windows.settings((h, w), patch))
   k = settings.patches_per_step
   n = keys.shape[0]

@@ -26,7 +26,8 @@ counters, never from a reduction over the latent.
 Randomness: image n uses only `keys[n]`: its initial noise from `fold_in(key, 0)`; random
 schedule: for its i-th iteration `fold_in(fold_in(key, 1), i)`, split by `fold_in` per
 patch slot; grid: the offset of level L from `fold_in(fold_in(key, 2), L)` and the DDIM
-noise of window j from `fold_in(fold_in(fold_in(key, 3), L), j)`. So an image does not
+noise of window j from `fold_in(fold_in(fold_in(key, 3), L), j)`; keep-mask resampling
+(`resample`) from `fold_in(fold_in(fold_in(key, 5), i or L), slot or j)`. So an image does not
 depend on the other images of its batch (nor, on the grid, on K or the device count).
 """
 
@@ -133,6 +134,8 @@ class SamplerSettings:
   grid_margin_levels: int | None = None   # grid: the margin only in the last this many
                               # levels (earlier ones: margin 0); None: in every level
   keep: bool = False          # cond is (user cond, Known): kept pixels follow the init
+  resample: int = 0           # keep: RePaint resampling passes of the windows that hold
+                              # kept and free pixels (0: none)
 
   def __post_init__(self):
     if self.sampling_steps < 1:
@@ -149,6 +152,8 @@ class SamplerSettings:
       raise ValueError(f'patches_per_step must be >= 1, got {self.patches_per_step}')
     if self.eta < 0:
       raise ValueError(f'eta must be >= 0, got {self.eta}')
+    if self.resample < 0:
+      raise ValueError(f'resample must be >= 0, got {self.resample}')
 
 
 def _copy_keys(keys):
@@ -359,6 +364,45 @@ class Sampler:
                        flat(kp.init), noised).reshape(new.shape)
     return jnp.where(kp.keep[..., None], target, new)
 
+  def _resample(self, params, new, evals, model_in, write, cond_p, known, corners, valid,
+                level, slot_keys):
+    """RePaint's resampling where kept and free pixels meet: in the slots that hold kept
+    pixels and write free ones, the step's result (kept pixels already replaced) is
+    taken back to the step's start time with fresh noise (`process.renoise`) and the
+    step is run again, `resample` times. Without it the free pixels are generated next
+    to kept pixels that do not know them (the noised init is drawn independently), which
+    leaves a seam at the border; each pass lets both sides agree one step further. The
+    other slots keep their first result and run no more U-Net samples (idle to a
+    denoiser that `skips_idle`; a pass with no such slot is skipped for any denoiser). `write` [N, K, P, P]: the pixels the step writes (the rest of the window
+    stays at model_in); `slot_keys` [N, K]: a key per slot for the passes' noise.
+    Returns (new, evals)."""
+    s = self.settings
+    if known is None or s.resample == 0:
+      return new, evals
+    kept = self._cond_patches(known, corners, valid).keep                 # [N, K, P, P]
+    mixed = valid & kept.any(axis=(2, 3)) & (write & ~kept).any(axis=(2, 3))   # [N, K]
+    n, k = valid.shape
+    pair = jnp.asarray(self.pairs)[jnp.minimum(level, s.sampling_steps - 1)]      # [N, 2]
+    t_cur, t_next = jnp.repeat(pair[:, 0], k), jnp.repeat(pair[:, 1], k)
+    shape = new.shape[2:]
+    normal = lambda keys, i: jax.vmap(jax.vmap(lambda key: jax.random.normal(
+        jax.random.fold_in(key, i), shape)))(keys)                        # [N, K, P, P, C]
+
+    def one_pass(r, carry):   # skipped whole when no slot is at the border
+      return jax.lax.cond(mixed.any(), functools.partial(run_pass, r), lambda c: c, carry)
+
+    def run_pass(r, carry):
+      new, evals = carry
+      keys = jax.vmap(jax.vmap(lambda key: jax.random.fold_in(key, r)))(slot_keys)
+      back = self.process.renoise(new.reshape((n * k,) + shape),
+                                  normal(keys, 0).reshape((n * k,) + shape), t_next, t_cur)
+      x_in = jnp.where(write[..., None], back.reshape(new.shape), model_in)
+      step_noise = normal(keys, 1)
+      again, more = self._denoise_patches(params, x_in, cond_p, mixed, level, step_noise)
+      again = self._keep_known(again, known, corners, valid, level, step_noise)
+      return jnp.where(mixed[:, :, None, None, None], again, new), evals + more
+    return jax.lax.fori_loop(0, s.resample, one_pass, (new, evals))
+
   def _denoise_patches(self, params, model_in, cond_p, valid, level, noise):
     """One step at each image's `level` for patches [N, K, P, P, C]; (new, evaluations)."""
     s = self.settings
@@ -400,12 +444,16 @@ class Sampler:
         lambda j: jax.random.normal(jax.random.fold_in(key, k_slots + j), x_p.shape[2:]))(
             jnp.arange(k_slots)))(it_keys)                              # [N, K, P, P, C]
     cond, known = self._split(cond)
-    new, evals = self._denoise_patches(params, model_in,
-                                       self._cond_patches(cond, corners, valid), valid,
-                                       level, noise)
+    cond_p = self._cond_patches(cond, corners, valid)
+    new, evals = self._denoise_patches(params, model_in, cond_p, valid, level, noise)
     new = self._keep_known(new, known, corners, valid, level, noise)
-
     write = behind & valid[:, :, None, None]                            # [N, K, P, P]
+    slot_keys = jax.vmap(lambda key, i: jax.vmap(lambda j: jax.random.fold_in(
+        jax.random.fold_in(jax.random.fold_in(key, 5), i), j))(jnp.arange(k_slots)))(
+            state.keys, state.image_iters)                              # [N, K]
+    new, evals = self._resample(params, new, evals, model_in, write, cond_p, known,
+                                corners, valid, level, slot_keys)
+
     paste = jax.vmap(functools.partial(_paste_all, patch=p))
     counts, supers = jax.vmap(functools.partial(windows_lib.update_counts, patch=p))(
         state.counts, state.super_counts, corners, write)
@@ -482,9 +530,8 @@ class Sampler:
         jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, 3), lv), j),
         x_p.shape[2:]))(idx))(state.keys, level, index)                 # [N, K, P, P, C]
     cond, known = self._split(cond)
-    new, evals = self._denoise_patches(params, model_in,
-                                       self._cond_patches(cond, corners, valid), valid,
-                                       level, noise)
+    cond_p = self._cond_patches(cond, corners, valid)
+    new, evals = self._denoise_patches(params, model_in, cond_p, valid, level, noise)
     new = self._keep_known(new, known, corners, valid, level, noise)
 
     rows = corners[..., 0, None] + jnp.arange(p)                        # [N, K, P]
@@ -493,6 +540,11 @@ class Sampler:
     write = (inside(rows, rects[..., 0], rects[..., 1])[..., :, None]
              & inside(cols, rects[..., 2], rects[..., 3])[..., None, :]
              & valid[..., None, None])                                  # [N, K, P, P]
+    slot_keys = jax.vmap(lambda key, lv, idx: jax.vmap(lambda j: jax.random.fold_in(
+        jax.random.fold_in(jax.random.fold_in(key, 5), lv), j))(idx))(
+            state.keys, level, index)                                   # [N, K]
+    new, evals = self._resample(params, new, evals, model_in, write, cond_p, known,
+                                corners, valid, level, slot_keys)
     paste = jax.vmap(functools.partial(_paste_all, patch=p))
     to_x = write & odd[..., 0]
     to_low = write & ~odd[..., 0]

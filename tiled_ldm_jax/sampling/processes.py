@@ -111,6 +111,18 @@ class Diffusion:
     a = jnp.reshape(a, jnp.shape(a) + (1,) * (jnp.ndim(x0) - jnp.ndim(a)))
     return jnp.sqrt(a) * x0 + jnp.sqrt(1.0 - a) * noise
 
+  def renoise(self, x, noise, t_from, t_to):
+    """x at time t_from taken forward to the noisier t_to (per sample, [B] each):
+    q(x_to | x_from) = N(sqrt(a_to / a_from) x, 1 - a_to / a_from), where t_from <= 0 is
+    clean (a = 1, as `step` treats it)."""
+    ac = jnp.asarray(self.schedule.alphas_cumprod, jnp.float32)
+    last = self.schedule.timesteps - 1
+    t_from, t_to = jnp.asarray(t_from, jnp.int32), jnp.asarray(t_to, jnp.int32)
+    a_from = jnp.where(t_from > 0, ac[jnp.clip(t_from, 0, last)], 1.0)
+    r = ac[jnp.clip(t_to, 0, last)] / a_from
+    r = jnp.reshape(r, jnp.shape(r) + (1,) * (jnp.ndim(x) - jnp.ndim(r)))
+    return jnp.sqrt(r) * x + jnp.sqrt(jnp.maximum(1.0 - r, 0.0)) * noise
+
 
 class Flow:
   """Euler steps of a flow-matching (rectified flow) velocity model from t = 1 to 0."""
@@ -138,6 +150,16 @@ class Flow:
     t = jnp.asarray(t, jnp.float32)
     t = jnp.reshape(t, jnp.shape(t) + (1,) * (jnp.ndim(x0) - jnp.ndim(t)))
     return (1.0 - t) * x0 + t * noise
+
+  def renoise(self, x, noise, t_from, t_to):
+    """x at time t_from taken forward to t_to >= t_from (per sample, [B] each): x_to =
+    c x + sigma noise with c = (1 - t_to) / (1 - t_from) and sigma^2 = t_to^2 - (c t_from)^2,
+    so that x_to = (1 - t_to) x0 + (noise of variance t_to^2)."""
+    t_from, t_to = jnp.asarray(t_from, jnp.float32), jnp.asarray(t_to, jnp.float32)
+    c = (1.0 - t_to) / jnp.maximum(1.0 - t_from, 1e-12)
+    sigma = jnp.sqrt(jnp.maximum(t_to ** 2 - (c * t_from) ** 2, 0.0))
+    shape = lambda a: jnp.reshape(a, jnp.shape(a) + (1,) * (jnp.ndim(x) - jnp.ndim(a)))
+    return shape(c) * x + shape(sigma) * noise
 
   def step(self, x, pred, t, t_next, noise, eta: float):
     del noise, eta   # an ODE step

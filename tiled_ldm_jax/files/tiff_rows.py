@@ -1,0 +1,75 @@
+"""Rows of a TIFF's first page (full resolution), read segment by segment.
+
+Used by the lazy label maps (`label_files.TiffLabels`) and the init images
+(`large_images.TiffImage`): tiled and striped pages, any codec tifffile decodes, samples
+interleaved (planar configuration 1). Opening reads only the page's header and checks
+that every segment lies inside the file (a truncated file is refused before any pixel is
+decoded); `read_rows` decodes the segments a band of rows needs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from tiled_ldm_jax.files import image_files
+
+
+class TiffRows:
+  """`.shape` ([H, W] or [H, W, S]), `.dtype`, `.read_rows(r0, r1)`."""
+
+  def __init__(self, path):
+    self.path = os.fspath(path)
+    self.name = image_files._printable(path)  # pylint: disable=protected-access
+    try:
+      import tifffile  # pylint: disable=g-import-not-at-top  # an extra: only for TIFF input
+    except ImportError:
+      raise ValueError(f'{self.name}: reading TIFF needs tifffile (pip install '
+                       f'"tiled_ldm_jax[tiff]")') from None
+    try:
+      with tifffile.TiffFile(self.path) as tf:
+        page = tf.pages[0]
+        shape, dtype = tuple(page.shape), np.dtype(page.dtype)
+        self._segment = (page.tilelength, page.tilewidth) if page.is_tiled else (
+            page.rowsperstrip, page.imagewidth)
+        samples, planar = int(page.samplesperpixel), int(page.planarconfig)
+        ends = [int(o) + int(n) for o, n in zip(page.dataoffsets, page.databytecounts)]
+    except Exception as e:  # pylint: disable=broad-except  # any parse failure: one line
+      raise ValueError(f'{self.name}: not a readable TIFF ({str(e)[:120]})') from None
+    if samples > 1 and planar != 1:
+      raise ValueError(f'{self.name}: samples stored as separate planes are not read '
+                       f'(planar configuration {planar}); save it with interleaved samples')
+    if len(shape) < 2 or shape[0] * shape[1] > image_files.MAX_PIXELS * 8:
+      raise ValueError(f'{self.name}: a first page of shape {list(shape)} is not read')
+    size = os.path.getsize(self.path)
+    if not ends or max(ends) > size:
+      raise ValueError(f'{self.name}: truncated TIFF (image data runs past the end of the '
+                       f'file)')
+    self.shape, self.dtype = shape, dtype
+
+  def read_rows(self, r0: int, r1: int) -> np.ndarray:
+    """The rows [r0, r1) of the page, shape [r1 - r0, W] + the samples axis if any."""
+    import tifffile  # pylint: disable=g-import-not-at-top
+    th, tw = self._segment
+    h, w = self.shape[:2]
+    out = np.zeros((r1 - r0, w, int(np.prod(self.shape[2:], dtype=int))), self.dtype)
+    try:
+      with tifffile.TiffFile(self.path) as tf:
+        page = tf.pages[0]
+        fh = tf.filehandle
+        per_row = -(-w // tw)
+        for ti in range(r0 // th, -(-r1 // th)):
+          for tj in range(per_row):
+            index = ti * per_row + tj
+            fh.seek(page.dataoffsets[index])
+            data = fh.read(page.databytecounts[index])
+            seg, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
+            seg = np.asarray(seg).reshape(seg.shape[-3], seg.shape[-2], seg.shape[-1])
+            y0, x0 = ti * th, tj * tw
+            a, b = max(r0, y0), min(r1, y0 + th, h)
+            out[a - r0:b - r0, x0:min(x0 + tw, w)] = seg[a - y0:b - y0, :min(tw, w - x0)]
+    except Exception as e:  # pylint: disable=broad-except  # codecs raise their own types
+      raise ValueError(f'{self.name}: cannot decode the rows {r0}-{r1} ({str(e)[:120]})'
+                       ) from None
+    return out.reshape((r1 - r0,) + tuple(self.shape[1:]))
