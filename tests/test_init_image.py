@@ -130,3 +130,151 @@ def test_keep_mask_on_the_api(demo_pipeline):
   assert np.abs(out.astype(float) - img)[:, 72:].mean() > 2 * err(out, img)   # regenerated
   with pytest.raises(ValueError, match='keep needs init'):
     pipe(labels=labels, sampling_steps=2, keep=keep)
+
+
+# --------------------------------------------------------- init images read by rows
+
+class _Spy:
+  """A row source that records the largest band asked for."""
+
+  def __init__(self, source):
+    self.source, self.shape, self.name, self.most = source, source.shape, 'spy', 0
+
+  def read_rows(self, r0, r1):
+    self.most = max(self.most, r1 - r0)
+    return self.source.read_rows(r0, r1)
+
+
+def _local(params, x):
+  z = x[:, ::8, ::8, :] * 2.0 + params
+  return z, z
+
+
+def _rgb_files(tmp_path, img):
+  """The same uint8 image as a tiled TIFF, a striped RGBA TIFF, an OME-Zarr store (this
+  library's writer) and a PNG."""
+  import tifffile  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from tiled_ldm_jax.output import ome_zarr  # pylint: disable=g-import-not-at-top
+  paths = {'tiled': tmp_path / 'tiled.bin', 'striped': tmp_path / 'striped',
+           'zarr': tmp_path / 'store.zarr', 'png': tmp_path / 'img.data'}
+  tifffile.imwrite(paths['tiled'], img, tile=(32, 48), compression='zlib')
+  rgba = np.concatenate([img, np.full(img.shape[:2] + (1,), 255, np.uint8)], -1)
+  tifffile.imwrite(paths['striped'], rgba, rowsperstrip=7, photometric='rgb',
+                   extrasamples=[2])
+  ome_zarr.write_ome_zarr(paths['zarr'], [(0, img)], img.shape, tile=64)
+  Image.fromarray(img).save(paths['png'], format='PNG')
+  return paths
+
+
+def test_row_sources_read_every_format_by_bands(tmp_path):
+  """TIFF (tiled or striped, RGBA), OME-Zarr and PNG give the same pixels, by content
+  (no name says the format), and the tiled encode from a file asks for one band of
+  window rows at a time and equals the encode of the array."""
+  from tiled_ldm_jax.files import large_images  # pylint: disable=g-import-not-at-top
+  img = (_image(200, 136) * 255).astype(np.uint8)
+  want = encode.encode_image(_local, 1.0, img.astype(np.float32) / 255, factor=8,
+                             scale=2.0, tile_px=64, halo_px=16, tile_batch=3)
+  for kind, path in _rgb_files(tmp_path, img).items():
+    source = large_images.open_rgb_source(path)
+    assert source.shape == (200, 136, 3), kind
+    np.testing.assert_array_equal(source.read_rows(0, 200), img, err_msg=kind)
+    np.testing.assert_array_equal(source.read_rows(37, 81), img[37:81], err_msg=kind)
+    spy = _Spy(source)
+    got = encode.encode_image(_local, 1.0, spy, factor=8, scale=2.0, tile_px=64,
+                              halo_px=16, tile_batch=3)
+    np.testing.assert_allclose(got, want, atol=1e-6, err_msg=kind)
+    assert spy.most == 64 + 2 * 16, (kind, spy.most)   # one band of windows, not the image
+
+
+def test_bad_init_files_are_one_line_errors(tmp_path):
+  import tifffile  # pylint: disable=g-import-not-at-top
+  from tiled_ldm_jax.files import large_images  # pylint: disable=g-import-not-at-top
+  img = (_image(64, 64) * 255).astype(np.uint8)
+  cases = {}
+  p = tmp_path / 'u16.tif'
+  tifffile.imwrite(p, img.astype(np.uint16))
+  cases[p] = '8-bit'
+  p = tmp_path / 'planar.tif'
+  tifffile.imwrite(p, np.moveaxis(img, -1, 0), planarconfig='separate', photometric='rgb')
+  cases[p] = 'separate planes'
+  p = tmp_path / 'two.tif'
+  tifffile.imwrite(p, np.zeros((64, 64, 2), np.uint8), planarconfig='contig',
+                   photometric='minisblack')
+  cases[p] = 'channels'
+  whole = tmp_path / 'whole.tif'
+  tifffile.imwrite(whole, img, tile=(32, 32))
+  p = tmp_path / 'cut.tif'
+  p.write_bytes(whole.read_bytes()[:-200])
+  cases[p] = 'truncated|not a readable TIFF'
+  p = tmp_path / 'eps.ps'
+  p.write_bytes(b'%!PS-Adobe-3.0 EPSF-3.0\n')
+  cases[p] = 'not a PNG / JPEG'
+  for path, match in cases.items():
+    with pytest.raises(ValueError, match=match):
+      large_images.open_rgb_source(path)
+  # A damaged tile: found when its band is read, one line naming the file.
+  p = tmp_path / 'damaged.tif'
+  tifffile.imwrite(p, img, tile=(32, 32), compression='zlib')
+  data = bytearray(p.read_bytes())
+  with tifffile.TiffFile(p) as tf:
+    off, n = tf.pages[0].dataoffsets[0], tf.pages[0].databytecounts[0]
+  data[off:off + n] = b'\x00' * n
+  p.write_bytes(bytes(data))
+  with pytest.raises(ValueError, match='cannot decode the rows'):
+    large_images.open_rgb_source(p).read_rows(0, 64)
+
+
+def test_command_outpaint_and_tiff_init(models, demo_pipeline, tmp_path):  # noqa: F811
+  """--init_offset places a 64 px image on a 128 px canvas: its pixels are kept (much
+  closer to it than the same run without it), the canvas around is generated; a tiled
+  TIFF init image is read by bands; bad offsets and files: one error line, nothing
+  written."""
+  import tifffile  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from test_pipeline import config   # pylint: disable=g-import-not-at-top
+  from tiled_ldm_jax import generate  # pylint: disable=g-import-not-at-top
+  slide = demo_pipeline(labels=np.ones((1, 128, 128), np.int32), seed=5,
+                        sampling_steps=10).images[0]          # an image the demo VAE knows
+  img = np.ascontiguousarray(slide[32:96, 32:96])
+  path = tmp_path / 'small.png'
+  Image.fromarray(img).save(path)
+  run = dict(image_size=128, sampling_steps=4)
+  demo = dict(run, unet_ckpt=None, vae_ckpt=None, mask_unet_ckpt=None)   # the demo models
+  (rec,) = generate.generate(config(models, tmp_path / 'o', init_image=str(path),
+                                    init_offset='32,32', **demo))
+  generate.generate(config(models, tmp_path / 'p', **demo))    # the same run, no init
+  assert rec['config']['init_offset'] == '32,32'
+  read = lambda d: np.asarray(Image.open(tmp_path / d / 'sample0000.png').convert('RGB'),
+                              float)
+  out, plain = read('o'), read('p')
+  err = lambda a: np.abs(a[32:96, 32:96] - img)[4:-4, 4:-4].mean()
+  assert err(out) < 0.6 * err(plain), (err(out), err(plain))
+  assert np.abs(out[:, :24] - out[:, :24].mean()).mean() > 1   # generated around it
+  tiff = tmp_path / 'init.tif'
+  full = (_image(128, 128) * 255).astype(np.uint8)
+  tifffile.imwrite(tiff, full, tile=(32, 32))
+  (rec,) = generate.generate(config(models, tmp_path / 't', init_image=str(tiff),
+                                    strength=0.5, **run))
+  assert rec['image_stage']['patch_iterations'] > 0
+  cut = tmp_path / 'cut.tif'
+  cut.write_bytes(tiff.read_bytes()[:-300])
+  never = tmp_path / 'never'
+  keep = np.zeros((128, 128), np.uint8)
+  keep[:, :16] = 1                                       # outside the placed image
+  keep_path = tmp_path / 'keep.png'
+  Image.fromarray(keep).save(keep_path)
+  for kw, match in (
+      (dict(init_image=str(path), init_offset='3,8'), 'multiples of the VAE factor'),
+      (dict(init_image=str(path), init_offset='96,0'), 'does not fit'),
+      (dict(init_image=str(path), init_offset='8'), '"y,x"'),
+      (dict(init_image=str(path), init_offset='0,0', strength=0.5), '--strength 1'),
+      (dict(init_image=str(path), init_offset='0,0', image_size=None), 'needs --image_size'),
+      (dict(init_offset='0,0'), 'needs --init_image'),
+      (dict(init_image=str(path), init_offset='32,32', keep_mask=str(keep_path)),
+       'outside the init image'),
+      (dict(init_image=str(path)), 'place it with --init_offset'),
+      (dict(init_image=str(cut), strength=0.5), 'truncated')):
+    with pytest.raises(ValueError, match=match):
+      generate.prepare(config(models, never, **{**run, **kw}))
+  assert not never.exists()

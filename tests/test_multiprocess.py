@@ -5,7 +5,7 @@ Image n uses the keys of index n whatever its batch, so one single-process run o
 images is the reference for every multi-process run here (batch split N=4, patch split
 N=2 over all 4 devices, N=1 which no device count divides, written as one OME-Zarr
 store or one TIFF by both processes together, a resume after both processes are
-killed). A hang (unequal collectives) fails the test after TIMEOUT s.
+killed); a run from an init image with a keep mask has its own single-process reference. A hang (unequal collectives) fails the test after TIMEOUT s.
 
 The runs go to one pair of long-lived interpreters (`_Pair`, `script_runner.py`) that
 join one multi-process run at their first request and then serve every test here, as
@@ -201,6 +201,22 @@ def test_n1_shared_tiff_bands_gathered(tmp_path, pair, reference):
                         '--tiff_compression=zlib'])
   _close(tifffile.imread(tmp_path / 'sample0000.tif', level=0), reference[0])
   assert (tmp_path / 'sample0000.json').is_file()
+
+
+def test_init_image_keep_mask_two_processes(tmp_path, pair, reference):
+  """From an init image (a reference sample) with a keep mask, a strength and
+  resampling: two processes equal one."""
+  init, keep = tmp_path / 'init.png', tmp_path / 'keep.png'
+  Image.fromarray(reference[1]).save(init)
+  mask = np.zeros((256, 256), np.uint8)
+  mask[:, :96] = 1
+  Image.fromarray(mask).save(keep)
+  args = dict(init_image=str(init), keep_mask=str(keep), strength=0.5, resample=1)
+  one = _single_process(tmp_path / 'one', n_images=2, batch_size=2, **args)
+  _run(pair, tmp_path / 'two', ['--n_images=2', '--batch_size=2'] +
+       [f'--{k}={v}' for k, v in args.items()])
+  for n in range(2):
+    _close(np.asarray(Image.open(tmp_path / 'two' / f'sample{n:04d}.png')), one[n])
 
 
 def test_resume_after_killing_both(tmp_path, cache, pair, reference):

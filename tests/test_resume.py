@@ -2,6 +2,8 @@
 
 import os
 
+import numpy as np
+from PIL import Image
 import pytest
 
 from tiled_ldm_jax import generate
@@ -81,10 +83,19 @@ def test_resume_across_batches_with_given_mask(models, given_mask, tmp_path, mon
   assert _files(tmp_path / 'whole') == _files(tmp_path / 'cut')
 
 
-def test_resume_at_the_default_grid(models, given_mask, tmp_path, monkeypatch):
+@pytest.mark.parametrize('from_init', [False, True])
+def test_resume_at_the_default_grid(models, given_mask, tmp_path, monkeypatch, from_init):
   """The default placement (grid, margin in the last levels): cut mid-run, resumed,
-  byte-identical."""
+  byte-identical; also from an init image with a keep mask, a strength and resampling
+  (and a changed init file is refused)."""
   kw = dict(sampling_steps=3, checkpoint_every=1, mask=given_mask)
+  if from_init:
+    init, keep = tmp_path / 'init.png', tmp_path / 'keep.png'
+    rng = np.random.RandomState(0)
+    Image.fromarray(rng.randint(0, 256, (256, 256, 3), np.uint8)).save(init)
+    Image.fromarray(np.tril(np.ones((256, 256), np.uint8))).save(keep)
+    kw.update(sampling_steps=4, init_image=str(init), keep_mask=str(keep), strength=0.75,
+              resample=1)
   count = interrupt_after(monkeypatch, None)
   generate.generate(config(models, tmp_path / 'whole', **kw))
   monkeypatch.undo()
@@ -94,6 +105,12 @@ def test_resume_at_the_default_grid(models, given_mask, tmp_path, monkeypatch):
     generate.generate(config(models, tmp_path / 'cut', **kw))
   monkeypatch.undo()
   assert os.path.isdir(tmp_path / 'cut' / 'checkpoint')
+  if from_init:
+    saved = init.read_bytes()
+    Image.fromarray(np.zeros((256, 256, 3), np.uint8)).save(init)
+    with pytest.raises(ValueError, match='--init_image file'):
+      generate.prepare(config(models, tmp_path / 'cut', resume=True, **kw))
+    init.write_bytes(saved)
   generate.generate(config(models, tmp_path / 'cut', resume=True, **kw))
   assert _files(tmp_path / 'whole') == _files(tmp_path / 'cut')
 

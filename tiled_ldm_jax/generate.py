@@ -155,8 +155,14 @@ class Plan:
 
 
 def _hash_folder(path: str) -> str:
-  """sha256 over the files of a converted model folder (names and bytes)."""
+  """sha256 over the files of a converted model folder (names and bytes), or of a file's
+  bytes."""
   h = hashlib.sha256()
+  if os.path.isfile(path):
+    with open(path, 'rb') as f:
+      for chunk in iter(lambda: f.read(1 << 20), b''):
+        h.update(chunk)
+    return h.hexdigest()
   for root, dirs, files in sorted(os.walk(path)):
     dirs.sort()
     for name in sorted(files):
@@ -309,6 +315,11 @@ def prepare(cfg: GenerationConfig) -> Plan:
   _check_writable(cfg.imgs_path)
   used = {k: v for k, v in pipe.paths.items() if k != 'mask_unet' or mask is None}
   hashes = {name: _hash_folder(path) for name, path in used.items()}
+  if cfg.checkpoint_every or cfg.resume:   # a resumed run must read the same inputs
+    for flag in ('mask', 'init_image', 'keep_mask'):
+      path = getattr(cfg, flag)
+      if path is not None and os.path.exists(path):
+        hashes[resume.INPUT_PREFIX + flag] = _hash_folder(path)
   _check_name_length(cfg)
   resource_check(lambda: _check_free_space(cfg))
   run_ckpt = resume.RunCheckpoint(cfg.imgs_path)
@@ -568,7 +579,9 @@ def _record(plan: Plan, number: int, index: int, labels, stats: dict, seconds: d
   return {
       'sample': number, 'image_index': index, 'seed': cfg.seed,
       'config': cfg.flat(), 'flags': flags_used or {},
-      'checkpoint_sha256': plan.hashes, 'image_size': list(cfg.size),
+      'checkpoint_sha256': {k: v for k, v in plan.hashes.items()
+                            if not k.startswith(resume.INPUT_PREFIX)},
+      'image_size': list(cfg.size),
       'labels_present': labels.present(),
       'mask_stage': stats.get('mask'), 'image_stage': stats['image'],
       'batch': {'size': cfg.batch_size, 'stats_are_per_batch': True},

@@ -26,6 +26,7 @@ from tiled_ldm_jax.sampling.loop import SamplerState
 
 FOLDER = 'checkpoint'
 FORMAT = 2   # 2: the random sampler's state holds super_counts
+INPUT_PREFIX = 'input:'   # hashes of input files (--mask, --init_image, --keep_mask), not models
 # Flags (`GenerationConfig.flat()`) that cannot change what is generated.
 NEUTRAL_FIELDS = ('imgs_path', 'progress_every', 'checkpoint_every', 'resume', 'dry_run')
 
@@ -94,8 +95,10 @@ class RunCheckpoint:
     now = result_flags(cfg)
     changed = sorted(k for k in set(now) | set(meta['flags'])
                      if now.get(k) != meta['flags'].get(k))
-    changed += [f'{name} checkpoint (weights changed)' for name in sorted(hashes)
-                if meta['checkpoint_sha256'].get(name) != hashes[name]]
+    changed += [f'--{name[len(INPUT_PREFIX):]} file (its contents changed)'
+                if name.startswith(INPUT_PREFIX) else f'{name} checkpoint (weights changed)'
+                for name in sorted(set(hashes) | set(meta['checkpoint_sha256']))
+                if meta['checkpoint_sha256'].get(name) != hashes.get(name)]
     if changed:
       detail = '; '.join(f'{k}: saved {meta["flags"][k]!r}, now {now.get(k)!r}'
                          if k in meta['flags'] else k for k in changed)

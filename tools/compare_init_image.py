@@ -6,7 +6,7 @@
 Measures: the tiled encode against one whole-image encode (max and mean |difference|
 relative to the latents' largest magnitude) and encode -> decode PSNR; a demo slide
 regenerated at each --strengths (PSNR of the result against it); the slide's left half
-kept and its right half inpainted under another label map, at each --resample: PSNR of
+(--kept_columns) kept and its right half inpainted under another label map, at each --resample: PSNR of
 the kept half against the slide, texture adherence of the new half to its labels, and the
 seam score at the border column against the median of the same score at every other
 column.
@@ -31,6 +31,9 @@ _STRENGTHS = flags.DEFINE_list('strengths', ['0.2', '0.3', '0.5', '0.6', '1.0'],
                                'Strengths to regenerate the slide at.')
 _FIGURE = flags.DEFINE_string('figure', None, 'Write the figure here (JPEG).')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the slide.')
+_KEPT = flags.DEFINE_integer(
+    'kept_columns', None, 'Columns kept on the left (default half + 8: off the decoder\'s '
+    'tile lines, which score higher in any tiled image; a multiple of 8).')
 _KEEP_SEEDS = flags.DEFINE_integer('keep_seeds', 4, 'Seeds of each inpainting measure.')
 _RESAMPLE = flags.DEFINE_list('resample', ['0', '2'],
                               'Keep-mask resampling passes to measure (the figure: the last).')
@@ -68,7 +71,7 @@ def main(argv):
     out.setdefault('strength_psnr', {})[s] = _psnr(r.images[0], img)
 
   new_labels = labels.copy()
-  half = n // 2
+  half = n // 2 + 8 if _KEPT.value is None else _KEPT.value
   right = new_labels[:, :, half:]
   new_labels[:, :, half:] = np.where(right > 0, right % 4 + 1, 0)   # other classes there
   keep = np.zeros((n, n), bool)
