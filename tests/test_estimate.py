@@ -21,16 +21,28 @@ def test_labels_per_window():
   assert estimate.labels_per_window(lab, 4, 3) == pytest.approx(4 / 6)
 
 
-def test_plan_counts_match_the_run(models, tmp_path):
+@pytest.mark.parametrize('inpaint', [False, True])
+def test_plan_counts_match_the_run(models, tmp_path, inpaint):
   """Grid iterations exact; windows (expected over offsets) and samples (labels counted on
-  the given map) close to what the run counted."""
+  the given map) close to what the run counted; also with a keep mask whose border
+  windows run resampling passes."""
   labels = np.zeros((256, 384), np.int32)
   labels[:, 128:] = 1
   labels[128:, 256:] = 3
   path = tmp_path / 'labels.png'
   masks.write_label_png(path, labels)
+  extra = {}
+  if inpaint:
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    Image.fromarray(np.random.RandomState(0).randint(0, 256, (256, 384, 3), np.uint8)).save(
+        tmp_path / 'init.png')
+    keep = np.zeros((256, 384), np.uint8)
+    keep[:, :200] = 1
+    Image.fromarray(keep).save(tmp_path / 'keep.png')
+    extra = dict(init_image=str(tmp_path / 'init.png'), keep_mask=str(tmp_path / 'keep.png'),
+                 resample=2)
   cfg = config(models, tmp_path / 'out', mask=str(path), image_size=None, sampling_steps=5,
-               grid_margin_levels=2)
+               grid_margin_levels=2, **extra)
   plan = generate.prepare(cfg)
   work = plan.work['stages']['image_stage']
   assert 'mask_stage' not in plan.work['stages']
@@ -40,6 +52,7 @@ def test_plan_counts_match_the_run(models, tmp_path):
   ran = record['image_stage']
   assert work['patch_iterations'] == ran['patch_iterations']
   assert abs(work['unet_samples'] - ran['denoiser_evaluations']) <= 0.25 * ran['denoiser_evaluations']
+  assert (work['resampled_windows'] > 0) == inpaint
 
 
 def test_mask_stage_plan_is_exact(models, tmp_path):

@@ -146,11 +146,31 @@ def _decode_tiles(latent_hw, c: int, settings) -> float:
   return decode_lib.passes_per_pixel((h, w, c), settings) * h * w / p ** 2
 
 
+def border_share(keep, patch: int) -> float:
+  """The share of patch x patch windows of a [h, w] keep mask holding kept and free
+  pixels: about the share of windows that the keep-mask resampling runs again (the mean
+  over two grids, unshifted and shifted by half a window, as the grid's offsets move
+  windows across a border that one grid could have aligned with)."""
+  k = np.asarray(keep, bool)
+  h, w = k.shape
+  shares = []
+  for off in (0, patch // 2):
+    rows, cols = -(-(h + off) // patch), -(-(w + off) // patch)
+    pad = np.full((rows * patch, cols * patch), -1, np.int8)      # -1: outside
+    pad[off:off + h, off:off + w] = k
+    cells = pad.reshape(rows, patch, cols, patch)
+    mixed = (cells == 1).any(axis=(1, 3)) & (cells == 0).any(axis=(1, 3))
+    inside = (cells >= 0).any(axis=(1, 3))
+    shares.append(mixed.sum() / inside.sum())
+  return float(np.mean(shares))
+
+
 def plan(pipe, image_hw, o, *, n_batch: int = 1, n_images: int = 1, labels=None,
          whole_images: int = 0, label_source_pixels: int | None = None,
-         strength: float = 1.0) -> dict:
+         strength: float = 1.0, keep=None) -> dict:
   """The work and memory of a request (see the module doc); `o` resolved `Options`,
-  `labels` the given [N, H, W] (or [H, W]) map, else the mask stage is planned."""
+  `labels` the given [N, H, W] (or [H, W]) map, else the mask stage is planned; `keep`
+  the [H/f, W/f] latent keep mask (its border windows run `o.resample` more passes)."""
   f = pipe.geometry.factor
   h_px, w_px = image_hw
   latent_hw = (h_px // f, w_px // f)
@@ -189,11 +209,15 @@ def plan(pipe, image_hw, o, *, n_batch: int = 1, n_images: int = 1, labels=None,
   chunk = diffusion.pack_chunk(batch)
   passes = per_window + 1      # the unconditional pass: w != 0, or label 0 present
   samples = win * passes + (it * chunk / 2 if chunk > 1 else 0)
+  border = border_share(keep, patch) if keep is not None and o.resample else 0.0
+  resampled = win * border * o.resample        # windows run again at the keep border
+  samples += resampled * passes
   settings = pipe._decode_settings(o, o.patch_size)  # pylint: disable=protected-access
   stages['image_stage'] = dict(
       latent_shape=[n_batch, *latent_hw, pipe.unet.config.channels], patch=patch, **fields,
       patch_iterations=round(it), windows=round(win),
       labels_per_window=round(per_window, 3), labels_per_window_source=source,
+      resampled_windows=round(resampled),
       unet_samples=round(samples), unet_batch=chunk,
       unet_gflop_per_sample=_unet_flops(pipe.unet, patch) / 1e9,
       sampling_steps_run=steps,

@@ -333,7 +333,7 @@ def prepare(cfg: GenerationConfig) -> Plan:
                      f'--resume with the same flags to continue it, or remove that folder')
   work = estimate.plan(pipe, size, o, n_batch=cfg.batch_size, n_images=cfg.n_images,
                        labels=mask, whole_images=whole, label_source_pixels=source_px,
-                       strength=cfg.strength)
+                       strength=cfg.strength, keep=keep)
   return Plan(cfg, pipe, mask, hashes, meta, work, tuple(refused), init_image, keep, offset)
 
 

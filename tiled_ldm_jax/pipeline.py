@@ -96,7 +96,8 @@ class Options:
   resample: int = _help('With a keep mask: RePaint resampling passes per step of the '
                         'windows that hold kept and free pixels (each pass takes the '
                         'step back with fresh noise and runs it again, so both sides '
-                        'agree at the border; 0: none).', 0)
+                        'agree at the border; 0: none). 2: the border seam of the demo '
+                        'inpainting fell from 1.44 to 1.14 (README).', 2)
 
   def __post_init__(self):
     for name in ('cond_scale', 'mask_cond_scale', 'eta'):

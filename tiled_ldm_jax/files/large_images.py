@@ -136,6 +136,8 @@ class ZarrImage:
 def open_rgb_source(path, *, what: str = 'init image'):
   """A row source for the image at `path` (module doc); ValueError / FileNotFoundError
   for what cannot be read."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{image_files._printable(path)}: no such file or folder')  # pylint: disable=protected-access
   if label_files.is_tiff(path):
     return TiffImage(path)
   if is_ome_zarr_image(path):
