@@ -278,3 +278,20 @@ def test_command_outpaint_and_tiff_init(models, demo_pipeline, tmp_path):  # noq
     with pytest.raises(ValueError, match=match):
       generate.prepare(config(models, never, **{**run, **kw}))
   assert not never.exists()
+
+
+def test_memory_counts_the_init_image():
+  """The init latent and band on the host, a whole PNG's pixels, and with a keep mask the
+  init latents and mask on the device, per image of the batch."""
+  from tiled_ldm_jax import memory  # pylint: disable=g-import-not-at-top
+  kw = dict(image_hw=(4096, 2048), n_batch=2, latent_channels=4, factor=8, whole_images=0,
+            tile_px=512)
+  base = memory.request_bytes(**kw)
+  latent = 512 * 256
+  banded = memory.request_bytes(**kw, init='strength')
+  assert banded['host'] - base['host'] == 16 * latent + 2 * 3 * 2048 * 512
+  assert banded['device'] == base['device']
+  whole = memory.request_bytes(**kw, init='strength', init_whole=True)
+  assert whole['host'] - base['host'] == 16 * latent + 3 * 4096 * 2048
+  keep = memory.request_bytes(**kw, init='keep')
+  assert keep['device'] - base['device'] == 2 * latent * 17

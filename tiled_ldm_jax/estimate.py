@@ -167,10 +167,11 @@ def border_share(keep, patch: int) -> float:
 
 def plan(pipe, image_hw, o, *, n_batch: int = 1, n_images: int = 1, labels=None,
          whole_images: int = 0, label_source_pixels: int | None = None,
-         strength: float = 1.0, keep=None) -> dict:
+         strength: float = 1.0, keep=None, **init) -> dict:
   """The work and memory of a request (see the module doc); `o` resolved `Options`,
   `labels` the given [N, H, W] (or [H, W]) map, else the mask stage is planned; `keep`
-  the [H/f, W/f] latent keep mask (its border windows run `o.resample` more passes)."""
+  the [H/f, W/f] latent keep mask (its border windows run `o.resample` more passes);
+  `init`: `memory_need`'s init / init_whole."""
   f = pipe.geometry.factor
   h_px, w_px = image_hw
   latent_hw = (h_px // f, w_px // f)
@@ -235,7 +236,7 @@ def plan(pipe, image_hw, o, *, n_batch: int = 1, n_images: int = 1, labels=None,
     s['unet_tflop'] = round(s['unet_samples'] * s['unet_gflop_per_sample'] / 1e3, 3)
     s['decoder_tflop'] = round(s['decoder_tiles'] * s['decoder_gflop_per_tile'] / 1e3, 3)
     tflop += s['unet_tflop'] + s['decoder_tflop']
-  need = pipe.memory_need(image_hw, n_batch, o, whole_images, label_source_pixels)
+  need = pipe.memory_need(image_hw, n_batch, o, whole_images, label_source_pixels, **init)
   return {'image_size': [h_px, w_px], 'n_images': n_images, 'batch_size': n_batch,
           'batches': -(-n_images // n_batch), 'stages': stages,
           'tflop_per_batch': round(tflop, 3), 'host_bytes': need['host'],

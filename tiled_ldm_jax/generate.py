@@ -291,8 +291,11 @@ def prepare(cfg: GenerationConfig) -> Plan:
   # bands), None: the mask model's map
   source_px = (0 if annotations or lazy is not None else
                given.size if given is not None else None)
+  init_memory = {} if init_image is None else dict(
+      init='keep' if keep is not None else 'strength',
+      init_whole=isinstance(init_image, large_images.ArrayImage))
   resource_check(lambda: pipe.check_memory(size, cfg.batch_size, o, whole_images=whole,
-                                           label_source_pixels=source_px))
+                                           label_source_pixels=source_px, **init_memory))
   mask = None
   if annotations:
     classes = geojson_labels.parse_classes(cfg.mask_classes)
@@ -333,7 +336,7 @@ def prepare(cfg: GenerationConfig) -> Plan:
                      f'--resume with the same flags to continue it, or remove that folder')
   work = estimate.plan(pipe, size, o, n_batch=cfg.batch_size, n_images=cfg.n_images,
                        labels=mask, whole_images=whole, label_source_pixels=source_px,
-                       strength=cfg.strength, keep=keep)
+                       strength=cfg.strength, keep=keep, **init_memory)
   return Plan(cfg, pipe, mask, hashes, meta, work, tuple(refused), init_image, keep, offset)
 
 

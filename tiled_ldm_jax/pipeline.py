@@ -264,9 +264,11 @@ class Pipeline:
     _check_margin(self.geometry, o.grid_margin, o.patch_size, 'patch_size')
 
   def memory_need(self, image_hw, n_batch: int, o: Options, whole_images: int,
-                  label_source_pixels: int | None = None) -> dict[str, int]:
+                  label_source_pixels: int | None = None, init: str | None = None,
+                  init_whole: bool = False) -> dict[str, int]:
     """{'host', 'device'} bytes one batch of this request needs (`memory.request_bytes`):
-    `label_source_pixels` per image (None: the mask model's map; 0: rasterized by bands)."""
+    `label_source_pixels` per image (None: the mask model's map; 0: rasterized by bands);
+    `init` / `init_whole` as there."""
     weights = sum(v.nbytes for m in (self.unet, self.vae, self.mask_unet) if m is not None
                   for v in jax.tree_util.tree_leaves(m.params))   # no copy of the weights
     f = self.geometry.factor
@@ -291,13 +293,13 @@ class Pipeline:
         image_hw=image_hw, n_batch=n_batch, latent_channels=self.unet.config.channels,
         factor=f, whole_images=whole_images, tile_px=o.patch_size, weights_bytes=weights,
         label_source_pixels=label_source_pixels, activation_bytes=act,
-        host_is_device=jax.default_backend() == 'cpu')
+        host_is_device=jax.default_backend() == 'cpu', init=init, init_whole=init_whole)
 
   def check_memory(self, image_hw, n_batch: int, o: Options, whole_images: int,
-                   label_source_pixels: int | None = None) -> None:
+                   label_source_pixels: int | None = None, **init) -> None:
     """ValueError if one batch of this request needs more host or device memory than
-    is available (`memory_need`), before any work."""
-    need = self.memory_need(image_hw, n_batch, o, whole_images, label_source_pixels)
+    is available (`memory_need`; `init`: its init / init_whole), before any work."""
+    need = self.memory_need(image_hw, n_batch, o, whole_images, label_source_pixels, **init)
     h, w = image_hw
     memory.check(need, f'a {h}x{w} image (batch of {n_batch})')
 
@@ -544,18 +546,20 @@ class Pipeline:
       if init.shape[1:3] != tuple(want):
         raise ValueError(f'init_image is {init.shape[1]}x{init.shape[2]}, the images are '
                          f'{want[0]}x{want[1]}')
+    init_memory = {} if init is None else dict(
+        init='keep' if keep is not None else 'strength', init_whole=True)
     if labels is None:
       indices = _indices(indices, n_images)
       hw = image_hw(image_size)
       self.check_image_request(hw, o)   # before the mask stage runs
-      self.check_memory(hw, n_images, o, whole_images=n_images)
+      self.check_memory(hw, n_images, o, whole_images=n_images, **init_memory)
       labels, stats['mask_stage'] = self.run_mask_stage(o, image_size, label, indices, seed)
       labels = self.check_labels(labels)
     else:   # given label maps are already in memory: checked first, then their request
       labels = self.check_labels(labels)
       self.check_image_request(labels.shape[1:3], o)
       self.check_memory(labels.shape[1:3], len(labels), o, whole_images=len(labels),
-                        label_source_pixels=labels[0].size)
+                        label_source_pixels=labels[0].size, **init_memory)
     if init is not None:   # one image for all is encoded once
       init = np.broadcast_to(self.encode(init, options=o), (len(labels),) + (
           init.shape[1] // self.geometry.factor, init.shape[2] // self.geometry.factor,

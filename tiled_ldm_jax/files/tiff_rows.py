@@ -47,28 +47,44 @@ class TiffRows:
       raise ValueError(f'{self.name}: truncated TIFF (image data runs past the end of the '
                        f'file)')
     self.shape, self.dtype = shape, dtype
+    self._cache = {}
+
+  def _segment_row(self, tf, ti: int) -> np.ndarray:
+    """Segment row ti decoded, [th, W, S]; the last two are cached, as bands of
+    overlapping windows read each segment row several times."""
+    if ti in self._cache:
+      return self._cache[ti]
+    th, tw = self._segment
+    h, w = self.shape[:2]
+    page, fh = tf.pages[0], tf.filehandle
+    rows = min(th, h - ti * th)
+    out = np.zeros((rows, w, int(np.prod(self.shape[2:], dtype=int))), self.dtype)
+    per_row = -(-w // tw)
+    for tj in range(per_row):
+      index = ti * per_row + tj
+      fh.seek(page.dataoffsets[index])
+      data = fh.read(page.databytecounts[index])
+      seg, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
+      seg = np.asarray(seg).reshape(seg.shape[-3], seg.shape[-2], seg.shape[-1])
+      x0 = tj * tw
+      out[:, x0:min(x0 + tw, w)] = seg[:rows, :min(tw, w - x0)]
+    self._cache = {k: v for k, v in self._cache.items() if k == ti - 1}
+    self._cache[ti] = out
+    return out
 
   def read_rows(self, r0: int, r1: int) -> np.ndarray:
     """The rows [r0, r1) of the page, shape [r1 - r0, W] + the samples axis if any."""
     import tifffile  # pylint: disable=g-import-not-at-top
-    th, tw = self._segment
-    h, w = self.shape[:2]
+    th = self._segment[0]
+    w = self.shape[1]
     out = np.zeros((r1 - r0, w, int(np.prod(self.shape[2:], dtype=int))), self.dtype)
     try:
       with tifffile.TiffFile(self.path) as tf:
-        page = tf.pages[0]
-        fh = tf.filehandle
-        per_row = -(-w // tw)
         for ti in range(r0 // th, -(-r1 // th)):
-          for tj in range(per_row):
-            index = ti * per_row + tj
-            fh.seek(page.dataoffsets[index])
-            data = fh.read(page.databytecounts[index])
-            seg, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
-            seg = np.asarray(seg).reshape(seg.shape[-3], seg.shape[-2], seg.shape[-1])
-            y0, x0 = ti * th, tj * tw
-            a, b = max(r0, y0), min(r1, y0 + th, h)
-            out[a - r0:b - r0, x0:min(x0 + tw, w)] = seg[a - y0:b - y0, :min(tw, w - x0)]
+          seg = self._segment_row(tf, ti)
+          y0 = ti * th
+          a, b = max(r0, y0), min(r1, y0 + seg.shape[0])
+          out[a - r0:b - r0] = seg[a - y0:b - y0]
     except Exception as e:  # pylint: disable=broad-except  # codecs raise their own types
       raise ValueError(f'{self.name}: cannot decode the rows {r0}-{r1} ({str(e)[:120]})'
                        ) from None

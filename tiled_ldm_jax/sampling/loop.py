@@ -373,8 +373,9 @@ class Sampler:
     to kept pixels that do not know them (the noised init is drawn independently), which
     leaves a seam at the border; each pass lets both sides agree one step further. The
     other slots keep their first result and run no more U-Net samples (idle to a
-    denoiser that `skips_idle`; a pass with no such slot is skipped for any denoiser). `write` [N, K, P, P]: the pixels the step writes (the rest of the window
-    stays at model_in); `slot_keys` [N, K]: a key per slot for the passes' noise.
+    denoiser that `skips_idle`; a pass with no such slot is skipped for any denoiser).
+    `write` [N, K, P, P]: the pixels the step writes (the rest of the window stays at
+    model_in); `slot_keys` [N, K]: a key per slot for the passes' noise.
     Returns (new, evals)."""
     s = self.settings
     if known is None or s.resample == 0:
