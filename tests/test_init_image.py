@@ -96,6 +96,13 @@ def test_command_init_image(models, tmp_path):  # noqa: F811
   (kept,) = generate.generate(config(models, tmp_path / 'k', init_image=str(path),
                                      keep_mask=str(keep_path), **small_run))
   assert kept['config']['keep_mask'] == str(keep_path)
+  import tifffile  # pylint: disable=g-import-not-at-top
+  keep_tiff = tmp_path / 'keep.tif'          # the same mask as a tiled TIFF, read lazily
+  tifffile.imwrite(keep_tiff, keep, tile=(32, 32))
+  generate.generate(config(models, tmp_path / 'k2', init_image=str(path),
+                           keep_mask=str(keep_tiff), **small_run))
+  assert ((tmp_path / 'k' / 'sample0000.png').read_bytes()
+          == (tmp_path / 'k2' / 'sample0000.png').read_bytes())
   out = tmp_path / 'never'
   for kw, match in ((dict(keep_mask=str(keep_path)), '--keep_mask needs --init_image'),
                     (dict(init_image=str(path), keep_mask=str(small)), '--keep_mask'),

@@ -84,9 +84,11 @@ class GenerationConfig:
                                   'them is generated from noise (--strength 1).')
   strength: float = _help('With --init_image: the share of the sampling steps run, in '
                           '(0, 1] (1: from noise, the image unused).', 1.0)
-  keep_mask: str | None = _help('With --init_image: a PNG of the output size whose non-zero '
-                                'pixels keep the init image (they follow it at every '
-                                'level); the others are generated for the label map.')
+  keep_mask: str | None = _help('With --init_image: a map of the output size (PNG, tiled '
+                                'TIFF or OME-Zarr labels group, as --mask; the last two '
+                                'read lazily) whose non-zero pixels keep the init image '
+                                '(they follow it at every level); the others are '
+                                'generated for the label map.')
   imgs_path: str = _help('Output folder.', './results/large')
   n_images: int = _help('Images to generate.', 1)
   batch_size: int = _help('Images sampled together (n_images must be a multiple).', 1)
@@ -360,18 +362,23 @@ def _init_offset(cfg: GenerationConfig, init_image, factor: int) -> tuple[int, i
 
 
 def _keep_mask(cfg: GenerationConfig, init_image, offset, size, factor: int):
-  """[H/f, W/f] bool latent keep mask: --keep_mask's (a PNG of the output size, read at
+  """[H/f, W/f] bool latent keep mask: --keep_mask's (a map of the output size, read at
   latent resolution), else the init image's area with --init_offset; None."""
   keep = None
   if cfg.keep_mask is not None:
     if init_image is None:
       raise ValueError('--keep_mask needs --init_image: the image the kept pixels follow')
-    full = _file_errors('keep_mask', cfg.keep_mask,
-                        lambda: masks_lib.read_label_png(cfg.keep_mask))
-    if full.shape != tuple(size):
-      raise ValueError(f'--keep_mask {cfg.keep_mask} is {full.shape[0]}x{full.shape[1]}, '
-                       f'the output is {size[0]}x{size[1]}')
-    keep = full[::factor, ::factor] != 0
+    # A TIFF or an OME-Zarr labels group is read lazily at latent resolution, a PNG whole.
+    source = _file_errors('keep_mask', cfg.keep_mask,
+                          lambda: label_files.open_label_source(cfg.keep_mask))
+    if source is None:
+      source = _file_errors('keep_mask', cfg.keep_mask,
+                            lambda: masks_lib.read_label_png(cfg.keep_mask))
+    if tuple(source.shape) != tuple(size):
+      raise ValueError(f'--keep_mask {cfg.keep_mask} is {source.shape[0]}x'
+                       f'{source.shape[1]}, the output is {size[0]}x{size[1]}')
+    keep = _file_errors('keep_mask', cfg.keep_mask,
+                        lambda: masks_lib.LabelMap(source, size).latent(factor)) != 0
   if cfg.init_offset is None:
     return keep
   (y, x), (ih, iw) = offset, init_image.shape[:2]
