@@ -288,7 +288,10 @@ def summary(p: dict) -> str:
     lines.append(
         f"  {name}: latent {'x'.join(map(str, s['latent_shape'][1:3]))}, "
         f"{s['schedule']} K={s['patches_per_step']}, {s['patch_iterations']} iterations, "
-        f"{s['windows']} windows, {s['unet_samples']} U-Net samples "
+        f"{s['windows']} windows"
+        + (f" (+{s['resampled_windows']} resampled at the keep border)"
+           if s.get('resampled_windows') else '')
+        + f", {s['unet_samples']} U-Net samples "
         f"({s['unet_tflop']} TFLOP), decode {s['decoder_tiles']} tiles "
         f"({s['decoder_tflop']} TFLOP)"
         + (f", ~{s['unet_seconds'] + s['decoder_seconds']:.0f} s" if 'unet_seconds' in s
