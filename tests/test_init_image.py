@@ -164,8 +164,11 @@ def _rgb_files(tmp_path, img):
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from tiled_ldm_jax.output import ome_zarr  # pylint: disable=g-import-not-at-top
   paths = {'tiled': tmp_path / 'tiled.bin', 'striped': tmp_path / 'striped',
+           'one_strip': tmp_path / 'plain.tif', 'zlib_strips': tmp_path / 'z.tif',
            'zarr': tmp_path / 'store.zarr', 'png': tmp_path / 'img.data'}
   tifffile.imwrite(paths['tiled'], img, tile=(32, 48), compression='zlib')
+  tifffile.imwrite(paths['one_strip'], img)         # one uncompressed strip: byte ranges
+  tifffile.imwrite(paths['zlib_strips'], img, rowsperstrip=24, compression='zlib')
   rgba = np.concatenate([img, np.full(img.shape[:2] + (1,), 255, np.uint8)], -1)
   tifffile.imwrite(paths['striped'], rgba, rowsperstrip=7, photometric='rgb',
                    extrasamples=[2])
@@ -192,6 +195,22 @@ def test_row_sources_read_every_format_by_bands(tmp_path):
                               halo_px=16, tile_batch=3)
     np.testing.assert_allclose(got, want, atol=1e-6, err_msg=kind)
     assert spy.most == 64 + 2 * 16, (kind, spy.most)   # one band of windows, not the image
+
+
+def test_tall_compressed_segments_are_refused(tmp_path, monkeypatch):
+  """A row of compressed segments is decoded whole: one over the limit is refused at
+  open (the band reading would hold it); uncompressed strips are read by byte ranges."""
+  import tifffile  # pylint: disable=g-import-not-at-top
+  from tiled_ldm_jax.files import large_images  # pylint: disable=g-import-not-at-top
+  from tiled_ldm_jax.files import tiff_rows  # pylint: disable=g-import-not-at-top
+  img = (_image(64, 64) * 255).astype(np.uint8)
+  tall, plain = tmp_path / 'tall.tif', tmp_path / 'plain.tif'
+  tifffile.imwrite(tall, img, compression='zlib', rowsperstrip=64)
+  tifffile.imwrite(plain, img)
+  monkeypatch.setattr(tiff_rows, 'MAX_SEGMENT_ROW_BYTES', 64 * 64 * 3 - 1)
+  with pytest.raises(ValueError, match='save it with tiles'):
+    large_images.open_rgb_source(tall)
+  np.testing.assert_array_equal(large_images.open_rgb_source(plain).read_rows(5, 9), img[5:9])
 
 
 def test_bad_init_files_are_one_line_errors(tmp_path):
@@ -296,7 +315,7 @@ def test_memory_counts_the_init_image():
   base = memory.request_bytes(**kw)
   latent = 512 * 256
   banded = memory.request_bytes(**kw, init='strength')
-  assert banded['host'] - base['host'] == 16 * latent + 2 * 3 * 2048 * 512
+  assert banded['host'] - base['host'] == 16 * latent + 4 * 3 * 2048 * 512
   assert banded['device'] == base['device']
   whole = memory.request_bytes(**kw, init='strength', init_whole=True)
   assert whole['host'] - base['host'] == 16 * latent + 3 * 4096 * 2048

@@ -70,11 +70,18 @@ def test_resume_mask_and_image_stages_byte_identical(models, whole_run, tmp_path
 
 
 def test_resume_across_batches_with_given_mask(models, given_mask, tmp_path, monkeypatch):
-  kw = dict(STAGES_KW, checkpoint_every=5, mask=given_mask, n_images=2)
+  """Cut at the first chunk of the second batch (the checkpoint is the one saved at the
+  batch boundary, before its image stage began), from an init image at strength 0.5:
+  the resumed batch starts from the init as the uninterrupted one did."""
+  init = tmp_path / 'init.png'
+  Image.fromarray(np.random.RandomState(1).randint(0, 256, (256, 256, 3), np.uint8)).save(init)
+  kw = dict(STAGES_KW, checkpoint_every=5, mask=given_mask, n_images=2,
+            init_image=str(init), strength=0.5)
   count = interrupt_after(monkeypatch, None)
   generate.generate(config(models, tmp_path / 'whole', **kw))
   monkeypatch.undo()
-  interrupt_after(monkeypatch, count['n'] - 1)     # in the last batch's chunks
+  assert count['n'] % 2 == 0
+  interrupt_after(monkeypatch, count['n'] // 2 + 1)   # the second batch's first chunk
   with pytest.raises(Interrupt):
     generate.generate(config(models, tmp_path / 'cut', **kw))
   monkeypatch.undo()

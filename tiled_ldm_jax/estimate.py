@@ -150,18 +150,22 @@ def border_share(keep, patch: int) -> float:
   """The share of patch x patch windows of a [h, w] keep mask holding kept and free
   pixels: about the share of windows that the keep-mask resampling runs again (the mean
   over two grids, unshifted and shifted by half a window, as the grid's offsets move
-  windows across a border that one grid could have aligned with)."""
+  windows across a border that one grid could have aligned with). Read one row of
+  windows at a time (memory: patch rows of the mask)."""
   k = np.asarray(keep, bool)
   h, w = k.shape
   shares = []
   for off in (0, patch // 2):
-    rows, cols = -(-(h + off) // patch), -(-(w + off) // patch)
-    pad = np.full((rows * patch, cols * patch), -1, np.int8)      # -1: outside
-    pad[off:off + h, off:off + w] = k
-    cells = pad.reshape(rows, patch, cols, patch)
-    mixed = (cells == 1).any(axis=(1, 3)) & (cells == 0).any(axis=(1, 3))
-    inside = (cells >= 0).any(axis=(1, 3))
-    shares.append(mixed.sum() / inside.sum())
+    rows = np.arange(-off, h, patch)                 # window row starts (may be < 0)
+    cols = np.maximum(np.arange(-off, w, patch), 0)  # where each window's columns start
+    mixed = cells = 0
+    for r in rows:
+      band = k[max(r, 0):r + patch]
+      kept = np.logical_or.reduceat(band, cols, axis=1).any(axis=0)
+      free = np.logical_or.reduceat(~band, cols, axis=1).any(axis=0)
+      mixed += int((kept & free).sum())
+      cells += len(cols)
+    shares.append(mixed / cells)
   return float(np.mean(shares))
 
 

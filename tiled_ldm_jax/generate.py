@@ -30,6 +30,7 @@ import numpy as np
 
 from tiled_ldm_jax.files import atomic
 from tiled_ldm_jax import demo
+from tiled_ldm_jax import encode as encode_lib
 from tiled_ldm_jax import estimate
 from tiled_ldm_jax.files import geojson_labels
 from tiled_ldm_jax.files import label_files
@@ -260,6 +261,9 @@ def prepare(cfg: GenerationConfig) -> Plan:
   if cfg.image_size is None and given is not None:
     cfg = dataclasses.replace(cfg, image_size='{}x{}'.format(*given.shape))
   init_image = _read_init_image(cfg)
+  if init_image is not None:
+    _file_errors('init_image', cfg.init_image, lambda: encode_lib.check_size(
+        init_image.shape, pipe.geometry.factor))
   offset = _init_offset(cfg, init_image, pipe.geometry.factor)
   if cfg.image_size is None and init_image is not None:   # else its size is checked below
     if cfg.init_offset is not None:
@@ -397,6 +401,7 @@ def encode_init(plan: Plan) -> np.ndarray:
   init image with --init_offset: there every pixel is generated)."""
   f = plan.pipe.geometry.factor
   z = plan.pipe.encode(plan.init_image, options=plan.options)[0]
+  getattr(plan.init_image, 'release', lambda: None)()   # its cached rows, not needed now
   if plan.cfg.init_offset is None:
     return z
   h, w = plan.cfg.size
@@ -627,6 +632,9 @@ def run(plan: Plan, *, flags_used: dict | None = None) -> list[dict]:
       labels_shape = ((len(indices),) + pipeline_lib.mask_source_hw(cfg.size, f)
                       if meta['has_labels'] else None)
       state, labels = run_ckpt.load(like, labels_shape)
+      if stage == 'image' and meta['iterations'] == 0:
+        state = None    # saved before the stage began: start it as a fresh run does
+                        # (from the init image and its strength, if any)
       if labels is not None:
         labels = [masks_lib.LabelMap(m, cfg.size) for m in labels]
       extra = meta.get('extra', {})

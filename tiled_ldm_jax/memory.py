@@ -15,7 +15,8 @@ factor f), from what the code holds at once:
           time); TIFF/Zarr are written in bands of one decode tile row: float32 tiles and
           a uint8 band ~ (12 + 3)*W*tile, plus the pyramid's half-size band per level.
   init    an init image: its latent on the host 4*h*w*C (encoded once), the encode's band
-          of window rows ~ 2*tile*W*3 uint8 (a PNG/JPEG init is decoded whole: 3*H*W);
+          of window rows (2 tiles tall) and the TIFF segment rows it covers, ~ 4*tile*W*3
+          uint8 (a PNG/JPEG init is decoded whole: 3*H*W);
           with a keep mask the sampler also holds the init latents and the mask on the
           device, N*h*w*(4C + 1).
   CPU     the device is the host: its bytes are added to the host's.
@@ -72,7 +73,7 @@ def request_bytes(*, image_hw, n_batch: int, latent_channels: int, factor: int,
                     + 4 * latent * c)
   host += 9 * pixels * int(whole_images) + 2 * 15 * w_px * int(tile_px)
   if init is not None:
-    host += 4 * latent * c + (3 * pixels if init_whole else 2 * 3 * w_px * int(tile_px))
+    host += 4 * latent * c + (3 * pixels if init_whole else 4 * 3 * w_px * int(tile_px))
     if init == 'keep':
       device += n_batch * latent * (4 * c + 1)
   host += HOST_BASE

@@ -95,10 +95,16 @@ class RunCheckpoint:
     now = result_flags(cfg)
     changed = sorted(k for k in set(now) | set(meta['flags'])
                      if now.get(k) != meta['flags'].get(k))
-    changed += [f'--{name[len(INPUT_PREFIX):]} file (its contents changed)'
-                if name.startswith(INPUT_PREFIX) else f'{name} checkpoint (weights changed)'
-                for name in sorted(set(hashes) | set(meta['checkpoint_sha256']))
-                if meta['checkpoint_sha256'].get(name) != hashes.get(name)]
+    saved = meta['checkpoint_sha256']
+
+    def what(name):
+      if not name.startswith(INPUT_PREFIX):
+        return f'{name} checkpoint (weights changed)'
+      flag = name[len(INPUT_PREFIX):]
+      return (f'--{flag} file (its contents changed)' if name in saved and name in hashes
+              else f'--{flag} file (the saved run holds no hash of it)')
+    changed += [what(name) for name in sorted(set(hashes) | set(saved))
+                if saved.get(name) != hashes.get(name)]
     if changed:
       detail = '; '.join(f'{k}: saved {meta["flags"][k]!r}, now {now.get(k)!r}'
                          if k in meta['flags'] else k for k in changed)

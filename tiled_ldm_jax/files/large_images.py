@@ -74,6 +74,9 @@ class TiffImage:
   def read_rows(self, r0: int, r1: int) -> np.ndarray:
     return _as_rgb(self._rows.read_rows(r0, r1), self.name)
 
+  def release(self) -> None:
+    self._rows.release()
+
 
 def is_ome_zarr_image(path) -> bool:
   if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, '.zattrs')):
@@ -105,6 +108,8 @@ class ZarrImage:
       raise ValueError(f'{self.name}: not a readable OME-Zarr image ({str(e)[:120]})'
                        ) from None
     shape = tuple(self._array.shape)
+    if len(shape) < 2:
+      raise ValueError(f'{self.name}: an image of shape {list(shape)} has no y, x axes')
     if axes and axes[-2:] != ['y', 'x']:
       raise ValueError(f'{self.name}: axes {axes} do not end in y, x')
     if len(shape) == 2:

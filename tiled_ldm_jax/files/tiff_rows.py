@@ -16,6 +16,9 @@ import numpy as np
 from tiled_ldm_jax.files import image_files
 
 
+MAX_SEGMENT_ROW_BYTES = 1 << 30   # a row of compressed segments decoded at once, at most
+
+
 class TiffRows:
   """`.shape` ([H, W] or [H, W, S]), `.dtype`, `.read_rows(r0, r1)`."""
 
@@ -35,6 +38,12 @@ class TiffRows:
             page.rowsperstrip, page.imagewidth)
         samples, planar = int(page.samplesperpixel), int(page.planarconfig)
         ends = [int(o) + int(n) for o, n in zip(page.dataoffsets, page.databytecounts)]
+        # Uncompressed strips are read by byte ranges (a TIFF written without options
+        # is one strip of the whole image: decoding it would hold the image).
+        self._raw = (not page.is_tiled and int(page.compression) == 1
+                     and int(page.predictor or 1) == 1 and np.dtype(page.dtype).itemsize
+                     * 8 == int(page.bitspersample) and int(page.fillorder) == 1)
+        self._byteorder = tf.byteorder
     except Exception as e:  # pylint: disable=broad-except  # any parse failure: one line
       raise ValueError(f'{self.name}: not a readable TIFF ({str(e)[:120]})') from None
     if samples > 1 and planar != 1:
@@ -48,44 +57,75 @@ class TiffRows:
                        f'file)')
     self.shape, self.dtype = shape, dtype
     self._cache = {}
+    self._samples = int(np.prod(shape[2:], dtype=int))
+    segment_bytes = self._segment[0] * shape[1] * self._samples * dtype.itemsize
+    if not self._raw and segment_bytes > MAX_SEGMENT_ROW_BYTES:
+      raise ValueError(f'{self.name}: its compressed segments are {self._segment[0]} rows '
+                       f'tall ({segment_bytes / 2**20:.0f} MiB per row of segments, decoded '
+                       f'whole); save it with tiles (e.g. 512 x 512)')
 
   def _segment_row(self, tf, ti: int) -> np.ndarray:
-    """Segment row ti decoded, [th, W, S]; the last two are cached, as bands of
-    overlapping windows read each segment row several times."""
+    """Segment row ti decoded, [rows, W, S] (cached until a band starts below it:
+    bands of overlapping windows read each segment row several times)."""
     if ti in self._cache:
       return self._cache[ti]
     th, tw = self._segment
     h, w = self.shape[:2]
     page, fh = tf.pages[0], tf.filehandle
     rows = min(th, h - ti * th)
-    out = np.zeros((rows, w, int(np.prod(self.shape[2:], dtype=int))), self.dtype)
+    out = np.zeros((rows, w, self._samples), self.dtype)
     per_row = -(-w // tw)
     for tj in range(per_row):
       index = ti * per_row + tj
+      if not page.databytecounts[index]:      # a sparse segment: zeros, as tifffile
+        continue
       fh.seek(page.dataoffsets[index])
       data = fh.read(page.databytecounts[index])
       seg, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
       seg = np.asarray(seg).reshape(seg.shape[-3], seg.shape[-2], seg.shape[-1])
       x0 = tj * tw
       out[:, x0:min(x0 + tw, w)] = seg[:rows, :min(tw, w - x0)]
-    self._cache = {k: v for k, v in self._cache.items() if k == ti - 1}
     self._cache[ti] = out
     return out
+
+  def _raw_rows(self, tf, r0: int, r1: int, out: np.ndarray) -> None:
+    """Rows [r0, r1) of uncompressed strips by byte ranges into out [r1 - r0, W, S]."""
+    th = self._segment[0]
+    page, fh = tf.pages[0], tf.filehandle
+    row_bytes = self.shape[1] * self._samples * self.dtype.itemsize
+    dtype = self.dtype.newbyteorder(self._byteorder)
+    for si in range(r0 // th, -(-r1 // th)):
+      a, b = max(r0, si * th), min(r1, (si + 1) * th)
+      fh.seek(page.dataoffsets[si] + (a - si * th) * row_bytes)
+      data = fh.read((b - a) * row_bytes)
+      if len(data) != (b - a) * row_bytes:
+        raise ValueError('a strip is shorter than its rows')
+      out[a - r0:b - r0] = np.frombuffer(data, dtype).reshape(b - a, *out.shape[1:])
 
   def read_rows(self, r0: int, r1: int) -> np.ndarray:
     """The rows [r0, r1) of the page, shape [r1 - r0, W] + the samples axis if any."""
     import tifffile  # pylint: disable=g-import-not-at-top
     th = self._segment[0]
     w = self.shape[1]
-    out = np.zeros((r1 - r0, w, int(np.prod(self.shape[2:], dtype=int))), self.dtype)
+    out = np.zeros((r1 - r0, w, self._samples), self.dtype)
+    first, last = r0 // th, -(-r1 // th)
+    # Only this band's segment rows stay: memory is a band plus a segment row.
+    self._cache = {k: v for k, v in self._cache.items() if first <= k < last}
     try:
       with tifffile.TiffFile(self.path) as tf:
-        for ti in range(r0 // th, -(-r1 // th)):
-          seg = self._segment_row(tf, ti)
-          y0 = ti * th
-          a, b = max(r0, y0), min(r1, y0 + seg.shape[0])
-          out[a - r0:b - r0] = seg[a - y0:b - y0]
+        if self._raw:
+          self._raw_rows(tf, r0, r1, out)
+        else:
+          for ti in range(first, last):
+            seg = self._segment_row(tf, ti)
+            y0 = ti * th
+            a, b = max(r0, y0), min(r1, y0 + seg.shape[0])
+            out[a - r0:b - r0] = seg[a - y0:b - y0]
     except Exception as e:  # pylint: disable=broad-except  # codecs raise their own types
       raise ValueError(f'{self.name}: cannot decode the rows {r0}-{r1} ({str(e)[:120]})'
                        ) from None
     return out.reshape((r1 - r0,) + tuple(self.shape[1:]))
+
+  def release(self) -> None:
+    """Drops the cached segment rows (after the last band)."""
+    self._cache = {}
