@@ -124,16 +124,17 @@ def _unet_flops_cached(config, patch: int, params: _Shapes) -> float:
     cond = (jax.ShapeDtypeStruct((1, patch, patch), jnp.int32),)
   else:
     cond = (jax.ShapeDtypeStruct((1,), jnp.int32), jax.ShapeDtypeStruct((1,), bool))
-  return _flops(jax.jit(unet_lib.eps_fn(config)).lower(params.tree, x, t, *cond))
+  return lowered_flops(jax.jit(unet_lib.eps_fn(config)).lower(params.tree, x, t, *cond))
 
 
 @functools.lru_cache(maxsize=64)
 def _decoder_flops_cached(decoder, channels: int, tile: int, params: _Shapes) -> float:
   z = jax.ShapeDtypeStruct((1, tile, tile, channels), jnp.float32)
-  return _flops(jax.jit(decoder).lower(params.tree, z))
+  return lowered_flops(jax.jit(decoder).lower(params.tree, z))
 
 
-def _flops(lowered) -> float:
+def lowered_flops(lowered) -> float:
+  """FLOPs of a lowered program by XLA's cost analysis (nan where it gives none)."""
   cost = lowered.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost.get('flops', float('nan'))) if cost else float('nan')

@@ -65,11 +65,11 @@ class GenerationConfig:
   mask_unet_ckpt: str | None = _help('Converted mask model folder (unless --mask).')
   mask: str | None = _help('Label map replacing the mask model: a PNG of label ids (its '
                            'size is the default image size, else resized nearest to '
-                           '--image_size), a tiled TIFF of label ids or an OME-Zarr store with a labels group '
-                           '(both read lazily, band by band), a QuPath GeoJSON of annotations (with '
-                           '--mask_classes and --image_size; rasterized band by band), or '
-                           '"demo" for the bundled PNG. The format is read from the '
-                           'file\'s contents.')
+                           '--image_size), a tiled TIFF of label ids or an OME-Zarr store '
+                           'with a labels group (both read lazily, band by band), a '
+                           'QuPath GeoJSON of annotations (with --mask_classes and '
+                           '--image_size; rasterized band by band), or "demo" for the '
+                           'bundled PNG. The format is read from the file\'s contents.')
   mask_classes: str | None = _help('GeoJSON --mask: class name to label id, '
                                    '"Tumor=1,Stroma=2,..." (unannotated pixels are 0).')
   init_image: str | None = _help('Start from this image (PNG, JPEG, an RGB TIFF or an '
@@ -78,11 +78,12 @@ class GenerationConfig:
                                  '--init_offset; without --image_size and --mask its size '
                                  'is the output\'s): encoded tile by tile and noised to '
                                  'where the last --strength of the steps begin.')
-  init_offset: str | None = _help('With --init_image: outpaint. "y,x" pixels (multiples of '
-                                  'the VAE factor, 8) where the init image\'s top-left corner '
-                                  'lies on the larger --image_size canvas; its pixels are kept '
-                                  '(or those of --keep_mask inside it) and the canvas around '
-                                  'them is generated from noise (--strength 1).')
+  init_offset: str | None = _help('With --init_image: outpaint. "y,x" pixels (multiples '
+                                  'of the VAE factor, 8) where the init image\'s top-left '
+                                  'corner lies on the larger --image_size canvas; its '
+                                  'pixels are kept (or those of --keep_mask inside it) and '
+                                  'the canvas around them is generated from noise '
+                                  '(--strength 1).')
   strength: float = _help('With --init_image: the share of the sampling steps run, in '
                           '(0, 1] (1: from noise, the image unused).', 1.0)
   keep_mask: str | None = _help('With --init_image: a map of the output size (PNG, tiled '
@@ -242,10 +243,10 @@ def prepare(cfg: GenerationConfig) -> Plan:
   if cfg.mask and not os.path.exists(cfg.mask):
     raise ValueError(f'--mask {cfg.mask}: no such file or folder')
   # The reader is chosen by the contents: an OME-Zarr folder, a TIFF, JSON, else PNG.
-  lazy = _mask_errors(cfg.mask, lambda: label_files.open_label_source(cfg.mask)) \
+  lazy = _file_errors('mask', cfg.mask, lambda: label_files.open_label_source(cfg.mask)) \
       if cfg.mask else None
-  annotations = bool(cfg.mask) and lazy is None and _mask_errors(
-      cfg.mask, lambda: geojson_labels.looks_like_json(cfg.mask))
+  annotations = bool(cfg.mask) and lazy is None and _file_errors(
+      'mask', cfg.mask, lambda: geojson_labels.looks_like_json(cfg.mask))
   if cfg.mask_classes and not annotations:
     raise ValueError('--mask_classes is only for a GeoJSON --mask')
   if annotations:
@@ -254,7 +255,7 @@ def prepare(cfg: GenerationConfig) -> Plan:
     if cfg.image_size is None:
       raise ValueError(f'--mask {cfg.mask} is GeoJSON, which has no size: give '
                        '--image_size=HxW (the annotations\' pixel grid)')
-  given = (_mask_errors(cfg.mask, lambda: masks_lib.read_label_png(cfg.mask))
+  given = (_file_errors('mask', cfg.mask, lambda: masks_lib.read_label_png(cfg.mask))
            if cfg.mask and not annotations and lazy is None else None)
   if lazy is not None:
     given = lazy       # a row source: .shape, .ids; read by bands, never held
@@ -305,7 +306,7 @@ def prepare(cfg: GenerationConfig) -> Plan:
   mask = None
   if annotations:
     classes = geojson_labels.parse_classes(cfg.mask_classes)
-    mask = _mask_errors(cfg.mask, lambda: geojson_labels.read_geojson(
+    mask = _file_errors('mask', cfg.mask, lambda: geojson_labels.read_geojson(
         cfg.mask, classes, size, pipe.unet.config.num_classes))
   elif lazy is not None:
     classes = pipe.unet.config.num_classes
@@ -317,7 +318,7 @@ def prepare(cfg: GenerationConfig) -> Plan:
   elif given is not None:
     # Checked at the file's resolution and kept there: the map is resized (nearest) by
     # rows on demand, never held whole at the image's (masks.LabelMap).
-    mask = _mask_errors(cfg.mask, lambda: masks_lib.LabelMap(
+    mask = _file_errors('mask', cfg.mask, lambda: masks_lib.LabelMap(
         pipe.check_labels(given[None])[0], size))
   else:
     pipe.check_mask_request(size, cfg.label, o)
@@ -443,10 +444,6 @@ def _file_errors(flag: str, path: str, fn):
     # the readers' messages usually start with the path already
     message = str(e) if path in str(e) else f'{path}: {e}'
     raise ValueError(f'--{flag} {message}') from None
-
-
-def _mask_errors(path: str, fn):
-  return _file_errors('mask', path, fn)
 
 
 def _sample_files(cfg, number: int) -> tuple[str, str, str]:

@@ -452,6 +452,10 @@ class Pipeline:
       images = [images]
     else:
       images = encode_lib.check_images(images, self.geometry.factor)
+    return self._encode_checked(images, o, halo_px)
+
+  def _encode_checked(self, images, o: Options, halo_px: int | None = None) -> np.ndarray:
+    """`encode` of images already checked (`encode.check_images`) or row sources."""
     fn = vae_lib.encode_fn(dataclasses.replace(self.vae.config, dtype=o.dtype))
     halo = o.patch_size // 2 if halo_px is None else halo_px
     return np.stack([encode_lib.encode_image(
@@ -561,7 +565,7 @@ class Pipeline:
       self.check_memory(labels.shape[1:3], len(labels), o, whole_images=len(labels),
                         label_source_pixels=labels[0].size, **init_memory)
     if init is not None:   # one image for all is encoded once
-      init = np.broadcast_to(self.encode(init, options=o), (len(labels),) + (
+      init = np.broadcast_to(self._encode_checked(init, o), (len(labels),) + (
           init.shape[1] // self.geometry.factor, init.shape[2] // self.geometry.factor,
           self.unet.config.channels))
     latents, stats['image_stage'] = self.run_image_stage(

@@ -15,7 +15,6 @@ The figure: the slide, strengths 0.3 and 0.6, and the inpainted one.
 
 import json
 
-from absl import app
 from absl import flags
 import numpy as np
 from PIL import Image

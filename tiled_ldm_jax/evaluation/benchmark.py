@@ -16,6 +16,7 @@ import numpy as np
 
 from tiled_ldm_jax.sampling import guidance
 from tiled_ldm_jax.sampling import diffusion
+from tiled_ldm_jax import estimate
 from tiled_ldm_jax import geometry
 from tiled_ldm_jax import pipeline
 from tiled_ldm_jax.sampling import loop as loop_lib
@@ -63,9 +64,7 @@ def forward_flops(config, params, batch: int, patch: int) -> float:
   x = jax.ShapeDtypeStruct((batch, patch, patch, config.channels), jnp.float32)
   t = jax.ShapeDtypeStruct((batch,), jnp.int32)
   labels = jax.ShapeDtypeStruct((batch, patch, patch), jnp.int32)
-  cost = eps.lower(params, x, t, labels).cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get('flops', float('nan'))) if cost else float('nan')
+  return estimate.lowered_flops(eps.lower(params, x, t, labels))
 
 
 def original_evaluations(config, cond_scale: float, settings, keys, cond) -> int:

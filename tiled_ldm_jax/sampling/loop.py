@@ -346,14 +346,14 @@ class Sampler:
     """(the denoiser's cond, `Known` or None)."""
     return cond if self.settings.keep else (cond, None)
 
-  def _keep_known(self, new, known, corners, valid, level, noise):
+  def _keep_known(self, new, kp, valid, level, noise):
     """Kept pixels of the patches [N, K, P, P, C] take the init noised to the level
     they reach (the init itself after the last step), as RePaint: the free pixels
-    are generated around them. The replacement noise is the step's own per-slot noise
-    (its DDIM value for these pixels is discarded)."""
-    if known is None:
+    are generated around them. `kp`: the slots' `Known` crops (None: no keep mask).
+    The replacement noise is the step's own per-slot noise (its DDIM value for these
+    pixels is discarded)."""
+    if kp is None:
       return new
-    kp = self._cond_patches(known, corners, valid)
     s = self.settings
     nxt = level + 1                                                           # [N]
     t = jnp.asarray(self.pairs)[jnp.minimum(nxt, s.sampling_steps - 1), 0]    # [N]
@@ -364,8 +364,8 @@ class Sampler:
                        flat(kp.init), noised).reshape(new.shape)
     return jnp.where(kp.keep[..., None], target, new)
 
-  def _resample(self, params, new, evals, model_in, write, cond_p, known, corners, valid,
-                level, slot_keys):
+  def _resample(self, params, new, evals, model_in, write, cond_p, kp, valid, level,
+                slot_keys):
     """RePaint's resampling where kept and free pixels meet: in the slots that hold kept
     pixels and write free ones, the step's result (kept pixels already replaced) is
     taken back to the step's start time with fresh noise (`process.renoise`) and the
@@ -375,12 +375,13 @@ class Sampler:
     other slots keep their first result and run no more U-Net samples (idle to a
     denoiser that `skips_idle`; a pass with no such slot is skipped for any denoiser).
     `write` [N, K, P, P]: the pixels the step writes (the rest of the window stays at
-    model_in); `slot_keys` [N, K]: a key per slot for the passes' noise.
+    model_in); `kp`: the slots' `Known` crops; `slot_keys` [N, K]: a key per slot for
+    the passes' noise.
     Returns (new, evals)."""
     s = self.settings
-    if known is None or s.resample == 0:
+    if kp is None or s.resample == 0:
       return new, evals
-    kept = self._cond_patches(known, corners, valid).keep                 # [N, K, P, P]
+    kept = kp.keep                                                        # [N, K, P, P]
     mixed = valid & kept.any(axis=(2, 3)) & (write & ~kept).any(axis=(2, 3))   # [N, K]
     n, k = valid.shape
     pair = jnp.asarray(self.pairs)[jnp.minimum(level, s.sampling_steps - 1)]      # [N, 2]
@@ -400,7 +401,7 @@ class Sampler:
       x_in = jnp.where(write[..., None], back.reshape(new.shape), model_in)
       step_noise = normal(keys, 1)
       again, more = self._denoise_patches(params, x_in, cond_p, mixed, level, step_noise)
-      again = self._keep_known(again, known, corners, valid, level, step_noise)
+      again = self._keep_known(again, kp, valid, level, step_noise)
       return jnp.where(mixed[:, :, None, None, None], again, new), evals + more
     return jax.lax.fori_loop(0, s.resample, one_pass, (new, evals))
 
@@ -447,13 +448,14 @@ class Sampler:
     cond, known = self._split(cond)
     cond_p = self._cond_patches(cond, corners, valid)
     new, evals = self._denoise_patches(params, model_in, cond_p, valid, level, noise)
-    new = self._keep_known(new, known, corners, valid, level, noise)
+    kp = None if known is None else self._cond_patches(known, corners, valid)  # once
+    new = self._keep_known(new, kp, valid, level, noise)
     write = behind & valid[:, :, None, None]                            # [N, K, P, P]
     slot_keys = jax.vmap(lambda key, i: jax.vmap(lambda j: jax.random.fold_in(
         jax.random.fold_in(jax.random.fold_in(key, 5), i), j))(jnp.arange(k_slots)))(
             state.keys, state.image_iters)                              # [N, K]
-    new, evals = self._resample(params, new, evals, model_in, write, cond_p, known,
-                                corners, valid, level, slot_keys)
+    new, evals = self._resample(params, new, evals, model_in, write, cond_p, kp, valid,
+                                level, slot_keys)
 
     paste = jax.vmap(functools.partial(_paste_all, patch=p))
     counts, supers = jax.vmap(functools.partial(windows_lib.update_counts, patch=p))(
@@ -533,7 +535,8 @@ class Sampler:
     cond, known = self._split(cond)
     cond_p = self._cond_patches(cond, corners, valid)
     new, evals = self._denoise_patches(params, model_in, cond_p, valid, level, noise)
-    new = self._keep_known(new, known, corners, valid, level, noise)
+    kp = None if known is None else self._cond_patches(known, corners, valid)  # once
+    new = self._keep_known(new, kp, valid, level, noise)
 
     rows = corners[..., 0, None] + jnp.arange(p)                        # [N, K, P]
     cols = corners[..., 1, None] + jnp.arange(p)
@@ -544,8 +547,8 @@ class Sampler:
     slot_keys = jax.vmap(lambda key, lv, idx: jax.vmap(lambda j: jax.random.fold_in(
         jax.random.fold_in(jax.random.fold_in(key, 5), lv), j))(idx))(
             state.keys, level, index)                                   # [N, K]
-    new, evals = self._resample(params, new, evals, model_in, write, cond_p, known,
-                                corners, valid, level, slot_keys)
+    new, evals = self._resample(params, new, evals, model_in, write, cond_p, kp, valid,
+                                level, slot_keys)
     paste = jax.vmap(functools.partial(_paste_all, patch=p))
     to_x = write & odd[..., 0]
     to_low = write & ~odd[..., 0]

@@ -224,10 +224,10 @@ def written_per_block(corner, write, patch: int):
 def update_counts(counts, supers, corners, writes, patch: int):
   """Subtracts the pixels each patch advanced from both levels; (counts, supers).
   corners [K, 2], writes [K, P, P] bool."""
-  for k in range(corners.shape[0]):
+  def one(k, carry):     # a loop, not unrolled: the program does not grow with K
     delta, b0 = written_per_block(corners[k], writes[k], patch)
-    counts, supers = _add_blocks(counts, supers, -delta, b0)
-  return counts, supers
+    return _add_blocks(*carry, -delta, b0)
+  return jax.lax.fori_loop(0, corners.shape[0], one, (counts, supers))
 
 
 # ----------------------------------------------------------------------------- grid

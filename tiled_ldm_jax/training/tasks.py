@@ -33,6 +33,7 @@ import numpy as np
 from tiled_ldm_jax.models import checkpoint
 from tiled_ldm_jax.training import data as data_lib
 from tiled_ldm_jax.sampling import diffusion
+from tiled_ldm_jax.sampling import processes
 from tiled_ldm_jax import geometry
 from tiled_ldm_jax.models import configs as configs_lib
 from tiled_ldm_jax.models import unet as unet_lib
@@ -82,11 +83,10 @@ def _encode_latents(encode, vae_params, images, key, sample: bool,
 def _noised(z, key, timesteps: int):
   """(x_t, t, noise) for t uniform in [0, timesteps) per sample (cosine schedule)."""
   k_t, k_n = jax.random.split(key)
-  ac = jnp.asarray(diffusion.Schedule(timesteps).alphas_cumprod)
   t = jax.random.randint(k_t, (z.shape[0],), 0, timesteps)
   noise = jax.random.normal(k_n, z.shape, z.dtype)
-  a = ac[t].reshape(-1, 1, 1, 1)
-  return jnp.sqrt(a) * z + jnp.sqrt(1.0 - a) * noise, t, noise
+  process = processes.Diffusion(noise_schedule=diffusion.Schedule(timesteps))
+  return process.noised(z, noise, t), t, noise
 
 
 FLOW_TIME_SCALE = diffusion.FLOW_TIME_SCALE   # flow: the U-Net's time input is t * this
@@ -105,8 +105,7 @@ def objective_inputs(objective: str, z, key, timesteps: int = diffusion.NUM_TRAI
     k_t, k_n = jax.random.split(key)
     t = jax.random.uniform(k_t, (z.shape[0],), jnp.float32)
     noise = jax.random.normal(k_n, z.shape, z.dtype)
-    tt = t.reshape(-1, 1, 1, 1)
-    return (1.0 - tt) * z + tt * noise, t * FLOW_TIME_SCALE, noise - z
+    return processes.Flow().noised(z, noise, t), t * FLOW_TIME_SCALE, noise - z
   x_t, t, noise = _noised(z, key, timesteps)
   if objective == 'eps':
     return x_t, t, noise
