@@ -39,6 +39,7 @@ from tiled_ldm_jax import geometry
 from tiled_ldm_jax import masks as masks_lib
 from tiled_ldm_jax import memory
 from tiled_ldm_jax.sampling import loop as loop_lib
+from tiled_ldm_jax.sampling import processes
 from tiled_ldm_jax.sampling import windows as windows_lib
 from tiled_ldm_jax import sharding
 from tiled_ldm_jax.models import unet as unet_lib
@@ -77,7 +78,12 @@ class Options:
       'not written (multiple of the latent factor; the window advances patch - 2 margin). '
       'Default: patch_size / 16 rounded down to the latent factor, at least one latent '
       'pixel (8 px for 128 px patches): on the demo models margin 0 left a small seam '
-      'excess at the window borders that 8 px removed (README).', None)
+      'excess at the window borders that 8 px removed (README). Random placement: a '
+      'border of each window this wide is not written (but at the image edge); default '
+      '0, the original\'s.', None)
+  grid_margin_first_levels: int = _help(
+      'Grid: the margin also in the first this many levels (where few levels cannot mix '
+      'away the tone of whole cells).', 0)
   grid_margin_levels: int | None = _help(
       'Grid: the margin only in the last this many levels (earlier levels: margin 0, '
       'each pixel in one window; none: every level). 3: seams as well hidden as with the '
@@ -85,7 +91,14 @@ class Options:
   dtype: str = _help('Compute dtype of the U-Nets and the VAE: float32 or bfloat16 '
                      '(params, norms, softmax, DDIM and the sampler state stay float32).',
                      'float32')
-  eta: float = _help('DDIM eta (0: deterministic given the initial noise).', 1.0)
+  eta: float | None = _help(
+      "DDIM eta (0: deterministic given the initial noise). Default: 1.0 (the "
+      "original's) for solver 'ddim'; 'dpmpp2m' is deterministic (eta unset or 0).", None)
+  solver: str = _help(
+      "Sampling steps: 'ddim' (the original's DDIM with eta) or 'dpmpp2m' "
+      "(DPM-Solver++(2M): deterministic, second order, each latent pixel's previous x0 "
+      "prediction kept; reaches with fewer steps what DDIM needs more for, see "
+      "docs/generate.md).", 'ddim')
   tile_batch: int = _help('VAE tiles per decoder call.', 4)
   blend_mode: str = _help("Tiled decode blend: 'original' (the original's four shifted "
                           "decodes, parity), 'partition' (the same four decodes, weights "
@@ -102,10 +115,16 @@ class Options:
   def __post_init__(self):
     for name in ('cond_scale', 'mask_cond_scale', 'eta'):
       value = getattr(self, name)
+      if name == 'eta' and value is None:
+        continue
       if not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f'{name} must be a finite number, got {value!r}')
-    if self.eta < 0:
+    if self.eta is not None and self.eta < 0:
       raise ValueError(f'eta must be >= 0, got {self.eta}')
+    processes.solver_named(self.solver)
+    if self.eta and not isinstance(processes.solver_named(self.solver), processes.DDIM):
+      raise ValueError(f"solver {self.solver!r} is deterministic: eta must be 0 or unset, "
+                       f"got {self.eta}")
     if self.tile_batch < 1:
       raise ValueError(f'tile_batch must be >= 1, got {self.tile_batch}')
     if self.patches_per_step is not None and self.patches_per_step < 1:
@@ -117,6 +136,9 @@ class Options:
       raise ValueError(f'grid_margin must be >= 0, got {self.grid_margin}')
     if self.grid_margin_levels is not None and self.grid_margin_levels < 0:
       raise ValueError(f'grid_margin_levels must be >= 0, got {self.grid_margin_levels}')
+    if self.grid_margin_first_levels < 0:
+      raise ValueError(f'grid_margin_first_levels must be >= 0, got '
+                       f'{self.grid_margin_first_levels}')
     if self.dtype not in DTYPES:
       raise ValueError(f'dtype must be one of {DTYPES}, got {self.dtype!r}')
     if self.progress_every < 0:
@@ -254,7 +276,8 @@ class Pipeline:
     o = dataclasses.replace(options or Options(), **overrides)
     o = dataclasses.replace(
         o, patch_size=o.patch_size or self.default_patch_size,
-        mask_patch_size=o.mask_patch_size or demo.MASK_PATCH_SIZE)
+        mask_patch_size=o.mask_patch_size or demo.MASK_PATCH_SIZE,
+        eta=default_eta(o.solver) if o.eta is None else o.eta)
     return with_grid_margin(o, self.geometry.factor)
 
   def check_image_request(self, image_hw, o: Options) -> None:
@@ -293,7 +316,8 @@ class Pipeline:
         image_hw=image_hw, n_batch=n_batch, latent_channels=self.unet.config.channels,
         factor=f, whole_images=whole_images, tile_px=o.patch_size, weights_bytes=weights,
         label_source_pixels=label_source_pixels, activation_bytes=act,
-        host_is_device=jax.default_backend() == 'cpu', init=init, init_whole=init_whole)
+        host_is_device=jax.default_backend() == 'cpu', init=init, init_whole=init_whole,
+        solver_history=processes.solver_named(o.solver).history)
 
   def check_memory(self, image_hw, n_batch: int, o: Options, whole_images: int,
                    label_source_pixels: int | None = None, **init) -> None:
@@ -340,6 +364,7 @@ class Pipeline:
     model = self.unet if which == 'image' else self.mask_unet
     net, process = guidance.trained_unet(
         unet_lib.eps_fn(dataclasses.replace(model.config, dtype=o.dtype)), model.objective)
+    process = process.with_solver(processes.solver_named(o.solver))
     denoise = (guidance.image_denoiser(net, model.config.num_classes, o.cond_scale)
                if which == 'image' else guidance.mask_denoiser(net, o.mask_cond_scale))
     settings = loop_lib.SamplerSettings(
@@ -574,6 +599,11 @@ class Pipeline:
     return Result(self.decode(latents, options=o), labels, stats)
 
 
+def default_eta(solver: str) -> float:
+  """eta when not given: the original's 1.0 for DDIM, 0 for a deterministic solver."""
+  return 1.0 if isinstance(processes.solver_named(solver), processes.DDIM) else 0.0
+
+
 def default_grid_margin(patch_px: int, factor: int) -> int:
   """patch/16 px rounded down to the latent factor, at least one latent pixel (the
   grid schedule's default). Both stages use it: it is refused like a given margin if
@@ -600,7 +630,9 @@ def window_fields(o: Options, patch_px: int, factor: int, latent_hw) -> dict:
   k = o.patches_per_step or windows_lib.default_patches_per_step(
       o.schedule, latent_hw, patch, margin, GRID_BATCH_PIXELS)
   return dict(schedule=o.schedule, patches_per_step=k, grid_margin=margin,
-              grid_margin_levels=o.grid_margin_levels if o.schedule == 'grid' else None)
+              grid_margin_levels=o.grid_margin_levels if o.schedule == 'grid' else None,
+              grid_margin_first_levels=(o.grid_margin_first_levels if o.schedule == 'grid'
+                                        else 0))
 
 
 def _run_stage(smp, params, state, cond, sampling_steps: int, chunk: int, on_chunk):

@@ -135,9 +135,12 @@ class SamplerSettings:
   progress_every: int = 0     # log progress every N iterations (0: silent)
   progress_label: str = 'sampling'
   schedule: str = 'random'    # 'random' (the original's) or 'grid' (sampling/windows.py)
-  grid_margin: int = 0        # grid: latent pixels of context each side, not written
+  grid_margin: int = 0        # grid: latent pixels of context each side, not written;
+                              # random: a window's border of this width not written
+                              # (but at the latent's edge; 0: the original's)
   grid_margin_levels: int | None = None   # grid: the margin only in the last this many
                               # levels (earlier ones: margin 0); None: in every level
+  grid_margin_first_levels: int = 0   # grid: and in the first this many levels
   keep: bool = False          # cond is (user cond, Known): kept pixels follow the init
   resample: int = 0           # keep: RePaint resampling passes of the windows that hold
                               # kept and free pixels (0: none)
@@ -151,6 +154,9 @@ class SamplerSettings:
     if self.grid_margin_levels is not None and self.grid_margin_levels < 0:
       raise ValueError(f'grid_margin_levels must be >= 0 or None, got '
                        f'{self.grid_margin_levels}')
+    if self.grid_margin_first_levels < 0:
+      raise ValueError(f'grid_margin_first_levels must be >= 0, got '
+                       f'{self.grid_margin_first_levels}')
     if self.patch < 1:
       raise ValueError(f'patch side must be >= 1 latent pixel, got {self.patch}')
     if self.patches_per_step < 1:
@@ -475,6 +481,22 @@ class Sampler:
     paste = jax.vmap(functools.partial(_paste_all, patch=self.settings.patch))
     return paste(state.x0_prev, x0, corners, write)
 
+  def _interior(self, corners, h: int, w: int):
+    """[N, K, P, P] bool: the pixels of random windows at `corners` [N, K, 2] that are
+    written: all (margin 0, the original's), or those at least `grid_margin` from a
+    window side that is not the latent's edge (the U-Net's zero padding spoils the
+    predictions along a window's sides; with K = 1 the draw's law is unchanged, and the
+    drawn centre is always inside, so every iteration still advances)."""
+    m, p = self.settings.grid_margin, self.settings.patch
+    if not m:
+      return jnp.ones(corners.shape[:2] + (p, p), bool)
+    idx = jnp.arange(p)
+    def axis(c, size):   # [N, K] -> [N, K, P]
+      lo = jnp.where(c == 0, 0, m)
+      hi = jnp.where(c + p >= size, p, p - m)
+      return (idx >= lo[..., None]) & (idx < hi[..., None])
+    return axis(corners[..., 0], h)[..., :, None] & axis(corners[..., 1], w)[..., None, :]
+
   def _step_random(self, params, state: SamplerState, cond) -> SamplerState:
     s = self.settings
     p, k_slots = s.patch, s.patches_per_step
@@ -502,7 +524,7 @@ class Sampler:
     new, x0, evals = self._denoise_patches(params, model_in, cond_p, valid, level, noise, hist)
     kp = None if known is None else self._cond_patches(known, corners, valid)  # once
     new, x0 = self._keep_known(new, kp, valid, level, noise, _or_zeros(x0, new))
-    write = behind & valid[:, :, None, None]                            # [N, K, P, P]
+    write = behind & valid[:, :, None, None] & self._interior(corners, h, w)  # [N, K, P, P]
     slot_keys = jax.vmap(lambda key, i: jax.vmap(lambda j: jax.random.fold_in(
         jax.random.fold_in(jax.random.fold_in(key, 5), i), j))(jnp.arange(k_slots)))(
             state.keys, state.image_iters)                              # [N, K]
@@ -545,12 +567,14 @@ class Sampler:
     return n_r * n_c, -(-(n_r * n_c) // s.patches_per_step)
 
   def grid_margin_at(self, level):
-    """[N] int32: the grid margin of each image's current level (`grid_margin_levels`)."""
+    """[N] int32: the grid margin of each image's current level (`grid_margin_levels`,
+    `grid_margin_first_levels`; `windows.margin_on`)."""
     s = self.settings
     if s.grid_margin_levels is None or not s.grid_margin:
       return jnp.full(jnp.shape(level), s.grid_margin, jnp.int32)
-    return jnp.where(level >= s.sampling_steps - s.grid_margin_levels, s.grid_margin,
-                     0).astype(jnp.int32)
+    on = windows_lib.margin_on(level, s.sampling_steps, s.grid_margin_levels,
+                               s.grid_margin_first_levels)
+    return jnp.where(on, s.grid_margin, 0).astype(jnp.int32)
 
   def _grid_level_shape(self, h: int, w: int, margin):
     """(cells, iterations per level, cells per row) for traced margins [N] that take
