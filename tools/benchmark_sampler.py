@@ -81,12 +81,12 @@ def _placement() -> dict:
   given = {'schedule': _SCHEDULE.value, 'patches_per_step': _K.value or None,   # 0: default
            'grid_margin': _MARGIN.value, 'grid_margin_levels': _MARGIN_LEVELS.value,
            'grid_margin_first_levels': _MARGIN_FIRST.value}
-  o = pipeline.Options(patch_size=_PATCH.value,
+  o = pipeline.Options(patch_size=_PATCH.value, sampling_steps=_STEPS.value,
                        **{k: v for k, v in given.items() if v is not None})
   f = geometry.LatentGeometry().factor
-  o = pipeline.with_grid_margin(o, f)
-  if o.grid_margin % f:
-    raise ValueError(f'--grid_margin must be a multiple of {f} pixels, got {o.grid_margin}')
+  margin = pipeline.stage_margin(o, _PATCH.value, f)
+  if margin % f:
+    raise ValueError(f'--grid_margin must be a multiple of {f} pixels, got {margin}')
   side = _SIZE.value // f
   return pipeline.window_fields(o, _PATCH.value, f, (side, side))
 

@@ -28,6 +28,10 @@ _VARIANTS = flags.DEFINE_string('variants', '{"default": {}}', 'JSON: name -> Op
                                 'overrides.')
 _OUT = flags.DEFINE_string('out_dir', None, 'Folder for the images (needed by --figure).')
 _FIGURE = flags.DEFINE_string('figure', None, 'Write a figure of the first label and seed.')
+_FIGURE_VARIANTS = flags.DEFINE_list('figure_variants', None, 'Variants (rows) in the figure '
+                                     '(default all, the untiled floors included).')
+_FROM_LOG = flags.DEFINE_string('from_log', None, 'Only draw --figure from the rows of an '
+                                'earlier run\'s output (its --out_dir images).')
 _CACHE = flag_util.define_compilation_cache_flag()
 
 
@@ -50,6 +54,12 @@ def main(argv):
     raise ValueError('--variants must be a JSON object of name -> {option: value}')
   if _FIGURE.value and not _OUT.value:
     raise ValueError('--figure needs --out_dir')
+  if _FROM_LOG.value:
+    if not _FIGURE.value:
+      raise ValueError('--from_log needs --figure')
+    seam_study.figure(_OUT.value, seam_study.read_rows(_FROM_LOG.value), _FIGURE.value,
+                      label=labels[0], seed=seeds[0], variants=_FIGURE_VARIANTS.value)
+    return
   flag_util.use_compilation_cache(_CACHE.value)
   pipe = pipeline.Pipeline.from_pretrained(_UNET.value, _VAE.value)
   for overrides in variants.values():
@@ -59,8 +69,9 @@ def main(argv):
   for r in seam_study.summary(rows):
     print(json.dumps({'summary': r}))
   if _FIGURE.value:
-    seam_study.figure(_OUT.value, rows, _FIGURE.value, label=labels[0], seed=seeds[0])
+    seam_study.figure(_OUT.value, rows, _FIGURE.value, label=labels[0], seed=seeds[0],
+                      variants=_FIGURE_VARIANTS.value)
 
 
 if __name__ == '__main__':
-  flag_util.run(main, {'image_size': 'int>0'})
+  flag_util.run(main, {'image_size': 'int>0', 'from_log': 'file'})

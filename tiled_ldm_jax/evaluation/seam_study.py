@@ -42,9 +42,9 @@ def study(pipe, *, image_size: int, labels, seeds, steps, variants: dict[str, di
   """
   rows, floors = [], {}
   decode_o = pipe.resolve()          # every image decoded the same way (default tiles)
-  for label in labels:
-    lab = np.full((1, image_size, image_size), int(label), np.int32)
-    for seed in seeds:
+  for seed in seeds:              # seeds outermost: a cut run still has every label
+    for label in labels:
+      lab = np.full((1, image_size, image_size), int(label), np.int32)
       for s in steps:
         for name, overrides in [(None, None)] + list(variants.items()):
           if name is None:
@@ -77,9 +77,19 @@ def study(pipe, *, image_size: int, labels, seeds, steps, variants: dict[str, di
             log(json.dumps(row))
             if out_dir:
               os.makedirs(out_dir, exist_ok=True)
-              Image.fromarray(img).save(os.path.join(
-                  out_dir, f'l{label}_s{seed}_{s}_{run_name}.png'))
+              Image.fromarray(img).save(_image_path(out_dir, row))
   return rows
+
+
+def _image_path(out_dir: str, row: dict) -> str:
+  name = row['variant'].replace(' (', '_').replace(')', '')   # 'untiled (ddim)' -> untiled_ddim
+  return os.path.join(out_dir, f"l{row['label']}_s{row['seed']}_{row['steps']}_{name}.png")
+
+
+def read_rows(log_path: str) -> list[dict]:
+  """The rows `study` logged as JSON lines (e.g. a tool's output), for `figure`."""
+  with open(log_path) as f:
+    return [json.loads(line) for line in f if line.startswith('{"label"')]
 
 
 def summary(rows: list[dict]) -> list[dict]:
@@ -100,12 +110,13 @@ def summary(rows: list[dict]) -> list[dict]:
 
 
 def figure(out_dir: str, rows: list[dict], path: str, *, label: int, seed: int,
-           crop: int = 384, contrast: float = 2.5) -> None:
+           crop: int = 320, contrast: float = 2.5, variants=None) -> None:
   """One image per (variant, steps) of `label` and `seed` in a grid (variants down,
   steps across), each the top-left crop with its contrast raised (seams are faint on
   the pale demo textures), its line score / floor and U-Net samples written under it."""
   from PIL import ImageEnhance  # pylint: disable=g-import-not-at-top
-  mine = [r for r in rows if r['label'] == label and r['seed'] == seed]
+  mine = [r for r in rows if r['label'] == label and r['seed'] == seed
+          and (variants is None or r['variant'] in variants)]
   variants = list(dict.fromkeys(r['variant'] for r in mine))
   steps = sorted({r['steps'] for r in mine})
   pad, text = 8, 30
@@ -121,12 +132,12 @@ def figure(out_dir: str, rows: list[dict], path: str, *, label: int, seed: int,
       r = next((r for r in mine if r['variant'] == v and r['steps'] == s), None)
       if r is None:
         continue
-      name = UNTILED if v.startswith(UNTILED) else v
-      img = Image.open(os.path.join(out_dir, f'l{label}_s{seed}_{s}_{name}.png'))
+      img = Image.open(_image_path(out_dir, r))
       img = ImageEnhance.Contrast(img.crop((0, 0, crop, crop))).enhance(contrast)
       x = 160 + j * (crop + pad)
       sheet.paste(img, (x, y))
-      draw.text((x, y + crop + 2), f"lines {r['line_score']:.1f} ({r['over_floor']:.2f}x "
-                f"floor)  {r['unet_samples_per_pixel_step']:.2f} samples/px-step",
-                fill='black')
+      draw.text((x, y + crop + 2), f"lines {r['line_score']:.2f} ({r['over_floor']:.2f}x "
+                f"floor)", fill='black')
+      draw.text((x, y + crop + 14), f"{r['unet_samples_per_pixel_step']:.2f} U-Net samples "
+                f"per latent px-step", fill='black')
   sheet.save(path, quality=90)

@@ -10,7 +10,10 @@ Hence `max(times) - min(times) <= 1` always, and every pixel takes exactly S ste
 
 What a step does is the process's business (`sampling/processes.py`): DDIM on a noise schedule
 for eps / v / x0 models (the default: the original's cosine eps model) or Euler for flow
-matching; levels index its time grid. The denoiser gets a conditioning pytree per patch:
+matching, or the process's other solver: DPM-Solver++(2M) gets each written pixel's x0
+prediction of its previous level from `x0_prev`, a latent-sized buffer written exactly
+where `x` is (so the history is per pixel, on either placement, and saved with the state
+for resume); levels index its time grid. The denoiser gets a conditioning pytree per patch:
 `Spatial` leaves ([N, h, w, ...], e.g. the label map) cropped to the patch, other leaves
 ([N, ...]) taken from the patch's image; idle slots get all zeros.
 
