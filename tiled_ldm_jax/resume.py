@@ -62,6 +62,15 @@ def _check_meta(path: str, meta: dict, cfg) -> None:
     raise ValueError(f'{path}/meta.json: negative first_sample or iterations')
   if not all(isinstance(v, str) for v in meta['checkpoint_sha256'].values()):
     raise ValueError(f'{path}/meta.json: checkpoint_sha256 must map names to strings')
+  extra = meta['extra']
+  seconds = extra.get('seconds', {})
+  if not isinstance(seconds, dict) or not all(
+      isinstance(v, (int, float)) and not isinstance(v, bool) for v in seconds.values()):
+    raise ValueError(f'{path}/meta.json: field extra.seconds must map names to numbers, '
+                     f'got {str(seconds)[:40]!r}')
+  if not isinstance(extra.get('mask_stats'), (dict, type(None))):
+    raise ValueError(f'{path}/meta.json: field extra.mask_stats must be an object or '
+                     f'null, got {str(extra.get("mask_stats"))[:40]!r}')
 
 
 def _state_tree(state: SamplerState, labels) -> dict[str, np.ndarray]:
@@ -135,4 +144,7 @@ class RunCheckpoint:
     return SamplerState(keys=keys, **fields), tree.get('labels')
 
   def remove(self) -> None:
-    shutil.rmtree(self.path, ignore_errors=True)
+    # a symlinked folder: the saved state it points to, then the link
+    shutil.rmtree(os.path.realpath(self.path), ignore_errors=True)
+    if os.path.islink(self.path):
+      os.unlink(self.path)
