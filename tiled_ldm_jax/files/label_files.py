@@ -19,6 +19,7 @@ from tiled_ldm_jax.files import ome_zarr
 from tiled_ldm_jax.files import reading
 from tiled_ldm_jax.files import tiff_rows
 
+CHECK_BAND_BYTES = 64 << 20   # rows of an uncompressed label TIFF per read of the check
 _TIFF_SIGNATURES = (b'II*\x00', b'MM\x00*', b'II+\x00', b'MM\x00+')   # TIFF, BigTIFF
 
 
@@ -56,10 +57,13 @@ class TiffLabels:
     self.path, self.shape, self.dtype, self._name = self._rows.path, shape, dtype, name
     ids = set()
     step = max(self._rows._segment[0], 1)  # pylint: disable=protected-access
+    raw = self._rows._raw  # pylint: disable=protected-access
+    if raw:   # uncompressed strips are read by byte ranges: bands of CHECK_BAND_BYTES
+      step = max(1, CHECK_BAND_BYTES // max(1, shape[1] * dtype.itemsize))
     # The check pass: every segment once, one segment row at a time (memory: that row);
     # a row of sparse segments (no bytes) is zeros, known without decoding.
     for ti, r0 in enumerate(range(0, shape[0], step)):
-      if not self._rows._raw and self._rows.segment_row_empty(ti):  # pylint: disable=protected-access
+      if not raw and self._rows.segment_row_empty(ti):
         ids.add(0)
         continue
       ids.update(int(v) for v in np.unique(self.read_rows(r0, min(r0 + step, shape[0]))))
@@ -124,4 +128,10 @@ def open_label_source(path):
     return TiffLabels(path)
   if is_ome_zarr_labels(path):
     return ZarrLabels(path)
+  if os.path.isdir(path):   # a folder is read as OME-Zarr or not at all: say why not
+    name = image_files._printable(path)  # pylint: disable=protected-access
+    if os.path.lexists(os.path.join(path, 'zarr.json')):
+      raise ValueError(f'{name}: a Zarr v3 store (zarr.json); only Zarr v2 OME-Zarr '
+                       'stores (.zattrs, .zarray) are read')
+    raise ValueError(f'{name}: a folder without an OME-Zarr labels group (labels/.zattrs)')
   return None

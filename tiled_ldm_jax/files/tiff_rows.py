@@ -73,8 +73,10 @@ class TiffRows:
       with reading.open_regular(self.path, 'TIFF') as fh, tifffile.TiffFile(fh, name=os.path.basename(self.path)) as tf:
         page = tf.pages[0]
         shape, dtype = tuple(page.shape), np.dtype(page.dtype)
-        self._segment = (page.tilelength, page.tilewidth) if page.is_tiled else (
-            page.rowsperstrip, page.imagewidth)
+        # int(): a damaged tag may hold several values (a tuple)
+        self._segment = tuple(int(v) for v in ((page.tilelength, page.tilewidth)
+                                               if page.is_tiled else
+                                               (page.rowsperstrip, page.imagewidth)))
         samples, planar = int(page.samplesperpixel), int(page.planarconfig)
         ends = [int(o) + int(n) for o, n in zip(page.dataoffsets, page.databytecounts)]
         self._counts = [int(n) for n in page.databytecounts]
@@ -90,7 +92,7 @@ class TiffRows:
     if samples > 1 and planar != 1:
       raise ValueError(f'{self.name}: samples stored as separate planes are not read '
                        f'(planar configuration {planar}); save it with interleaved samples')
-    if len(shape) < 2 or shape[0] * shape[1] > MAX_LABEL_PIXELS:
+    if len(shape) < 2 or min(shape) < 1 or shape[0] * shape[1] > MAX_LABEL_PIXELS:
       raise ValueError(f'{self.name}: a first page of shape {list(shape)} is not read')
     total = int(np.prod(shape, dtype=object)) * dtype.itemsize
     if total > MAX_TOTAL_BYTES:
