@@ -685,3 +685,23 @@ def test_command_probes_are_one_error_line(tmp_path, script_server):
         flags, r.stderr[-2000:])
     assert match in errors[0], (flags, errors[0])
     assert not out.exists()
+
+
+def test_symlinked_checkpoint_folder_is_saved_through(tmp_path):
+  """A run's checkpoint folder that is a symlink: saved into its target twice (the swap
+  renames the target, not the link), no hidden `.tmp-...-old` entry left, and removed
+  with its link at the end."""
+  from tiled_ldm_jax.models import checkpoint  # pylint: disable=g-import-not-at-top
+  target = tmp_path / 'elsewhere' / 'state'
+  target.mkdir(parents=True)
+  run = tmp_path / 'run'
+  run.mkdir()
+  os.symlink(target, run / resume.FOLDER)
+  ckpt = resume.RunCheckpoint(str(run))
+  for i in range(2):
+    checkpoint.save_state(ckpt.path, {'x': np.full((2,), i, np.float32)}, {'i': i})
+  assert os.path.islink(ckpt.path) and ckpt.meta() == {'i': 1}
+  assert [p.name for p in run.iterdir()] == [resume.FOLDER]
+  assert [p.name for p in target.parent.iterdir()] == ['state']
+  ckpt.remove()
+  assert not os.path.lexists(ckpt.path) and not target.exists()

@@ -73,7 +73,9 @@ class GenerationConfig:
                            '--image_size; rasterized band by band), or "demo" for the '
                            'bundled PNG. The format is read from the file\'s contents.')
   mask_classes: str | None = _help('GeoJSON --mask: class name to label id, '
-                                   '"Tumor=1,Stroma=2,..." (unannotated pixels are 0).')
+                                   '"Tumor=1,Stroma=2,..." or a JSON object '
+                                   '\'{"Tumor, grade 2": 1}\' (names with "," or "="; '
+                                   'unannotated pixels are 0).')
   init_image: str | None = _help('Start from this image (PNG, JPEG, an RGB TIFF or an '
                                  'OME-Zarr image store, read by its contents; TIFF and '
                                  'OME-Zarr band by band; of the output size unless '

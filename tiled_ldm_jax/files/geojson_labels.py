@@ -32,6 +32,10 @@ MAX_BYTES = 1 << 30              # a larger annotation file is refused unread
 _ROW_CHUNK_ELEMENTS = 1 << 20    # rows x (edges + columns) per vectorized block
 BAND_PIXELS = 1 << 24            # pixels per band of `bands()` (the ids pass)
 MAX_DEPTH = 64                   # GeoJSON nests ~7 deep; QuPath's measurements a few more
+# Parsed bytes per file byte (reading.read_json's estimate): ~11x for QuPath's
+# '[12345.5, 6789.25], ' positions, ~22x for small integer ones; nested empty arrays
+# ('[],' : ~45x) are refused whatever the host's memory.
+MAX_PARSED_RATIO = 32
 
 
 def parse_classes(text: str) -> dict[str, int]:
@@ -280,7 +284,7 @@ def read_geojson(path, classes: dict[str, int], hw, num_classes: int | None = No
   outside the H x W image or not finite, ids the model does not know."""
   name = reading.printable(path)
   doc = reading.read_json(path, 'GeoJSON', max_bytes=MAX_BYTES, max_depth=MAX_DEPTH,
-                          allow_nan=False)
+                          allow_nan=False, max_ratio=MAX_PARSED_RATIO)
   h, w = (int(v) for v in hw)
   polygons, unmapped, unclassified, bad_types, outside = [], set(), 0, set(), 0
   for i, feat in enumerate(_features(doc, name)):

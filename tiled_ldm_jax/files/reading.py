@@ -166,9 +166,12 @@ def _refuse_constant(value: str):
 
 
 def read_json(path, what: str, *, max_bytes: int, max_depth: int = MAX_JSON_DEPTH,
-              budget: int | None = None, allow_nan: bool = True) -> Any:
+              budget: int | None = None, allow_nan: bool = True,
+              max_ratio: float | None = None) -> Any:
   """The parsed JSON value of `path` (module doc); the caller checks its shape.
-  `allow_nan`: NaN / Infinity (Python's json writes them) read, else refused."""
+  `allow_nan`: NaN / Infinity (Python's json writes them) read, else refused.
+  `max_ratio`: the parsed value may also take at most this many times the file's bytes
+  (plus 64 MiB), whatever memory the host has (a format's usual density)."""
   name = printable(path)
   raw = read_bytes(path, what, max_bytes)
   for bom, enc in ((b'\xff\xfe\x00\x00', 'UTF-32'), (b'\x00\x00\xfe\xff', 'UTF-32'),
@@ -182,8 +185,12 @@ def read_json(path, what: str, *, max_bytes: int, max_depth: int = MAX_JSON_DEPT
                      f'{max_depth} are read')
   need = 2 * len(raw) + containers * JSON_CONTAINER_BYTES + (commas + containers) * \
       JSON_VALUE_BYTES
-  check_bytes(name, f'{what} (parsed: {containers:,} arrays / objects, '
-              f'{commas:,} commas)', need, budget)
+  what_parsed = f'{what} (parsed: {containers:,} arrays / objects, {commas:,} commas)'
+  check_bytes(name, what_parsed, need, budget)
+  if max_ratio is not None and need > max_ratio * len(raw) + (64 << 20):
+    raise ValueError(f'{name}: the {what_parsed} would take {need / len(raw):.0f}x its '
+                     f'{len(raw):,} bytes as Python objects; at most {max_ratio:.0f}x '
+                     'are read')
   try:
     return json.loads(raw.decode('utf-8-sig'),
                       **({} if allow_nan else {'parse_constant': _refuse_constant}))
