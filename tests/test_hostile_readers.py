@@ -1,8 +1,8 @@
-"""The readers of whole-slide inputs, hostile (issue 40): GeoJSON, TIFF and OME-Zarr
+"""The readers of whole-slide inputs, hostile: GeoJSON, TIFF and OME-Zarr
 labels, init images, keep masks, resume state -- through the one reading layer
 (`files/reading.py`).
 
-Each probe of the issue is a regression test here (FIFOs, symlink loops, JSON of the
+Each probe of the hostile-reader audit is a regression test here (FIFOs, symlink loops, JSON of the
 wrong shape or depth, declared-size and decompression bombs, 16-bit PNGs, strings as
 coordinates, holes outside their shell, a resume behind the samples on disk), and
 `test_fuzz_hostile_readers` mutates one valid file of each kind (truncations, byte
@@ -645,7 +645,7 @@ def _probe_args(**flags):
 
 
 def test_command_probes_are_one_error_line(tmp_path, script_server):
-  """The issue's probes through `sample_large_image.py`: one `error:` line each,
+  """The audit's probes through `sample_large_image.py`: one `error:` line each,
   nothing written."""
   fifo = tmp_path / 'fifo'
   os.mkfifo(fifo)
@@ -705,3 +705,15 @@ def test_symlinked_checkpoint_folder_is_saved_through(tmp_path):
   assert [p.name for p in target.parent.iterdir()] == ['state']
   ckpt.remove()
   assert not os.path.lexists(ckpt.path) and not target.exists()
+
+
+def test_jpeg_tile_declaring_more_than_its_tile_is_refused(tmp_path):
+  """Whatever codec library decodes JPEG tiles: a tile whose own frame header declares
+  more pixels than the TIFF tile is refused before decoding."""
+  import io  # pylint: disable=g-import-not-at-top
+  buf = io.BytesIO()
+  Image.fromarray(np.zeros((600, 800), np.uint8)).save(buf, format='JPEG')
+  assert tiff_rows._jpeg_size(buf.getvalue()) == (600, 800)   # pylint: disable=protected-access
+  p = tmp_path / 'jpeg.tif'
+  p.write_bytes(_label_tiff(64, 64, 64, [buf.getvalue()], compression=7))
+  _refused(lambda: label_files.open_label_source(p), 'decompression bomb')

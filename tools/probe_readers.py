@@ -1,4 +1,4 @@
-"""Runs hostile input files through `scripts/sample_large_image.py` (issue 40) and prints
+"""Runs hostile input files through `scripts/sample_large_image.py` and prints
 one table row per case: class, what, exit status, the error line, the peak RSS of the
 command and its wall time.
 
