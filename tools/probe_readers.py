@@ -2,7 +2,8 @@
 one table row per case: class, what, exit status, the error line, the peak RSS of the
 command and its wall time.
 
-  python tools/probe_readers.py [--work_dir=/tmp/probes] [--timeout=300]
+  python tools/probe_readers.py [--work_dir=/tmp/probes] [--timeout=300] [--only=hang,message]
+      [--repo=/path/to/another/checkout]     # the same probes, another version
 
 Each case builds its file(s) under --work_dir (small: the bombs are declared sizes and
 compressed streams) and runs the command with the bundled demo models, as a separate
@@ -26,12 +27,14 @@ from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, 'tiled_ldm_jax', 'demo')
-SCRIPT = os.path.join(REPO, 'scripts', 'sample_large_image.py')
 
 _WORK = flags.DEFINE_string('work_dir', None, 'Folder for the probe files (default: a '
                             'new temporary folder).')
 _TIMEOUT = flags.DEFINE_integer('timeout', 300, 'Seconds before a case counts as a hang.')
-_ONLY = flags.DEFINE_string('only', None, 'Run the cases whose class contains this.')
+_ONLY = flags.DEFINE_list('only', None, 'Run the cases whose class contains one of these.')
+_REPO = flags.DEFINE_string('repo', REPO, 'The checkout whose sample_large_image.py runs '
+                            '(another one to compare before / after; its own demo '
+                            'models).')
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
@@ -141,8 +144,8 @@ def cases(d: str):
          dict(init_image=_zarr_labels(j('ideep.zarr'), zattrs='[' * 100000 + ']' * 100000,
                                       image=True), mask='demo'))
   yield ('traceback: keep map', 'dry run, outpainting on a 262144 px canvas',
-         dict(init_image=init, init_offset='0,0', image_size=262144, mask_unet_ckpt=os.path.join(DEMO, 'mask_unet'),
-              dry_run=True))
+         dict(init_image=init, init_offset='0,0', image_size=262144, dry_run=True,
+              mask_unet_ckpt=os.path.join(DEMO, 'mask_unet')))
   yield ('hang: Zarr no chunks', '--mask labels 100000 x 100000 declared, no chunk files',
          dict(mask=_zarr_labels(j('nochunks.zarr'), zarray={'shape': [100000, 100000],
                                                             'chunks': [4096, 4096]}),
@@ -153,7 +156,7 @@ def cases(d: str):
               image_size=512))
   big = _write(j('big_labels.tif'), _label_tiff(40960, 40960, 512, lambda i: ones))
   yield ('memory: deflate TIFF', f'--mask label TIFF 40960^2 (1.6 GB decoded) of '
-         f'{os.path.getsize(big) / 2 ** 20:.1f} MiB, dry run at 512 px',
+         f'{os.path.getsize(big) / 2 ** 10:.0f} KiB, dry run at 512 px',
          dict(mask=big, image_size=512, dry_run=True))
   yield ('memory: deflate TIFF', '--mask label TIFF, one 512^2 tile inflating to 256 MiB',
          dict(mask=_write(j('tile_bomb.tif'), _label_tiff(
@@ -218,10 +221,11 @@ def main(argv):
   print('| class | case | exit | error line | peak RSS | wall |')
   print('|---|---|---|---|---|---|')
   for cls, what, flags_ in cases(d):
-    if _ONLY.value and _ONLY.value not in cls:
+    if _ONLY.value and not any(o in cls for o in _ONLY.value):
       continue
-    args = {'unet_ckpt': os.path.join(DEMO, 'image_unet'),
-            'vae_ckpt': os.path.join(DEMO, 'vae'), 'imgs_path': os.path.join(d, 'out'),
+    demo = os.path.join(_REPO.value, 'tiled_ldm_jax', 'demo')
+    args = {'unet_ckpt': os.path.join(demo, 'image_unet'),
+            'vae_ckpt': os.path.join(demo, 'vae'), 'imgs_path': os.path.join(d, 'out'),
             'patch_size': 128, 'sampling_steps': 2}
     args.update(flags_)
     argv_ = [f'--{k}' if v is True else f'--{k}={v}' for k, v in args.items()]
@@ -233,9 +237,11 @@ def main(argv):
                'sys.stderr.write("\\nRSS %d WALL %.2f\\n"%(r.ru_maxrss,time.perf_counter()-t));'
                'sys.exit(os.waitstatus_to_exitcode(s))')
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, '-c', wrapper, sys.executable, SCRIPT, *argv_],
+    env = dict(os.environ, PYTHONPATH=_REPO.value)
+    script = os.path.join(_REPO.value, 'scripts', 'sample_large_image.py')
+    proc = subprocess.Popen([sys.executable, '-c', wrapper, sys.executable, script, *argv_],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, env=env)
     try:
       _, err = proc.communicate(timeout=_TIMEOUT.value)
       code = proc.returncode

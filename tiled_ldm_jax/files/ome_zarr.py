@@ -25,8 +25,9 @@ def attrs(group: str, name: str) -> dict:
   """The group's `.zattrs` object; a Zarr v3 group (zarr.json) is named as such."""
   path = os.path.join(group, '.zattrs')
   if not os.path.lexists(path) and os.path.lexists(os.path.join(group, 'zarr.json')):
-    raise ValueError(f'{name}: {reading.printable(group)} is a Zarr v3 group (zarr.json); '
-                     'only Zarr v2 stores (.zattrs, .zarray) are read')
+    where = '' if reading.printable(group) == name else f' {reading.printable(group)} is'
+    raise ValueError(f'{name}:{where} a Zarr v3 group (zarr.json); only Zarr v2 stores '
+                     '(.zattrs, .zarray) are read')
   try:
     doc = reading.read_json(path, 'OME-Zarr .zattrs', max_bytes=MAX_METADATA_BYTES)
   except FileNotFoundError:

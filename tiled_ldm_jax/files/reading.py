@@ -35,7 +35,7 @@ MAX_JSON_DEPTH = 64          # GeoJSON needs ~7 levels, OME-Zarr metadata ~5
 JSON_CONTAINER_BYTES = 96    # a parsed list / dict (object, GC header, its parent's slot)
 JSON_VALUE_BYTES = 40        # a parsed number or short string and its slot
 DEFAULT_BUDGET = 4 << 30     # bytes one read may hold when the host's memory is unknown
-_SCAN_CHUNK = 4 << 20
+_SCAN_CHUNK = 1 << 20       # bytes per block of the scan (its temporaries: ~30x that)
 
 
 def printable(path) -> str:
