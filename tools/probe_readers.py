@@ -8,7 +8,8 @@ command and its wall time.
 Each case builds its file(s) under --work_dir (small: the bombs are declared sizes and
 compressed streams) and runs the command with the bundled demo models, as a separate
 process (its peak RSS from `wait4`); a case that runs past --timeout is killed and shown
-as a hang. The regression tests of the same probes are tests/test_hostile_readers.py.
+as such (a hang, or a request that was accepted and is sampling). The regression tests
+of the same probes are tests/test_hostile_readers.py.
 """
 
 import json
@@ -248,7 +249,7 @@ def main(argv):
     except subprocess.TimeoutExpired:
       os.killpg(proc.pid, 9)
       _, err = proc.communicate()
-      code = 'hang'
+      code = f'killed at {_TIMEOUT.value} s'
     wall = time.perf_counter() - start
     rss = next((int(l.split()[1]) for l in err.splitlines() if l.startswith('RSS ')), 0)
     errors = [l for l in err.splitlines() if l.startswith('error:')]
