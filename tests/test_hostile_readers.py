@@ -445,6 +445,8 @@ def test_resume_meta_bad_extra_names_the_field(tmp_path):
   _refused(lambda: resume._check_meta(str(tmp_path), meta, cfg), 'extra.seconds')  # pylint: disable=protected-access
   meta['extra'] = {'mask_stats': [1]}
   _refused(lambda: resume._check_meta(str(tmp_path), meta, cfg), 'extra.mask_stats')  # pylint: disable=protected-access
+  meta['extra'], meta['first_sample'] = {}, 2 ** 70
+  _refused(lambda: resume._check_meta(str(tmp_path), meta, cfg), "'first_sample' is")  # pylint: disable=protected-access
 
 
 # ----------------------------------------------------------------------------- fuzz

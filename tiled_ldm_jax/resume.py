@@ -58,8 +58,10 @@ def _check_meta(path: str, meta: dict, cfg) -> None:
     raise ValueError(f'{path}/meta.json: batch_start {b0} is not the start of a batch of '
                      f'this run (n_images {cfg.n_images}, batch_size {cfg.batch_size}); '
                      'the saved run is kept')
-  if meta['first_sample'] < 0 or meta['iterations'] < 0:
-    raise ValueError(f'{path}/meta.json: negative first_sample or iterations')
+  for name, top in (('first_sample', 10 ** 9), ('iterations', 2 ** 31 - 1)):
+    if not 0 <= meta[name] <= top:   # a huge int would fail later, naming nothing
+      raise ValueError(f'{path}/meta.json: field {name!r} is {str(meta[name])[:40]}, not '
+                       f'in [0, {top}]')
   if not all(isinstance(v, str) for v in meta['checkpoint_sha256'].values()):
     raise ValueError(f'{path}/meta.json: checkpoint_sha256 must map names to strings')
   extra = meta['extra']

@@ -144,8 +144,8 @@ def cases(d: str):
   yield ('traceback: .zattrs depth', '--init_image store, .zattrs nested 100000 deep',
          dict(init_image=_zarr_labels(j('ideep.zarr'), zattrs='[' * 100000 + ']' * 100000,
                                       image=True), mask='demo'))
-  yield ('traceback: keep map', 'dry run, outpainting on a 262144 px canvas',
-         dict(init_image=init, init_offset='0,0', image_size=262144, dry_run=True,
+  yield ('traceback: keep map', 'dry run, outpainting on a 2097152 px canvas',
+         dict(init_image=init, init_offset='0,0', image_size=2097152, dry_run=True,
               mask_unet_ckpt=os.path.join(DEMO, 'mask_unet')))
   yield ('hang: Zarr no chunks', '--mask labels 100000 x 100000 declared, no chunk files',
          dict(mask=_zarr_labels(j('nochunks.zarr'), zarray={'shape': [100000, 100000],
