@@ -7,6 +7,9 @@
   # DPM-Solver++(2M) at 10/15/20 steps and DDIM at 10/20/50 against DDIM at 250 (eta 0):
   # PSNR, adherence, line score, U-Net work
   python tools/compare_sampling.py --compare=solvers --image_size=512 --seeds=0,1
+  # ... untiled (one window over the whole latent: no window layout differs between runs)
+  python tools/compare_sampling.py --compare=solvers --image_size=256 --patch_size=256 \
+      --schedule=random --seeds=0,1
 
 Adherence is only meaningful for models trained on the synthetic textures (the demo
 models); with other models it is reported but means nothing.
@@ -31,6 +34,8 @@ _SIZE = flags.DEFINE_integer('image_size', 1024, 'Image side in pixels.')
 _PATCH = flags.DEFINE_integer('patch_size', None, 'Patch side in px (default: the model\'s).')
 _STEPS = flags.DEFINE_integer('sampling_steps', 20, 'DDIM steps.')
 _SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds (dtype: the first only).')
+_SCHEDULE = flags.DEFINE_enum('schedule', None, ['random', 'grid'], 'solvers, dtype: the '
+                              'placement (random: one window per iteration; default grid).')
 _MARGINS = flags.DEFINE_list('grid_margins', None, 'schedules: grid margins in px to compare '
                              '(default: 0 and patch_size / 8).')
 _LEVELS = flags.DEFINE_list('grid_margin_levels', None, 'schedules: also each grid margin > 0 '
@@ -63,6 +68,10 @@ def main(argv):
   options = dict(sampling_steps=_STEPS.value)
   if _PATCH.value:
     options['patch_size'] = _PATCH.value
+  if _SCHEDULE.value:
+    options['schedule'] = _SCHEDULE.value
+    if _SCHEDULE.value == 'random':
+      options['patches_per_step'] = 1
   o = pipe.resolve(**options)
   pipe.check_image_request(labels.shape, o)
   if _COMPARE.value == 'schedules':

@@ -122,6 +122,13 @@ SOLVER_RUNS = (('dpmpp2m', 10), ('dpmpp2m', 15), ('dpmpp2m', 20), ('ddim', 10), 
 SOLVER_REFERENCE = ('ddim', 250)
 
 
+def _line_score(img) -> float | None:
+  try:
+    return seams.line_score(img)
+  except ValueError:     # an image smaller than the measure's segments
+    return None
+
+
 def compare_solvers(pipe, labels: np.ndarray, seeds, runs=SOLVER_RUNS,
                     reference=SOLVER_REFERENCE, *, classifier=None, **options) -> list[dict]:
   """One row per (solver, steps, seed): PSNR of the image to the reference run's (DDIM
@@ -149,7 +156,7 @@ def compare_solvers(pipe, labels: np.ndarray, seeds, runs=SOLVER_RUNS,
           'reference': f'{reference[0]} {reference[1]}',
           'psnr_vs_reference': psnr(img, ref),
           'adherence': adherence.mask_adherence(img, labels[0], classifier)['adherence'],
-          'line_score': seams.line_score(img),
+          'line_score': _line_score(img),
           'unet_samples_per_pixel_step': int(state.evaluations) * p * p / (n * h * w * steps),
           'seconds': seconds})
   return rows
