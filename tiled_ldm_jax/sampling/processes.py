@@ -25,7 +25,9 @@ last x0 prediction and the time it was made at (`loop.SamplerState.x0_prev`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+from typing import ClassVar
 
 import jax.numpy as jnp
 import numpy as np
@@ -75,20 +77,12 @@ def _bcast(a, x):
   return jnp.reshape(a, jnp.shape(a) + (1,) * (jnp.ndim(x) - jnp.ndim(a)))
 
 
+@dataclasses.dataclass(frozen=True)
 class DDIM:
   """The one-step solver: DDIM with eta for diffusion processes (the original's step),
   Euler for flow. Needs no history."""
-  name = 'ddim'
-  history = False
-
-  def __repr__(self):
-    return 'DDIM()'
-
-  def __eq__(self, other):
-    return isinstance(other, DDIM)
-
-  def __hash__(self):
-    return hash('ddim')
+  name: ClassVar[str] = 'ddim'
+  history: ClassVar[bool] = False
 
   def solve(self, process, x, pred, t, t_next, noise, eta, history=None):
     """(x at t_next, None): the process's own one-step update."""
@@ -96,6 +90,7 @@ class DDIM:
     return process.step(x, pred, t, t_next, noise, eta), None
 
 
+@dataclasses.dataclass(frozen=True)
 class DPMSolver2M:
   """DPM-Solver++(2M) (Lu et al. 2022, data prediction, multistep): deterministic (eta is
   not used), second order from the x0 prediction of the pixel's previous level.
@@ -107,17 +102,8 @@ class DPMSolver2M:
   (second order). The last step (t_next clean) returns x0, first order as DDIM's last
   step (diffusers' `lower_order_final`).
   """
-  name = 'dpmpp2m'
-  history = True
-
-  def __repr__(self):
-    return 'DPMSolver2M()'
-
-  def __eq__(self, other):
-    return isinstance(other, DPMSolver2M)
-
-  def __hash__(self):
-    return hash('dpmpp2m')
+  name: ClassVar[str] = 'dpmpp2m'
+  history: ClassVar[bool] = True
 
   def solve(self, process, x, pred, t, t_next, noise, eta, history=None):
     """(x at t_next, x0) for a batch x [B, ...] at times t [B]; `history` = (x0_prev
