@@ -26,7 +26,7 @@ LINE_LENGTH = 256     # px: the segment a line is judged over (two demo window s
 LINE_REACH = (2, 3)   # the parallel lines compared with, in LINE_SCALE px (not the
                       # adjacent one: a border that falls between two averaged lines)
 LINE_THRESHOLD = 1.25   # a segment counts for (ratio - threshold)^2 above this
-LINE_BORDER = 16      # px left out at the image edge (the decoder's frame, issue 39)
+LINE_BORDER = 16      # px left out at the image edge (where the decoder leaves a frame)
 
 
 def _box_sum(a, n: int):
