@@ -1,7 +1,8 @@
 """Generates large images: mask model (or --mask) -> image model -> tiled decode -> files.
 
-  python scripts/sample_large_image.py --unet_ckpt=/tmp/image_unet --vae_ckpt=/tmp/vae \
-      --mask_unet_ckpt=/tmp/mask_unet --image_size=2048 --imgs_path=./results/large
+  python scripts/sample_large_image.py --image_size=2048 --output_format=tiff
+  python scripts/sample_large_image.py --unet_ckpt=/tmp/image_unet --vae_ckpt=/tmp/vae
+      --mask_unet_ckpt=/tmp/mask_unet --mask=slide.geojson --mask_classes=Tumor=1,Stroma=2
 
 Writes sampleNNNN.<ext>, sampleNNNN_mask.png (label ids) and sampleNNNN.json under
 --imgs_path, numbering after the samples already there. Bad input is reported in one
@@ -33,6 +34,22 @@ flags.DEFINE_integer('process_id', None, 'Multi-host: this process\'s index.')
 flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() with the flags '
                   'above or, if they are unset, from the environment (TPU pod slices).')
 FLAGS = flags.FLAGS
+# --help's sections (flag_util.help_text); a flag in none is listed under 'other'.
+_GROUPS = (
+    ('what to make', ('n_images', 'batch_size', 'image_size', 'label', 'seed', 'dry_run')),
+    ('models (none of the three: the bundled demo models)',
+     ('unet_ckpt', 'vae_ckpt', 'mask_unet_ckpt')),
+    ('inputs', ('mask', 'mask_classes', 'init_image', 'init_offset', 'strength',
+                'keep_mask')),
+    ('outputs', ('imgs_path', 'output_format', 'tiff_compression', 'jpeg_quality', 'mpp',
+                 'checkpoint_every', 'resume', 'progress_every')),
+    ('sampling', ('sampling_steps', 'cond_scale', 'mask_cond_scale', 'patch_size',
+                  'mask_patch_size', 'patches_per_step', 'schedule', 'grid_margin',
+                  'grid_margin_levels', 'eta', 'resample', 'dtype', 'tile_batch',
+                  'blend_mode')),
+    ('devices and hosts', ('devices', 'compilation_cache_dir', 'distributed',
+                           'coordinator_address', 'num_processes', 'process_id')),
+)
 
 
 def main(argv):
@@ -61,4 +78,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  flag_util.run(main)
+  flag_util.run(main, groups=_GROUPS)

@@ -45,6 +45,7 @@ from tiled_ldm_jax import sharding
 from tiled_ldm_jax.output import writers
 
 FORMATS = ('png', 'jpg', 'tiff', 'zarr')
+FORMAT_ALIASES = {'tif': 'tiff', 'jpeg': 'jpg', 'ome-zarr': 'zarr', 'ome_zarr': 'zarr'}
 DEFAULT_IMAGE_SIZE = 1024     # without --image_size and --mask
 _help = pipeline_lib._help  # pylint: disable=protected-access
 
@@ -214,8 +215,11 @@ def _load_pipeline(cfg: GenerationConfig) -> pipeline_lib.Pipeline:
 def prepare(cfg: GenerationConfig) -> Plan:
   """Every check that can fail, before any compute: flags, models, mask file, output
   folder, resume. Raises ValueError (one line) or OSError."""
+  fmt = str(cfg.output_format).lower()
+  cfg = dataclasses.replace(cfg, output_format=FORMAT_ALIASES.get(fmt, fmt))  # tif: tiff
   if cfg.output_format not in FORMATS:
-    raise ValueError(f'output_format must be one of {FORMATS}, got {cfg.output_format!r}')
+    raise ValueError(f'output_format must be one of {FORMATS} (or {", ".join(FORMAT_ALIASES)}'
+                     f'), got {cfg.output_format!r}')
   if cfg.n_images < 1 or cfg.batch_size < 1 or cfg.n_images % cfg.batch_size:
     raise ValueError(f'n_images ({cfg.n_images}) must be a positive multiple of batch_size '
                      f'({cfg.batch_size})')
