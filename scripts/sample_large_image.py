@@ -21,6 +21,7 @@ from tiled_ldm_jax import estimate
 from tiled_ldm_jax import flag_util
 from tiled_ldm_jax import generate
 from tiled_ldm_jax import pipeline
+from tiled_ldm_jax import progress
 from tiled_ldm_jax import sharding
 
 _FIELDS = (flag_util.define_dataclass_flags(pipeline.Options,
@@ -71,7 +72,7 @@ def main(argv):
     return
   records = generate.run(plan, flags_used=values)
   for r in records:
-    logging.info('sample%04d: %s', r['sample'], r['seconds'])
+    logging.info('sample%04d: %s', r['sample'], progress.durations(r['seconds']))
   if sharding.is_writer():
     print(f'wrote {len(records)} image(s) to {plan.cfg.imgs_path}: ' +
           ', '.join(r['files']['image'] for r in records))

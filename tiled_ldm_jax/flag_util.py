@@ -253,11 +253,32 @@ def parse_flags(argv: list[str], parse: Callable | None = None,
     fail(e)
 
 
+class _NoTpuLibrary:
+  """Drops JAX's INFO line "Unable to initialize backend 'tpu': ... Failed to open
+  libtpu.so ..." (every run on a machine without a TPU library). Other failures of the
+  TPU backend (a libtpu that is there and fails) and warnings and errors still show."""
+
+  def filter(self, record) -> bool:
+    msg = record.getMessage()
+    return not (record.levelno <= 20 and msg.startswith("Unable to initialize backend 'tpu'")
+                and 'libtpu.so' in msg and ('cannot open shared object' in msg
+                                            or 'No such file' in msg))
+
+
+def quiet_tpu_probe() -> None:
+  """Installs `_NoTpuLibrary` on JAX's backend logger (once)."""
+  import logging as py_logging  # pylint: disable=g-import-not-at-top
+  logger = py_logging.getLogger('jax._src.xla_bridge')
+  if not any(isinstance(f, _NoTpuLibrary) for f in logger.filters):
+    logger.addFilter(_NoTpuLibrary())
+
+
 def run(main: Callable, rules: dict[str, str] | None = None,
         parse: Callable | None = None,
         groups: Sequence[tuple[str, Sequence[str]]] = ()) -> None:
   """`app.run(main)` with flags parsed by `parse_flags` and checked by `checked_main`:
   every command reports a bad request this one way. `groups`: the --help sections."""
   from absl import app  # pylint: disable=g-import-not-at-top
+  quiet_tpu_probe()
   app.run(checked_main(main, rules or {}),
           flags_parser=lambda argv: parse_flags(argv, parse, groups))

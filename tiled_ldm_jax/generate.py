@@ -38,6 +38,7 @@ from tiled_ldm_jax.files import large_images
 from tiled_ldm_jax import masks as masks_lib
 from tiled_ldm_jax.output import ome_zarr
 from tiled_ldm_jax import pipeline as pipeline_lib
+from tiled_ldm_jax import progress
 from tiled_ldm_jax import resume
 from tiled_ldm_jax.sampling import loop as loop_lib
 from tiled_ldm_jax.output import shared_writer
@@ -556,15 +557,22 @@ def _write_image(plan: Plan, z, labels: masks_lib.LabelMap, image_path: str) -> 
   """One process: this image in the run's format (bands for TIFF/Zarr, whole otherwise)."""
   cfg = plan.cfg
   h, w = labels.shape
-  bands = lambda: plan.pipe.iter_decode(z, options=plan.options)
+  log = progress.Progress('decode and write', 'rows', total=h) if cfg.options.progress_every \
+      else None
+  if log:
+    log.start(f'{h}x{w} px, {cfg.output_format}')
+  bands = lambda: (log.rows(plan.pipe.iter_decode(z, options=plan.options), h) if log else
+                   plan.pipe.iter_decode(z, options=plan.options))
   if cfg.output_format == 'zarr':
     ome_zarr.write_ome_zarr(image_path, bands(), (h, w, 3), labels=labels, mpp=cfg.mpp)
   elif cfg.output_format == 'tiff':
     writers.write_tiff(image_path, bands(), (h, w, 3), compression=cfg.tiff_compression,
                        jpeg_quality=cfg.jpeg_quality, mpp=cfg.mpp)
-  else:
+  else:    # decoded whole (PNG / JPEG hold the image anyway): start and end lines only
     writers.write_image(image_path, plan.pipe.decode(z[None], options=plan.options)[0],
                         quality=cfg.jpeg_quality)
+  if log:
+    log.finish(h)
 
 
 def _write_shared(plan: Plan, z, labels: masks_lib.LabelMap, image_path: str) -> None:
@@ -679,8 +687,8 @@ def run(plan: Plan, *, flags_used: dict | None = None) -> list[dict]:
       records.append(_write_sample(plan, number, z[j], labels[j], record,
                                    mine=sharding.owns(j),
                                    shared=shares_decode(cfg, len(indices))))
-      logging.info('wrote sample%04d (%d/%d, %.0f s so far)', number, len(records),
-                   cfg.n_images, time.perf_counter() - total_start)
+      logging.info('wrote sample%04d (%d/%d, %s so far)', number, len(records),
+                   cfg.n_images, progress.duration(time.perf_counter() - total_start))
     if cfg.checkpoint_every and b0 + cfg.batch_size < cfg.n_images:
       nxt = indices + cfg.batch_size    # the next batch starts from scratch
       run_ckpt.save(cfg=cfg, hashes=plan.hashes, batch_start=b0 + cfg.batch_size,

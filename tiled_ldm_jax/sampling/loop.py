@@ -46,6 +46,7 @@ import numpy as np
 
 from tiled_ldm_jax.sampling import processes
 from tiled_ldm_jax import program_cache
+from tiled_ldm_jax import progress as progress_lib
 from tiled_ldm_jax.sampling import windows as windows_lib
 from tiled_ldm_jax import sharding as sharding_lib
 
@@ -127,7 +128,7 @@ class SamplerSettings:
   patch: int                  # latent patch side P (patch_size / 8)
   patches_per_step: int = 1   # K: non-overlapping patches per image per iteration
   eta: float = 1.0            # DDIM eta (0: deterministic)
-  progress_every: int = 0     # log progress every N iterations (0: silent)
+  progress_every: int = 0     # progress lines, host sync every <= N iterations (0: silent)
   progress_label: str = 'sampling'
   schedule: str = 'random'    # 'random' (the original's) or 'grid' (sampling/windows.py)
   grid_margin: int = 0        # grid: latent pixels of context each side, not written
@@ -232,40 +233,7 @@ def _paste(a, corner, value):
   return jax.lax.dynamic_update_slice(a, value, start)
 
 
-class _ProgressLog:
-  """The progress lines the host logs between chunks (a logging helper, not sampler
-  state): a start line, then at most one line per `EVERY_SECONDS` or per 10% of the work
-  (whichever comes first), and the end line, each with the elapsed time and an ETA."""
-
-  EVERY_SECONDS = 10.0
-  EVERY_FRACTION = 0.1
-
-  def __init__(self, label: str):
-    self.label = label
-    self._reset()
-
-  def _reset(self) -> None:
-    self.started = self.last = time.monotonic()
-    self.last_frac = 0.0
-
-  def restart(self) -> None:
-    self._reset()
-    logging.info('%s: started', self.label)
-
-  def __call__(self, done, total, iteration) -> None:
-    frac = float(done) / float(total)
-    now = time.monotonic()
-    if (frac < 1.0 and now - self.last < self.EVERY_SECONDS
-        and frac - self.last_frac < self.EVERY_FRACTION):
-      return
-    self.last, self.last_frac = now, frac
-    elapsed = now - self.started
-    eta = elapsed * (1 - frac) / frac if frac > 0 else float('nan')
-    if frac >= 1.0:
-      logging.info('%s: done (%d iterations, %.1f s)', self.label, int(iteration), elapsed)
-      return
-    logging.info('%s: %5.1f%% (%d iterations, %.0f s elapsed, ETA %.0f s)', self.label,
-                 100 * frac, int(iteration), elapsed, eta)
+CHUNK_SECONDS = 2.0   # with progress on: host syncs about this often (a log line is rarer)
 
 
 class Sampler:
@@ -296,7 +264,7 @@ class Sampler:
     self.split = _choose_split(mesh, n_images, settings.patches_per_step)
     self.process = processes.Diffusion(clip_x0=1.0) if process is None else process
     self.pairs = self.process.time_grid(settings.sampling_steps)       # [S, 2] (t, t_next)
-    self._log = _ProgressLog(settings.progress_label)
+    self._label = settings.progress_label
     self._run_jit = program_cache.CachedJit(self._run, self._program_key(),
                                             donate_argnums=(1,), result_like=1)
     self._status_jit = jax.jit(self._status)
@@ -647,16 +615,27 @@ class Sampler:
           else max_iterations
       return self._run_jit(params, state, cond, jnp.int32(limit))
     left = max_iterations
-    self._log.restart()  # for the progress ETA (includes a first compile)
+    log = progress_lib.Progress(self._label, 'iterations')
+    log.start()    # the ETA includes a first compile
+    # Chunks grow to about CHUNK_SECONDS of work (at most `every` iterations), so a short
+    # stage logs too (a chunk of 50 made an 85 s stage of 43 iterations silent).
+    chunk, start = 1, int(state.iterations)
     while True:
-      chunk = every if left is None else min(every, left)
+      if left is not None:
+        chunk = min(chunk, left)
+      t0 = time.monotonic()
       state = self._run_jit(params, state, cond, jnp.int32(chunk))
       fraction, done, iterations = self._status_jit(state)    # one host sync per chunk
-      self._log(fraction, 1.0, iterations)
+      spent = time.monotonic() - t0
+      log.update(float(fraction), int(iterations) - start)
       if left is not None:
         left -= chunk
       if bool(done) or left == 0:
+        if bool(done):
+          log.finish(int(iterations) - start)
         return state
+      per_iteration = spent / max(chunk, 1)
+      chunk = int(min(every, max(1, CHUNK_SECONDS / max(per_iteration, 1e-6))))
 
   def sample(self, params, keys, cond, channels: int = 4,
              hw: tuple[int, int] | None = None, *, init=None,

@@ -1,0 +1,68 @@
+"""Progress lines: their period (10 s and 5%, whichever is rarer), rates, ETA, rounded
+durations; the TPU probe's INFO line dropped, other lines kept."""
+
+import logging
+
+from tiled_ldm_jax import flag_util
+from tiled_ldm_jax import progress
+
+
+def test_duration_rounding():
+  assert [progress.duration(s) for s in (0.44, 12.34, 70.44888418100001, 3599.6, 7380, None)
+          ] == ['0.4 s', '12 s', '1 min 10 s', '60 min 00 s', '2 h 03 min', '?']
+  assert progress.durations({'mask_stage': None, 'image_stage': 70.44888418100001,
+                             'decode_and_write': 5.04}) == 'image stage 1 min 10 s, ' \
+                                                           'decode and write 5.0 s'
+
+
+def _run(total_seconds: float, steps: int):
+  now = [0.0]
+  lines = []
+  log = progress.Progress('image stage', 'iterations', log=lambda f, m: lines.append(m),
+                          clock=lambda: now[0])
+  log.start()
+  for i in range(1, steps + 1):
+    now[0] = total_seconds * i / steps
+    log.update(i / steps, i)
+  log.finish(steps)
+  return lines
+
+
+def test_period_is_the_rarer_of_10_s_and_5_percent():
+  short = _run(85.0, 43)              # the issue's stage: 43 iterations in 85 s
+  assert short[0] == 'image stage: started' and short[-1] == \
+      'image stage: done (43 iterations) in 1 min 25 s'
+  assert 7 <= len(short) - 2 <= 9, short            # about every 10 s
+  assert short[1] == ('image stage: 14% (6 iterations), 1.98 s per iteration, 12 s '
+                      'elapsed, ETA 1 min 13 s'), short[1]
+  long = _run(36000.0, 4000)          # 10 hours: about every 5%, not every 10 s
+  assert 18 <= len(long) - 2 <= 20, len(long)
+  fast = _run(5.0, 1000)              # 5 s: start and end only
+  assert len(fast) == 2
+
+
+def test_rows_pass_through_with_progress():
+  now = [0.0]
+  lines = []
+  log = progress.Progress('decode and write', 'rows', log=lambda f, m: lines.append(m),
+                          clock=lambda: now[0])
+  def bands():
+    for r in range(0, 100, 10):
+      now[0] += 5.0
+      yield r, [0] * 10
+  got = [r for r, _ in log.rows(bands(), 100)]
+  assert got == list(range(0, 100, 10))
+  assert lines[0] == 'decode and write: 20% (20/100 rows), 2 rows/s, 10 s elapsed, ETA 40 s'
+
+
+def test_tpu_probe_line_dropped_others_kept(caplog):
+  flag_util.quiet_tpu_probe()
+  logger = logging.getLogger('jax._src.xla_bridge')
+  with caplog.at_level(logging.INFO, logger='jax._src.xla_bridge'):
+    logger.info("Unable to initialize backend 'tpu': INTERNAL: Failed to open libtpu.so: "
+                'libtpu.so: cannot open shared object file: No such file or directory')
+    logger.info("Unable to initialize backend 'tpu': UNKNOWN: TPU initialization failed")
+    logger.warning("Unable to initialize backend 'tpu': libtpu.so: cannot open shared "
+                   'object file')
+  kept = [r.getMessage() for r in caplog.records]
+  assert len(kept) == 2 and 'TPU initialization failed' in kept[0], kept
