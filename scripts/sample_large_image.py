@@ -37,7 +37,8 @@ flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() with 
 FLAGS = flags.FLAGS
 # --help's sections (flag_util.help_text); a flag in none is listed under 'other'.
 _GROUPS = (
-    ('what to make', ('n_images', 'batch_size', 'image_size', 'label', 'seed', 'dry_run')),
+    ('what to make', ('n_images', 'batch_size', 'image_size', 'label', 'seed', 'dry_run',
+                      'preview')),
     ('models (none of the three: the bundled demo models)',
      ('unet_ckpt', 'vae_ckpt', 'mask_unet_ckpt')),
     ('inputs', ('mask', 'mask_classes', 'init_image', 'init_offset', 'strength',
@@ -69,6 +70,8 @@ def main(argv):
       out = generate.dry_run(plan)
       print(json.dumps(out))
       print(estimate.summary(out))
+      if 'labels' in out:
+        print(generate.label_summary(out['labels']))
     return
   records = generate.run(plan, flags_used=values)
   for r in records:

@@ -6,6 +6,7 @@ import json
 import os
 
 import numpy as np
+from PIL import Image
 import pytest
 
 from tiled_ldm_jax import generate
@@ -96,6 +97,9 @@ def test_run_writes_the_rasterized_mask(models, tmp_path):
   mask = tifffile.imread(tmp_path / 'out' / 'sample0000_mask.tif')
   np.testing.assert_array_equal(mask, brute_force(doc, h, w))
   assert record['labels_present'] == [0, 1, 2, 3] and record['image_size'] == [h, w]
+  assert record['files']['overview'] == 'sample0000_overview.jpg'   # beside the TIFF
+  with Image.open(tmp_path / 'out' / 'sample0000_overview.jpg') as im:
+    assert im.format == 'JPEG' and im.size == (2 * w + 8, h)
   assert 'mask_stage' not in record['plan']['stages']
 
 
