@@ -615,6 +615,10 @@ class Sampler:
           else max_iterations
       return self._run_jit(params, state, cond, jnp.int32(limit))
     left = max_iterations
+    if self.mesh is None:
+      # Committed like the chunks' outputs: otherwise the second chunk compiles the loop
+      # again (an uncommitted and a committed state are two programs to jit).
+      state = jax.device_put(state, jax.devices()[0])
     log = progress_lib.Progress(self._label, 'iterations')
     log.start()    # the ETA includes a first compile
     # Chunks grow to about CHUNK_SECONDS of work (at most `every` iterations), so a short
