@@ -66,3 +66,20 @@ def test_tpu_probe_line_dropped_others_kept(caplog):
                    'object file')
   kept = [r.getMessage() for r in caplog.records]
   assert len(kept) == 2 and 'TPU initialization failed' in kept[0], kept
+
+
+def test_sampler_chunks_follow_time_and_share():
+  from tiled_ldm_jax.sampling import loop  # pylint: disable=g-import-not-at-top
+  # A 20-iteration stage at 8 s an iteration: the host looks after every iteration.
+  assert loop.next_chunk(1, 8.0, 3 / 20, 3, 50) == 1
+  # A fast device: 10 ms an iteration, 4000 iterations: 2 s of work, 2.5% of the stage,
+  # growing 2x a chunk from 1 (the first chunk held the compile).
+  chunks, its, spent = [], 0, 30.0
+  chunk = 1
+  for _ in range(12):
+    its += chunk
+    chunks.append(chunk)
+    chunk = loop.next_chunk(chunk, spent, its / 4000, its, 10 ** 6)
+    spent = 0.01 * chunk
+  assert chunks[:8] == [1, 1, 2, 4, 8, 16, 32, 64] and max(chunks) == 100, chunks
+  assert loop.next_chunk(64, 0.64, 0.5, 2000, 50) == 50        # --progress_every caps it
