@@ -74,9 +74,9 @@ def test_unknown_flag_hint(arg, hint, script_server):
 
 
 def test_output_format_aliases(tmp_path):
-  cfg = generate.GenerationConfig(output_format='tif', image_size='128', mask='demo',
-                                  imgs_path=str(tmp_path / 'never'), dry_run=True)
-  assert generate.prepare(cfg).cfg.output_format == 'tiff'
+  assert [generate.output_format(f) for f in ('tif', 'TIFF', 'jpeg', 'ome-zarr', 'png')] == [
+      'tiff', 'tiff', 'jpg', 'zarr', 'png']
+  cfg = generate.GenerationConfig(output_format='bmp', imgs_path=str(tmp_path / 'never'))
   with pytest.raises(ValueError, match=r"or tif, jpeg.*got 'bmp'"):
-    generate.prepare(dataclasses.replace(cfg, output_format='bmp'))
+    generate.prepare(cfg)                         # refused before any model is loaded
   assert not (tmp_path / 'never').exists()

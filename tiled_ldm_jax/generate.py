@@ -217,14 +217,20 @@ def _load_pipeline(cfg: GenerationConfig) -> pipeline_lib.Pipeline:
     raise ValueError(f'{e} (no checkpoint flags given)') from None
 
 
+def output_format(name: str) -> str:
+  """--output_format's value in its one spelling (tif: tiff, jpeg: jpg, ...)."""
+  fmt = str(name).lower()
+  fmt = FORMAT_ALIASES.get(fmt, fmt)
+  if fmt not in FORMATS:
+    raise ValueError(f'output_format must be one of {FORMATS} (or {", ".join(FORMAT_ALIASES)}'
+                     f'), got {name!r}')
+  return fmt
+
+
 def prepare(cfg: GenerationConfig) -> Plan:
   """Every check that can fail, before any compute: flags, models, mask file, output
   folder, resume. Raises ValueError (one line) or OSError."""
-  fmt = str(cfg.output_format).lower()
-  cfg = dataclasses.replace(cfg, output_format=FORMAT_ALIASES.get(fmt, fmt))  # tif: tiff
-  if cfg.output_format not in FORMATS:
-    raise ValueError(f'output_format must be one of {FORMATS} (or {", ".join(FORMAT_ALIASES)}'
-                     f'), got {cfg.output_format!r}')
+  cfg = dataclasses.replace(cfg, output_format=output_format(cfg.output_format))
   if cfg.n_images < 1 or cfg.batch_size < 1 or cfg.n_images % cfg.batch_size:
     raise ValueError(f'n_images ({cfg.n_images}) must be a positive multiple of batch_size '
                      f'({cfg.batch_size})')
