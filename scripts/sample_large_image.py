@@ -4,8 +4,9 @@
   python scripts/sample_large_image.py --unet_ckpt=/tmp/image_unet --vae_ckpt=/tmp/vae
       --mask_unet_ckpt=/tmp/mask_unet --mask=slide.geojson --mask_classes=Tumor=1,Stroma=2
 
-Writes sampleNNNN.<ext>, sampleNNNN_mask.png (label ids) and sampleNNNN.json under
---imgs_path, numbering after the samples already there. Bad input is reported in one
+Writes sampleNNNN.<ext>, sampleNNNN_mask.png (label ids, palette colours), for TIFF and
+OME-Zarr sampleNNNN_overview.jpg (image and labels, small) and sampleNNNN.json under
+--imgs_path, numbering after the samples already there; logs each stage's progress. Bad input is reported in one
 line before anything is computed. The flags are the fields of `pipeline.Options` (how to
 sample) and `generate.GenerationConfig` (what and where; defaults and help live there);
 this file only parses them.
