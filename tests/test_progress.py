@@ -83,3 +83,5 @@ def test_sampler_chunks_follow_time_and_share():
     spent = 0.01 * chunk
   assert chunks[:8] == [1, 1, 2, 4, 8, 16, 32, 64] and max(chunks) == 100, chunks
   assert loop.next_chunk(64, 0.64, 0.5, 2000, 50) == 50        # --progress_every caps it
+  # Without a clock (several processes): the replicated share alone.
+  assert [loop.next_chunk(c, None, 0.001 * c, c, 50) for c in (1, 2, 16, 32)] == [2, 4, 25, 25]
