@@ -3,6 +3,8 @@ durations; the TPU probe's INFO line dropped, other lines kept."""
 
 import logging
 
+import numpy as np
+
 from tiled_ldm_jax import flag_util
 from tiled_ldm_jax import progress
 
@@ -83,5 +85,28 @@ def test_sampler_chunks_follow_time_and_share():
     spent = 0.01 * chunk
   assert chunks[:8] == [1, 1, 2, 4, 8, 16, 32, 64] and max(chunks) == 100, chunks
   assert loop.next_chunk(64, 0.64, 0.5, 2000, 50) == 50        # --progress_every caps it
-  # Without a clock (several processes): the replicated share alone.
-  assert [loop.next_chunk(c, None, 0.001 * c, c, 50) for c in (1, 2, 16, 32)] == [2, 4, 25, 25]
+
+
+def test_progress_chunks_equal_the_whole_run(monkeypatch):
+  """Progress on (chunks of adaptive length, host syncs between them) samples exactly
+  what one uninterrupted call does, and logs the stage's start and end."""
+  from test_sampler import A, local_eps, random_labels  # pylint: disable=g-import-not-at-top
+  from tiled_ldm_jax.sampling import loop  # pylint: disable=g-import-not-at-top
+  labels = random_labels(2, 16, 24)
+  keys = loop.image_keys(11, [0, 1])
+  settings = dict(sampling_steps=3, patch=8, eta=1.0, patches_per_step=2)
+  whole = loop.Sampler(local_eps, loop.SamplerSettings(**settings)).sample(
+      A, keys, loop.spatial(labels))
+  lines = []
+  real = progress.Progress.__init__
+  def init(self, *a, **k):
+    real(self, *a, **{**k, 'log': lambda f, m: lines.append(m)})
+  monkeypatch.setattr(progress.Progress, '__init__', init)
+  loud = loop.Sampler(local_eps, loop.SamplerSettings(**settings, progress_every=50,
+                                                      progress_label='test stage'))
+  logged = loud.sample(A, keys, loop.spatial(labels))
+  np.testing.assert_array_equal(logged.x, whole.x)
+  assert int(logged.iterations) == int(whole.iterations) > 2
+  assert lines[0] == 'test stage: started' and lines[-1].startswith(
+      f'test stage: done ({int(whole.iterations)} iterations)'), lines
+  assert loud.compiles() == 1           # chunks of any length: one program

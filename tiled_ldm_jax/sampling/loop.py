@@ -237,16 +237,14 @@ CHUNK_SECONDS = 2.0   # with progress on: host syncs about this often (a log lin
 CHUNK_SHARE = 0.025   # ... and at least every 2.5% of the stage (lines come every >= 5%)
 
 
-def next_chunk(chunk: int, spent: float | None, share: float, iterations: int,
-               every: int) -> int:
+def next_chunk(chunk: int, spent: float, share: float, iterations: int, every: int) -> int:
   """Iterations to run before the host next looks at the progress: about CHUNK_SECONDS
   of work (from the last chunk's `spent` seconds) and at most CHUNK_SHARE of the stage
   (from the `share` of it the `iterations` so far did), growing at most 2x a chunk (a
-  compile or a cheap level does not throw it off), within [1, every]; `spent` None: by
-  the share alone (the same on every process). Syncing once a
+  compile or a cheap level does not throw it off), within [1, every]. Syncing once a
   chunk, not once an iteration, keeps fast devices busy; a chunk of a fixed 50 made an
   85 s stage of 43 iterations log nothing between its start and end."""
-  by_time = CHUNK_SECONDS * chunk / max(spent, 1e-6) if spent is not None else every
+  by_time = CHUNK_SECONDS * chunk / max(spent, 1e-6)
   by_share = CHUNK_SHARE * iterations / share if share > 0 else 1
   return int(max(1, min(every, 2 * chunk, by_time, by_share)))
 
@@ -630,15 +628,20 @@ class Sampler:
           else max_iterations
       return self._run_jit(params, state, cond, jnp.int32(limit))
     left = max_iterations
-    if self.mesh is None:
-      # Committed like the chunks' outputs: otherwise the second chunk compiles the loop
-      # again (an uncommitted and a committed state are two programs to jit).
+    # One device: chunks of about 2 s (next_chunk), the state committed like the chunks'
+    # outputs (otherwise the second chunk compiles the loop again: an uncommitted and a
+    # committed state are two programs). On a mesh, chunks of `every` as before: a
+    # sharded state's layout after a chunk may differ from the placed one (another
+    # program, rounding apart from a whole run), and several processes must run the
+    # same chunks.
+    adaptive = self.mesh is None and jax.process_count() == 1
+    if adaptive:
       state = jax.device_put(state, jax.local_devices()[0])
     log = progress_lib.Progress(self._label, 'iterations')
     log.start()    # the ETA includes a first compile
     first, _, start = self._status_jit(state)
     first, start = float(first), int(start)   # a resumed or init-image run starts past 0
-    chunk = 1
+    chunk = 1 if adaptive else every
     while True:
       if left is not None:
         chunk = min(chunk, left)
@@ -655,10 +658,8 @@ class Sampler:
         if bool(done):
           log.finish(its)
         return state
-      # Several processes must run the same chunks (each is a collective program): there
-      # the chunks follow the replicated share alone, not each host's clock.
-      chunk = next_chunk(chunk, spent if jax.process_count() == 1 else None, share, its,
-                         every)
+      if adaptive:
+        chunk = next_chunk(chunk, spent, share, its, every)
 
   def sample(self, params, keys, cond, channels: int = 4,
              hw: tuple[int, int] | None = None, *, init=None,
