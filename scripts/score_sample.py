@@ -6,7 +6,10 @@ Mask adherence (`tiled_ldm_jax.adherence`): a nearest-centroid classifier of the
 synthetic demo textures, fit on synthetic images passed through the sample's VAE,
 labels 16 px patches of the image; the score is the fraction of pure, non-zero-label
 patches whose predicted texture is their mask label (chance ~ 1 / (labels - 1)). The
-seam ratio (`decode.seam_ratio`) is ~1 without seams. Only meaningful for models
+seam ratio (`seams.seam_ratio`) is ~1 without seams at the decoder's tile lines; the line
+score (`seams.line_score`) sees straight lines anywhere, such as the sampler's window
+borders: compare it with an untiled sample's (`tools/compare_seams.py`, docs/generate.md).
+Adherence is only meaningful for models
 trained on the synthetic textures (the demo models). Mask, VAE, tile and label count
 default to the sample's JSON.
 """

@@ -115,7 +115,7 @@ def test_parse_classes():
 @pytest.mark.parametrize('change,message', [
     (lambda d: d['features'].append(feature('Immune cells', 'Polygon',
                                             [[[1, 1], [5, 1], [5, 5]]])),
-     'classes not in --mask_classes: Immune cells'),
+     'classes not in --mask_classes: "Immune cells"'),
     (lambda d: d['features'].append(feature('Tumor', 'LineString', [[1, 1], [5, 5]])),
      'unsupported geometry types: LineString'),
     (lambda d: d['features'].append(feature('Tumor', 'Polygon',
@@ -151,7 +151,7 @@ def test_bad_files_and_flags_before_any_work(models, tmp_path):
       (dict(mask=good, mask_classes='Tumor=1,Stroma=2,Necrosis=9', image_size=f'{H}x{W}'),
        "outside the model's classes"),
       (dict(mask=good, mask_classes='Tumor=1,Stroma=2', image_size=f'{H}x{W}'),
-       'classes not in --mask_classes: Necrosis'),
+       'classes not in --mask_classes: "Necrosis"'),
   ]
   for kw, message in cases:
     with pytest.raises(ValueError, match=message):

@@ -64,7 +64,8 @@ def _placement(settings: dict, latent_hw, patch: int, steps: int, n: int):
     windows = RANDOM_COVERAGE * h * w * steps / patch ** 2 * n
     return windows / (n * k), windows
   m, m_levels = settings['grid_margin'], settings['grid_margin_levels']
-  with_m = steps if (m_levels is None or not m) else min(m_levels, steps)
+  with_m = steps if (m_levels is None or not m) else windows_lib.margin_levels_count(
+      steps, m_levels, settings.get('grid_margin_first_levels', 0))
   iterations = windows = 0.0
   for margin, levels in ((m, with_m), (0, steps - with_m)):
     if levels:

@@ -34,6 +34,8 @@ from tiled_ldm_jax import demo
 from tiled_ldm_jax import encode as encode_lib
 from tiled_ldm_jax import estimate
 from tiled_ldm_jax.files import geojson_labels
+from tiled_ldm_jax.files import image_files
+from tiled_ldm_jax.files import reading
 from tiled_ldm_jax.files import label_files
 from tiled_ldm_jax.files import large_images
 from tiled_ldm_jax import masks as masks_lib
@@ -74,7 +76,9 @@ class GenerationConfig:
                            '--image_size; rasterized band by band), or "demo" for the '
                            'bundled PNG. The format is read from the file\'s contents.')
   mask_classes: str | None = _help('GeoJSON --mask: class name to label id, '
-                                   '"Tumor=1,Stroma=2,..." (unannotated pixels are 0).')
+                                   '"Tumor=1,Stroma=2,..." or a JSON object '
+                                   '\'{"Tumor, grade 2": 1}\' (names with "," or "="; '
+                                   'unannotated pixels are 0).')
   init_image: str | None = _help('Start from this image (PNG, JPEG, an RGB TIFF or an '
                                  'OME-Zarr image store, read by its contents; TIFF and '
                                  'OME-Zarr band by band; of the output size unless '
@@ -188,6 +192,9 @@ def _check_writable(path: str) -> None:
   """The folder exists and is writable, or could be created (nothing is created here)."""
   probe = os.path.abspath(path)
   while not os.path.exists(probe):
+    if os.path.islink(probe):
+      raise ValueError(f'output folder {path}: {probe} is a symlink that resolves to '
+                       'nothing (a loop or a dangling link)')
     probe = os.path.dirname(probe)
   if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
     raise ValueError(f'output folder {path} is not writable ({probe} is not a writable '
@@ -261,15 +268,21 @@ def prepare(cfg: GenerationConfig) -> Plan:
   cfg = dataclasses.replace(cfg, options=o, unet_ckpt=pipe.paths['unet'],
                             vae_ckpt=pipe.paths['vae'],
                             mask_unet_ckpt=pipe.paths.get('mask_unet'))
-  if cfg.mask and not os.path.exists(cfg.mask):
-    raise ValueError(f'--mask {cfg.mask}: no such file or folder')
+  for flag in ('mask', 'init_image', 'keep_mask'):   # FIFOs, devices: refused unopened
+    path = getattr(cfg, flag)
+    if path and not os.path.lexists(path):
+      raise ValueError(f'--{flag} {path}: no such file or folder')
+    if path:
+      _file_errors(flag, path, lambda: reading.kind(path))   # pylint: disable=cell-var-from-loop
   # The reader is chosen by the contents: an OME-Zarr folder, a TIFF, JSON, else PNG.
   lazy = _file_errors('mask', cfg.mask, lambda: label_files.open_label_source(cfg.mask)) \
       if cfg.mask else None
   annotations = bool(cfg.mask) and lazy is None and _file_errors(
       'mask', cfg.mask, lambda: geojson_labels.looks_like_json(cfg.mask))
   if cfg.mask_classes and not annotations:
-    raise ValueError('--mask_classes is only for a GeoJSON --mask')
+    raise ValueError(f'--mask_classes is only for a GeoJSON --mask; {cfg.mask} is not '
+                     'JSON (it does not start with { or [)' if cfg.mask else
+                     '--mask_classes is only for a GeoJSON --mask')
   if annotations:
     if not cfg.mask_classes:
       raise ValueError(f'--mask {cfg.mask} is GeoJSON: give --mask_classes=NAME=ID,...')
@@ -304,7 +317,7 @@ def prepare(cfg: GenerationConfig) -> Plan:
       raise ValueError(f'--init_offset {offset[0]},{offset[1]}: the {ih}x{iw} init image '
                        f'does not fit on the {size[0]}x{size[1]} canvas')
   pipe.check_image_request(size, o)
-  keep = _keep_mask(cfg, init_image, offset, size, pipe.geometry.factor)
+  _keep_mask_flags(cfg, init_image, size)
   whole = int(cfg.output_format in ('png', 'jpg'))
   refused = []
 
@@ -320,10 +333,18 @@ def prepare(cfg: GenerationConfig) -> Plan:
   source_px = (0 if annotations or lazy is not None else
                given.size if given is not None else None)
   init_memory = {} if init_image is None else dict(
-      init='keep' if keep is not None else 'strength',
+      init='keep' if cfg.keep_mask is not None or cfg.init_offset is not None
+      else 'strength',
       init_whole=isinstance(init_image, large_images.ArrayImage))
   resource_check(lambda: pipe.check_memory(size, cfg.batch_size, o, whole_images=whole,
                                            label_source_pixels=source_px, **init_memory))
+  # Held whole (a PNG / JPEG init image, the latent keep map): only once the memory
+  # check passed (a dry run that it refused reports that instead).
+  keep = None
+  if not refused:
+    if hasattr(init_image, 'load'):
+      _file_errors('init_image', cfg.init_image, init_image.load)
+    keep = _keep_mask(cfg, init_image, offset, size, pipe.geometry.factor)
   mask = None
   if annotations:
     classes = geojson_labels.parse_classes(cfg.mask_classes)
@@ -359,6 +380,7 @@ def prepare(cfg: GenerationConfig) -> Plan:
     if not run_ckpt.exists():
       raise ValueError(f'--resume: no saved run in {run_ckpt.path}')
     meta = run_ckpt.check(cfg, hashes)
+    _check_resume_samples(cfg, meta)
   elif run_ckpt.exists():
     raise ValueError(f'{cfg.imgs_path} holds an unfinished run ({run_ckpt.path}); pass '
                      f'--resume with the same flags to continue it, or remove that folder')
@@ -366,6 +388,27 @@ def prepare(cfg: GenerationConfig) -> Plan:
                        labels=mask, whole_images=whole, label_source_pixels=source_px,
                        strength=cfg.strength, keep=keep, **init_memory)
   return Plan(cfg, pipe, mask, hashes, meta, work, tuple(refused), init_image, keep, offset)
+
+
+def _check_resume_samples(cfg: GenerationConfig, meta: dict) -> None:
+  """The saved state and the samples on disk agree: the samples before the saved batch
+  are there (their records), none of those the resume writes is (a resume never
+  replaces a finished sample). Else one line naming the files."""
+  first, b0 = meta['first_sample'], meta['batch_start']
+  ahead = [n for n in range(first + b0, first + cfg.n_images)
+           if any(os.path.lexists(p) for p in _sample_files(cfg, n)[1:])
+           or os.path.lexists(_sample_files(cfg, n)[0] + '.json')]
+  missing = [n for n in range(first, first + b0)
+             if not os.path.lexists(_sample_files(cfg, n)[0] + '.json')]
+  for found, what in ((ahead, 'already exist, but the saved run would write them again'),
+                      (missing, 'are missing, but the saved run has finished them')):
+    if found:
+      names = ', '.join(f'sample{n:04d}' for n in found[:5]) + (', ...' if len(found) > 5
+                                                                  else '')
+      raise ValueError(f'cannot resume {os.path.join(cfg.imgs_path, resume.FOLDER)}: its '
+                       f'state (batch at image {b0}, numbering from sample{first:04d}) '
+                       f'does not match the samples in {cfg.imgs_path}: {names} {what}; '
+                       'nothing was written')
 
 
 def _init_offset(cfg: GenerationConfig, init_image, factor: int) -> tuple[int, int]:
@@ -387,13 +430,25 @@ def _init_offset(cfg: GenerationConfig, init_image, factor: int) -> tuple[int, i
   return (y, x)
 
 
+def _keep_mask_flags(cfg: GenerationConfig, init_image, size) -> None:
+  """--keep_mask's flags and a PNG's size from its header (nothing decoded)."""
+  if cfg.keep_mask is None:
+    return
+  if init_image is None:
+    raise ValueError('--keep_mask needs --init_image: the image the kept pixels follow')
+  if reading.kind(cfg.keep_mask) == 'file' and not label_files.is_tiff(cfg.keep_mask):
+    d = _file_errors('keep_mask', cfg.keep_mask, lambda: image_files.declared(
+        cfg.keep_mask, image_files.LABEL_FORMATS, what='keep mask'))
+    if (d.height, d.width) != tuple(size):
+      raise ValueError(f'--keep_mask {cfg.keep_mask} is {d.height}x{d.width}, the output '
+                       f'is {size[0]}x{size[1]}')
+
+
 def _keep_mask(cfg: GenerationConfig, init_image, offset, size, factor: int):
   """[H/f, W/f] bool latent keep mask: --keep_mask's (a map of the output size, read at
   latent resolution), else the init image's area with --init_offset; None."""
   keep = None
   if cfg.keep_mask is not None:
-    if init_image is None:
-      raise ValueError('--keep_mask needs --init_image: the image the kept pixels follow')
     # A TIFF or an OME-Zarr labels group is read lazily at latent resolution, a PNG whole.
     source = _file_errors('keep_mask', cfg.keep_mask,
                           lambda: label_files.open_label_source(cfg.keep_mask))

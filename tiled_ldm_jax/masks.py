@@ -405,7 +405,9 @@ def read_label_png(path: str | os.PathLike) -> np.ndarray:
     int32 `[H, W]`.
   """
   path = os.fspath(path)
-  with image_files.open_image(path, image_files.LABEL_FORMATS, what='label PNG') as img:
+  # copies=5: Pillow's pixels plus the int32 ids made of them (checked from the header)
+  with image_files.open_image(path, image_files.LABEL_FORMATS, what='label PNG',
+                              copies=5) as img:
     mode = img.mode
     if mode == 'RGB':
       rgb = np.asarray(img)

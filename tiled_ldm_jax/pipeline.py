@@ -39,6 +39,7 @@ from tiled_ldm_jax import geometry
 from tiled_ldm_jax import masks as masks_lib
 from tiled_ldm_jax import memory
 from tiled_ldm_jax.sampling import loop as loop_lib
+from tiled_ldm_jax.sampling import processes
 from tiled_ldm_jax.sampling import windows as windows_lib
 from tiled_ldm_jax import sharding
 from tiled_ldm_jax.models import unet as unet_lib
@@ -57,7 +58,8 @@ def _help(text: str, default=None):
 @dataclasses.dataclass(frozen=True)
 class Options:
   """How to sample and decode; the single home of these defaults (CLI flags included)."""
-  sampling_steps: int = _help('DDIM steps S for both stages.', 50)
+  sampling_steps: int = _help('Sampling steps S for both stages (every latent pixel takes '
+                              'S steps).', 20)
   cond_scale: float = _help('Image guidance w: null + (1+w)(cond - null).', 3.0)
   mask_cond_scale: float = _help('Mask model guidance (the original uses 0).', 0.0)
   patch_size: int | None = _help('Image model patch and decode tile, pixels (default 512; '
@@ -75,17 +77,30 @@ class Options:
   grid_margin: int | None = _help(
       'Grid: pixels of context on each side of a window that the model sees but that are '
       'not written (multiple of the latent factor; the window advances patch - 2 margin). '
-      'Default: patch_size / 16 rounded down to the latent factor, at least one latent '
-      'pixel (8 px for 128 px patches): on the demo models margin 0 left a small seam '
-      'excess at the window borders that 8 px removed (README).', None)
+      'Default, per stage: its patch / 8, or patch / 4 below 15 sampling steps '
+      '(FEW_STEPS), rounded down to the latent factor, at least one latent pixel '
+      '(docs/generate.md: the seams at 10, 20 and 50 steps). Random placement: a border '
+      'of each window this '
+      'wide is not written (but at the image edge); default 0, the original\'s.', None)
+  grid_margin_first_levels: int | None = _help(
+      'Grid: the margin also in the first this many levels (where few levels cannot mix '
+      'away the tone of whole cells). Default: 1 below 15 sampling steps, else 0.',
+      None)
   grid_margin_levels: int | None = _help(
       'Grid: the margin only in the last this many levels (earlier levels: margin 0, '
-      'each pixel in one window; none: every level). 3: seams as well hidden as with the '
-      'margin everywhere, for a fraction of its cost (docs/generate.md).', 3)
+      'each pixel in one window; none: every level). 2: the seams at the untiled floor '
+      'within the U-Net budget (docs/generate.md).', 2)
   dtype: str = _help('Compute dtype of the U-Nets and the VAE: float32 or bfloat16 '
                      '(params, norms, softmax, DDIM and the sampler state stay float32).',
                      'float32')
-  eta: float = _help('DDIM eta (0: deterministic given the initial noise).', 1.0)
+  eta: float | None = _help(
+      "DDIM eta (0: deterministic given the initial noise). Default: 1.0 (the "
+      "original's) for solver 'ddim'; 'dpmpp2m' is deterministic (eta unset or 0).", None)
+  solver: str = _help(
+      "Sampling steps: 'ddim' (the original's DDIM with eta) or 'dpmpp2m' "
+      "(DPM-Solver++(2M): deterministic, second order, each latent pixel's previous x0 "
+      "prediction kept; reaches with fewer steps what DDIM needs more for, see "
+      "docs/generate.md).", 'dpmpp2m')
   tile_batch: int = _help('VAE tiles per decoder call.', 4)
   blend_mode: str = _help("Tiled decode blend: 'original' (the original's four shifted "
                           "decodes, parity), 'partition' (the same four decodes, weights "
@@ -104,10 +119,16 @@ class Options:
   def __post_init__(self):
     for name in ('cond_scale', 'mask_cond_scale', 'eta'):
       value = getattr(self, name)
+      if name == 'eta' and value is None:
+        continue
       if not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f'{name} must be a finite number, got {value!r}')
-    if self.eta < 0:
+    if self.eta is not None and self.eta < 0:
       raise ValueError(f'eta must be >= 0, got {self.eta}')
+    processes.solver_named(self.solver)
+    if self.eta and not isinstance(processes.solver_named(self.solver), processes.DDIM):
+      raise ValueError(f"solver {self.solver!r} is deterministic: eta must be 0 or unset, "
+                       f"got {self.eta}")
     if self.tile_batch < 1:
       raise ValueError(f'tile_batch must be >= 1, got {self.tile_batch}')
     if self.patches_per_step is not None and self.patches_per_step < 1:
@@ -119,6 +140,9 @@ class Options:
       raise ValueError(f'grid_margin must be >= 0, got {self.grid_margin}')
     if self.grid_margin_levels is not None and self.grid_margin_levels < 0:
       raise ValueError(f'grid_margin_levels must be >= 0, got {self.grid_margin_levels}')
+    if self.grid_margin_first_levels is not None and self.grid_margin_first_levels < 0:
+      raise ValueError(f'grid_margin_first_levels must be >= 0, got '
+                       f'{self.grid_margin_first_levels}')
     if self.dtype not in DTYPES:
       raise ValueError(f'dtype must be one of {DTYPES}, got {self.dtype!r}')
     if self.progress_every < 0:
@@ -256,14 +280,16 @@ class Pipeline:
     o = dataclasses.replace(options or Options(), **overrides)
     o = dataclasses.replace(
         o, patch_size=o.patch_size or self.default_patch_size,
-        mask_patch_size=o.mask_patch_size or demo.MASK_PATCH_SIZE)
-    return with_grid_margin(o, self.geometry.factor)
+        mask_patch_size=o.mask_patch_size or demo.MASK_PATCH_SIZE,
+        eta=default_eta(o.solver) if o.eta is None else o.eta)
+    return o
 
   def check_image_request(self, image_hw, o: Options) -> None:
     """ValueError for an image size or patch the image model cannot take."""
     _check_patch(self.geometry, image_hw, o.patch_size, self.unet.config.downsample_factor,
                  'patch_size')
-    _check_margin(self.geometry, o.grid_margin, o.patch_size, 'patch_size')
+    _check_margin(self.geometry, stage_margin(o, o.patch_size, self.geometry.factor),
+                  o.patch_size, 'patch_size')
 
   def memory_need(self, image_hw, n_batch: int, o: Options, whole_images: int,
                   label_source_pixels: int | None = None, init: str | None = None,
@@ -284,7 +310,7 @@ class Pipeline:
     m_patch = self._mask_patch(mhw, o)
     # (a margin the mask stage cannot take is refused by check_mask_request)
     if (self.mask_unet is not None and label_source_pixels is None
-        and 2 * (o.grid_margin or 0) < m_patch):
+        and 2 * stage_margin(o, m_patch, f) < m_patch):
       mk = window_fields(o, m_patch, f, (mhw[0] // f, mhw[1] // f))['patches_per_step']
       act = max(act, memory.activations(
           unet_batch=n_batch * mk * (2 if o.mask_cond_scale else 1),
@@ -295,7 +321,8 @@ class Pipeline:
         image_hw=image_hw, n_batch=n_batch, latent_channels=self.unet.config.channels,
         factor=f, whole_images=whole_images, tile_px=o.patch_size, weights_bytes=weights,
         label_source_pixels=label_source_pixels, activation_bytes=act,
-        host_is_device=jax.default_backend() == 'cpu', init=init, init_whole=init_whole)
+        host_is_device=jax.default_backend() == 'cpu', init=init, init_whole=init_whole,
+        solver_history=processes.solver_named(o.solver).history)
 
   def check_memory(self, image_hw, n_batch: int, o: Options, whole_images: int,
                    label_source_pixels: int | None = None, **init) -> None:
@@ -314,7 +341,8 @@ class Pipeline:
     mhw = mask_hw(image_size, self.geometry.factor)
     _check_patch(self.geometry, mhw, self._mask_patch(mhw, o),
                  self.mask_unet.config.downsample_factor, 'mask stage: mask_patch_size')
-    _check_margin(self.geometry, o.grid_margin, self._mask_patch(mhw, o),
+    m_patch = self._mask_patch(mhw, o)
+    _check_margin(self.geometry, stage_margin(o, m_patch, self.geometry.factor), m_patch,
                   'mask stage: mask_patch_size')
 
   def check_labels(self, labels: np.ndarray) -> np.ndarray:
@@ -336,12 +364,14 @@ class Pipeline:
     """The compiled sampler of a stage, from the process-wide cache (`loop.compiled`:
     equal models and settings share it, across Pipelines)."""
     f = self.geometry.factor
-    if o.grid_margin:
-      self.geometry.latent_size(o.grid_margin, 'grid_margin')   # a multiple of f
+    margin = stage_margin(o, patch_px, f)
+    if margin:
+      self.geometry.latent_size(margin, 'grid_margin')   # a multiple of f
     placement = window_fields(o, patch_px, f, latent_hw)
     model = self.unet if which == 'image' else self.mask_unet
     net, process = guidance.trained_unet(
         unet_lib.eps_fn(dataclasses.replace(model.config, dtype=o.dtype)), model.objective)
+    process = process.with_solver(processes.solver_named(o.solver))
     denoise = (guidance.image_denoiser(net, model.config.num_classes, o.cond_scale)
                if which == 'image' else guidance.mask_denoiser(net, o.mask_cond_scale))
     settings = loop_lib.SamplerSettings(
@@ -576,20 +606,38 @@ class Pipeline:
     return Result(self.decode(latents, options=o), labels, stats)
 
 
-def default_grid_margin(patch_px: int, factor: int) -> int:
-  """patch/16 px rounded down to the latent factor, at least one latent pixel (the
-  grid schedule's default). Both stages use it: it is refused like a given margin if
-  it is not below half the mask stage's patch."""
-  return max(factor, patch_px // 16 // factor * factor)
+def default_eta(solver: str) -> float:
+  """eta when not given: the original's 1.0 for DDIM, 0 for a deterministic solver."""
+  return 1.0 if isinstance(processes.solver_named(solver), processes.DDIM) else 0.0
 
 
-def with_grid_margin(o: Options, factor: int) -> Options:
-  """`o` with its grid margin filled in (None: `default_grid_margin` for the grid, 0 for
-  random placement); `o.patch_size` must be set."""
+# Below this many sampling steps the grid's default margin is wider (patch / 4, not / 8)
+# and also used in the first level: with few levels the window borders of the last levels
+# and the tone of the first levels' cells are not mixed away (docs/generate.md).
+FEW_STEPS = 15
+
+
+def default_grid_margin(patch_px: int, factor: int, sampling_steps: int) -> int:
+  """The grid's margin in px for a stage with `patch_px` windows: patch / 8 (patch / 4
+  below FEW_STEPS steps) rounded down to the latent factor, at least one latent pixel."""
+  share = 4 if sampling_steps < FEW_STEPS else 8
+  return max(factor, patch_px // share // factor * factor)
+
+
+def stage_margin(o: Options, patch_px: int, factor: int) -> int:
+  """A stage's margin in px: `o.grid_margin` if given, else the grid's default for this
+  stage's patch (each stage its own), 0 for random placement."""
   if o.grid_margin is not None:
-    return o
-  return dataclasses.replace(o, grid_margin=default_grid_margin(o.patch_size, factor)
-                             if o.schedule == 'grid' else 0)
+    return o.grid_margin
+  return default_grid_margin(patch_px, factor, o.sampling_steps) if o.schedule == 'grid' \
+      else 0
+
+
+def first_margin_levels(o: Options) -> int:
+  """`o.grid_margin_first_levels`, or its default: 1 below FEW_STEPS steps, else 0."""
+  if o.grid_margin_first_levels is not None:
+    return o.grid_margin_first_levels
+  return 1 if o.sampling_steps < FEW_STEPS else 0
 
 
 def window_fields(o: Options, patch_px: int, factor: int, latent_hw) -> dict:
@@ -598,11 +646,12 @@ def window_fields(o: Options, patch_px: int, factor: int, latent_hw) -> dict:
   random, or every window of a level up to GRID_BATCH_PIXELS latent pixels per call,
   split evenly over the calls a level then needs), margin in latent pixels, margin
   levels. The commands, the API and the benchmarks all place windows through it."""
-  patch, margin = patch_px // factor, (o.grid_margin or 0) // factor
+  patch, margin = patch_px // factor, stage_margin(o, patch_px, factor) // factor
   k = o.patches_per_step or windows_lib.default_patches_per_step(
       o.schedule, latent_hw, patch, margin, GRID_BATCH_PIXELS)
   return dict(schedule=o.schedule, patches_per_step=k, grid_margin=margin,
-              grid_margin_levels=o.grid_margin_levels if o.schedule == 'grid' else None)
+              grid_margin_levels=o.grid_margin_levels if o.schedule == 'grid' else None,
+              grid_margin_first_levels=first_margin_levels(o) if o.schedule == 'grid' else 0)
 
 
 def _run_stage(smp, params, state, cond, sampling_steps: int, chunk: int, on_chunk):

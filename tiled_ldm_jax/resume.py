@@ -58,10 +58,21 @@ def _check_meta(path: str, meta: dict, cfg) -> None:
     raise ValueError(f'{path}/meta.json: batch_start {b0} is not the start of a batch of '
                      f'this run (n_images {cfg.n_images}, batch_size {cfg.batch_size}); '
                      'the saved run is kept')
-  if meta['first_sample'] < 0 or meta['iterations'] < 0:
-    raise ValueError(f'{path}/meta.json: negative first_sample or iterations')
+  for name, top in (('first_sample', 10 ** 9), ('iterations', 2 ** 31 - 1)):
+    if not 0 <= meta[name] <= top:   # a huge int would fail later, naming nothing
+      raise ValueError(f'{path}/meta.json: field {name!r} is {str(meta[name])[:40]}, not '
+                       f'in [0, {top}]')
   if not all(isinstance(v, str) for v in meta['checkpoint_sha256'].values()):
     raise ValueError(f'{path}/meta.json: checkpoint_sha256 must map names to strings')
+  extra = meta['extra']
+  seconds = extra.get('seconds', {})
+  if not isinstance(seconds, dict) or not all(
+      isinstance(v, (int, float)) and not isinstance(v, bool) for v in seconds.values()):
+    raise ValueError(f'{path}/meta.json: field extra.seconds must map names to numbers, '
+                     f'got {str(seconds)[:40]!r}')
+  if not isinstance(extra.get('mask_stats'), (dict, type(None))):
+    raise ValueError(f'{path}/meta.json: field extra.mask_stats must be an object or '
+                     f'null, got {str(extra.get("mask_stats"))[:40]!r}')
 
 
 def _state_tree(state: SamplerState, labels) -> dict[str, np.ndarray]:
@@ -135,4 +146,7 @@ class RunCheckpoint:
     return SamplerState(keys=keys, **fields), tree.get('labels')
 
   def remove(self) -> None:
-    shutil.rmtree(self.path, ignore_errors=True)
+    # a symlinked folder: the saved state it points to, then the link
+    shutil.rmtree(os.path.realpath(self.path), ignore_errors=True)
+    if os.path.islink(self.path):
+      os.unlink(self.path)

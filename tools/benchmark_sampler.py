@@ -45,6 +45,8 @@ _MARGIN = flags.DEFINE_integer('grid_margin', None, 'Grid: pixels of context per
 _MARGIN_LEVELS = flags.DEFINE_integer('grid_margin_levels', None, 'Grid: the margin only in '
                                       'the last this many levels (default: the commands\').')
 _CACHE = flag_util.define_compilation_cache_flag()
+_MARGIN_FIRST = flags.DEFINE_integer('grid_margin_first_levels', None, 'Grid: the margin also '
+                                     'in the first this many levels (default: the commands\').')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed runs after the compile run.')
 _DEVICES = flags.DEFINE_integer('devices', 1, 'If > 1: seconds per image on 1 device vs this '
                                 'many (the batch split over them) and the scaling efficiency.')
@@ -77,13 +79,14 @@ def _placement() -> dict:
   """Schedule, K, margin (latent pixels) and margin levels: the flags given, else the
   defaults of the commands and the API (`pipeline.Options`, `pipeline.window_fields`)."""
   given = {'schedule': _SCHEDULE.value, 'patches_per_step': _K.value or None,   # 0: default
-           'grid_margin': _MARGIN.value, 'grid_margin_levels': _MARGIN_LEVELS.value}
-  o = pipeline.Options(patch_size=_PATCH.value,
+           'grid_margin': _MARGIN.value, 'grid_margin_levels': _MARGIN_LEVELS.value,
+           'grid_margin_first_levels': _MARGIN_FIRST.value}
+  o = pipeline.Options(patch_size=_PATCH.value, sampling_steps=_STEPS.value,
                        **{k: v for k, v in given.items() if v is not None})
   f = geometry.LatentGeometry().factor
-  o = pipeline.with_grid_margin(o, f)
-  if o.grid_margin % f:
-    raise ValueError(f'--grid_margin must be a multiple of {f} pixels, got {o.grid_margin}')
+  margin = pipeline.stage_margin(o, _PATCH.value, f)
+  if margin % f:
+    raise ValueError(f'--grid_margin must be a multiple of {f} pixels, got {margin}')
   side = _SIZE.value // f
   return pipeline.window_fields(o, _PATCH.value, f, (side, side))
 
@@ -122,6 +125,7 @@ if __name__ == '__main__':
   flag_util.run(main, {
       'unet_ckpt': 'model', 'image_size': 'int>0', 'patch_size': 'int>0', 'sampling_steps': 'int>0',
       'cond_scale': 'finite', 'patches_per_step': 'int>=0', 'batch_size': 'int>0',
-      'grid_margin': 'int>=0', 'grid_margin_levels': 'int>=0', 'repeats': 'int>0', 'devices': 'int>0',
+      'grid_margin': 'int>=0', 'grid_margin_levels': 'int>=0',
+      'grid_margin_first_levels': 'int>=0', 'repeats': 'int>0', 'devices': 'int>0',
       'original_repo': 'dir', 'original_checkpoint': 'file', 'original_config': 'file',
       'original_threads': 'int>0'})

@@ -149,13 +149,19 @@ def vae_round_trip(vae_config, vae_params) -> Callable[[np.ndarray], np.ndarray]
 
 def score_sample(img: np.ndarray, labels: np.ndarray, classifier: TextureClassifier,
                  tile: int) -> dict:
-  """Mask adherence (see `mask_adherence`) plus the decode's seam ratio at `tile` px."""
+  """Mask adherence (see `mask_adherence`), the decode's seam ratio at `tile` px and the
+  line score (`seams.line_score`: lines anywhere, e.g. the sampler's window borders;
+  None for an image too small for it)."""
   from tiled_ldm_jax.evaluation import seams  # pylint: disable=g-import-not-at-top
   img = np.asarray(img)             # uint8 or [0, 1] float: both measures take either
   if img.shape[:2] != labels.shape:
     raise ValueError(f'image {img.shape[:2]} and mask {labels.shape} differ in size')
   out = mask_adherence(img, labels, classifier)
   out['seam_ratio'] = float(seams.seam_ratio(img, tile))
+  try:
+    out['line_score'] = seams.line_score(img)
+  except ValueError:     # smaller than a segment and its neighbours
+    out['line_score'] = None
   return out
 
 

@@ -90,6 +90,7 @@ def run_sampler_benchmark(config, params, *, image_size: int, patch_size: int, s
                           repeats: int = 3, batch_size: int = 1, mesh=None,
                           time_denoiser: bool = True, schedule: str = 'random',
                           grid_margin: int = 0, grid_margin_levels: int | None = None,
+                          grid_margin_first_levels: int = 0,
                           dtype: str = 'float32') -> dict:
   """Times `Sampler.sample` (compile separately) and the denoiser calls it makes.
 
@@ -104,7 +105,7 @@ def run_sampler_benchmark(config, params, *, image_size: int, patch_size: int, s
   settings = loop_lib.SamplerSettings(
       sampling_steps=sampling_steps, patch=patch_size // geom.factor,
       patches_per_step=patches_per_step, schedule=schedule, grid_margin=grid_margin,
-      grid_margin_levels=grid_margin_levels)
+      grid_margin_levels=grid_margin_levels, grid_margin_first_levels=grid_margin_first_levels)
   denoise = guidance.image_denoiser(unet_lib.eps_fn(config), config.num_classes, cond_scale)
   smp = loop_lib.Sampler(denoise, settings, mesh=mesh, n_images=batch_size)
   cond = loop_lib.spatial(jnp.asarray(labels[:, ::geom.factor, ::geom.factor]))
@@ -145,7 +146,8 @@ def run_sampler_benchmark(config, params, *, image_size: int, patch_size: int, s
       'devices': 1 if mesh is None else int(mesh.devices.size),
       'seconds_per_image': seconds / batch_size,
       'schedule': schedule, 'grid_margin': grid_margin,
-      'grid_margin_levels': grid_margin_levels, 'dtype': dtype,
+      'grid_margin_levels': grid_margin_levels,
+      'grid_margin_first_levels': grid_margin_first_levels, 'dtype': dtype,
       'seconds_per_patch_iteration': seconds / int(state.iterations),
       # patches x P^2 / (h w S): 1.0 is a perfect tiling (latent pixels, per image)
       'coverage': int(state.patches) * (patch_size // geom.factor) ** 2
@@ -156,7 +158,8 @@ def run_sampler_benchmark(config, params, *, image_size: int, patch_size: int, s
 def count_work(config, params, *, image_size: int, patch_size: int, sampling_steps: int,
                cond_scale: float, patches_per_step: int, seed: int = 0,
                schedule: str = 'random', grid_margin: int = 0,
-               grid_margin_levels: int | None = None, **unused) -> dict:
+               grid_margin_levels: int | None = None, grid_margin_first_levels: int = 0,
+               **unused) -> dict:
   """The U-Net work of a run without running the U-Net: the sampler with a zero model.
 
   Placement never depends on latent values and the guided step's pass count only on the
@@ -167,7 +170,8 @@ def count_work(config, params, *, image_size: int, patch_size: int, sampling_ste
   p = patch_size // geom.factor
   settings = loop_lib.SamplerSettings(
       sampling_steps=sampling_steps, patch=p, patches_per_step=patches_per_step,
-      schedule=schedule, grid_margin=grid_margin, grid_margin_levels=grid_margin_levels)
+      schedule=schedule, grid_margin=grid_margin, grid_margin_levels=grid_margin_levels,
+      grid_margin_first_levels=grid_margin_first_levels)
   zero = lambda params, x, t, cond, null=None: jnp.zeros(x.shape, jnp.float32)
   denoise = guidance.image_denoiser(zero, config.num_classes, cond_scale)
   # Built at latent resolution (what the sampler reads): a 100,000 px pixel map would be
@@ -183,7 +187,9 @@ def count_work(config, params, *, image_size: int, patch_size: int, sampling_ste
   flops = forward_flops(config, params, 1, p)
   return {'image_size': image_size, 'patch_size': patch_size, 'sampling_steps': sampling_steps,
           'schedule': schedule, 'grid_margin': grid_margin,
-          'grid_margin_levels': grid_margin_levels, 'patches_per_step': patches_per_step, 'patch_iterations': int(state.iterations),
+          'grid_margin_levels': grid_margin_levels,
+          'grid_margin_first_levels': grid_margin_first_levels,
+          'patches_per_step': patches_per_step, 'patch_iterations': int(state.iterations),
           'denoiser_evaluations': int(state.evaluations),
           'gflop_per_forward': flops / 1e9,
           'denoiser_gflop': int(state.evaluations) * flops / 1e9,

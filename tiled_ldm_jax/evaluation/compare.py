@@ -17,6 +17,7 @@ import time
 import jax
 import numpy as np
 
+from tiled_ldm_jax import pipeline as pipeline_lib
 from tiled_ldm_jax.sampling import windows as windows_lib
 from tiled_ldm_jax.evaluation import adherence
 from tiled_ldm_jax.evaluation import seams
@@ -97,7 +98,8 @@ def compare_schedules(pipe, labels: np.ndarray, seeds, variants, *, classifier=N
       n, h, w = state.times.shape
       p = pipe.geometry.latent_size(o.patch_size, 'patch_size')
       rows.append({
-          'schedule': schedule, 'grid_margin': o.grid_margin,
+          'schedule': schedule,
+          'grid_margin': pipeline_lib.stage_margin(o, o.patch_size, pipe.geometry.factor),
           'grid_margin_levels': o.grid_margin_levels, 'seed': int(seed),
           'seconds': seconds,
           'coverage': int(state.patches) * p * p / (n * h * w * o.sampling_steps),
@@ -113,6 +115,44 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
   """PSNR in dB of two uint8 images (inf when equal)."""
   mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
   return math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
+
+
+SOLVER_RUNS = (('dpmpp2m', 10), ('dpmpp2m', 15), ('dpmpp2m', 20), ('ddim', 10), ('ddim', 20),
+               ('ddim', 50))
+SOLVER_REFERENCE = ('ddim', 250)
+
+
+def compare_solvers(pipe, labels: np.ndarray, seeds, runs=SOLVER_RUNS,
+                    reference=SOLVER_REFERENCE, *, classifier=None, **options) -> list[dict]:
+  """One row per (solver, steps, seed): PSNR of the image to the reference run's (DDIM
+  at 250 steps), all with eta 0, the same label map `labels` [H, W] and initial noise;
+  mask adherence; line score (`seams.line_score`); U-Net samples per latent pixel-step;
+  seconds. The reference's own row has its adherence and line score."""
+  labels = np.asarray(labels, np.int32)[None]
+  options = {k: v for k, v in options.items() if k not in ('sampling_steps', 'solver', 'eta')}
+  if classifier is None:
+    classifier = adherence.fit_texture_classifier(
+        pipe.unet.config.num_classes, n_images=12,
+        transform=adherence.vae_round_trip(pipe.vae.config, pipe.vae.params))
+  rows = []
+  for seed in seeds:
+    ref = None
+    for solver, steps in (reference,) + tuple(runs):
+      o = pipe.resolve(solver=solver, sampling_steps=steps, eta=0.0, **options)
+      state, seconds = _timed_latents(pipe, labels, seed, o)
+      img = pipe.decode(state.x, options=o)[0]
+      ref = img if ref is None else ref
+      n, h, w = state.times.shape
+      p = pipe.geometry.latent_size(o.patch_size, 'patch_size')
+      rows.append({
+          'solver': solver, 'sampling_steps': steps, 'seed': int(seed),
+          'reference': f'{reference[0]} {reference[1]}',
+          'psnr_vs_reference': psnr(img, ref),
+          'adherence': adherence.mask_adherence(img, labels[0], classifier)['adherence'],
+          'line_score': seams.line_score(img),
+          'unet_samples_per_pixel_step': int(state.evaluations) * p * p / (n * h * w * steps),
+          'seconds': seconds})
+  return rows
 
 
 def compare_dtypes(pipe, labels: np.ndarray, seed: int, dtypes=('float32', 'bfloat16'),

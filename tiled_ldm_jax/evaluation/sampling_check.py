@@ -67,8 +67,9 @@ def _cond(n, h, w, seed):
 
 def patch_equivalence(prediction: str, schedule: str, noise_schedule: str, *,
                       hw=(16, 16), patch: int = 8, sampling_steps: int = 4, n: int = 2,
-                      clip_x0: float | None = 1.0) -> float:
-  """Max |small patches - one whole-latent patch| for the pixel-local denoiser.
+                      clip_x0: float | None = 1.0, windows=None) -> float:
+  """Max |small patches - one whole-latent patch| for the pixel-local denoiser
+  (`windows`: the small patches' placement, default by `schedule`).
 
   clip_x0 = 1 (as the DiffInfinite models): without it an eps model's x0 at t = 999 of
   the cosine schedule is 1/sqrt(a_999) times its input, which amplifies the float32
@@ -79,8 +80,8 @@ def patch_equivalence(prediction: str, schedule: str, noise_schedule: str, *,
   cond = _cond(n, *hw, seed=1)
   common = dict(keys=keys, latent_shape=hw + (CHANNELS,), sampling_steps=sampling_steps, eta=0.0, devices=1,
                 process=process_of(prediction, noise_schedule, clip_x0))
-  small = dict(windows=sampling.Random(2) if schedule == 'random' else
-               sampling.Grid(margin=2, patches_per_step=4))
+  small = dict(windows=windows or (sampling.Random(2) if schedule == 'random' else
+                                  sampling.Grid(margin=2, patches_per_step=4)))
   fn = local_denoiser(prediction)
   tiled = sampling.sample(fn, jnp.asarray(MIX), cond, patch=patch, **small, **common)
   whole = sampling.sample(fn, jnp.asarray(MIX), cond, patch=max(hw), **common)

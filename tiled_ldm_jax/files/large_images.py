@@ -16,13 +16,14 @@ never its name:
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 
 from tiled_ldm_jax.files import image_files
 from tiled_ldm_jax.files import label_files
+from tiled_ldm_jax.files import ome_zarr
+from tiled_ldm_jax.files import reading
 from tiled_ldm_jax.files import tiff_rows
 
 
@@ -79,34 +80,19 @@ class TiffImage:
 
 
 def is_ome_zarr_image(path) -> bool:
-  if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, '.zattrs')):
-    return False
-  try:
-    with open(os.path.join(path, '.zattrs')) as f:
-      return 'multiscales' in json.load(f)
-  except (OSError, ValueError):
-    return False
+  """A folder with a `.zattrs` (or a Zarr v3 `zarr.json`): read as an OME-Zarr image
+  (whose metadata errors are then named, not taken for another format)."""
+  return os.path.isdir(path) and any(
+      os.path.lexists(os.path.join(path, f)) for f in ('.zattrs', 'zarr.json'))
 
 
 class ZarrImage:
   """Level 0 of an OME-Zarr image group, (.., c, y, x), by rows."""
 
   def __init__(self, path):
-    import tensorstore as ts  # pylint: disable=g-import-not-at-top
     self.name = image_files._printable(path)  # pylint: disable=protected-access
-    try:
-      with open(os.path.join(path, '.zattrs')) as f:
-        multiscale = json.load(f)['multiscales'][0]
-      level0 = multiscale['datasets'][0]['path']
-      if not isinstance(level0, str) or '/' in level0 or level0 in ('', '.', '..'):
-        raise ValueError(f'bad dataset path {str(level0)[:40]!r}')
-      axes = [a.get('name') if isinstance(a, dict) else a
-              for a in multiscale.get('axes', [])]
-      self._array = ts.open({'driver': 'zarr', 'kvstore': {
-          'driver': 'file', 'path': os.path.join(path, level0)}}, open=True).result()
-    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
-      raise ValueError(f'{self.name}: not a readable OME-Zarr image ({str(e)[:120]})'
-                       ) from None
+    array_path, axes = ome_zarr.level0(os.fspath(path), self.name)
+    self._array, _ = ome_zarr.open_array(array_path, self.name)
     shape = tuple(self._array.shape)
     if len(shape) < 2:
       raise ValueError(f'{self.name}: an image of shape {list(shape)} has no y, x axes')
@@ -138,14 +124,47 @@ class ZarrImage:
     return _as_rgb(np.moveaxis(block, 0, -1) if self._planar else block, self.name)
 
 
+class PillowImage(ArrayImage):
+  """A PNG or JPEG: its header read when opened (`.shape`), its pixels decoded whole by
+  `load()` (those formats have no random access to rows) -- after the caller's memory
+  check, so a 20000 x 20000 PNG is refused from its header, never decoded."""
+
+  def __init__(self, path, what: str):
+    self.path, self.what = path, what
+    self.name = image_files._printable(path)  # pylint: disable=protected-access
+    d = image_files.declared(path, ('PNG', 'JPEG'), what=what)
+    if d.bits > 8:
+      raise ValueError(f'{self.name}: an {what} must be 8-bit, the {d.format} holds '
+                       f'{d.bits}-bit samples (mode {d.mode}); convert it to 8-bit')
+    self.shape = (d.height, d.width, 3)
+    self._image = None
+
+  def load(self) -> None:
+    if self._image is None:
+      image = image_files.read_rgb(self.path, formats=('PNG', 'JPEG'), what=self.what,
+                                   eight_bit=True)
+      if image.shape != self.shape:
+        raise ValueError(f'{self.name}: decoded {list(image.shape)}, its header declares '
+                         f'{list(self.shape)}')
+      self._image = image
+
+  def read_rows(self, r0: int, r1: int) -> np.ndarray:
+    self.load()
+    return self._image[r0:r1]
+
+  def release(self) -> None:
+    self._image = None
+
+
 def open_rgb_source(path, *, what: str = 'init image'):
   """A row source for the image at `path` (module doc); ValueError / FileNotFoundError
-  for what cannot be read."""
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{image_files._printable(path)}: no such file or folder')  # pylint: disable=protected-access
+  for what cannot be read. A PNG / JPEG is decoded on its first read (`load`)."""
+  found = reading.kind(path, what)
+  if found == 'folder':
+    if is_ome_zarr_image(path):
+      return ZarrImage(path)
+    raise ValueError(f'{image_files._printable(path)}: a folder that is not an OME-Zarr '  # pylint: disable=protected-access
+                     'image (no .zattrs)')
   if label_files.is_tiff(path):
     return TiffImage(path)
-  if is_ome_zarr_image(path):
-    return ZarrImage(path)
-  return ArrayImage(image_files.read_rgb(path, formats=('PNG', 'JPEG'), what=what),
-                    image_files._printable(path))  # pylint: disable=protected-access
+  return PillowImage(path, what)

@@ -2,26 +2,63 @@
 
 Used by the lazy label maps (`label_files.TiffLabels`) and the init images
 (`large_images.TiffImage`): tiled and striped pages, any codec tifffile decodes, samples
-interleaved (planar configuration 1). JPEG segments (the command's own TIFF output, and
+interleaved (planar configuration 1). Opening reads only the page's header (of a regular
+file: `reading.open_regular`) and checks, before any pixel is decoded, that every
+segment lies inside the file and the budgets: the page's decoded bytes in total
+(MAX_TOTAL_BYTES), a row of segments decoded at once (SEGMENT_ROW_BYTES, and a share of
+the host's memory). `read_rows` decodes the segments a band of rows needs, each checked
+first against its declared size whatever codec library decodes it: deflate and LZMA
+are inflated with a cap (a 3 MB tile cannot become gigabytes), a JPEG tile's own header
+must not declare more than the tile, and other codecs are bounded by their worst
+expansion of the compressed bytes. JPEG segments (the command's own TIFF output, and
 YCbCr, grayscale or marked RGB JPEG from other tools) are decoded with Pillow when
 tifffile has no JPEG codec (it needs imagecodecs), so a default install reads them; any
-other codec tifffile lacks is refused on opening, naming the package. Opening reads only
-the page's header and checks that every segment lies inside the file (a truncated file is
-refused before any pixel is decoded); `read_rows` decodes the segments a band of rows
-needs.
+other codec tifffile lacks is refused on opening, naming the package.
 """
 
 from __future__ import annotations
 
 import io
+import lzma
 import os
+import struct
+import zlib
 
 import numpy as np
 
 from tiled_ldm_jax.files import image_files
+from tiled_ldm_jax.files import reading
 
 
 MAX_SEGMENT_ROW_BYTES = 1 << 30   # a row of compressed segments decoded at once, at most
+MAX_TOTAL_BYTES = 1 << 36         # the page decoded (64 GiB: a 150k px RGB slide)
+MAX_LABEL_PIXELS = image_files.MAX_PIXELS * 8   # a label page (or Zarr labels) at most
+_DEFLATE, _LZMA, _JPEG, _NONE = (8, 32946), 34925, (6, 7), 1
+# Worst expansion of the compressed bytes for codecs not inflated with a cap here.
+_WORST_RATIO = {32773: 128, 5: 4096}
+_UNKNOWN_RATIO = 1 << 15
+_OTHER_CODEC_FLOOR = 64 << 20     # a segment of such a codec may always take this much
+
+
+def _jpeg_size(data: bytes):
+  """(height, width) of a JPEG stream's frame header (SOFn), or None if it has none."""
+  pos = 2 if data[:2] == b'\xff\xd8' else 0
+  while pos + 4 <= len(data):
+    if data[pos] != 0xFF:
+      return None
+    marker = data[pos + 1]
+    if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+      pos += 2
+      continue
+    (length,) = struct.unpack('>H', data[pos + 2:pos + 4])
+    if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+      if pos + 9 > len(data):
+        return None
+      return struct.unpack('>HH', data[pos + 5:pos + 9])
+    if marker == 0xDA:
+      return None
+    pos += 2 + length
+  return None
 
 
 class TiffRows:
@@ -35,20 +72,25 @@ class TiffRows:
     except ImportError:
       raise ValueError(f'{self.name}: reading TIFF needs tifffile (a dependency: pip '
                        f'install tifffile)') from None
+    reading.kind(self.path, 'TIFF', allow=('file',))
     try:
-      with tifffile.TiffFile(self.path) as tf:
+      with reading.open_regular(self.path, 'TIFF') as fh, tifffile.TiffFile(fh, name=os.path.basename(self.path)) as tf:
         page = tf.pages[0]
         shape, dtype = tuple(page.shape), np.dtype(page.dtype)
-        self._segment = (page.tilelength, page.tilewidth) if page.is_tiled else (
-            page.rowsperstrip, page.imagewidth)
+        # int(): a damaged tag may hold several values (a tuple)
+        self._segment = tuple(int(v) for v in ((page.tilelength, page.tilewidth)
+                                               if page.is_tiled else
+                                               (page.rowsperstrip, page.imagewidth)))
         samples, planar = int(page.samplesperpixel), int(page.planarconfig)
         ends = [int(o) + int(n) for o, n in zip(page.dataoffsets, page.databytecounts)]
+        self._counts = [int(n) for n in page.databytecounts]
         # Uncompressed strips are read by byte ranges (a TIFF written without options
         # is one strip of the whole image: decoding it would hold the image).
         self._raw = (not page.is_tiled and int(page.compression) == 1
                      and int(page.predictor or 1) == 1 and np.dtype(page.dtype).itemsize
                      * 8 == int(page.bitspersample) and int(page.fillorder) == 1)
         self._byteorder = tf.byteorder
+        self._compression = int(page.compression)
         compression, photometric = int(page.compression), int(page.photometric)
         decodable = _decodable(tifffile, compression)
         try:
@@ -69,8 +111,13 @@ class TiffRows:
     if samples > 1 and planar != 1:
       raise ValueError(f'{self.name}: samples stored as separate planes are not read '
                        f'(planar configuration {planar}); save it with interleaved samples')
-    if len(shape) < 2 or shape[0] * shape[1] > image_files.MAX_PIXELS * 8:
+    if len(shape) < 2 or min(shape) < 1 or shape[0] * shape[1] > MAX_LABEL_PIXELS:
       raise ValueError(f'{self.name}: a first page of shape {list(shape)} is not read')
+    total = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if total > MAX_TOTAL_BYTES:
+      raise ValueError(f'{self.name}: its first page {list(shape)} of {dtype} declares '
+                       f'{total / 2 ** 30:,.0f} GiB decoded; at most '
+                       f'{MAX_TOTAL_BYTES >> 30} GiB are read')
     size = os.path.getsize(self.path)
     if not ends or max(ends) > size:
       raise ValueError(f'{self.name}: truncated TIFF (image data runs past the end of the '
@@ -78,11 +125,18 @@ class TiffRows:
     self.shape, self.dtype = shape, dtype
     self._cache = {}
     self._samples = int(np.prod(shape[2:], dtype=int))
-    segment_bytes = self._segment[0] * shape[1] * self._samples * dtype.itemsize
-    if not self._raw and segment_bytes > MAX_SEGMENT_ROW_BYTES:
-      raise ValueError(f'{self.name}: its compressed segments are {self._segment[0]} rows '
-                       f'tall ({segment_bytes / 2**20:.0f} MiB per row of segments, decoded '
-                       f'whole); save it with tiles (e.g. 512 x 512)')
+    th, tw = self._segment
+    if th < 1 or tw < 1:
+      raise ValueError(f'{self.name}: segments of {th} x {tw} pixels')
+    # one segment decoded: its declared bytes (a stripe spans the width)
+    self._tile_bytes = th * tw * self._samples * dtype.itemsize
+    segment_bytes = th * (-(-shape[1] // tw) * tw) * self._samples * dtype.itemsize
+    budget = min(MAX_SEGMENT_ROW_BYTES, reading.memory_budget(0.125))
+    if not self._raw and segment_bytes > budget:
+      raise ValueError(f'{self.name}: its compressed segments are {th} rows tall '
+                       f'({segment_bytes / 2**20:,.0f} MiB per row of segments, decoded '
+                       f'whole; at most {budget / 2 ** 20:,.0f} MiB here); save it with '
+                       'tiles (e.g. 512 x 512)')
 
   def _segment_row(self, tf, ti: int) -> np.ndarray:
     """Segment row ti decoded, [rows, W, S] (cached until a band starts below it:
@@ -101,6 +155,7 @@ class TiffRows:
         continue
       fh.seek(page.dataoffsets[index])
       data = fh.read(page.databytecounts[index])
+      self._check_segment(data, index)
       if self._pillow_jpeg:
         seg = _pillow_jpeg(data, page.jpegtables, self._segment, self._photometric == 2)
       else:
@@ -110,6 +165,33 @@ class TiffRows:
       out[:, x0:min(x0 + tw, w)] = seg[:rows, :min(tw, w - x0)]
     self._cache[ti] = out
     return out
+
+  def segment_row_empty(self, ti: int) -> bool:
+    """Whether every segment of segment row ti is sparse (no bytes: zeros)."""
+    per_row = -(-self.shape[1] // self._segment[1])
+    return not any(self._counts[ti * per_row:(ti + 1) * per_row])
+
+  def _check_segment(self, data: bytes, index: int) -> None:
+    """ValueError if segment `index` would decode to more than its declared bytes
+    (module doc), before the codec allocates anything."""
+    cap, comp = self._tile_bytes, self._compression
+    over = None
+    try:
+      if comp in _DEFLATE:
+        over = len(zlib.decompressobj().decompress(data, cap + 1)) > cap
+      elif comp == _LZMA:
+        over = len(lzma.LZMADecompressor().decompress(data, cap + 1)) > cap
+    except (zlib.error, lzma.LZMAError, EOFError):
+      return                   # damaged: the codec's own error says so
+    if comp in _JPEG:
+      size = _jpeg_size(data)
+      over = size is not None and (size[0] > self._segment[0] or size[1] > self._segment[1])
+    elif over is None and comp != _NONE:
+      ratio = _WORST_RATIO.get(comp, _UNKNOWN_RATIO)
+      over = len(data) * ratio > max(4 * cap, _OTHER_CODEC_FLOOR)
+    if over:
+      raise ValueError(f'segment {index} decodes to more than its declared '
+                       f'{cap:,} bytes (a decompression bomb)')
 
   def _raw_rows(self, tf, r0: int, r1: int, out: np.ndarray) -> None:
     """Rows [r0, r1) of uncompressed strips by byte ranges into out [r1 - r0, W, S]."""
@@ -135,7 +217,7 @@ class TiffRows:
     # Only this band's segment rows stay: memory is a band plus a segment row.
     self._cache = {k: v for k, v in self._cache.items() if first <= k < last}
     try:
-      with tifffile.TiffFile(self.path) as tf:
+      with reading.open_regular(self.path, 'TIFF') as fh, tifffile.TiffFile(fh, name=os.path.basename(self.path)) as tf:
         if self._raw:
           self._raw_rows(tf, r0, r1, out)
         else:

@@ -345,7 +345,9 @@ def save_state(directory: str, tree, meta: dict[str, Any]) -> None:
   calls this with the same (host) tree; orbax saves collectively and process 0 writes
   the files, the meta and the renames.
   """
-  directory = os.path.abspath(directory)
+  # A symlinked folder: its target is replaced (renaming the link itself would leave it
+  # behind as the hidden `-old` entry, which rmtree refuses to follow).
+  directory = os.path.realpath(directory)
   parent = os.path.dirname(directory)
   writer = sharding.is_writer()
   token = sharding.broadcast_int(uuid.uuid4().int % (1 << 48))   # one name on every process

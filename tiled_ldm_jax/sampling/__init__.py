@@ -9,12 +9,14 @@
 Parts (one concern each): `api` (`sample` and its checks), `loop` (the compiled
 `Sampler` and its `SamplerState`), `windows` (where each iteration's windows go:
 random or grid), `guidance` (denoiser wrappers: CFG, multi-label, trained U-Nets),
-`processes` (how a prediction becomes a step: DDIM or flow Euler) and `diffusion` (the
+`processes` (how a prediction becomes a step: DDIM or flow Euler, or DPM-Solver++(2M)) and `diffusion` (the
 noise-schedule maths, SPEC 2).
 """
 
 from tiled_ldm_jax.sampling.api import classifier_free_guidance
+from tiled_ldm_jax.sampling.api import DDIM
 from tiled_ldm_jax.sampling.api import Diffusion
+from tiled_ldm_jax.sampling.api import DPMSolver2M
 from tiled_ldm_jax.sampling.api import Flow
 from tiled_ldm_jax.sampling.api import Grid
 from tiled_ldm_jax.sampling.api import Random

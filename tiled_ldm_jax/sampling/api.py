@@ -50,6 +50,8 @@ NOISE_SCHEDULES = processes.NOISE_SCHEDULES
 # The strategies: how a step uses the prediction, where the windows go.
 Diffusion = processes.Diffusion
 Flow = processes.Flow
+DDIM = processes.DDIM                 # solvers: `Diffusion(..., solver=)`, `Flow(solver=)`
+DPMSolver2M = processes.DPMSolver2M
 Random = windows_lib.Random
 Grid = windows_lib.Grid
 
@@ -69,10 +71,14 @@ def sample(denoise, params, cond, *, keys, latent_shape, patch: int, sampling_st
     latent_shape: (h, w, C). patch: the latent window side P (<= h, w).
     sampling_steps: sampling steps S (every latent pixel takes exactly S).
     process: what a step does with the prediction: `Diffusion(prediction, noise_schedule,
-      clip_x0)` (DDIM; default `Diffusion()`: eps, cosine, no clamp) or `Flow()`.
+      clip_x0, solver)` (default `Diffusion()`: eps, cosine, no clamp, DDIM) or
+      `Flow(solver)` (Euler); `solver=DPMSolver2M()`: DPM-Solver++(2M), deterministic,
+      second order (the sampler keeps each pixel's last x0 prediction: one more
+      latent-sized buffer).
     windows: where each iteration's windows go: `Random(patches_per_step)` (default
       `Random()`, DiffInfinite's) or `Grid(margin, patches_per_step, margin_levels)`.
-    eta: DDIM eta (0: deterministic given the initial noise; unused for flow).
+    eta: DDIM eta (0: deterministic given the initial noise; unused for flow and by
+      DPMSolver2M).
     dtype: the dtype `x` is given to `denoise` in (e.g. jnp.bfloat16); the state and the
       update stay float32.
     mesh / devices: a 1-D `jax.sharding.Mesh`, or at most this many devices (0: all);

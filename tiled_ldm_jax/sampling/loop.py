@@ -10,7 +10,10 @@ Hence `max(times) - min(times) <= 1` always, and every pixel takes exactly S ste
 
 What a step does is the process's business (`sampling/processes.py`): DDIM on a noise schedule
 for eps / v / x0 models (the default: the original's cosine eps model) or Euler for flow
-matching; levels index its time grid. The denoiser gets a conditioning pytree per patch:
+matching, or the process's other solver: DPM-Solver++(2M) gets each written pixel's x0
+prediction of its previous level from `x0_prev`, a latent-sized buffer written exactly
+where `x` is (so the history is per pixel, on either placement, and saved with the state
+for resume); levels index its time grid. The denoiser gets a conditioning pytree per patch:
 `Spatial` leaves ([N, h, w, ...], e.g. the label map) cropped to the patch, other leaves
 ([N, ...]) taken from the patch's image; idle slots get all zeros.
 
@@ -38,7 +41,6 @@ import functools
 import time
 from typing import Callable
 
-from absl import logging
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -119,6 +121,11 @@ class SamplerState:
   iterations: jax.Array   # [] int32: loop iterations (one batch of N*K patches each)
   patches: jax.Array      # [] int32: patches advanced (valid slots)
   evaluations: jax.Array  # [] int32: samples run through the U-Net
+  start: jax.Array        # [N] int32: the level the image's run began at (a pixel's
+                          # solver history exists from the level after it)
+  x0_prev: jax.Array      # [N, h, w, C] float32: a solver with history (DPM-Solver++):
+                          # each pixel's x0 prediction at its previous level; [N, 1, 1, C]
+                          # zeros (unused) otherwise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,9 +138,12 @@ class SamplerSettings:
   progress_every: int = 0     # progress lines, host sync every <= N iterations (0: silent)
   progress_label: str = 'sampling'
   schedule: str = 'random'    # 'random' (the original's) or 'grid' (sampling/windows.py)
-  grid_margin: int = 0        # grid: latent pixels of context each side, not written
+  grid_margin: int = 0        # grid: latent pixels of context each side, not written;
+                              # random: a window's border of this width not written
+                              # (but at the latent's edge; 0: the original's)
   grid_margin_levels: int | None = None   # grid: the margin only in the last this many
                               # levels (earlier ones: margin 0); None: in every level
+  grid_margin_first_levels: int = 0   # grid: and in the first this many levels
   keep: bool = False          # cond is (user cond, Known): kept pixels follow the init
   resample: int = 0           # keep: RePaint resampling passes of the windows that hold
                               # kept and free pixels (0: none)
@@ -147,6 +157,9 @@ class SamplerSettings:
     if self.grid_margin_levels is not None and self.grid_margin_levels < 0:
       raise ValueError(f'grid_margin_levels must be >= 0 or None, got '
                        f'{self.grid_margin_levels}')
+    if self.grid_margin_first_levels < 0:
+      raise ValueError(f'grid_margin_first_levels must be >= 0, got '
+                       f'{self.grid_margin_first_levels}')
     if self.patch < 1:
       raise ValueError(f'patch side must be >= 1 latent pixel, got {self.patch}')
     if self.patches_per_step < 1:
@@ -155,6 +168,12 @@ class SamplerSettings:
       raise ValueError(f'eta must be >= 0, got {self.eta}')
     if self.resample < 0:
       raise ValueError(f'resample must be >= 0, got {self.resample}')
+
+
+def _or_zeros(x0, like):
+  """x0, or zeros where the solver keeps no x0 (one code path for both; the zeros are
+  dropped by XLA when nothing reads them)."""
+  return jnp.zeros_like(like) if x0 is None else x0
 
 
 def _copy_keys(keys):
@@ -173,8 +192,9 @@ def start_level(sampling_steps: int, strength: float) -> int:
 
 
 def init_state(keys: jax.Array, shape: tuple[int, int], channels: int,
-               patch: int, schedule: str = 'random') -> SamplerState:
-  """x ~ N(0, 1) per image from `fold_in(key, 0)`; x_low = x; times = 0; level 0."""
+               patch: int, schedule: str = 'random', history: bool = False) -> SamplerState:
+  """x ~ N(0, 1) per image from `fold_in(key, 0)`; x_low = x; times = 0; level 0;
+  `history`: a latent-sized x0_prev buffer (a solver that needs it)."""
   h, w = shape
   x = _initial_noise(keys, (h, w, channels))
   n = keys.shape[0]
@@ -188,7 +208,10 @@ def init_state(keys: jax.Array, shape: tuple[int, int], channels: int,
                       counts=jnp.broadcast_to(sizes, (n,) + sizes.shape).copy(),
                       super_counts=jnp.broadcast_to(supers, (n,) + supers.shape).copy(),
                       keys=_copy_keys(keys), image_iters=jnp.zeros((n,), jnp.int32),
-                      iterations=zero(), patches=zero(), evaluations=zero())
+                      iterations=zero(), patches=zero(), evaluations=zero(),
+                      start=jnp.zeros((n,), jnp.int32),
+                      x0_prev=jnp.zeros((n,) + ((h, w) if history else (1, 1)) + (channels,),
+                                        jnp.float32))
 
 
 def _crop(a, corner, patch):  # [h, w, ...] -> [P, P, ...]
@@ -277,6 +300,7 @@ class Sampler:
     self.split = _choose_split(mesh, n_images, settings.patches_per_step)
     self.process = processes.Diffusion(clip_x0=1.0) if process is None else process
     self.pairs = self.process.time_grid(settings.sampling_steps)       # [S, 2] (t, t_next)
+    self.history = bool(getattr(getattr(self.process, 'solver', None), 'history', False))
     self._label = settings.progress_label
     self._run_jit = program_cache.CachedJit(self._run, self._program_key(),
                                             donate_argnums=(1,), result_like=1)
@@ -327,14 +351,15 @@ class Sampler:
     """(the denoiser's cond, `Known` or None)."""
     return cond if self.settings.keep else (cond, None)
 
-  def _keep_known(self, new, kp, valid, level, noise):
+  def _keep_known(self, new, kp, valid, level, noise, x0=None):
     """Kept pixels of the patches [N, K, P, P, C] take the init noised to the level
     they reach (the init itself after the last step), as RePaint: the free pixels
     are generated around them. `kp`: the slots' `Known` crops (None: no keep mask).
     The replacement noise is the step's own per-slot noise (its DDIM value for these
-    pixels is discarded)."""
+    pixels is discarded). With `x0` (a solver's predictions), returns (new, x0) with
+    the kept pixels' x0 the init."""
     if kp is None:
-      return new
+      return new if x0 is None else (new, x0)
     s = self.settings
     nxt = level + 1                                                           # [N]
     t = jnp.asarray(self.pairs)[jnp.minimum(nxt, s.sampling_steps - 1), 0]    # [N]
@@ -343,10 +368,13 @@ class Sampler:
     noised = self.process.noised(flat(kp.init), flat(noise), jnp.repeat(t, k))
     target = jnp.where(jnp.repeat(nxt >= s.sampling_steps, k)[:, None, None, None],
                        flat(kp.init), noised).reshape(new.shape)
-    return jnp.where(kp.keep[..., None], target, new)
+    new = jnp.where(kp.keep[..., None], target, new)
+    if x0 is None:
+      return new
+    return new, jnp.where(kp.keep[..., None], kp.init, x0)
 
-  def _resample(self, params, new, evals, model_in, write, cond_p, kp, valid, level,
-                slot_keys):
+  def _resample(self, params, new, x0, evals, model_in, write, cond_p, kp, valid, level,
+                slot_keys, hist):
     """RePaint's resampling where kept and free pixels meet: in the slots that hold kept
     pixels and write free ones, the step's result (kept pixels already replaced) is
     taken back to the step's start time with fresh noise (`process.renoise`) and the
@@ -358,10 +386,11 @@ class Sampler:
     `write` [N, K, P, P]: the pixels the step writes (the rest of the window stays at
     model_in); `kp`: the slots' `Known` crops; `slot_keys` [N, K]: a key per slot for
     the passes' noise.
-    Returns (new, evals)."""
+    `x0`, `hist`: the solver's x0 predictions and history crops (or None).
+    Returns (new, x0, evals)."""
     s = self.settings
     if kp is None or s.resample == 0:
-      return new, evals
+      return new, x0, evals
     kept = kp.keep                                                        # [N, K, P, P]
     mixed = valid & kept.any(axis=(2, 3)) & (write & ~kept).any(axis=(2, 3))   # [N, K]
     n, k = valid.shape
@@ -375,19 +404,25 @@ class Sampler:
       return jax.lax.cond(mixed.any(), functools.partial(run_pass, r), lambda c: c, carry)
 
     def run_pass(r, carry):
-      new, evals = carry
+      new, x0, evals = carry
       keys = jax.vmap(jax.vmap(lambda key: jax.random.fold_in(key, r)))(slot_keys)
       back = self.process.renoise(new.reshape((n * k,) + shape),
                                   normal(keys, 0).reshape((n * k,) + shape), t_next, t_cur)
       x_in = jnp.where(write[..., None], back.reshape(new.shape), model_in)
       step_noise = normal(keys, 1)
-      again, more = self._denoise_patches(params, x_in, cond_p, mixed, level, step_noise)
-      again = self._keep_known(again, kp, valid, level, step_noise)
-      return jnp.where(mixed[:, :, None, None, None], again, new), evals + more
-    return jax.lax.fori_loop(0, s.resample, one_pass, (new, evals))
+      again, x0_again, more = self._denoise_patches(params, x_in, cond_p, mixed, level,
+                                                    step_noise, hist)
+      again, x0_again = self._keep_known(again, kp, valid, level, step_noise,
+                                         _or_zeros(x0_again, again))
+      sel = mixed[:, :, None, None, None]
+      x0 = None if x0 is None else jnp.where(sel, x0_again, x0)
+      return jnp.where(sel, again, new), x0, evals + more
+    return jax.lax.fori_loop(0, s.resample, one_pass, (new, x0, evals))
 
-  def _denoise_patches(self, params, model_in, cond_p, valid, level, noise):
-    """One step at each image's `level` for patches [N, K, P, P, C]; (new, evaluations)."""
+  def _denoise_patches(self, params, model_in, cond_p, valid, level, noise, hist=None):
+    """One step at each image's `level` for patches [N, K, P, P, C]; (new, x0 or None,
+    evaluations). `hist`: (x0_prev crops [N, K, P, P, C], has_prev [N]) for a solver with
+    history, else None."""
     s = self.settings
     n, k_slots = valid.shape
     pair = jnp.asarray(self.pairs)[jnp.minimum(level, s.sampling_steps - 1)]      # [N, 2]
@@ -402,8 +437,48 @@ class Sampler:
     kw = {'valid': b_valid} if getattr(self.denoise, 'skips_idle', False) else {}
     out = self.denoise(params, b_x, b_t, jax.tree_util.tree_unflatten(tree, b_leaves), **kw)
     pred, evals = out if isinstance(out, tuple) else (out, b_x.shape[0])
-    new = self.process.step(b_x, pred.astype(jnp.float32), b_t, b_tn, b_noise, s.eta)
-    return new.reshape(model_in.shape), jnp.asarray(evals, jnp.int32)
+    history = None
+    if hist is not None:
+      x0_prev, has_prev = hist
+      t_prev = jnp.asarray(self.pairs)[jnp.clip(level - 1, 0, s.sampling_steps - 1), 0]
+      history = (flat(x0_prev), jnp.repeat(t_prev, k_slots),
+                 jnp.repeat(has_prev, k_slots))
+    new, x0 = self.process.solve(b_x, pred.astype(jnp.float32), b_t, b_tn, b_noise, s.eta,
+                                 history)
+    x0 = None if x0 is None else x0.reshape(model_in.shape)
+    return new.reshape(model_in.shape), x0, jnp.asarray(evals, jnp.int32)
+
+  def _history(self, state: SamplerState, corners):
+    """(x0_prev crops [N, K, P, P, C], has_prev [N]) for a solver with history, else None.
+    A pixel written at `level` took its previous step at level - 1 if level > start."""
+    if not self.history:
+      return None
+    crop = jax.vmap(jax.vmap(functools.partial(_crop, patch=self.settings.patch),
+                             (None, 0)), (0, 0))
+    return crop(state.x0_prev, corners), state.level > state.start
+
+  def _paste_x0(self, state: SamplerState, x0, corners, write):
+    """x0_prev with the written pixels' new x0 predictions (unchanged without history)."""
+    if not self.history:
+      return state.x0_prev
+    paste = jax.vmap(functools.partial(_paste_all, patch=self.settings.patch))
+    return paste(state.x0_prev, x0, corners, write)
+
+  def _interior(self, corners, h: int, w: int):
+    """[N, K, P, P] bool: the pixels of random windows at `corners` [N, K, 2] that are
+    written: all (margin 0, the original's), or those at least `grid_margin` from a
+    window side that is not the latent's edge (the U-Net's zero padding spoils the
+    predictions along a window's sides; with K = 1 the draw's law is unchanged, and the
+    drawn centre is always inside, so every iteration still advances)."""
+    m, p = self.settings.grid_margin, self.settings.patch
+    if not m:
+      return jnp.ones(corners.shape[:2] + (p, p), bool)
+    idx = jnp.arange(p)
+    def axis(c, size):   # [N, K] -> [N, K, P]
+      lo = jnp.where(c == 0, 0, m)
+      hi = jnp.where(c + p >= size, p, p - m)
+      return (idx >= lo[..., None]) & (idx < hi[..., None])
+    return axis(corners[..., 0], h)[..., :, None] & axis(corners[..., 1], w)[..., None, :]
 
   def _step_random(self, params, state: SamplerState, cond) -> SamplerState:
     s = self.settings
@@ -428,15 +503,16 @@ class Sampler:
             jnp.arange(k_slots)))(it_keys)                              # [N, K, P, P, C]
     cond, known = self._split(cond)
     cond_p = self._cond_patches(cond, corners, valid)
-    new, evals = self._denoise_patches(params, model_in, cond_p, valid, level, noise)
+    hist = self._history(state, corners)
+    new, x0, evals = self._denoise_patches(params, model_in, cond_p, valid, level, noise, hist)
     kp = None if known is None else self._cond_patches(known, corners, valid)  # once
-    new = self._keep_known(new, kp, valid, level, noise)
-    write = behind & valid[:, :, None, None]                            # [N, K, P, P]
+    new, x0 = self._keep_known(new, kp, valid, level, noise, _or_zeros(x0, new))
+    write = behind & valid[:, :, None, None] & self._interior(corners, h, w)  # [N, K, P, P]
     slot_keys = jax.vmap(lambda key, i: jax.vmap(lambda j: jax.random.fold_in(
         jax.random.fold_in(jax.random.fold_in(key, 5), i), j))(jnp.arange(k_slots)))(
             state.keys, state.image_iters)                              # [N, K]
-    new, evals = self._resample(params, new, evals, model_in, write, cond_p, kp, valid,
-                                level, slot_keys)
+    new, x0, evals = self._resample(params, new, x0, evals, model_in, write, cond_p, kp,
+                                    valid, level, slot_keys, hist)
 
     paste = jax.vmap(functools.partial(_paste_all, patch=p))
     counts, supers = jax.vmap(functools.partial(windows_lib.update_counts, patch=p))(
@@ -456,6 +532,7 @@ class Sampler:
         x=paste(state.x, jnp.where(write[..., None], new, x_p), corners, slot),
         x_low=paste(state.x_low, jnp.where(write[..., None], x_p, low_p), corners, slot),
         times=paste(state.times, t_p + write.astype(jnp.int32), corners, slot),
+        x0_prev=self._paste_x0(state, x0, corners, write),
         level=level + next_level.astype(jnp.int32),
         remaining=jnp.where(next_level, h * w, remaining),
         counts=counts, super_counts=supers,
@@ -473,12 +550,14 @@ class Sampler:
     return n_r * n_c, -(-(n_r * n_c) // s.patches_per_step)
 
   def grid_margin_at(self, level):
-    """[N] int32: the grid margin of each image's current level (`grid_margin_levels`)."""
+    """[N] int32: the grid margin of each image's current level (`grid_margin_levels`,
+    `grid_margin_first_levels`; `windows.margin_on`)."""
     s = self.settings
     if s.grid_margin_levels is None or not s.grid_margin:
       return jnp.full(jnp.shape(level), s.grid_margin, jnp.int32)
-    return jnp.where(level >= s.sampling_steps - s.grid_margin_levels, s.grid_margin,
-                     0).astype(jnp.int32)
+    on = windows_lib.margin_on(level, s.sampling_steps, s.grid_margin_levels,
+                               s.grid_margin_first_levels)
+    return jnp.where(on, s.grid_margin, 0).astype(jnp.int32)
 
   def _grid_level_shape(self, h: int, w: int, margin):
     """(cells, iterations per level, cells per row) for traced margins [N] that take
@@ -515,9 +594,10 @@ class Sampler:
         x_p.shape[2:]))(idx))(state.keys, level, index)                 # [N, K, P, P, C]
     cond, known = self._split(cond)
     cond_p = self._cond_patches(cond, corners, valid)
-    new, evals = self._denoise_patches(params, model_in, cond_p, valid, level, noise)
+    hist = self._history(state, corners)
+    new, x0, evals = self._denoise_patches(params, model_in, cond_p, valid, level, noise, hist)
     kp = None if known is None else self._cond_patches(known, corners, valid)  # once
-    new = self._keep_known(new, kp, valid, level, noise)
+    new, x0 = self._keep_known(new, kp, valid, level, noise, _or_zeros(x0, new))
 
     rows = corners[..., 0, None] + jnp.arange(p)                        # [N, K, P]
     cols = corners[..., 1, None] + jnp.arange(p)
@@ -528,8 +608,8 @@ class Sampler:
     slot_keys = jax.vmap(lambda key, lv, idx: jax.vmap(lambda j: jax.random.fold_in(
         jax.random.fold_in(jax.random.fold_in(key, 5), lv), j))(idx))(
             state.keys, level, index)                                   # [N, K]
-    new, evals = self._resample(params, new, evals, model_in, write, cond_p, kp, valid,
-                                level, slot_keys)
+    new, x0, evals = self._resample(params, new, x0, evals, model_in, write, cond_p, kp,
+                                    valid, level, slot_keys, hist)
     paste = jax.vmap(functools.partial(_paste_all, patch=p))
     to_x = write & odd[..., 0]
     to_low = write & ~odd[..., 0]
@@ -538,6 +618,7 @@ class Sampler:
         x=paste(state.x, new, corners, to_x),
         x_low=paste(state.x_low, new, corners, to_low),
         times=paste(state.times, t_p + 1, corners, write),
+        x0_prev=self._paste_x0(state, x0, corners, write),
         level=level + done.astype(jnp.int32),
         remaining=jnp.where(done, 0, batch + active.astype(jnp.int32)),
         image_iters=state.image_iters + active.astype(jnp.int32),
@@ -595,7 +676,7 @@ class Sampler:
       raise ValueError(f'need one key per image: keys {keys.shape}, latent {shape}')
     level = start_level(self.settings.sampling_steps, strength)
     state = init_state(keys, tuple(shape[1:]), channels, self.settings.patch,
-                       self.settings.schedule)
+                       self.settings.schedule, self.history)
     if init is not None:
       init = jnp.asarray(init, jnp.float32)
       if init.shape != state.x.shape:
@@ -608,7 +689,8 @@ class Sampler:
         n = keys.shape[0]
         state = state.replace(x=x, x_low=jnp.copy(x),
                               times=jnp.full(state.times.shape, level, jnp.int32),
-                              level=jnp.full((n,), level, jnp.int32))
+                              level=jnp.full((n,), level, jnp.int32),
+                              start=jnp.full((n,), level, jnp.int32))
     return self.place(state)
 
   def run(self, params, state: SamplerState, cond,

@@ -40,26 +40,32 @@ GRID_BATCH_PIXELS = 1 << 16
 class Random:
   """The original's placement: K non-overlapping windows per image per iteration, each
   centred uniformly among the pixels at the image's lowest level (K = 1: DiffInfinite's
-  distribution)."""
+  distribution). `margin` > 0 (latent pixels): a window writes only its pixels at least
+  that far from its sides (but the latent's edge), where the model's zero padding does
+  not reach; the draw is the same (0: the original's)."""
   patches_per_step: int = 1
+  margin: int = 0
   name = 'random'
 
   def settings(self, hw, patch: int) -> dict:
     """The `SamplerSettings` fields of this placement."""
-    del hw, patch
-    return dict(schedule=self.name, patches_per_step=self.patches_per_step)
+    del hw
+    check_margin(self.margin, patch)
+    return dict(schedule=self.name, patches_per_step=self.patches_per_step,
+                grid_margin=self.margin)
 
 
 @dataclasses.dataclass(frozen=True)
 class Grid:
   """Shifted non-overlapping grid windows: every cell once per level, `margin` latent
   pixels of context each side of a window (read, not written) in the last
-  `margin_levels` levels (None: in all; earlier levels use margin 0, so cells are whole
-  windows); `patches_per_step` None: every window of a level, at most
-  `GRID_BATCH_PIXELS` latent pixels per call."""
+  `margin_levels` levels (None: in all) and in the first `first_levels` levels; the
+  other levels use margin 0, so cells are whole windows; `patches_per_step` None: every
+  window of a level, at most `GRID_BATCH_PIXELS` latent pixels per call."""
   margin: int = 0
   patches_per_step: int | None = None
   margin_levels: int | None = None
+  first_levels: int = 0
   name = 'grid'
 
   def settings(self, hw, patch: int) -> dict:
@@ -67,7 +73,24 @@ class Grid:
     check_margin(self.margin, patch)
     k = self.patches_per_step or default_patches_per_step('grid', hw, patch, self.margin)
     return dict(schedule=self.name, patches_per_step=k, grid_margin=self.margin,
-                grid_margin_levels=self.margin_levels)
+                grid_margin_levels=self.margin_levels,
+                grid_margin_first_levels=self.first_levels)
+
+
+def margin_on(level, steps: int, last: int | None, first: int = 0):
+  """Whether the grid margin applies at `level` (an int or a traced array) of `steps`:
+  in the last `last` levels (None: every level) and in the first `first`. Where the
+  margin matters (docs/generate.md): its absence in the last levels leaves thin lines
+  at the window borders (the U-Net's zero padding), in the first levels cell-sized tone
+  blocks that few later levels cannot mix away."""
+  if last is None:
+    return level >= 0
+  return (level >= steps - last) | (level < first)
+
+
+def margin_levels_count(steps: int, last: int | None, first: int = 0) -> int:
+  """How many of `steps` levels use the margin (`margin_on`)."""
+  return sum(bool(margin_on(lv, steps, last, first)) for lv in range(steps))
 
 
 def check_margin(margin: int, patch: int) -> None:
