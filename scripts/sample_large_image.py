@@ -46,10 +46,10 @@ _GROUPS = (
                 'keep_mask')),
     ('outputs', ('imgs_path', 'output_format', 'tiff_compression', 'jpeg_quality', 'mpp',
                  'checkpoint_every', 'resume', 'progress_every')),
-    ('sampling', ('sampling_steps', 'cond_scale', 'mask_cond_scale', 'patch_size',
+    ('sampling', ('sampling_steps', 'solver', 'cond_scale', 'mask_cond_scale', 'patch_size',
                   'mask_patch_size', 'patches_per_step', 'schedule', 'grid_margin',
-                  'grid_margin_levels', 'eta', 'resample', 'dtype', 'tile_batch',
-                  'blend_mode')),
+                  'grid_margin_levels', 'grid_margin_first_levels', 'eta', 'resample',
+                  'dtype', 'tile_batch', 'blend_mode')),
     ('devices and hosts', ('devices', 'compilation_cache_dir', 'distributed',
                            'coordinator_address', 'num_processes', 'process_id')),
 )

@@ -43,7 +43,8 @@ def test_help_lists_the_commands_own_flags(name, script_server):
   assert len(out.stdout.splitlines()) < 200
   # Each flag with a default shows it.
   if name == 'sample_large_image':
-    for flag in ('--sampling_steps=50', '--output_format=png', '--progress_every=50',
+    steps = pipeline.Options().sampling_steps
+    for flag in (f'--sampling_steps={steps}', '--output_format=png', '--progress_every=50',
                  '--[no]dry_run (default: false)'):
       assert flag in out.stdout, flag
 
