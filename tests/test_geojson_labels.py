@@ -2,10 +2,12 @@
 independent per-pixel even-odd test), painted in file order with holes; the `_mask` a run
 writes equals it; bad files and flags are one error line before any work."""
 
+import dataclasses
 import json
 import os
 
 import numpy as np
+from PIL import Image
 import pytest
 
 from tiled_ldm_jax import generate
@@ -96,6 +98,9 @@ def test_run_writes_the_rasterized_mask(models, tmp_path):
   mask = tifffile.imread(tmp_path / 'out' / 'sample0000_mask.tif')
   np.testing.assert_array_equal(mask, brute_force(doc, h, w))
   assert record['labels_present'] == [0, 1, 2, 3] and record['image_size'] == [h, w]
+  assert record['files']['overview'] == 'sample0000_overview.jpg'   # beside the TIFF
+  with Image.open(tmp_path / 'out' / 'sample0000_overview.jpg') as im:
+    assert im.format == 'JPEG' and im.size == (2 * w + 8, h)
   assert 'mask_stage' not in record['plan']['stages']
 
 
@@ -156,3 +161,35 @@ def test_bad_files_and_flags_before_any_work(models, tmp_path):
   with pytest.raises(ValueError, match='only for a GeoJSON'):
     generate.prepare(config(models, out, mask=str(png), mask_classes='Tumor=1'))
   assert not os.path.exists(out)
+
+
+def test_dry_run_label_report(tmp_path):
+  """What --dry_run says about annotations: each class's polygons, holes and share of
+  the image (exact here: the map is sampled at every pixel up to 1024 px)."""
+  doc = annotations()
+  m = gj.read_geojson(write(tmp_path, doc), CLASSES, (H, W))
+  report, small = generate.label_report(m)
+  want = brute_force(doc, H, W)
+  np.testing.assert_array_equal(small, want)
+  assert report['sampled_every_px'] == 1
+  share = np.bincount(want.ravel()) / want.size
+  assert report['share'] == {i: round(float(s), 4) for i, s in enumerate(share)}
+  assert {n: (c['id'], c['polygons'], c['holes']) for n, c in report['classes'].items()} == {
+      'Tumor': (1, 1, 1), 'Stroma': (2, 1, 0), 'Necrosis': (3, 2, 0)}
+  text = generate.label_summary(report)
+  assert 'id 1 Tumor: 29.9% of the image, 1 polygon(s), 1 hole(s)' in text, text
+  assert 'id 0 unannotated' in text
+  # A larger map is sampled on a grid of at most 1024 px (never rasterized whole).
+  big = gj.read_geojson(write(tmp_path, scaled(doc, 4)), CLASSES, (4 * H, 4 * W))
+  report, small = generate.label_report(big)
+  assert report['sampled_every_px'] == 4 and small.shape == (H, W)
+  assert abs(report['share'][1] - share[1]) < 0.01
+
+
+def test_preview_flag_checks(tmp_path):
+  cfg = generate.GenerationConfig(mask='demo', preview=str(tmp_path / 'p.png'))
+  with pytest.raises(ValueError, match='--preview is for --dry_run'):
+    generate.prepare(cfg)
+  with pytest.raises(ValueError, match='must be a .png'):
+    generate.prepare(dataclasses.replace(cfg, dry_run=True, preview=str(tmp_path / 'p.jpg')))
+  assert not os.listdir(tmp_path)

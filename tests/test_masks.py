@@ -178,7 +178,7 @@ def test_validate_labels():
     masks.validate_labels(ok.astype(np.float32), 5)
 
 
-@pytest.mark.parametrize('high, mode', [(4, 'L'), (1000, 'I;16')])
+@pytest.mark.parametrize('high, mode', [(4, 'P'), (255, 'P'), (1000, 'I;16')])
 def test_png_round_trip(tmp_path, high, mode):
   rng = np.random.default_rng(high)
   labels = rng.integers(0, high + 1, size=(17, 23)).astype(np.int32)
@@ -189,6 +189,10 @@ def test_png_round_trip(tmp_path, high, mode):
   assert os.listdir(tmp_path) == ['mask.png']    # no temporary file left behind
   with Image.open(path) as img:
     assert img.mode == mode and img.size == (23, 17)
+    np.testing.assert_array_equal(np.asarray(img), labels)   # the pixels are the ids
+    if mode == 'P':          # and a viewer shows the labels' colours (preview_sample's)
+      np.testing.assert_array_equal(np.asarray(img.convert('RGB')),
+                                    masks.colour_labels(labels))
   out = masks.read_label_png(str(path))
   assert out.dtype == np.int32
   np.testing.assert_array_equal(out, labels)

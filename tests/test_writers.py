@@ -150,8 +150,8 @@ def test_labels_and_mask_paths(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ['m.tif']
 
 
-def test_missing_tifffile_names_the_extra(tmp_path, monkeypatch):
-  monkeypatch.setitem(sys.modules, 'tifffile', None)
-  with pytest.raises(ImportError, match=r'pip install tiled_ldm_jax\[tiff\]'):
+def test_missing_tifffile_names_the_package(tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, 'tifffile', None)    # a dependency, yet missing
+  with pytest.raises(ImportError, match=r'pip install tifffile'):
     writers.write_tiff(tmp_path / 'x.tif', [], (8, 8, 3))
   assert os.listdir(tmp_path) == []

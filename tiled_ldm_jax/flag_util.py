@@ -4,11 +4,13 @@ checks every script runs on its flags before any work."""
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import sys
+import textwrap
 import typing
-from typing import Callable, NoReturn
+from typing import Callable, NoReturn, Sequence
 
 from absl import flags
 
@@ -166,19 +168,117 @@ def checked_main(main: Callable, rules: dict[str, str]) -> Callable:
   return run
 
 
-def parse_flags(argv: list[str], parse: Callable | None = None) -> list[str]:
+# ----------------------------------------------------------------------------- help
+#
+# absl's --help lists the flags defined in the main module only: ours are mostly defined
+# here (from dataclasses), so it showed 4 of 40, and --helpfull buries them among ~200
+# absl, JAX and orbax flags. `--help` (and -h, -?, --helpshort) prints the command's own
+# flags instead, in the groups it names; --helpfull stays absl's.
+
+HELP_ARGS = ('--help', '-help', '--helpshort', '-helpshort', '-h', '-?', '--h')
+_OWN_MODULES = (__name__,)   # flags defined here on a command's behalf
+
+
+def own_flags(fv=None) -> list:
+  """The command's flags: defined by its main module or by this module for it."""
+  fv = fv or flags.FLAGS
+  main = sys.argv[0] if sys.argv else ''
+  out = {}
+  for module, defined in fv.flags_by_module_dict().items():
+    if module in _OWN_MODULES or module == main or module == '__main__':
+      for f in defined:
+        out.setdefault(f.name, f)
+  return list(out.values())    # in the order they were defined
+
+
+def _flag_line(f, width: int = 88) -> str:
+  if f.boolean:
+    head = f'  --[no]{f.name} (default: {"true" if f.default else "false"})'
+  else:
+    default = f.default_as_str if f.default is not None else None
+    head = f'  --{f.name}' + (f'={default.strip(chr(39))}' if default not in (None, "''")
+                             else '')
+  values = getattr(f.parser, 'enum_values', None)
+  text = ' '.join(str(f.help).split()) + (f' One of: {", ".join(values)}.' if values else '')
+  body = textwrap.fill(text, width, initial_indent='      ',
+                       subsequent_indent='      ')
+  return head + '\n' + body
+
+
+def help_text(doc: str | None, groups: Sequence[tuple[str, Sequence[str]]] = (),
+              fv=None) -> str:
+  """The module doc, then the command's own flags under `groups` ((title, names) pairs;
+  flags in no group come last, under 'other'), each with its default."""
+  own = {f.name: f for f in own_flags(fv)}
+  lines = [textwrap.dedent(doc or '').strip(), '']
+  placed = set()
+  for title, names in list(groups) + [('other', list(own))]:
+    names = [n for n in names if n in own and n not in placed]
+    if not names:
+      continue
+    placed.update(names)
+    lines += [f'{title}:' if groups else 'flags:'] + [_flag_line(own[n]) for n in names]
+    lines.append('')
+  lines.append('--helpfull: every flag, absl\'s and JAX\'s included.')
+  return '\n'.join(lines)
+
+
+def suggest(name: str, fv=None) -> list[str]:
+  """Flags the unknown `name` may have meant: one of its words ('steps' ->
+  sampling_steps), or a near spelling; --noX is matched as X."""
+  own = [f.name for f in own_flags(fv)]
+  base = name[2:] if name.startswith('no') and name[2:] else name
+  words = [n for n in own if base in n.split('_') or (len(base) > 3 and base in n)]
+  close = difflib.get_close_matches(base, own, n=3, cutoff=0.75)
+  return list(dict.fromkeys(close + words))[:4]
+
+
+def parse_flags(argv: list[str], parse: Callable | None = None,
+                groups: Sequence[tuple[str, Sequence[str]]] = ()) -> list[str]:
   """absl's flag parsing (or `parse(argv)`, which may raise ValueError) with a malformed
-  or missing flag as one `error:` line."""
+  or missing flag as one `error:` line (an unknown one with the flags it may have
+  meant); `--help` prints `help_text` and exits 0."""
+  if any(a in HELP_ARGS for a in argv[1:]):
+    main = sys.modules.get('__main__')
+    print(help_text(getattr(main, '__doc__', None), groups))
+    sys.exit(0)
   try:
     return (parse or flags.FLAGS)(argv)
+  except flags.UnrecognizedFlagError as e:
+    hint = suggest(e.flagname)
+    fail(f'unknown flag --{e.flagname}' + (
+        f' (did you mean {" or ".join("--" + n for n in hint)}?)' if hint else
+        ' (--help lists the flags)'))
   except (flags.Error, ValueError) as e:
     fail(e)
 
 
+class _NoTpuLibrary:
+  """Drops JAX's INFO line "Unable to initialize backend 'tpu': ... Failed to open
+  libtpu.so ..." (every run on a machine without a TPU library). Other failures of the
+  TPU backend (a libtpu that is there and fails) and warnings and errors still show."""
+
+  def filter(self, record) -> bool:
+    msg = record.getMessage()
+    return not (record.levelno <= 20 and msg.startswith("Unable to initialize backend 'tpu'")
+                and 'libtpu.so' in msg and ('cannot open shared object' in msg
+                                            or 'No such file' in msg))
+
+
+def quiet_tpu_probe() -> None:
+  """Installs `_NoTpuLibrary` on JAX's backend logger (once)."""
+  import logging as py_logging  # pylint: disable=g-import-not-at-top
+  logger = py_logging.getLogger('jax._src.xla_bridge')
+  if not any(isinstance(f, _NoTpuLibrary) for f in logger.filters):
+    logger.addFilter(_NoTpuLibrary())
+
+
 def run(main: Callable, rules: dict[str, str] | None = None,
-        parse: Callable | None = None) -> None:
+        parse: Callable | None = None,
+        groups: Sequence[tuple[str, Sequence[str]]] = ()) -> None:
   """`app.run(main)` with flags parsed by `parse_flags` and checked by `checked_main`:
-  every command reports a bad request this one way."""
+  every command reports a bad request this one way. `groups`: the --help sections."""
   from absl import app  # pylint: disable=g-import-not-at-top
+  quiet_tpu_probe()
   app.run(checked_main(main, rules or {}),
-          flags_parser=lambda argv: parse_flags(argv, parse))
+          flags_parser=lambda argv: parse_flags(argv, parse, groups))

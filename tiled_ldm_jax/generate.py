@@ -14,6 +14,7 @@ index n, so it does not depend on the batch it was sampled in.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -40,6 +41,7 @@ from tiled_ldm_jax.files import large_images
 from tiled_ldm_jax import masks as masks_lib
 from tiled_ldm_jax.output import ome_zarr
 from tiled_ldm_jax import pipeline as pipeline_lib
+from tiled_ldm_jax import progress
 from tiled_ldm_jax import resume
 from tiled_ldm_jax.sampling import loop as loop_lib
 from tiled_ldm_jax.output import shared_writer
@@ -47,6 +49,7 @@ from tiled_ldm_jax import sharding
 from tiled_ldm_jax.output import writers
 
 FORMATS = ('png', 'jpg', 'tiff', 'zarr')
+FORMAT_ALIASES = {'tif': 'tiff', 'jpeg': 'jpg', 'ome-zarr': 'zarr', 'ome_zarr': 'zarr'}
 DEFAULT_IMAGE_SIZE = 1024     # without --image_size and --mask
 _help = pipeline_lib._help  # pylint: disable=protected-access
 
@@ -121,6 +124,9 @@ class GenerationConfig:
                         'and device bytes; seconds from short timed U-Net and decoder calls '
                         'on this device) as one JSON line and a summary; sample and write '
                         'nothing.', False)
+  preview: str | None = _help('With --dry_run: write the label map the run would use '
+                              '(--mask, rasterized annotations included) in colour to this '
+                              'PNG, at most 1024 px on its longer side.')
 
 
   @classmethod
@@ -218,11 +224,20 @@ def _load_pipeline(cfg: GenerationConfig) -> pipeline_lib.Pipeline:
     raise ValueError(f'{e} (no checkpoint flags given)') from None
 
 
+def output_format(name: str) -> str:
+  """--output_format's value in its one spelling (tif: tiff, jpeg: jpg, ...)."""
+  fmt = str(name).lower()
+  fmt = FORMAT_ALIASES.get(fmt, fmt)
+  if fmt not in FORMATS:
+    raise ValueError(f'output_format must be one of {FORMATS} (or {", ".join(FORMAT_ALIASES)}'
+                     f'), got {name!r}')
+  return fmt
+
+
 def prepare(cfg: GenerationConfig) -> Plan:
   """Every check that can fail, before any compute: flags, models, mask file, output
   folder, resume. Raises ValueError (one line) or OSError."""
-  if cfg.output_format not in FORMATS:
-    raise ValueError(f'output_format must be one of {FORMATS}, got {cfg.output_format!r}')
+  cfg = dataclasses.replace(cfg, output_format=output_format(cfg.output_format))
   if cfg.n_images < 1 or cfg.batch_size < 1 or cfg.n_images % cfg.batch_size:
     raise ValueError(f'n_images ({cfg.n_images}) must be a positive multiple of batch_size '
                      f'({cfg.batch_size})')
@@ -240,6 +255,12 @@ def prepare(cfg: GenerationConfig) -> Plan:
   if cfg.devices > jax.device_count():
     raise ValueError(f'--devices: asked for {cfg.devices} devices, JAX sees '
                      f'{jax.device_count()}')
+  if cfg.preview is not None:
+    if not cfg.dry_run:
+      raise ValueError('--preview is for --dry_run (a run writes sampleNNNN_overview.jpg)')
+    if os.path.splitext(cfg.preview)[1].lower() != '.png' or os.path.isdir(cfg.preview):
+      raise ValueError(f'--preview must be a .png file path, got {cfg.preview!r}')
+    _check_writable(os.path.dirname(os.path.abspath(cfg.preview)))
   if cfg.mask == 'demo':
     cfg = dataclasses.replace(cfg, mask=demo.mask_path())
   pipe = _load_pipeline(cfg)
@@ -487,7 +508,55 @@ def dry_run(plan: Plan) -> dict:
   sampled or written. `refused`: why the run itself would be refused (memory, disk)."""
   out = estimate.timed(plan.pipe, plan.work, plan.options)
   out['refused'] = list(plan.refused)
+  if plan.mask is not None:
+    out['labels'], small = label_report(plan.mask)
+    if plan.cfg.preview:
+      writers.write_image(plan.cfg.preview, masks_lib.colour_labels(small))
+      out['labels']['preview'] = plan.cfg.preview
   return out
+
+
+REPORT_SIDE = 1024   # px: the label map is sampled on this grid for its report and preview
+
+
+def label_report(labels) -> tuple[dict, np.ndarray]:
+  """How a label map was read: the share of the image each id covers (from the map
+  sampled every k-th pixel, k = longer side / REPORT_SIDE, rounded up) and, for GeoJSON
+  annotations, each class's name, polygons and holes. Returns (report, sampled map)."""
+  h, w = labels.shape
+  k = max(1, -(-max(h, w) // REPORT_SIDE))
+  if hasattr(labels, 'sample'):                     # annotations: only the grid's pixels
+    small = labels.sample(np.arange(0, h, k) + 0.5, np.arange(0, w, k) + 0.5)
+  else:
+    small = np.concatenate([np.asarray(labels[r:r + 1])[:, ::k] for r in range(0, h, k)])
+  ids, n = np.unique(small, return_counts=True)
+  share = {int(i): round(float(c) / small.size, 4) for i, c in zip(ids, n)}
+  report = {'sampled_every_px': k, 'share': share}
+  source = getattr(labels, 'source', labels)
+  counts = getattr(labels, 'counts', None) or getattr(source, 'counts', None)
+  if counts:
+    report['classes'] = {name: dict(c, share=share.get(c['id'], 0.0))
+                         for name, c in counts.items()}
+  return report, small
+
+
+def label_summary(report: dict) -> str:
+  """The lines of `label_report` for a person."""
+  lines = [f"  label map (sampled every {report['sampled_every_px']} px):"]
+  named = {c['id']: name for name, c in report.get('classes', {}).items()}
+  for i, share in report['share'].items():
+    name = named.get(i, 'unannotated' if i == 0 and named else '')
+    c = report.get('classes', {}).get(name, {})
+    extra = (f", {c['polygons']} polygon(s), {c['holes']} hole(s)" if c else '')
+    lines.append(f"    id {i}{' ' + name if name else ''}: {100 * share:.1f}% of the image"
+                 + extra)
+  for name, c in report.get('classes', {}).items():
+    if c['id'] not in report['share']:
+      lines.append(f"    id {c['id']} {name}: not seen at this sampling ({c['polygons']} "
+                   f"polygon(s), {c['holes']} hole(s))")
+  if 'preview' in report:
+    lines.append(f"    coloured map written to {report['preview']}")
+  return '\n'.join(lines)
 
 
 def _file_errors(flag: str, path: str, fn):
@@ -571,6 +640,11 @@ def _write_sample(plan: Plan, number: int, z, labels: masks_lib.LabelMap, record
   base, image_path, mask_file = _sample_files(cfg, number)
   record['files'] = {'image': os.path.basename(image_path),
                      'mask': os.path.relpath(mask_file, cfg.imgs_path)}
+  # A slide is too large to glance at: a small JPEG of it beside its labels.
+  overview = base + '_overview.jpg' if cfg.output_format in ('tiff', 'zarr') and not shared \
+      else None
+  if overview:
+    record['files']['overview'] = os.path.basename(overview)
   start = time.perf_counter()
   if shared:
     _write_shared(plan, z, labels, image_path)
@@ -579,7 +653,7 @@ def _write_sample(plan: Plan, number: int, z, labels: masks_lib.LabelMap, record
     return record
   if shared or cfg.output_format == 'zarr':
     if not shared:   # the store is renamed into place by its writer; mask inside it
-      _write_image(plan, z, labels, image_path)
+      _write_image(plan, z, labels, image_path, overview)
     if cfg.output_format != 'zarr':
       writers.write_labels(mask_file, labels)
     record['seconds']['decode_and_write'] = time.perf_counter() - start
@@ -590,8 +664,9 @@ def _write_sample(plan: Plan, number: int, z, labels: masks_lib.LabelMap, record
   # once all three are whole (the JSON last): a failure (a full disk, a kill) leaves
   # none of a sample's files, never an image without its mask or record.
   with atomic.atomic_path(base + '.json') as tmp_json, \
-      atomic.atomic_path(mask_file) as tmp_mask, atomic.atomic_path(image_path) as tmp_image:
-    _write_image(plan, z, labels, tmp_image)
+      atomic.atomic_path(mask_file) as tmp_mask, atomic.atomic_path(image_path) as tmp_image, \
+      (atomic.atomic_path(overview) if overview else contextlib.nullcontext()) as tmp_view:
+    _write_image(plan, z, labels, tmp_image, tmp_view)
     writers.write_labels(tmp_mask, labels)
     record['seconds']['decode_and_write'] = time.perf_counter() - start
     _dump_record(tmp_json, record)
@@ -603,19 +678,57 @@ def _dump_record(path: str, record: dict) -> None:
     json.dump(record, f, indent=1, default=str)
 
 
-def _write_image(plan: Plan, z, labels: masks_lib.LabelMap, image_path: str) -> None:
-  """One process: this image in the run's format (bands for TIFF/Zarr, whole otherwise)."""
+OVERVIEW_SIDE = 1024   # px, the longer side of each half of `sampleNNNN_overview.jpg`
+
+
+class _Overview:
+  """Every k-th row and column of the image as its bands stream by (a slide is never
+  held whole), written with the labels' colours beside it (`masks.preview`)."""
+
+  def __init__(self, h: int, w: int):
+    self.k = max(1, -(-max(h, w) // OVERVIEW_SIDE))
+    self.parts = []
+
+  def tap(self, bands):
+    for row0, rows in bands:
+      self.parts.append(np.array(rows[(-row0) % self.k::self.k, ::self.k]))
+      yield row0, rows
+
+  def write(self, path: str, labels) -> None:
+    image = writers.as_uint8(np.concatenate(self.parts))
+    lab = np.concatenate([np.asarray(labels[r:r + 1])[:, ::self.k]
+                          for r in range(0, labels.shape[0], self.k)])
+    writers.write_image(path, masks_lib.preview(image, lab, 2 * image.shape[1] + 8),
+                        quality=85)
+
+
+def _write_image(plan: Plan, z, labels: masks_lib.LabelMap, image_path: str,
+                 overview_path: str | None = None) -> None:
+  """One process: this image in the run's format (bands for TIFF/Zarr, whole otherwise),
+  and its overview JPEG (TIFF/Zarr) if `overview_path`."""
   cfg = plan.cfg
   h, w = labels.shape
-  bands = lambda: plan.pipe.iter_decode(z, options=plan.options)
+  view = _Overview(h, w) if overview_path else None
+  log = progress.Progress('decode and write', 'rows', total=h) if cfg.options.progress_every \
+      else None
+  if log:
+    log.start(f'{h}x{w} px, {cfg.output_format}')
+  def bands():
+    out = plan.pipe.iter_decode(z, options=plan.options)
+    out = log.rows(out, h) if log else out
+    return view.tap(out) if view else out
   if cfg.output_format == 'zarr':
     ome_zarr.write_ome_zarr(image_path, bands(), (h, w, 3), labels=labels, mpp=cfg.mpp)
   elif cfg.output_format == 'tiff':
     writers.write_tiff(image_path, bands(), (h, w, 3), compression=cfg.tiff_compression,
                        jpeg_quality=cfg.jpeg_quality, mpp=cfg.mpp)
-  else:
+  else:    # decoded whole (PNG / JPEG hold the image anyway): start and end lines only
     writers.write_image(image_path, plan.pipe.decode(z[None], options=plan.options)[0],
                         quality=cfg.jpeg_quality)
+  if view:
+    view.write(overview_path, labels)
+  if log:
+    log.finish(h)
 
 
 def _write_shared(plan: Plan, z, labels: masks_lib.LabelMap, image_path: str) -> None:
@@ -730,8 +843,10 @@ def run(plan: Plan, *, flags_used: dict | None = None) -> list[dict]:
       records.append(_write_sample(plan, number, z[j], labels[j], record,
                                    mine=sharding.owns(j),
                                    shared=shares_decode(cfg, len(indices))))
-      logging.info('wrote sample%04d (%d/%d, %.0f s so far)', number, len(records),
-                   cfg.n_images, time.perf_counter() - total_start)
+      logging.info('wrote sample%04d (%d/%d, %s so far)%s', number, len(records),
+                   cfg.n_images, progress.duration(time.perf_counter() - total_start),
+                   '; to look at it: ' + os.path.join(cfg.imgs_path, records[-1]['files'][
+                       'overview']) if 'overview' in records[-1]['files'] else '')
     if cfg.checkpoint_every and b0 + cfg.batch_size < cfg.n_images:
       nxt = indices + cfg.batch_size    # the next batch starts from scratch
       run_ckpt.save(cfg=cfg, hashes=plan.hashes, batch_start=b0 + cfg.batch_size,

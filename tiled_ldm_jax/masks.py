@@ -422,7 +422,12 @@ def read_label_png(path: str | os.PathLike) -> np.ndarray:
 
 
 def write_label_png(path: str | os.PathLike, labels: np.ndarray) -> None:
-  """Writes label ids as a PNG: 8-bit gray if `max < 256`, else 16-bit ('I;16').
+  """Writes label ids as a PNG: a palette PNG (mode 'P') if `max < 256`, else 16-bit
+  gray ('I;16').
+
+  In a palette PNG the pixel values are the ids (`np.asarray(Image.open(path))` and
+  `read_label_png` give them back) and the palette is `colour_labels`' colours, so any
+  viewer shows the classes in colour instead of near-black gray levels 0..4.
 
   The file is written under a temporary name in the same folder and then renamed
   (`atomic.atomic_path`), so `path` is never a half-written PNG.
@@ -440,6 +445,8 @@ def write_label_png(path: str | os.PathLike, labels: np.ndarray) -> None:
                      f'got [{labels.min()}, {labels.max()}]')
   wide = labels.size and labels.max() >= 256
   img = Image.fromarray(np.ascontiguousarray(labels, dtype=np.uint16 if wide else np.uint8))
+  if not wide:
+    img.putpalette(label_palette())   # mode L -> P: the pixel values (the ids) are kept
   with atomic.atomic_path(path) as tmp:
     img.save(tmp, format='PNG')
 
@@ -449,6 +456,11 @@ def write_label_png(path: str | os.PathLike, labels: np.ndarray) -> None:
 _LABEL_COLOURS = np.array([[255, 255, 255], [214, 39, 40], [44, 160, 44], [31, 119, 180],
                            [255, 187, 0], [148, 103, 189], [140, 86, 75], [23, 190, 207]],
                           np.uint8)
+
+
+def label_palette() -> bytes:
+  """The 256-entry RGB palette of label PNGs: `colour_labels`' colour of each id."""
+  return _LABEL_COLOURS[np.arange(256) % len(_LABEL_COLOURS)].tobytes()
 
 
 def colour_labels(labels: np.ndarray) -> np.ndarray:

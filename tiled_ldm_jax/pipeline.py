@@ -107,7 +107,9 @@ class Options:
                           "that leave no residual seam) or 'overlap' (tiles overlapping by "
                           "1/8, cross-faded: ~1.3 decoder passes per pixel instead of 4).",
                           'original')
-  progress_every: int = _help('Sampler progress log period in iterations (0: off).', 0)
+  progress_every: int = _help('Sampler progress lines (0: off): the host checks at most '
+                              'every N iterations (about every 2 s) and logs about every '
+                              '10 s and 5%, with an ETA.', 0)
   resample: int = _help('With a keep mask: RePaint resampling passes per step of the '
                         'windows that hold kept and free pixels (each pass takes the '
                         'step back with fresh noise and runs it again, so both sides '

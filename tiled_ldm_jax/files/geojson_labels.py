@@ -197,6 +197,7 @@ class GeoJSONLabels(masks_lib.RowMap):
     self.shape = tuple(int(v) for v in hw)
     self.dtype = np.dtype(dtype)
     self._present = None
+    self.counts = {}                  # class name -> {'id', 'polygons', 'holes'} (read_geojson)
 
   def sample(self, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
     """Labels at the points (xs[j], ys[i]) (pixel coordinates, each ascending):
@@ -287,6 +288,7 @@ def read_geojson(path, classes: dict[str, int], hw, num_classes: int | None = No
                           allow_nan=False, max_ratio=MAX_PARSED_RATIO)
   h, w = (int(v) for v in hw)
   polygons, unmapped, unclassified, bad_types, outside = [], set(), 0, set(), 0
+  counts = {}
   for i, feat in enumerate(_features(doc, name)):
     if not isinstance(feat, dict) or feat.get('type') != 'Feature':
       raise ValueError(f'{name}: item {i} of the features is not a GeoJSON Feature')
@@ -320,6 +322,9 @@ def read_geojson(path, classes: dict[str, int], hw, num_classes: int | None = No
       edges = _edges(rings)
       if len(edges):
         polygons.append((classes[cls], edges))
+        seen = counts.setdefault(cls, {'id': classes[cls], 'polygons': 0, 'holes': 0})
+        seen['polygons'] += 1
+        seen['holes'] += len(rings) - 1      # rings after the first are holes
   problems = []
   if unmapped:
     odd = any(',' in c or '=' in c or c != c.strip() for c in unmapped)
@@ -341,4 +346,6 @@ def read_geojson(path, classes: dict[str, int], hw, num_classes: int | None = No
     bad = sorted({lab for lab, _ in polygons if lab >= num_classes})
     raise ValueError(f'--mask_classes: ids {bad} are outside the model\'s classes '
                      f'[0, {num_classes})')
-  return GeoJSONLabels(polygons, (h, w), masks_lib.compact_dtype(top))
+  out = GeoJSONLabels(polygons, (h, w), masks_lib.compact_dtype(top))
+  out.counts = {name: counts[name] for name in sorted(counts, key=lambda n: counts[n]['id'])}
+  return out

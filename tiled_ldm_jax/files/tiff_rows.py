@@ -10,11 +10,15 @@ the host's memory). `read_rows` decodes the segments a band of rows needs, each 
 first against its declared size whatever codec library decodes it: deflate and LZMA
 are inflated with a cap (a 3 MB tile cannot become gigabytes), a JPEG tile's own header
 must not declare more than the tile, and other codecs are bounded by their worst
-expansion of the compressed bytes.
+expansion of the compressed bytes. JPEG segments (the command's own TIFF output, and
+YCbCr, grayscale or marked RGB JPEG from other tools) are decoded with Pillow when
+tifffile has no JPEG codec (it needs imagecodecs), so a default install reads them; any
+other codec tifffile lacks is refused on opening, naming the package.
 """
 
 from __future__ import annotations
 
+import io
 import lzma
 import os
 import struct
@@ -64,10 +68,10 @@ class TiffRows:
     self.path = os.fspath(path)
     self.name = image_files._printable(path)  # pylint: disable=protected-access
     try:
-      import tifffile  # pylint: disable=g-import-not-at-top  # an extra: only for TIFF input
+      import tifffile  # pylint: disable=g-import-not-at-top  # only for TIFF input
     except ImportError:
-      raise ValueError(f'{self.name}: reading TIFF needs tifffile (pip install '
-                       f'"tiled_ldm_jax[tiff]")') from None
+      raise ValueError(f'{self.name}: reading TIFF needs tifffile (a dependency: pip '
+                       f'install tifffile)') from None
     reading.kind(self.path, 'TIFF', allow=('file',))
     try:
       with reading.open_regular(self.path, 'TIFF') as fh, tifffile.TiffFile(fh, name=os.path.basename(self.path)) as tf:
@@ -87,8 +91,23 @@ class TiffRows:
                      * 8 == int(page.bitspersample) and int(page.fillorder) == 1)
         self._byteorder = tf.byteorder
         self._compression = int(page.compression)
+        compression, photometric = int(page.compression), int(page.photometric)
+        decodable = _decodable(tifffile, compression)
+        try:
+          codec = tifffile.COMPRESSION(compression).name
+        except ValueError:
+          codec = str(compression)
     except Exception as e:  # pylint: disable=broad-except  # any parse failure: one line
       raise ValueError(f'{self.name}: not a readable TIFF ({str(e)[:120]})') from None
+    # tifffile's JPEG decoder is imagecodecs; Pillow (libjpeg) stands in where libjpeg
+    # infers the colour model right: YCbCr, grayscale, and RGB marked as such (checked per
+    # segment: unmarked RGB JPEG, e.g. Aperio's, would be taken for YCbCr).
+    self._pillow_jpeg = (not decodable and compression == 7 and photometric in (1, 2, 6)
+                         and samples in (1, 3))
+    self._photometric = photometric
+    if not decodable and not self._pillow_jpeg:
+      raise ValueError(f'{self.name}: its {codec} compression needs imagecodecs '
+                       f'(pip install imagecodecs)')
     if samples > 1 and planar != 1:
       raise ValueError(f'{self.name}: samples stored as separate planes are not read '
                        f'(planar configuration {planar}); save it with interleaved samples')
@@ -137,7 +156,10 @@ class TiffRows:
       fh.seek(page.dataoffsets[index])
       data = fh.read(page.databytecounts[index])
       self._check_segment(data, index)
-      seg, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
+      if self._pillow_jpeg:
+        seg = _pillow_jpeg(data, page.jpegtables, self._segment, self._photometric == 2)
+      else:
+        seg, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
       seg = np.asarray(seg).reshape(seg.shape[-3], seg.shape[-2], seg.shape[-1])
       x0 = tj * tw
       out[:, x0:min(x0 + tw, w)] = seg[:rows, :min(tw, w - x0)]
@@ -212,3 +234,32 @@ class TiffRows:
   def release(self) -> None:
     """Drops the cached segment rows (after the last band)."""
     self._cache = {}
+
+
+def _decodable(tifffile, compression: int) -> bool:
+  """Whether tifffile has a decoder for `compression` (JPEG, LZW, ... need imagecodecs)."""
+  return compression in tifffile.TIFF.DECOMPRESSORS
+
+
+def _pillow_jpeg(data: bytes, tables: bytes | None, segment: tuple[int, int],
+                 rgb: bool) -> np.ndarray:
+  """A TIFF JPEG segment decoded by Pillow, [h, w, S] uint8 (libjpeg converts YCbCr);
+  a frame larger than the `segment` (rows, columns), or RGB-coded (`rgb`: photometric
+  RGB) with nothing that tells libjpeg so, is refused before decoding."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  if tables:   # an abbreviated stream: the shared tables (SOI..EOI) go before its frame
+    data = bytes(tables[:-2]) + bytes(data[2:])
+  with Image.open(io.BytesIO(data)) as im:
+    if im.format != 'JPEG':
+      raise ValueError('a JPEG tile is not JPEG')
+    if im.size[0] > segment[1] or im.size[1] > segment[0]:
+      raise ValueError(f'a JPEG tile of {im.size[0]} x {im.size[1]} pixels in segments of '
+                       f'{segment[1]} x {segment[0]}')
+    # libjpeg takes 3 components for RGB after an Adobe marker or with the component
+    # ids 'R', 'G', 'B' (what libtiff writes); otherwise for YCbCr.
+    ids = ''.join(chr(c) if isinstance(c, int) else str(c) for c, *_ in im.layer)
+    if rgb and 'adobe' not in im.info and ids != 'RGB':
+      raise ValueError('RGB-coded JPEG that libjpeg would take for YCbCr needs imagecodecs '
+                       '(pip install imagecodecs)')
+    seg = np.asarray(im)
+  return seg[..., None] if seg.ndim == 2 else seg
