@@ -28,7 +28,8 @@ FOLDER = 'checkpoint'
 FORMAT = 2   # 2: the random sampler's state holds super_counts
 INPUT_PREFIX = 'input:'   # hashes of input files (--mask, --init_image, --keep_mask), not models
 # Flags (`GenerationConfig.flat()`) that cannot change what is generated.
-NEUTRAL_FIELDS = ('imgs_path', 'progress_every', 'checkpoint_every', 'resume', 'dry_run')
+NEUTRAL_FIELDS = ('imgs_path', 'progress_every', 'checkpoint_every', 'resume', 'dry_run',
+                  'preview')
 
 
 def result_flags(cfg) -> dict[str, Any]:
