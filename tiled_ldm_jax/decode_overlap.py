@@ -38,7 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tiled_ldm_jax import decode as decode_lib
+from tiled_ldm_jax import decode_base as base
+from tiled_ldm_jax import decode_norm
 
 Array = jax.Array
 
@@ -65,26 +66,26 @@ class Layout:
     return (self.P - self.S) * self.f
 
 
-def overlap_of(settings: decode_lib.TiledDecodeSettings) -> int:
+def overlap_of(settings: base.TiledDecodeSettings) -> int:
   """o, the latent pixels neighbouring tiles share (default P / 8, at least 1)."""
   P = settings.latent_patch
   return settings.overlap if settings.overlap is not None else max(1, P // 8)
 
 
-def tile_grid(settings: decode_lib.TiledDecodeSettings, h: int, w: int) -> tuple[int, int]:
+def tile_grid(settings: base.TiledDecodeSettings, h: int, w: int) -> tuple[int, int]:
   """(n_r, n_c): tile rows and columns for a latent h x w."""
   P, o = settings.latent_patch, overlap_of(settings)
   S = P - o
   return max(1, -(-(h - o) // S)), max(1, -(-(w - o) // S))
 
 
-def passes_per_pixel(settings: decode_lib.TiledDecodeSettings, h: int, w: int) -> float:
+def passes_per_pixel(settings: base.TiledDecodeSettings, h: int, w: int) -> float:
   """Decoder evaluations per output pixel (tiles * P^2 / (h w)), the cost of this mode."""
   n_r, n_c = tile_grid(settings, h, w)
   return n_r * n_c * settings.latent_patch ** 2 / (h * w)
 
 
-def layout(settings: decode_lib.TiledDecodeSettings, h: int, w: int, uint8: bool) -> Layout:
+def layout(settings: base.TiledDecodeSettings, h: int, w: int, uint8: bool) -> Layout:
   P, o = settings.latent_patch, overlap_of(settings)
   n_r, n_c = tile_grid(settings, h, w)
   tb = settings.tile_batch
@@ -105,7 +106,7 @@ def _band_rows(n_r: int, n_c: int, tb: int) -> int:
   return min(range(1, min(n_r, 4 * fill) + 1), key=lambda k: (slots(k), k))
 
 
-def band_layout(settings: decode_lib.TiledDecodeSettings, h: int, w: int) -> tuple[int, int]:
+def band_layout(settings: base.TiledDecodeSettings, h: int, w: int) -> tuple[int, int]:
   """(pixel rows per band, number of bands)."""
   g = layout(settings, h, w, False)
   return g.k * g.S * g.f, _n_bands(g, h)
@@ -178,7 +179,7 @@ def _band_program(params, tiles: Array, carry: Array, wy: Array, wx: Array, *,
   canvas = canvas.at[:L].add(carry)
   img = canvas[:g.k * Sf, :g.width]
   if g.uint8:
-    img = decode_lib.to_uint8(img)
+    img = base.to_uint8(img)
   return img, canvas[g.k * Sf:]
 
 
@@ -187,53 +188,98 @@ def _flush_program(carry: Array, *, g: Layout) -> tuple[Array, Array]:
   """A band with no tile row left: the carried rows, then zeros (cropped by the caller)."""
   canvas = jnp.pad(carry, ((0, g.k * g.S * g.f - g.L), (0, 0), (0, 0)))
   img = canvas[:, :g.width]
-  return (decode_lib.to_uint8(img) if g.uint8 else img), jnp.zeros_like(carry)
+  return (base.to_uint8(img) if g.uint8 else img), jnp.zeros_like(carry)
 
 
-def iter_bands(decode, params, z: np.ndarray, s: decode_lib.TiledDecodeSettings, *,
-               uint8: bool, bands: tuple[int, int] | None
-               ) -> Iterator[tuple[int, np.ndarray]]:
-  """`decode.iter_decode_bands` for `blend_mode='overlap'`; z [h, w, C] is already the
-  decoder input (latent scaling applied). Yields (row_start, pixels [rows, f w, ch])."""
-  h, w, c = z.shape
-  g = layout(s, h, w, uint8)
-  n_r, n_c = tile_grid(s, h, w)
-  P, S = g.P, g.S
-  zp = decode_lib._pad_latent(z, (n_r - 1) * S + P, (n_c - 1) * S + P, s.pad_mode)
-  out = decode_lib._tile_output_shape(decode, params, (g.tb, P, P, c))
-  if tuple(out.shape[1:3]) != (P * g.f, P * g.f):
-    raise ValueError(f'decoder maps a {P}x{P} latent tile to {out.shape[1:3]} pixels, '
-                     f'expected {P * g.f}x{P * g.f} (factor={g.f})')
-  ch = out.shape[-1]
-  windows = np.lib.stride_tricks.sliding_window_view(zp, (P, P, c))[::S, ::S, 0]
-  wx = jnp.asarray(_ramps(n_c, 0, n_c, g))                        # [n_c, p]
-  carry = jnp.zeros((g.L, n_c * S * g.f + g.L, ch), jnp.float32)
-  n_bands = _n_bands(g, h)
-  first, stop = (0, n_bands) if bands is None else (int(bands[0]), int(bands[1]))
-  if not 0 <= first <= stop <= n_bands:
-    raise ValueError(f'bands {bands} outside the {n_bands} bands of this latent')
-  if first == stop:
-    return
-  height = h * g.f
+def _norm_calls(s: base.TiledDecodeSettings, n_r: int, n_c: int) -> int:
+  """Decoder calls (of `tile_batch` tiles) of the statistics pass: enough for
+  `norm_tiles`, or for every tile of a small grid."""
+  return -(-min(s.norm_tiles, n_r * n_c) // s.tile_batch)
 
-  def dispatch(b, carry):
-    i0 = b * g.k
-    if i0 >= n_r:
-      return _flush_program(carry, g=g)
-    tiles = np.zeros((g.nb * g.tb, P, P, c), np.float32)
-    real = windows[i0:i0 + g.k]                                   # [<=k, n_c, P, P, C]
-    tiles[:real.shape[0] * n_c] = real.reshape(-1, P, P, c)
-    wy = jnp.asarray(_ramps(g.k, i0, n_r, g))
-    return _band_program(params, tiles.reshape(g.nb, g.tb, P, P, c), carry, wy, wx,
-                         decode=decode, g=g)
 
-  if first > 0:                              # the carry into `first` (pixels discarded)
-    carry = dispatch(first - 1, carry)[1]
-  pending = dispatch(first, carry)
-  rows_per_band = g.k * S * g.f
-  for b in range(first, stop):
-    img, carry = pending
-    if b + 1 < stop:                      # keep the device busy while the host consumes
-      pending = dispatch(b + 1, carry)
-    row0 = b * rows_per_band
-    yield row0, np.asarray(img[:min(rows_per_band, height - row0)])
+@functools.partial(jax.jit, static_argnames=('decode',))
+def _stats_program(params, tiles: Array, *, decode) -> decode_norm.Stats:
+  """GroupNorm statistics of one batch of tiles [tb, P, P, C], pooled over the batch."""
+  return decode_norm.measure(decode, params, tiles)
+
+
+def norm_stats(decode, params, windows: np.ndarray, s: base.TiledDecodeSettings
+               ) -> decode_norm.Stats:
+  """Whole-image GroupNorm statistics from tiles spread evenly over the grid (row-major
+  positions at equal steps; every tile when the grid is small), one decoder call per
+  `tile_batch` of them, the calls' statistics combined with equal weights."""
+  n_r, n_c = windows.shape[:2]
+  tb, calls = s.tile_batch, _norm_calls(s, n_r, n_c)
+  idx = np.round(np.linspace(0, n_r * n_c - 1, calls * tb)).astype(int)
+  tiles = np.ascontiguousarray(windows[idx // n_c, idx % n_c])    # [calls tb, P, P, C]
+  parts = [_stats_program(params, jnp.asarray(tiles[i * tb:(i + 1) * tb]), decode=decode)
+           for i in range(calls)]
+  return decode_norm.combine(parts, [1.0] * calls)
+
+
+@dataclasses.dataclass(frozen=True)
+class Overlap:
+  """Overlapping tiles, cross-faded ('overlap'); `shared_norm`: every GroupNorm of the
+  decoder normalises with statistics of the whole image, measured once per image on
+  `norm_tiles` sample tiles (`norm_stats`, `decode_norm`), so tiles agree in tone
+  ('shared')."""
+  shared_norm: bool = False
+
+  def passes_per_pixel(self, s: base.TiledDecodeSettings, h: int, w: int) -> float:
+    n_r, n_c = tile_grid(s, h, w)
+    extra = _norm_calls(s, n_r, n_c) * s.tile_batch if self.shared_norm else 0
+    return (n_r * n_c + extra) * s.latent_patch ** 2 / (h * w)
+
+  def band_layout(self, s: base.TiledDecodeSettings, h: int, w: int) -> tuple[int, int]:
+    return band_layout(s, h, w)
+
+  def seam_lines(self, s: base.TiledDecodeSettings) -> tuple[tuple[int, int], ...]:
+    """Seams of overlapping tiles may sit anywhere in the L-pixel cross-fades: their
+    start, middle and end."""
+    o = overlap_of(s)
+    stride, fade = (s.latent_patch - o) * s.factor, o * s.factor
+    return tuple((stride, off) for off in (0, fade // 2, fade))
+
+  def iter_bands(self, decode, params, z: np.ndarray, s: base.TiledDecodeSettings, *,
+                 uint8: bool, bands: tuple[int, int] | None
+                 ) -> Iterator[tuple[int, np.ndarray]]:
+    """`decode.iter_decode_bands` for these modes; z [h, w, C] is already the decoder
+    input (latent scaling applied). Yields (row_start, pixels [rows, f w, ch])."""
+    h, w, c = z.shape
+    g = layout(s, h, w, uint8)
+    n_r, n_c = tile_grid(s, h, w)
+    P, S = g.P, g.S
+    zp = base.pad_latent(z, (n_r - 1) * S + P, (n_c - 1) * S + P, s.pad_mode)
+    ch = base.check_tile_output(decode, params, (g.tb, P, P, c), g.f)
+    windows = np.lib.stride_tricks.sliding_window_view(zp, (P, P, c))[::S, ::S, 0]
+    first, stop = base.band_range(bands, _n_bands(g, h))
+    if first == stop:
+      return
+    if self.shared_norm:
+      params = (params, norm_stats(decode, params, windows, s))
+      decode = decode_norm.fixed(decode)
+    wx = jnp.asarray(_ramps(n_c, 0, n_c, g))                      # [n_c, p]
+    carry = jnp.zeros((g.L, n_c * S * g.f + g.L, ch), jnp.float32)
+    height = h * g.f
+
+    def dispatch(b, carry):
+      i0 = b * g.k
+      if i0 >= n_r:
+        return _flush_program(carry, g=g)
+      tiles = np.zeros((g.nb * g.tb, P, P, c), np.float32)
+      real = windows[i0:i0 + g.k]                                 # [<=k, n_c, P, P, C]
+      tiles[:real.shape[0] * n_c] = real.reshape(-1, P, P, c)
+      wy = jnp.asarray(_ramps(g.k, i0, n_r, g))
+      return _band_program(params, tiles.reshape(g.nb, g.tb, P, P, c), carry, wy, wx,
+                           decode=decode, g=g)
+
+    if first > 0:                            # the carry into `first` (pixels discarded)
+      carry = dispatch(first - 1, carry)[1]
+    pending = dispatch(first, carry)
+    rows_per_band = g.k * S * g.f
+    for b in range(first, stop):
+      img, carry = pending
+      if b + 1 < stop:                    # keep the device busy while the host consumes
+        pending = dispatch(b + 1, carry)
+      row0 = b * rows_per_band
+      yield row0, np.asarray(img[:min(rows_per_band, height - row0)])
