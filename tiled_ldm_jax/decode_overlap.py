@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Iterator
 
 import jax
@@ -191,10 +192,23 @@ def _flush_program(carry: Array, *, g: Layout) -> tuple[Array, Array]:
   return (base.to_uint8(img) if g.uint8 else img), jnp.zeros_like(carry)
 
 
-def _norm_calls(s: base.TiledDecodeSettings, n_r: int, n_c: int) -> int:
-  """Decoder calls (of `tile_batch` tiles) of the statistics pass: enough for
-  `norm_tiles`, or for every tile of a small grid."""
-  return -(-min(s.norm_tiles, n_r * n_c) // s.tile_batch)
+def norm_pool(s: base.TiledDecodeSettings, h: int, w: int) -> int:
+  """d, the average-pooling factor of the statistics pass: the smallest that brings the
+  latent h x w down to about `norm_tiles` tiles (1: the latent as it is)."""
+  P = s.latent_patch
+  return max(1, math.ceil(math.sqrt(h * w / (s.norm_tiles * P * P))))
+
+
+def _norm_grid(s: base.TiledDecodeSettings, h: int, w: int) -> tuple[int, int, int]:
+  """(d, rows, cols): the pooled latent's tiles of the statistics pass."""
+  d, P = norm_pool(s, h, w), s.latent_patch
+  return d, -(-(-(-h // d)) // P), -(-(-(-w // d)) // P)
+
+
+def _norm_calls(s: base.TiledDecodeSettings, h: int, w: int) -> int:
+  """Decoder calls (of `tile_batch` tiles) of the statistics pass."""
+  _, rows, cols = _norm_grid(s, h, w)
+  return -(-(rows * cols) // s.tile_batch)
 
 
 @functools.partial(jax.jit, static_argnames=('decode',))
@@ -203,15 +217,27 @@ def _stats_program(params, tiles: Array, *, decode) -> decode_norm.Stats:
   return decode_norm.measure(decode, params, tiles)
 
 
-def norm_stats(decode, params, windows: np.ndarray, s: base.TiledDecodeSettings
+def norm_stats(decode, params, z: np.ndarray, s: base.TiledDecodeSettings
                ) -> decode_norm.Stats:
-  """Whole-image GroupNorm statistics from tiles spread evenly over the grid (row-major
-  positions at equal steps; every tile when the grid is small), one decoder call per
-  `tile_batch` of them, the calls' statistics combined with equal weights."""
-  n_r, n_c = windows.shape[:2]
-  tb, calls = s.tile_batch, _norm_calls(s, n_r, n_c)
-  idx = np.round(np.linspace(0, n_r * n_c - 1, calls * tb)).astype(int)
-  tiles = np.ascontiguousarray(windows[idx // n_c, idx % n_c])    # [calls tb, P, P, C]
+  """Whole-image GroupNorm statistics of the decoder input z [h, w, C], estimated on the
+  whole latent at lower resolution: z average-pooled by d (`norm_pool`; measured on
+  the demo VAE at 1024 px, against the statistics of the whole-image decode: 35.7 dB
+  with d = 2, 34.4 dB with d = 4, 31.1 dB with d = 8, where 16 tiles sampled from the
+  full-resolution latent gave 24-32 dB, depending on where they fell), cut into
+  non-overlapping tiles of P (reflect-padded), decoded `tile_batch` at a time with every
+  GroupNorm pooled over the call's tiles, the calls' statistics averaged. A last call
+  short of tiles repeats some (every call has the program's one shape)."""
+  h, w, c = z.shape
+  P, tb = s.latent_patch, s.tile_batch
+  d, rows, cols = _norm_grid(s, h, w)
+  zp = np.pad(z, ((0, -h % d), (0, -w % d), (0, 0)), mode='edge' if min(h, w) == 1
+              else 'reflect') if (h % d or w % d) else z
+  pooled = zp.reshape(zp.shape[0] // d, d, zp.shape[1] // d, d, c).mean(axis=(1, 3))
+  pooled = base.pad_latent(pooled, rows * P, cols * P, s.pad_mode).astype(np.float32)
+  tiles = pooled.reshape(rows, P, cols, P, c).transpose(0, 2, 1, 3, 4).reshape(-1, P, P, c)
+  calls = _norm_calls(s, h, w)
+  idx = np.round(np.linspace(0, len(tiles) - 1, calls * tb)).astype(int)
+  tiles = tiles[idx]                                              # [calls tb, P, P, C]
   parts = [_stats_program(params, jnp.asarray(tiles[i * tb:(i + 1) * tb]), decode=decode)
            for i in range(calls)]
   return decode_norm.combine(parts, [1.0] * calls)
@@ -227,7 +253,7 @@ class Overlap:
 
   def passes_per_pixel(self, s: base.TiledDecodeSettings, h: int, w: int) -> float:
     n_r, n_c = tile_grid(s, h, w)
-    extra = _norm_calls(s, n_r, n_c) * s.tile_batch if self.shared_norm else 0
+    extra = _norm_calls(s, h, w) * s.tile_batch if self.shared_norm else 0
     return (n_r * n_c + extra) * s.latent_patch ** 2 / (h * w)
 
   def band_layout(self, s: base.TiledDecodeSettings, h: int, w: int) -> tuple[int, int]:
@@ -256,7 +282,7 @@ class Overlap:
     if first == stop:
       return
     if self.shared_norm:
-      params = (params, norm_stats(decode, params, windows, s))
+      params = (params, norm_stats(decode, params, z, s))
       decode = decode_norm.fixed(decode)
     wx = jnp.asarray(_ramps(n_c, 0, n_c, g))                      # [n_c, p]
     carry = jnp.zeros((g.L, n_c * S * g.f + g.L, ch), jnp.float32)
