@@ -393,7 +393,7 @@ BLENDS: dict[str, base.Blend] = {
     'original': FourShift(),
     'partition': FourShift(partition=True),
     'overlap': decode_overlap.Overlap(),
-    'shared': decode_overlap.Overlap(shared_norm=True),
+    'shared': decode_overlap.Overlap(shared_norm=True, margin=2),
 }
 assert tuple(BLENDS) == BLEND_MODES
 

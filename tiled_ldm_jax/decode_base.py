@@ -50,6 +50,10 @@ class TiledDecodeSettings:
                                       # tiles share, 1 .. P/2 (default P/8)
   norm_tiles: int = 16                # 'shared': tiles sampled for the statistics
                                       # (rounded up to whole tile batches)
+  edge_margin: int | None = None      # 'overlap'/'shared': latent pixels reflected around
+                                      # the latent so the image border decodes as
+                                      # interior (no frame); None: the mode's (2 for
+                                      # 'shared', 0 for 'overlap'; decode_overlap.Overlap)
   pad_mode: str = 'reflect'           # numpy.pad mode for the latent's bottom/right padding
 
   def __post_init__(self):
@@ -63,6 +67,9 @@ class TiledDecodeSettings:
       raise ValueError(f'band_tiles must be >= 1 or None, got {self.band_tiles}')
     if self.blend_mode not in BLEND_MODES:
       raise ValueError(f'blend_mode must be one of {BLEND_MODES}, got {self.blend_mode!r}')
+    if self.edge_margin is not None and not 0 <= self.edge_margin <= self.latent_patch // 2:
+      raise ValueError(f'edge_margin must be 0 .. {self.latent_patch // 2} latent pixels, '
+                       f'got {self.edge_margin}')
     if self.norm_tiles < 1:
       raise ValueError(f'norm_tiles must be >= 1, got {self.norm_tiles}')
     if self.overlap is not None and not 1 <= self.overlap <= self.latent_patch // 2:

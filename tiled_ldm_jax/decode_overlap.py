@@ -243,69 +243,125 @@ def norm_stats(decode, params, z: np.ndarray, s: base.TiledDecodeSettings
   return decode_norm.combine(parts, [1.0] * calls)
 
 
+def _reflect_margin(z: np.ndarray, m: int) -> np.ndarray:
+  """z [h, w, C] with m latent pixels reflected on every side (edge-repeated where a
+  side is too short to reflect)."""
+  if not m:
+    return z
+  short = min(z.shape[:2]) <= m
+  return np.pad(z, ((m, m), (m, m), (0, 0)), mode='edge' if short else 'reflect')
+
+
 @dataclasses.dataclass(frozen=True)
 class Overlap:
   """Overlapping tiles, cross-faded ('overlap'); `shared_norm`: every GroupNorm of the
-  decoder normalises with statistics of the whole image, measured once per image on
-  `norm_tiles` sample tiles (`norm_stats`, `decode_norm`), so tiles agree in tone
-  ('shared')."""
+  decoder normalises with statistics of the whole image, measured once per image by
+  `norm_stats` (`decode_norm`), so tiles agree in tone ('shared').
+
+  `margin` (latent pixels, `settings.edge_margin` when set): the latent is reflected by
+  that much on every side before tiling and the image cropped back, so the image's own
+  border is decoded as interior. Without it the decoder's zero padding at the image
+  edge -- in a whole-image decode too -- draws a frame: on the default 1024 px demo
+  image the mean gradient across the outer 1-3 pixel lines is 1.5-2.7x the image's
+  median, ~1.0x with a 2-pixel margin (docs/generate.md). Default: 2 for 'shared', 0
+  for 'overlap' (unchanged)."""
   shared_norm: bool = False
+  margin: int = 0
+
+  def _m(self, s: base.TiledDecodeSettings) -> int:
+    return self.margin if s.edge_margin is None else s.edge_margin
 
   def passes_per_pixel(self, s: base.TiledDecodeSettings, h: int, w: int) -> float:
-    n_r, n_c = tile_grid(s, h, w)
+    m = self._m(s)
+    n_r, n_c = tile_grid(s, h + 2 * m, w + 2 * m)
     extra = _norm_calls(s, h, w) * s.tile_batch if self.shared_norm else 0
     return (n_r * n_c + extra) * s.latent_patch ** 2 / (h * w)
 
   def band_layout(self, s: base.TiledDecodeSettings, h: int, w: int) -> tuple[int, int]:
-    return band_layout(s, h, w)
+    m = self._m(s)
+    rows, _ = band_layout(s, h + 2 * m, w + 2 * m)
+    return rows, -(-(h * s.factor) // rows)
 
   def seam_lines(self, s: base.TiledDecodeSettings) -> tuple[tuple[int, int], ...]:
     """Seams of overlapping tiles may sit anywhere in the L-pixel cross-fades: their
-    start, middle and end."""
-    o = overlap_of(s)
+    start, middle and end (the grid starts `margin` latent pixels before the image)."""
+    o, m = overlap_of(s), self._m(s)
     stride, fade = (s.latent_patch - o) * s.factor, o * s.factor
-    return tuple((stride, off) for off in (0, fade // 2, fade))
+    return tuple((stride, (off - m * s.factor) % stride) for off in (0, fade // 2, fade))
 
   def iter_bands(self, decode, params, z: np.ndarray, s: base.TiledDecodeSettings, *,
                  uint8: bool, bands: tuple[int, int] | None
                  ) -> Iterator[tuple[int, np.ndarray]]:
     """`decode.iter_decode_bands` for these modes; z [h, w, C] is already the decoder
-    input (latent scaling applied). Yields (row_start, pixels [rows, f w, ch])."""
-    h, w, c = z.shape
-    g = layout(s, h, w, uint8)
-    n_r, n_c = tile_grid(s, h, w)
-    P, S = g.P, g.S
-    zp = base.pad_latent(z, (n_r - 1) * S + P, (n_c - 1) * S + P, s.pad_mode)
-    ch = base.check_tile_output(decode, params, (g.tb, P, P, c), g.f)
-    windows = np.lib.stride_tricks.sliding_window_view(zp, (P, P, c))[::S, ::S, 0]
-    first, stop = base.band_range(bands, _n_bands(g, h))
+    input (latent scaling applied). Yields (row_start, pixels [rows, f w, ch]).
+
+    With a margin of m latent pixels the tiles cover the reflected latent, whose bands
+    start m f pixel rows above the image's: image band b is the end of reflected band
+    b and the first m f rows of band b + 1 (decoded in turn, one band held back)."""
+    h, w, _ = z.shape
+    m, f = self._m(s), s.factor
+    rows, n_bands = self.band_layout(s, h, w)
+    first, stop = base.band_range(bands, n_bands)
     if first == stop:
       return
+    zm = _reflect_margin(z, m)
     if self.shared_norm:
-      params = (params, norm_stats(decode, params, z, s))
-      decode = decode_norm.fixed(decode)
-    wx = jnp.asarray(_ramps(n_c, 0, n_c, g))                      # [n_c, p]
-    carry = jnp.zeros((g.L, n_c * S * g.f + g.L, ch), jnp.float32)
-    height = h * g.f
+      stats = norm_stats(decode, params, z, s)       # of the image's latent, no margin
+      params, decode = (params, stats), decode_norm.fixed(decode)
+    height, mf = h * f, m * f
+    lo, hi = first * rows, min(stop * rows, height)   # image rows to yield
+    # Reflected bands holding image rows lo .. hi (reflected rows lo + mf .. hi + mf).
+    inner = _bands(decode, params, zm, s, uint8, lo + mf, hi + mf)
+    buf, buf_row = [], lo
+    for row0, img in inner:
+      img = img[:, mf:mf + w * f]
+      r0 = row0 - mf                                  # image row of img[0]
+      a, b = max(lo - r0, 0), min(hi - r0, img.shape[0])
+      if a < b:
+        buf.append(img[a:b])
+      held = sum(x.shape[0] for x in buf)
+      while held and (held >= min(rows, hi - buf_row)):
+        block = np.concatenate(buf) if len(buf) > 1 else buf[0]
+        n = min(rows, hi - buf_row)
+        yield buf_row, block[:n]
+        buf, buf_row, held = ([block[n:]] if n < block.shape[0] else []), buf_row + n, \
+            held - n
 
-    def dispatch(b, carry):
-      i0 = b * g.k
-      if i0 >= n_r:
-        return _flush_program(carry, g=g)
-      tiles = np.zeros((g.nb * g.tb, P, P, c), np.float32)
-      real = windows[i0:i0 + g.k]                                 # [<=k, n_c, P, P, C]
-      tiles[:real.shape[0] * n_c] = real.reshape(-1, P, P, c)
-      wy = jnp.asarray(_ramps(g.k, i0, n_r, g))
-      return _band_program(params, tiles.reshape(g.nb, g.tb, P, P, c), carry, wy, wx,
-                           decode=decode, g=g)
 
-    if first > 0:                            # the carry into `first` (pixels discarded)
-      carry = dispatch(first - 1, carry)[1]
-    pending = dispatch(first, carry)
-    rows_per_band = g.k * S * g.f
-    for b in range(first, stop):
-      img, carry = pending
-      if b + 1 < stop:                    # keep the device busy while the host consumes
-        pending = dispatch(b + 1, carry)
-      row0 = b * rows_per_band
-      yield row0, np.asarray(img[:min(rows_per_band, height - row0)])
+def _bands(decode, params, z: np.ndarray, s: base.TiledDecodeSettings, uint8: bool,
+           lo: int, hi: int) -> Iterator[tuple[int, np.ndarray]]:
+  """(row_start, pixels) of the overlap-tiled decode of z [h, w, C] (decoder input),
+  its bands from the one holding pixel row `lo` to the one holding row `hi - 1`."""
+  h, w, c = z.shape
+  g = layout(s, h, w, uint8)
+  n_r, n_c = tile_grid(s, h, w)
+  P, S = g.P, g.S
+  zp = base.pad_latent(z, (n_r - 1) * S + P, (n_c - 1) * S + P, s.pad_mode)
+  ch = base.check_tile_output(decode, params, (g.tb, P, P, c), g.f)
+  windows = np.lib.stride_tricks.sliding_window_view(zp, (P, P, c))[::S, ::S, 0]
+  rows_per_band = g.k * S * g.f
+  first, stop = lo // rows_per_band, min(-(-hi // rows_per_band), _n_bands(g, h))
+  wx = jnp.asarray(_ramps(n_c, 0, n_c, g))                        # [n_c, p]
+  carry = jnp.zeros((g.L, n_c * S * g.f + g.L, ch), jnp.float32)
+  height = h * g.f
+
+  def dispatch(b, carry):
+    i0 = b * g.k
+    if i0 >= n_r:
+      return _flush_program(carry, g=g)
+    tiles = np.zeros((g.nb * g.tb, P, P, c), np.float32)
+    real = windows[i0:i0 + g.k]                                   # [<=k, n_c, P, P, C]
+    tiles[:real.shape[0] * n_c] = real.reshape(-1, P, P, c)
+    wy = jnp.asarray(_ramps(g.k, i0, n_r, g))
+    return _band_program(params, tiles.reshape(g.nb, g.tb, P, P, c), carry, wy, wx,
+                         decode=decode, g=g)
+
+  if first > 0:                              # the carry into `first` (pixels discarded)
+    carry = dispatch(first - 1, carry)[1]
+  pending = dispatch(first, carry)
+  for b in range(first, stop):
+    img, carry = pending
+    if b + 1 < stop:                      # keep the device busy while the host consumes
+      pending = dispatch(b + 1, carry)
+    row0 = b * rows_per_band
+    yield row0, np.asarray(img[:min(rows_per_band, height - row0)])
