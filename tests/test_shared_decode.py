@@ -55,14 +55,17 @@ def _run_threads(n, fn):
   return threads
 
 
-@pytest.fixture(scope='module')
-def image(demo_pipeline):
-  """The demo pipeline, a random 256 x 384 px latent (2 bands of 128 px) and labels."""
+@pytest.fixture(scope='module', params=['shared', 'original'])
+def image(demo_pipeline, request):
+  """The demo pipeline, a random 256 x 384 px latent and labels, for the default blend
+  ('shared': 3 bands of 112 px, its first a reflected band's end and the next's start)
+  and the original's (2 bands of 128 px)."""
   pipe = demo_pipeline
-  o = pipe.resolve()
+  o = pipe.resolve(blend_mode=request.param)
   z = np.random.default_rng(0).normal(size=(32, 48, 4)).astype(np.float32)
   labels = benchmark.benchmark_label_map(256, 384, 4)
-  assert pipe.band_layout(z.shape, options=o) == (128, 2)
+  assert pipe.band_layout(z.shape, options=o) == {'shared': (112, 3),
+                                                  'original': (128, 2)}[request.param]
   return pipe, o, z, labels
 
 
@@ -78,8 +81,8 @@ def test_split_ranges():
 
 
 def test_zarr_written_by_several_equals_one(tmp_path, image):
-  """3 processes, 2 bands, chunks of one band: process 0 decodes nothing but creates,
-  builds the levels and renames."""
+  """3 processes, chunks of 128 rows ('original': one band each, so process 0 decodes
+  nothing but creates, builds the levels and renames)."""
   pipe, o, z, labels = image
   processes = 3
   one = tmp_path / 'one.zarr'
@@ -123,7 +126,8 @@ def test_tiff_gathered_by_process_0_equals_one(tmp_path, image):
     assert len(fa.series[0].levels) == len(fb.series[0].levels) > 1
     for la, lb in zip(fa.series[0].levels, fb.series[0].levels):
       np.testing.assert_array_equal(la.asarray(), lb.asarray())
-  assert decoded[0] == 2   # each band yielded once (a rebuilt carry is not yielded)
+  # Each band yielded once, by all processes together (a rebuilt carry is not yielded).
+  assert decoded[0] == pipe.band_layout(z.shape, options=o)[1]
 
 
 def _counting(bands, counter):

@@ -243,13 +243,16 @@ def norm_stats(decode, params, z: np.ndarray, s: base.TiledDecodeSettings
   return decode_norm.combine(parts, [1.0] * calls)
 
 
-def _reflect_margin(z: np.ndarray, m: int) -> np.ndarray:
-  """z [h, w, C] with m latent pixels reflected on every side (edge-repeated where a
-  side is too short to reflect)."""
+def _reflect_margin(z: np.ndarray, m: int, rows: int, cols: int, mode: str) -> np.ndarray:
+  """z [h, w, C] padded to rows x cols in one copy: m latent pixels reflected on every
+  side and the grid's excess reflected at the bottom and right (edge-repeated where a
+  side is too short to reflect); without a margin, `pad_mode` at the bottom and right
+  as the other modes."""
+  h, w, _ = z.shape
   if not m:
-    return z
-  short = min(z.shape[:2]) <= m
-  return np.pad(z, ((m, m), (m, m), (0, 0)), mode='edge' if short else 'reflect')
+    return base.pad_latent(z, rows, cols, mode)
+  return np.pad(z, ((m, rows - h - m), (m, cols - w - m), (0, 0)),
+                mode='edge' if min(h, w) <= m else 'reflect')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,7 +307,9 @@ class Overlap:
     first, stop = base.band_range(bands, n_bands)
     if first == stop:
       return
-    zm = _reflect_margin(z, m)
+    n_r, n_c = tile_grid(s, h + 2 * m, w + 2 * m)
+    P, S = s.latent_patch, s.latent_patch - overlap_of(s)
+    zm = _reflect_margin(z, m, (n_r - 1) * S + P, (n_c - 1) * S + P, s.pad_mode)
     if self.shared_norm:
       stats = norm_stats(decode, params, z, s)       # of the image's latent, no margin
       params, decode = (params, stats), decode_norm.fixed(decode)
@@ -330,8 +335,9 @@ class Overlap:
 
 def _bands(decode, params, z: np.ndarray, s: base.TiledDecodeSettings, uint8: bool,
            lo: int, hi: int) -> Iterator[tuple[int, np.ndarray]]:
-  """(row_start, pixels) of the overlap-tiled decode of z [h, w, C] (decoder input),
-  its bands from the one holding pixel row `lo` to the one holding row `hi - 1`."""
+  """(row_start, pixels) of the overlap-tiled decode of z [h, w, C] (decoder input; its
+  grid's padding already there, or added here), its bands from the one holding pixel
+  row `lo` to the one holding row `hi - 1`."""
   h, w, c = z.shape
   g = layout(s, h, w, uint8)
   n_r, n_c = tile_grid(s, h, w)

@@ -17,6 +17,9 @@ How exact each count is:
   given label map (the windows of a grid at offset 0); for mask-model layouts, which
   are not known before the mask stage runs, `MASK_LABELS_PER_WINDOW` is assumed.
 - mask stage: its batch is fixed, so samples = iterations x N x K (x 2 with guidance).
+- decoder tiles: `decode.passes_per_pixel` x h w / P^2 of the stage's blend mode, exact
+  (for 'shared': its tiles over the latent and its reflected margin, plus the
+  statistics pass's whole tile batches).
 Every count is O(1) in the image size apart from the label count of a given map
 (one vectorized pass over the latent-resolution map per class).
 """
