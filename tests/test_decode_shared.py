@@ -183,3 +183,18 @@ def test_demo_vae_closer_to_whole_decode_than_the_original_and_seam_free():
     edge = np.mean([d0[:2], d0[-2:], d1[:2], d1[-2:]])
     return edge / np.median(np.concatenate([d0, d1]))
   assert outer(shared) < 1.3 < outer(four), (outer(shared), outer(four))
+
+
+def test_memory_estimate_counts_the_decode_bands(demo_pipeline):
+  """The host estimate holds two decoded bands of the mode's own height ('shared': up to
+  4 tile rows of S f pixels, not one tile row)."""
+  o_shared = demo_pipeline.resolve()
+  o_orig = demo_pipeline.resolve(blend_mode='original')
+  assert o_shared.blend_mode == 'shared'                    # the default
+  hw, c = (4096, 4096), demo_pipeline.vae.config.latent_channels
+  rows = {o.blend_mode: demo_pipeline.band_layout((512, 512, c), options=o)[0]
+          for o in (o_shared, o_orig)}
+  assert rows['original'] == o_orig.patch_size and rows['shared'] != rows['original']
+  need = {o.blend_mode: demo_pipeline.memory_need(hw, 1, o, 0) for o in (o_shared, o_orig)}
+  assert need['shared']['host'] - need['original']['host'] == 2 * 15 * 4096 * (
+      rows['shared'] - rows['original'])

@@ -1,4 +1,11 @@
-"""Seamless tiled decoding of latents of any size: DiffInfinite's four-shift Hann blend.
+"""Seamless tiled decoding of latents of any size: the face, and DiffInfinite's four-shift
+Hann blend.
+
+The face (`iter_decode_bands`, `decode_image`, `passes_per_pixel`, `band_layout`) runs
+the strategy of `settings.blend_mode` (`BLENDS`, `blend_of`): `FourShift` here
+('original', 'partition'), `decode_overlap.Overlap` ('overlap', and 'shared', the
+pipeline's default: overlapping tiles whose GroupNorms share whole-image statistics).
+What follows is the four-shift strategy.
 
 The original (`RandomDiffusion.hann_tile_overlap`, SPEC section 4) decodes a latent in
 non-overlapping tiles of P = p / f latent pixels (p: pixel patch size, f: the decoder's

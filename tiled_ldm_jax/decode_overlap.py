@@ -1,4 +1,12 @@
-"""Overlapping-tile decode: seamless at ~1.3 decoder passes per pixel (`blend_mode='overlap'`).
+"""Overlapping-tile decode: seamless at ~1.3 decoder passes per pixel (`blend_mode='overlap'`
+and 'shared').
+
+'shared' (`Overlap(shared_norm=True, margin=2)`) adds two things to 'overlap': every
+GroupNorm of the decoder uses statistics of the whole image (`norm_stats`,
+`decode_norm`), measured once per image on the latent average-pooled to ~`norm_tiles`
+tiles, so tiles agree in tone and with a whole-image decode; and the latent is
+reflected by `margin` latent pixels on every side, so the image's border is decoded as
+interior (no frame from the decoder's zero padding at the edge; `Overlap`).
 
 The four-shift blend (`decode.py`, the original's, kept for parity) decodes every pixel
 four times. Here tiles of P latent pixels advance by a stride S = P - o, so neighbouring

@@ -295,7 +295,9 @@ class Pipeline:
         image_hw=image_hw, n_batch=n_batch, latent_channels=self.unet.config.channels,
         factor=f, whole_images=whole_images, tile_px=o.patch_size, weights_bytes=weights,
         label_source_pixels=label_source_pixels, activation_bytes=act,
-        host_is_device=jax.default_backend() == 'cpu', init=init, init_whole=init_whole)
+        host_is_device=jax.default_backend() == 'cpu', init=init, init_whole=init_whole,
+        band_px=decode_lib.band_layout((*latent_hw, self.vae.config.latent_channels),
+                                       self._decode_settings(o, o.patch_size))[0])
 
   def check_memory(self, image_hw, n_batch: int, o: Options, whole_images: int,
                    label_source_pixels: int | None = None, **init) -> None:
