@@ -361,6 +361,9 @@ class FourShift:
   def seam_lines(self, s: TiledDecodeSettings) -> tuple[tuple[int, int], ...]:
     return ((s.patch_size, 0),)                   # the unshifted grid's tile borders
 
+  def tile_px(self, s: TiledDecodeSettings) -> int:
+    return s.patch_size
+
   def iter_bands(self, decode: DecodeFn, params, z: np.ndarray, s: TiledDecodeSettings, *,
                  uint8: bool, bands: tuple[int, int] | None
                  ) -> Iterator[tuple[int, np.ndarray]]:
@@ -400,7 +403,7 @@ BLENDS: dict[str, base.Blend] = {
     'original': FourShift(),
     'partition': FourShift(partition=True),
     'overlap': decode_overlap.Overlap(),
-    'shared': decode_overlap.Overlap(shared_norm=True, margin=2),
+    'shared': decode_overlap.Overlap(shared_norm=True, margin=2, min_tile=512),
 }
 assert tuple(BLENDS) == BLEND_MODES
 
@@ -408,6 +411,13 @@ assert tuple(BLENDS) == BLEND_MODES
 def blend_of(settings: TiledDecodeSettings) -> base.Blend:
   """The strategy that decodes with `settings` (`blend=False`: the unshifted tiles)."""
   return BLENDS[settings.blend_mode] if settings.blend else BLENDS['original']
+
+
+def tile_px(settings: TiledDecodeSettings | None = None, **overrides) -> int:
+  """The side in pixels of the tiles the decoder gets (the decoder call's shape): the
+  settings' `patch_size`, or more for 'shared' (`min_tile`)."""
+  s = _resolve(settings, overrides)
+  return blend_of(s).tile_px(s)
 
 
 def passes_per_pixel(z_shape: Sequence[int], settings: TiledDecodeSettings | None = None,

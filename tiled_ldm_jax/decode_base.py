@@ -48,8 +48,11 @@ class TiledDecodeSettings:
                                       # (decode_overlap.py, decode_norm.py)
   overlap: int | None = None          # 'overlap'/'shared': latent pixels neighbouring
                                       # tiles share, 1 .. P/2 (default P/8)
-  norm_tiles: int = 16                # 'shared': tiles sampled for the statistics
+  norm_tiles: int = 4                 # 'shared': tiles of the statistics pass
                                       # (rounded up to whole tile batches)
+  min_tile: int | None = None         # 'shared'/'overlap': decode tiles of at least this
+                                      # many pixels; None: the mode's (512 for 'shared',
+                                      # none for 'overlap'; decode_overlap.Overlap)
   edge_margin: int | None = None      # 'overlap'/'shared': latent pixels reflected around
                                       # the latent so the image border decodes as
                                       # interior (no frame); None: the mode's (2 for
@@ -70,6 +73,8 @@ class TiledDecodeSettings:
     if self.edge_margin is not None and not 0 <= self.edge_margin <= self.latent_patch // 2:
       raise ValueError(f'edge_margin must be 0 .. {self.latent_patch // 2} latent pixels, '
                        f'got {self.edge_margin}')
+    if self.min_tile is not None and self.min_tile < 0:
+      raise ValueError(f'min_tile must be >= 0 or None, got {self.min_tile}')
     if self.norm_tiles < 1:
       raise ValueError(f'norm_tiles must be >= 1, got {self.norm_tiles}')
     if self.overlap is not None and not 1 <= self.overlap <= self.latent_patch // 2:
@@ -116,6 +121,9 @@ class Blend(Protocol):
 
   def seam_lines(self, s: TiledDecodeSettings) -> tuple[tuple[int, int], ...]:
     """(period, offset) pairs of pixel lines where its tiles meet (for seam measures)."""
+
+  def tile_px(self, s: TiledDecodeSettings) -> int:
+    """Side in pixels of the tiles it decodes (the decoder call's shape)."""
 
 
 def pad_latent(z: np.ndarray, rows: int, cols: int, mode: str) -> np.ndarray:

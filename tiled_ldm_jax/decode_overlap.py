@@ -3,7 +3,7 @@ and 'shared').
 
 'shared' (`Overlap(shared_norm=True, margin=2)`) adds two things to 'overlap': every
 GroupNorm of the decoder uses statistics of the whole image (`norm_stats`,
-`decode_norm`), measured once per image on the latent average-pooled to ~`norm_tiles`
+`decode_norm`), measured once per image on the latent subsampled to ~`norm_tiles`
 tiles, so tiles agree in tone and with a whole-image decode; and the latent is
 reflected by `margin` latent pixels on every side, so the image's border is decoded as
 interior (no frame from the decoder's zero padding at the edge; `Overlap`).
@@ -200,23 +200,25 @@ def _flush_program(carry: Array, *, g: Layout) -> tuple[Array, Array]:
   return (base.to_uint8(img) if g.uint8 else img), jnp.zeros_like(carry)
 
 
-def norm_pool(s: base.TiledDecodeSettings, h: int, w: int) -> int:
-  """d, the average-pooling factor of the statistics pass: the smallest that brings the
-  latent h x w down to about `norm_tiles` tiles (1: the latent as it is)."""
+def norm_stride(s: base.TiledDecodeSettings, h: int, w: int) -> int:
+  """d, the latent stride of the statistics pass: the smallest that brings the latent
+  h x w down to about `norm_tiles` tiles (1: the latent as it is)."""
   P = s.latent_patch
   return max(1, math.ceil(math.sqrt(h * w / (s.norm_tiles * P * P))))
 
 
 def _norm_grid(s: base.TiledDecodeSettings, h: int, w: int) -> tuple[int, int, int]:
-  """(d, rows, cols): the pooled latent's tiles of the statistics pass."""
-  d, P = norm_pool(s, h, w), s.latent_patch
-  return d, -(-(-(-h // d)) // P), -(-(-(-w // d)) // P)
+  """(d, rows, cols): the subsampled latent's tiles of the statistics pass."""
+  d, P = norm_stride(s, h, w), s.latent_patch
+  sub = lambda n: -(-(n - d // 2) // d)            # len(range(d // 2, n, d))
+  return d, -(-sub(h) // P), -(-sub(w) // P)
 
 
-def _norm_calls(s: base.TiledDecodeSettings, h: int, w: int) -> int:
-  """Decoder calls (of `tile_batch` tiles) of the statistics pass."""
+def _norm_calls(s: base.TiledDecodeSettings, h: int, w: int) -> tuple[int, int]:
+  """(calls, tiles per call) of the statistics pass: at most `tile_batch` per call."""
   _, rows, cols = _norm_grid(s, h, w)
-  return -(-(rows * cols) // s.tile_batch)
+  batch = min(s.tile_batch, rows * cols)
+  return -(-(rows * cols) // batch), batch
 
 
 @functools.partial(jax.jit, static_argnames=('decode',))
@@ -228,24 +230,27 @@ def _stats_program(params, tiles: Array, *, decode) -> decode_norm.Stats:
 def norm_stats(decode, params, z: np.ndarray, s: base.TiledDecodeSettings
                ) -> decode_norm.Stats:
   """Whole-image GroupNorm statistics of the decoder input z [h, w, C], estimated on the
-  whole latent at lower resolution: z average-pooled by d (`norm_pool`; measured on
-  the demo VAE at 1024 px, against the statistics of the whole-image decode: 35.7 dB
-  with d = 2, 34.4 dB with d = 4, 31.1 dB with d = 8, where 16 tiles sampled from the
-  full-resolution latent gave 24-32 dB, depending on where they fell), cut into
-  non-overlapping tiles of P (reflect-padded), decoded `tile_batch` at a time with every
-  GroupNorm pooled over the call's tiles, the calls' statistics averaged. A last call
-  short of tiles repeats some (every call has the program's one shape)."""
+  whole latent at lower resolution: every d-th latent pixel in each direction
+  (`norm_stride`), cut into non-overlapping tiles of P (reflect-padded), decoded
+  up to `tile_batch` at a time with every GroupNorm pooled over the call's tiles, the
+  calls' statistics averaged. A last call short of tiles repeats some (every call has
+  one shape).
+
+  Why subsampled: measured at 1024 px (PSNR of the 'shared' decode against the
+  whole-image decode), on the demo VAE with the statistics of the whole-image decode
+  35.7 dB, subsampled d = 2, 4, 8: 35.2, 34.6, 31.4 dB, average-pooled instead: 35.7,
+  34.4, 31.1 dB, 8-16 tiles sampled at full resolution: 24-32 dB (depending on where
+  they fell); on the random-weight reference VAE, whole-image statistics 13.4 dB,
+  subsampled d = 2: 13.3 dB, average-pooled: 10.5 dB (pooling removes the latent's
+  fine detail, whose energy its features carry)."""
   h, w, c = z.shape
   P, tb = s.latent_patch, s.tile_batch
   d, rows, cols = _norm_grid(s, h, w)
-  zp = np.pad(z, ((0, -h % d), (0, -w % d), (0, 0)), mode='edge' if min(h, w) == 1
-              else 'reflect') if (h % d or w % d) else z
-  pooled = zp.reshape(zp.shape[0] // d, d, zp.shape[1] // d, d, c).mean(axis=(1, 3))
-  pooled = base.pad_latent(pooled, rows * P, cols * P, s.pad_mode).astype(np.float32)
-  tiles = pooled.reshape(rows, P, cols, P, c).transpose(0, 2, 1, 3, 4).reshape(-1, P, P, c)
-  calls = _norm_calls(s, h, w)
+  sub = base.pad_latent(z[d // 2::d, d // 2::d], rows * P, cols * P, s.pad_mode)
+  tiles = sub.reshape(rows, P, cols, P, c).transpose(0, 2, 1, 3, 4).reshape(-1, P, P, c)
+  calls, tb = _norm_calls(s, h, w)
   idx = np.round(np.linspace(0, len(tiles) - 1, calls * tb)).astype(int)
-  tiles = tiles[idx]                                              # [calls tb, P, P, C]
+  tiles = np.ascontiguousarray(tiles[idx], np.float32)            # [calls tb, P, P, C]
   parts = [_stats_program(params, jnp.asarray(tiles[i * tb:(i + 1) * tb]), decode=decode)
            for i in range(calls)]
   return decode_norm.combine(parts, [1.0] * calls)
@@ -275,20 +280,42 @@ class Overlap:
   edge -- in a whole-image decode too -- draws a frame: on the default 1024 px demo
   image the mean gradient across the outer 1-3 pixel lines is 1.5-2.7x the image's
   median, ~1.0x with a 2-pixel margin (docs/generate.md). Default: 2 for 'shared', 0
-  for 'overlap' (unchanged)."""
+  for 'overlap' (unchanged).
+
+  `min_tile` (pixels, `settings.min_tile` when set): the tile it decodes, at least. A
+  tile's outer ~20 pixels differ from the whole-image decode even with shared
+  statistics (the decoder's zero padding: on the demo VAE the mean error is 0.05 at the
+  edge, 0.023 at 8 px, 0.017 at 16 px, 0.012 from 24 px in); with 128 px tiles the
+  16 px cross-fade sits in that border and draws faint lines in flat regions, which
+  512 px tiles (a 64 px cross-fade) do not. Default: 512 for 'shared', none for
+  'overlap'."""
   shared_norm: bool = False
   margin: int = 0
+  min_tile: int = 0
 
   def _m(self, s: base.TiledDecodeSettings) -> int:
     return self.margin if s.edge_margin is None else s.edge_margin
 
+  def tiled(self, s: base.TiledDecodeSettings) -> base.TiledDecodeSettings:
+    """`s` with the tile it decodes: at least `min_tile` pixels (`s.min_tile` when set),
+    in multiples of 2 f."""
+    t = self.min_tile if s.min_tile is None else s.min_tile
+    if t <= s.patch_size:
+      return s
+    return dataclasses.replace(s, patch_size=-(-t // (2 * s.factor)) * 2 * s.factor)
+
+  def tile_px(self, s: base.TiledDecodeSettings) -> int:
+    return self.tiled(s).patch_size
+
   def passes_per_pixel(self, s: base.TiledDecodeSettings, h: int, w: int) -> float:
+    s = self.tiled(s)
     m = self._m(s)
     n_r, n_c = tile_grid(s, h + 2 * m, w + 2 * m)
-    extra = _norm_calls(s, h, w) * s.tile_batch if self.shared_norm else 0
+    extra = math.prod(_norm_calls(s, h, w)) if self.shared_norm else 0
     return (n_r * n_c + extra) * s.latent_patch ** 2 / (h * w)
 
   def band_layout(self, s: base.TiledDecodeSettings, h: int, w: int) -> tuple[int, int]:
+    s = self.tiled(s)
     m = self._m(s)
     rows, _ = band_layout(s, h + 2 * m, w + 2 * m)
     return rows, -(-(h * s.factor) // rows)
@@ -296,9 +323,13 @@ class Overlap:
   def seam_lines(self, s: base.TiledDecodeSettings) -> tuple[tuple[int, int], ...]:
     """Seams of overlapping tiles may sit anywhere in the L-pixel cross-fades: their
     start, middle and end (the grid starts `margin` latent pixels before the image)."""
+    s = self.tiled(s)
     o, m = overlap_of(s), self._m(s)
     stride, fade = (s.latent_patch - o) * s.factor, o * s.factor
-    return tuple((stride, (off - m * s.factor) % stride) for off in (0, fade // 2, fade))
+    # Offsets in (-stride, 0]: `seams.seam_ratio` counts lines at offset + k stride,
+    # k >= 1, so the first tile border (before `stride` when there is a margin) counts.
+    return tuple((stride, (off - m * s.factor) % stride - stride)
+                 for off in (0, fade // 2, fade))
 
   def iter_bands(self, decode, params, z: np.ndarray, s: base.TiledDecodeSettings, *,
                  uint8: bool, bands: tuple[int, int] | None
@@ -309,6 +340,7 @@ class Overlap:
     With a margin of m latent pixels the tiles cover the reflected latent, whose bands
     start m f pixel rows above the image's: image band b is the end of reflected band
     b and the first m f rows of band b + 1 (decoded in turn, one band held back)."""
+    s = self.tiled(s)
     h, w, _ = z.shape
     m, f = self._m(s), s.factor
     rows, n_bands = self.band_layout(s, h, w)

@@ -146,7 +146,7 @@ def lowered_flops(lowered) -> float:
 def _decode_tiles(latent_hw, c: int, settings) -> float:
   """Decoder tiles of one image (tiles x P^2 = passes per pixel x h w)."""
   h, w = latent_hw
-  p = settings.patch_size // settings.factor
+  p = decode_lib.tile_px(settings) // settings.factor
   return decode_lib.passes_per_pixel((h, w, c), settings) * h * w / p ** 2
 
 
@@ -200,7 +200,7 @@ def plan(pipe, image_hw, o, *, n_batch: int = 1, n_images: int = 1, labels=None,
         unet_gflop_per_sample=_unet_flops(pipe.mask_unet, m_patch // f) / 1e9,
         decoder_tiles=round(n_batch * _decode_tiles(m_latent, pipe.vae.config.latent_channels,
                                                     settings)),
-        decoder_tile=m_patch // f, decoder_tile_batch=settings.tile_batch)
+        decoder_tile=decode_lib.tile_px(settings) // f, decoder_tile_batch=settings.tile_batch)
     per_window, source = MASK_LABELS_PER_WINDOW, 'assumed (mask-model layouts)'
   else:
     if hasattr(labels, 'latent'):          # a lazy map: read at latent resolution only
@@ -235,7 +235,7 @@ def plan(pipe, image_hw, o, *, n_batch: int = 1, n_images: int = 1, labels=None,
           samples * patch ** 2 / (n_batch * latent_hw[0] * latent_hw[1] * steps), 3),
       decoder_tiles=round(n_batch * _decode_tiles(latent_hw, pipe.vae.config.latent_channels,
                                                   settings)),
-      decoder_tile=patch, decoder_tile_batch=settings.tile_batch,
+      decoder_tile=decode_lib.tile_px(settings) // f, decoder_tile_batch=settings.tile_batch,
       decoder_passes_per_pixel=round(decode_lib.passes_per_pixel(
           (*latent_hw, pipe.vae.config.latent_channels), settings), 3))
   tflop = 0.0

@@ -31,7 +31,7 @@ width x 4 bytes (P latent patch, dim the U-Net's base width; p the tile in pixel
 the VAE's first block), measured as the peak RSS growth of one call on CPU (full-size
 SD VAE, 4 tiles of 512 px: 4.1 GiB, XLA temp 3.5 GiB; full-size U-Net at batch 8: 1.4 GiB).
 Every blend mode's decoder calls are one `tile_batch` of tiles, including the 'shared'
-decode's statistics pass (its tiles of the pooled latent, with every GroupNorm pooled
+decode's statistics pass (its tiles of the subsampled latent, with every GroupNorm pooled
 over the call; the statistics it keeps are 2 x groups floats per GroupNorm), so the
 one decoder term bounds them all; its extra decoder work is time, counted by
 `decode.passes_per_pixel` (the plan's decoder tiles and TFLOP, `estimate.py`).

@@ -278,7 +278,8 @@ class Pipeline:
     k = window_fields(o, o.patch_size, f, latent_hw)['patches_per_step']
     act = memory.activations(
         unet_batch=diffusion.pack_chunk(n_batch * k), latent_patch=o.patch_size // f,
-        unet_dim=self.unet.config.dim, tile_batch=o.tile_batch, tile_px=o.patch_size,
+        unet_dim=self.unet.config.dim, tile_batch=o.tile_batch,
+        tile_px=decode_lib.tile_px(self._decode_settings(o, o.patch_size)),
         vae_width=self.vae.config.block_out_channels[0])
     mhw = mask_hw(image_hw, f)
     m_patch = self._mask_patch(mhw, o)
@@ -289,7 +290,8 @@ class Pipeline:
       act = max(act, memory.activations(
           unet_batch=n_batch * mk * (2 if o.mask_cond_scale else 1),
           latent_patch=m_patch // f, unet_dim=self.mask_unet.config.dim,
-          tile_batch=o.tile_batch, tile_px=m_patch,
+          tile_batch=o.tile_batch,
+          tile_px=decode_lib.tile_px(self._decode_settings(o, m_patch)),
           vae_width=self.vae.config.block_out_channels[0]))
     return memory.request_bytes(
         image_hw=image_hw, n_batch=n_batch, latent_channels=self.unet.config.channels,

@@ -91,7 +91,8 @@ def main(argv):
       line = {
           'megapixels_per_second': round(h * w / 1e6 / seconds, 4), 'tile_batch': tb,
           'seconds': round(seconds, 2), 'compile_seconds': round(compile_s, 2),
-          'image': [h, w], 'patch_size': _PATCH.value, 'blend': _BLEND.value,
+          'image': [h, w], 'patch_size': _PATCH.value, 'tile_px': decode.tile_px(s),
+          'blend': _BLEND.value,
           'blend_mode': mode, 'passes_per_pixel': round(decode.passes_per_pixel(z.shape, s), 3),
           'mean_pixel': round(float(out.mean()), 4), 'latent': _LATENT.value,
           'device': str(jax.devices()[0]), 'platform': jax.devices()[0].platform}
