@@ -191,7 +191,10 @@ def test_demo_vae_closer_to_whole_decode_than_the_original_and_seam_free():
 
 def test_memory_estimate_counts_the_decode_bands(demo_pipeline):
   """The host estimate holds two decoded bands of the mode's own height ('shared': up to
-  4 tile rows of S f pixels, not one tile row)."""
+  4 tile rows of S f pixels, not one tile row), and the decoder's activations are those
+  of the tile it decodes (512 px for 'shared')."""
+  import jax as jax_lib
+  from tiled_ldm_jax import memory
   o_shared = demo_pipeline.resolve()
   o_orig = demo_pipeline.resolve(blend_mode='original')
   assert o_shared.blend_mode == 'shared'                    # the default
@@ -200,5 +203,13 @@ def test_memory_estimate_counts_the_decode_bands(demo_pipeline):
           for o in (o_shared, o_orig)}
   assert rows['original'] == o_orig.patch_size and rows['shared'] != rows['original']
   need = {o.blend_mode: demo_pipeline.memory_need(hw, 1, o, 0) for o in (o_shared, o_orig)}
+  decoder_512 = memory.activations(
+      unet_batch=1, latent_patch=1, unet_dim=1, tile_batch=o_orig.tile_batch, tile_px=512,
+      vae_width=demo_pipeline.vae.config.block_out_channels[0])
+  # The larger of the U-Net's and the decoder's activations: here the 512 px tiles'.
+  assert need['shared']['device'] > need['original']['device']
+  assert need['shared']['device'] >= decoder_512
+  on_host = need['shared']['device'] - need['original']['device'] if (
+      jax_lib.default_backend() == 'cpu') else 0
   assert need['shared']['host'] - need['original']['host'] == 2 * 15 * 4096 * (
-      rows['shared'] - rows['original'])
+      rows['shared'] - rows['original']) + on_host

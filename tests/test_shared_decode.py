@@ -55,17 +55,17 @@ def _run_threads(n, fn):
   return threads
 
 
-@pytest.fixture(scope='module', params=['shared', 'original'])
-def image(demo_pipeline, request):
-  """The demo pipeline, a random 256 x 384 px latent and labels, for the default blend
-  ('shared': 3 bands of 112 px, its first a reflected band's end and the next's start)
-  and the original's (2 bands of 128 px)."""
+@pytest.fixture(scope='module')
+def image(demo_pipeline):
+  """The demo pipeline, a random 256 x 384 px latent (2 bands of 128 px) and labels.
+  The original's blend: the default 'shared' decodes 512 px tiles, one band here (its
+  band ranges: tests/test_decode_shared.py; several real processes writing with it:
+  tests/test_multiprocess.py)."""
   pipe = demo_pipeline
-  o = pipe.resolve(blend_mode=request.param)
+  o = pipe.resolve(blend_mode='original')
   z = np.random.default_rng(0).normal(size=(32, 48, 4)).astype(np.float32)
   labels = benchmark.benchmark_label_map(256, 384, 4)
-  assert pipe.band_layout(z.shape, options=o) == {'shared': (112, 3),
-                                                  'original': (128, 2)}[request.param]
+  assert pipe.band_layout(z.shape, options=o) == (128, 2)
   return pipe, o, z, labels
 
 
@@ -81,8 +81,8 @@ def test_split_ranges():
 
 
 def test_zarr_written_by_several_equals_one(tmp_path, image):
-  """3 processes, chunks of 128 rows ('original': one band each, so process 0 decodes
-  nothing but creates, builds the levels and renames)."""
+  """3 processes, 2 bands, chunks of one band: process 0 decodes nothing but creates,
+  builds the levels and renames."""
   pipe, o, z, labels = image
   processes = 3
   one = tmp_path / 'one.zarr'
