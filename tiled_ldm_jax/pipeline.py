@@ -87,13 +87,14 @@ class Options:
                      'float32')
   eta: float = _help('DDIM eta (0: deterministic given the initial noise).', 1.0)
   tile_batch: int = _help('VAE tiles per decoder call.', 4)
-  blend_mode: str = _help("Tiled decode blend: 'shared' (tiles overlapping by 1/8, "
-                          "cross-faded, every GroupNorm with whole-image statistics: "
-                          "~1.3 decoder passes per pixel, closest to a whole-image "
-                          "decode), 'original' (the original's four shifted decodes, "
-                          "parity), 'partition' (the same four decodes, weights that leave "
-                          "no residual seam) or 'overlap' ('shared' with each tile's own "
-                          "statistics) (docs/generate.md).", 'shared')
+  blend_mode: str = _help("Tiled decode blend: 'shared' (tiles of at least 512 px "
+                          "overlapping by 1/8, cross-faded, every GroupNorm with "
+                          "whole-image statistics: ~1.3 decoder passes per pixel on large "
+                          "images, closest to a whole-image decode), 'original' (the "
+                          "original's four shifted decodes, parity), 'partition' (the same "
+                          "four decodes, weights that leave no residual seam) or 'overlap' "
+                          "(tiles of the patch size, each with its own statistics) "
+                          "(docs/generate.md).", 'shared')
   progress_every: int = _help('Sampler progress log period in iterations (0: off).', 0)
   resample: int = _help('With a keep mask: RePaint resampling passes per step of the '
                         'windows that hold kept and free pixels (each pass takes the '
