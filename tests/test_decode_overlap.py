@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from tiled_ldm_jax import decode
+from tiled_ldm_jax import decode_base
 from tiled_ldm_jax import decode_overlap
 from tiled_ldm_jax.evaluation import seams
 
@@ -37,7 +38,7 @@ def _formula(dec, z, p, o):
   S, L = P - o, 8 * o
   h, w, _ = z.shape
   n_r, n_c = max(1, -(-(h - o) // S)), max(1, -(-(w - o) // S))
-  zp = decode._pad_latent(z, (n_r - 1) * S + P, (n_c - 1) * S + P, 'reflect')
+  zp = decode_base.pad_latent(z, (n_r - 1) * S + P, (n_c - 1) * S + P, 'reflect')
   w_in = np.sin(np.pi * (np.arange(L) + 0.5) / (2 * L)) ** 2
 
   def ramp(i, n):

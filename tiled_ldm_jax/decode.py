@@ -1,4 +1,11 @@
-"""Seamless tiled decoding of latents of any size: DiffInfinite's four-shift Hann blend.
+"""Seamless tiled decoding of latents of any size: the face, and DiffInfinite's four-shift
+Hann blend.
+
+The face (`iter_decode_bands`, `decode_image`, `passes_per_pixel`, `band_layout`) runs
+the strategy of `settings.blend_mode` (`BLENDS`, `blend_of`): `FourShift` here
+('original', 'partition'), `decode_overlap.Overlap` ('overlap', and 'shared', the
+pipeline's default: overlapping tiles whose GroupNorms share whole-image statistics).
+What follows is the four-shift strategy.
 
 The original (`RandomDiffusion.hann_tile_overlap`, SPEC section 4) decodes a latent in
 non-overlapping tiles of P = p / f latent pixels (p: pixel patch size, f: the decoder's
@@ -77,16 +84,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tiled_ldm_jax import geometry
+from tiled_ldm_jax import decode_base as base
+from tiled_ldm_jax import decode_overlap
 
 Array = jax.Array
-DecodeFn = Callable[[Any, Array], Array]   # (params, z [B, h, w, C]) -> image [B, fh, fw, 3]
+DecodeFn = base.DecodeFn
 
 WINDOW_NAMES = ('up-left', 'up', 'up-right', 'left', 'center', 'right', 'down-left',
                 'down', 'down-right', 'up-up', 'down-down', 'left-left', 'right-right',
@@ -148,71 +156,9 @@ def hann_windows(size: int) -> dict[str, Array]:
 # ----------------------------------------------------------------------------- settings
 
 
-BLEND_MODES = ('original', 'partition', 'overlap')
-
-
-@dataclasses.dataclass(frozen=True)
-class TiledDecodeSettings:
-  """How to decode. Defaults: DiffInfinite's (latent x 50, clip to [0, 1]), 512 px tiles."""
-  patch_size: int = 512               # p: pixel tile side; a multiple of 2 * factor
-  factor: int = geometry.SD_VAE_FACTOR  # f: decoder upsampling (pixels per latent pixel)
-  tile_batch: int = 8                 # tiles per decoder call (device memory knob)
-  band_tiles: int | None = None       # tile rows per band; None: the fewest that fill a batch
-  latent_scale: float = geometry.DIFFINFINITE_LATENT_SCALE  # decoder input = z * scale * std
-                                      # + mean (pipelines pass the VAE's LatentGeometry)
-  latent_mean: tuple[float, ...] | None = None   # per-channel, default 0
-  latent_std: tuple[float, ...] | None = None    # per-channel, default 1
-  out_scale: float = 1.0              # tile = clip(decoder(...) * out_scale + out_offset)
-  out_offset: float = 0.0
-  clip: tuple[float, float] | None = (0.0, 1.0)
-  blend: bool = True                  # False: the unshifted tiled decode alone (A)
-  blend_mode: str = 'original'        # 'original': SPEC 4 exactly; 'partition': the four
-                                      # decodes weighted (1-v)(1-h), v(1-h), (1-v)h, vh
-                                      # (no residual seam; see the module docstring);
-                                      # 'overlap': tiles overlapping by `overlap`,
-                                      # cross-faded, ~1.3 decodes per pixel, not four
-                                      # (decode_overlap.py)
-  overlap: int | None = None          # 'overlap' only: latent pixels neighbouring tiles
-                                      # share, 1 .. P/2 (default P/8)
-  pad_mode: str = 'reflect'           # numpy.pad mode for the latent's bottom/right padding
-
-  def __post_init__(self):
-    if self.factor < 1 or self.patch_size < 2 * self.factor or \
-        self.patch_size % (2 * self.factor):
-      raise ValueError(f'patch_size must be a positive multiple of 2 * factor '
-                       f'({2 * self.factor}), got {self.patch_size}')
-    if self.tile_batch < 1:
-      raise ValueError(f'tile_batch must be >= 1, got {self.tile_batch}')
-    if self.band_tiles is not None and self.band_tiles < 1:
-      raise ValueError(f'band_tiles must be >= 1 or None, got {self.band_tiles}')
-    if self.blend_mode not in BLEND_MODES:
-      raise ValueError(f'blend_mode must be one of {BLEND_MODES}, got {self.blend_mode!r}')
-    if self.overlap is not None and not 1 <= self.overlap <= self.latent_patch // 2:
-      raise ValueError(f'overlap must be 1 .. {self.latent_patch // 2} latent pixels (half '
-                       f'a tile), got {self.overlap}')
-    if self.clip is not None and not self.clip[0] <= self.clip[1]:
-      raise ValueError(f'clip must be (low, high) with low <= high, got {self.clip}')
-    for name in ('latent_mean', 'latent_std'):
-      if getattr(self, name) is not None:
-        object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
-
-  @property
-  def latent_patch(self) -> int:
-    """P: latent tile side."""
-    return self.patch_size // self.factor
-
-  def decoder_input(self, z: np.ndarray) -> np.ndarray:
-    """z [..., C] -> z * latent_scale * std + mean, float32."""
-    z = np.asarray(z, np.float32)
-    c = z.shape[-1]
-    for name in ('latent_mean', 'latent_std'):
-      v = getattr(self, name)
-      if v is not None and len(v) != c:
-        raise ValueError(f'{name} has {len(v)} entries, the latent has {c} channels')
-    std = np.asarray(self.latent_std if self.latent_std is not None else np.ones(c), np.float32)
-    mean = np.asarray(self.latent_mean if self.latent_mean is not None else np.zeros(c),
-                      np.float32)
-    return (z * np.float32(self.latent_scale) * std + mean).astype(np.float32)
+TiledDecodeSettings = base.TiledDecodeSettings
+BLEND_MODES = base.BLEND_MODES
+to_uint8 = base.to_uint8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,7 +172,7 @@ class _Geometry:
   nb: int             # decoder calls per band
   width: int          # output width in pixels (crop)
   blend: bool
-  partition: bool     # blend_mode == 'partition'
+  partition: bool     # FourShift(partition=True): the 'partition' weights
   out_scale: float
   out_offset: float
   clip: tuple[float, float] | None
@@ -241,7 +187,8 @@ class _Geometry:
             self.k * (self.n_c - 1))
 
 
-def _geometry(settings: TiledDecodeSettings, h: int, w: int, uint8: bool) -> _Geometry:
+def _geometry(settings: TiledDecodeSettings, h: int, w: int, uint8: bool,
+              partition: bool = False) -> _Geometry:
   """Band program geometry for a latent h x w (h only bounds the band height)."""
   P = settings.latent_patch
   n_r, n_c = -(-h // P), -(-w // P)
@@ -252,22 +199,10 @@ def _geometry(settings: TiledDecodeSettings, h: int, w: int, uint8: bool) -> _Ge
   nb = -(-(k * per_row) // tb)
   return _Geometry(p=settings.patch_size, n_c=n_c, k=k, tb=tb, nb=nb,
                    width=w * settings.factor, blend=settings.blend,
-                   partition=settings.blend_mode == 'partition',
+                   partition=partition,
                    out_scale=float(settings.out_scale), out_offset=float(settings.out_offset),
                    clip=None if settings.clip is None else tuple(map(float, settings.clip)),
                    uint8=uint8)
-
-
-def _pad_latent(z: np.ndarray, rows: int, cols: int, mode: str) -> np.ndarray:
-  """[h, w, C] -> [rows, cols, C], padding bottom/right with `mode` ('edge' for length 1)."""
-  h, w, _ = z.shape
-  for axis, (size, target) in enumerate(((h, rows), (w, cols))):
-    if target > size:
-      pad = [(0, 0)] * 3
-      pad[axis] = (0, target - size)
-      z = np.pad(z, pad, mode='edge' if size == 1 and mode in ('reflect', 'symmetric')
-                 else mode)
-  return z
 
 
 def _tiles(slab: np.ndarray, P: int) -> np.ndarray:
@@ -381,26 +316,6 @@ def _band_program(params, tiles: Array, carry: Array, band: Array, n_r: Array,
   return img, new_carry
 
 
-_TILE_SHAPES: dict = {}
-
-
-def _tile_output_shape(decode: DecodeFn, params, tile_shape) -> jax.ShapeDtypeStruct:
-  """What `decode` makes of a tile batch, traced once per (decoder, tile shape): the
-  decoder is a pure function of one config, so the params' shapes are those of its
-  first call."""
-  key = (decode, tuple(tile_shape))
-  if key not in _TILE_SHAPES:
-    _TILE_SHAPES[key] = jax.eval_shape(decode, params,
-                                       jax.ShapeDtypeStruct(tile_shape, jnp.float32))
-  return _TILE_SHAPES[key]
-
-
-def to_uint8(x: Array | np.ndarray):
-  """float in [0, 1] -> uint8 `trunc(clip(x, 0, 1) * 255)` (the original's PNG saving)."""
-  mod = jnp if isinstance(x, jax.Array) else np
-  return (mod.clip(x, 0.0, 1.0) * 255).astype(mod.uint8)
-
-
 def _as_hwc(z) -> np.ndarray:
   z = np.asarray(z)
   if z.ndim == 4:
@@ -411,12 +326,6 @@ def _as_hwc(z) -> np.ndarray:
   if z.ndim != 3 or z.shape[0] < 1 or z.shape[1] < 1:
     raise ValueError(f'latent must be NHWC [1, h, w, C] or [h, w, C], got shape {z.shape}')
   return z
-
-
-def _overlap():
-  # Imported on use: decode_overlap builds on this module's helpers.
-  from tiled_ldm_jax import decode_overlap
-  return decode_overlap
 
 
 def _resolve(settings: TiledDecodeSettings | None, overrides: dict) -> TiledDecodeSettings:
@@ -431,19 +340,94 @@ def output_shape(z_shape: Sequence[int], settings: TiledDecodeSettings | None = 
   return int(z_shape[-3]) * s.factor, int(z_shape[-2]) * s.factor, channels
 
 
+@dataclasses.dataclass(frozen=True)
+class FourShift:
+  """The original's four shifted tilings, band by band (the module docstring);
+  `partition`: the 'partition' weights instead of the original's in-place blend. With
+  `settings.blend` False, the unshifted tiling alone."""
+  partition: bool = False
+
+  def passes_per_pixel(self, s: TiledDecodeSettings, h: int, w: int) -> float:
+    P = s.latent_patch
+    n_r, n_c = -(-h // P), -(-w // P)
+    tiles = n_r * n_c if not s.blend else (2 * n_r - 1) * (2 * n_c - 1)
+    return tiles * P * P / (h * w)
+
+  def band_layout(self, s: TiledDecodeSettings, h: int, w: int) -> tuple[int, int]:
+    g = _geometry(s, h, w, False)
+    n_r = -(-h // s.latent_patch)                                  # tile rows
+    return g.k * g.p, -(-n_r // g.k)
+
+  def seam_lines(self, s: TiledDecodeSettings) -> tuple[tuple[int, int], ...]:
+    return ((s.patch_size, 0),)                   # the unshifted grid's tile borders
+
+  def tile_px(self, s: TiledDecodeSettings) -> int:
+    return s.patch_size
+
+  def iter_bands(self, decode: DecodeFn, params, z: np.ndarray, s: TiledDecodeSettings, *,
+                 uint8: bool, bands: tuple[int, int] | None
+                 ) -> Iterator[tuple[int, np.ndarray]]:
+    h, w, c = z.shape
+    g = _geometry(s, h, w, uint8, self.partition)
+    P = s.latent_patch
+    n_r = -(-h // P)
+    height = h * s.factor
+    zp = base.pad_latent(z, n_r * P, g.n_c * P, s.pad_mode)       # [n_r P, n_c P, C]
+    ch = base.check_tile_output(decode, params, (g.tb, P, P, c), s.factor)
+    win = hann_windows(g.p)
+    windows = jnp.stack([win['vertical'], win['horizontal'], win['center']])
+    carry = jnp.zeros((2, g.p // 2, g.n_c * g.p, ch), jnp.float32)
+    first, stop = base.band_range(bands, -(-n_r // g.k))
+    if first == stop:
+      return
+
+    def dispatch(b, carry):
+      tiles = _band_tiles_host(zp, g, P, n_r, b).reshape(g.nb, g.tb, P, P, c)
+      return _band_program(params, tiles, carry, jnp.int32(b), jnp.int32(n_r), windows,
+                           decode=decode, g=g)
+
+    if first > 0:                            # the carry into `first` (pixels discarded)
+      carry = dispatch(first - 1, carry)[1]
+    pending = dispatch(first, carry)
+    for b in range(first, stop):
+      img, carry = pending
+      if b + 1 < stop:                    # keep the device busy while the host consumes
+        pending = dispatch(b + 1, carry)
+      row0 = b * g.k * g.p
+      rows = min(g.k * g.p, height - row0)
+      yield row0, np.asarray(img[:rows])
+
+
+# The strategy of each `blend_mode` name (the names are `decode_base.BLEND_MODES`).
+BLENDS: dict[str, base.Blend] = {
+    'original': FourShift(),
+    'partition': FourShift(partition=True),
+    'overlap': decode_overlap.Overlap(),
+    'shared': decode_overlap.Overlap(shared_norm=True, margin=2, min_tile=512),
+}
+assert tuple(BLENDS) == BLEND_MODES
+
+
+def blend_of(settings: TiledDecodeSettings) -> base.Blend:
+  """The strategy that decodes with `settings` (`blend=False`: the unshifted tiles)."""
+  return BLENDS[settings.blend_mode] if settings.blend else BLENDS['original']
+
+
+def tile_px(settings: TiledDecodeSettings | None = None, **overrides) -> int:
+  """The side in pixels of the tiles the decoder gets (the decoder call's shape): the
+  settings' `patch_size`, or more for 'shared' (`min_tile`)."""
+  s = _resolve(settings, overrides)
+  return blend_of(s).tile_px(s)
+
+
 def passes_per_pixel(z_shape: Sequence[int], settings: TiledDecodeSettings | None = None,
                      **overrides) -> float:
   """Decoder evaluations per output pixel for a latent [.., h, w, C]: tiles decoded x P^2
   / (h w). The four-shift modes: ~4 (A, V, H and C tiles); 'overlap': ~(P / (P - o))^2
-  (1.31 at o = P/8) plus the edge tiles; `blend=False`: ~1."""
+  (1.31 at o = P/8) plus the edge tiles; 'shared': that plus its statistics tiles;
+  `blend=False`: ~1."""
   s = _resolve(settings, overrides)
-  h, w = int(z_shape[-3]), int(z_shape[-2])
-  if s.blend and s.blend_mode == 'overlap':
-    return _overlap().passes_per_pixel(s, h, w)
-  P = s.latent_patch
-  n_r, n_c = -(-h // P), -(-w // P)
-  tiles = n_r * n_c if not s.blend else (2 * n_r - 1) * (2 * n_c - 1)
-  return tiles * P * P / (h * w)
+  return blend_of(s).passes_per_pixel(s, int(z_shape[-3]), int(z_shape[-2]))
 
 
 def band_layout(z_shape: Sequence[int], settings: TiledDecodeSettings | None = None,
@@ -451,12 +435,7 @@ def band_layout(z_shape: Sequence[int], settings: TiledDecodeSettings | None = N
   """(pixel rows per band, number of bands) of `iter_decode_bands` for a latent
   [.., h, w, C] (the last band may be cut at the image's bottom)."""
   s = _resolve(settings, overrides)
-  h, w = int(z_shape[-3]), int(z_shape[-2])
-  if s.blend and s.blend_mode == 'overlap':
-    return _overlap().band_layout(s, h, w)
-  g = _geometry(s, h, w, False)
-  n_r = -(-h // s.latent_patch)                                    # tile rows
-  return g.k * g.p, -(-n_r // g.k)
+  return blend_of(s).band_layout(s, int(z_shape[-3]), int(z_shape[-2]))
 
 
 def iter_decode_bands(decode: DecodeFn, params, z, settings: TiledDecodeSettings | None = None,
@@ -473,8 +452,10 @@ def iter_decode_bands(decode: DecodeFn, params, z, settings: TiledDecodeSettings
     uint8: yield uint8 pixels (`to_uint8`) instead of float32.
     bands: `(first, stop)`: only bands first .. stop-1 (see `band_layout`), e.g. one
       host's share of an image. A band's blend needs the bottom rows of the previous
-      band's shifted decodes, which depend on that band's tiles alone: they are decoded
+      band's decodes, which depend on that band's tiles alone: they are decoded
       again (one extra band, not yielded), so the pixels equal the whole decode's.
+      ('shared' also runs its statistics pass on every host: the same tiles, so the
+      same statistics.)
 
   Yields:
     `(row_start, pixels [rows, 8w, ch])`, consecutive bands covering rows `0 .. 8h`
@@ -482,45 +463,7 @@ def iter_decode_bands(decode: DecodeFn, params, z, settings: TiledDecodeSettings
   """
   s = _resolve(settings, overrides)
   z = s.decoder_input(_as_hwc(z))                                  # [h, w, C]
-  if s.blend and s.blend_mode == 'overlap':
-    yield from _overlap().iter_bands(decode, params, z, s, uint8=uint8, bands=bands)
-    return
-  h, w, c = z.shape
-  g = _geometry(s, h, w, uint8)
-  P = s.latent_patch
-  n_r = -(-h // P)
-  height = h * s.factor
-  zp = _pad_latent(z, n_r * P, g.n_c * P, s.pad_mode)              # [n_r P, n_c P, C]
-  out = _tile_output_shape(decode, params, (g.tb, P, P, c))
-  if tuple(out.shape[1:3]) != (g.p, g.p):
-    raise ValueError(f'decoder maps a {P}x{P} latent tile to {out.shape[1:3]} pixels, '
-                     f'expected {g.p}x{g.p} (factor={s.factor})')
-  ch = out.shape[-1]
-  win = hann_windows(g.p)
-  windows = jnp.stack([win['vertical'], win['horizontal'], win['center']])
-  carry = jnp.zeros((2, g.p // 2, g.n_c * g.p, ch), jnp.float32)
-  n_bands = -(-n_r // g.k)
-  first, stop = (0, n_bands) if bands is None else (int(bands[0]), int(bands[1]))
-  if not 0 <= first <= stop <= n_bands:
-    raise ValueError(f'bands {bands} outside the {n_bands} bands of this latent')
-  if first == stop:
-    return
-
-  def dispatch(b, carry):
-    tiles = _band_tiles_host(zp, g, P, n_r, b).reshape(g.nb, g.tb, P, P, c)
-    return _band_program(params, tiles, carry, jnp.int32(b), jnp.int32(n_r), windows,
-                         decode=decode, g=g)
-
-  if first > 0:                              # the carry into `first` (pixels discarded)
-    carry = dispatch(first - 1, carry)[1]
-  pending = dispatch(first, carry)
-  for b in range(first, stop):
-    img, carry = pending
-    if b + 1 < stop:                      # keep the device busy while the host consumes
-      pending = dispatch(b + 1, carry)
-    row0 = b * g.k * g.p
-    rows = min(g.k * g.p, height - row0)
-    yield row0, np.asarray(img[:rows])
+  yield from blend_of(s).iter_bands(decode, params, z, s, uint8=uint8, bands=bands)
 
 
 def decode_image(decode: DecodeFn, params, z, settings: TiledDecodeSettings | None = None,

@@ -17,6 +17,9 @@ How exact each count is:
   given label map (the windows of a grid at offset 0); for mask-model layouts, which
   are not known before the mask stage runs, `MASK_LABELS_PER_WINDOW` is assumed.
 - mask stage: its batch is fixed, so samples = iterations x N x K (x 2 with guidance).
+- decoder tiles: `decode.passes_per_pixel` x h w / P^2 of the stage's blend mode, exact
+  (for 'shared': its tiles over the latent and its reflected margin, plus the
+  statistics pass's whole tile batches).
 Every count is O(1) in the image size apart from the label count of a given map
 (one vectorized pass over the latent-resolution map per class).
 """
@@ -144,7 +147,7 @@ def lowered_flops(lowered) -> float:
 def _decode_tiles(latent_hw, c: int, settings) -> float:
   """Decoder tiles of one image (tiles x P^2 = passes per pixel x h w)."""
   h, w = latent_hw
-  p = settings.patch_size // settings.factor
+  p = decode_lib.tile_px(settings) // settings.factor
   return decode_lib.passes_per_pixel((h, w, c), settings) * h * w / p ** 2
 
 
@@ -198,7 +201,7 @@ def plan(pipe, image_hw, o, *, n_batch: int = 1, n_images: int = 1, labels=None,
         unet_gflop_per_sample=_unet_flops(pipe.mask_unet, m_patch // f) / 1e9,
         decoder_tiles=round(n_batch * _decode_tiles(m_latent, pipe.vae.config.latent_channels,
                                                     settings)),
-        decoder_tile=m_patch // f, decoder_tile_batch=settings.tile_batch)
+        decoder_tile=decode_lib.tile_px(settings) // f, decoder_tile_batch=settings.tile_batch)
     per_window, source = MASK_LABELS_PER_WINDOW, 'assumed (mask-model layouts)'
   else:
     if hasattr(labels, 'latent'):          # a lazy map: read at latent resolution only
@@ -233,7 +236,7 @@ def plan(pipe, image_hw, o, *, n_batch: int = 1, n_images: int = 1, labels=None,
           samples * patch ** 2 / (n_batch * latent_hw[0] * latent_hw[1] * steps), 3),
       decoder_tiles=round(n_batch * _decode_tiles(latent_hw, pipe.vae.config.latent_channels,
                                                   settings)),
-      decoder_tile=patch, decoder_tile_batch=settings.tile_batch,
+      decoder_tile=decode_lib.tile_px(settings) // f, decoder_tile_batch=settings.tile_batch,
       decoder_passes_per_pixel=round(decode_lib.passes_per_pixel(
           (*latent_hw, pipe.vae.config.latent_channels), settings), 3))
   tflop = 0.0

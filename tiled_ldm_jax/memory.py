@@ -12,8 +12,11 @@ factor f), from what the code holds at once:
           by bands); the latent label map 4*N*h*w; latents fetched for decoding 4*N*h*w*C;
           output: PNG/JPEG are decoded and encoded whole: uint8 [H, W, 3] and the
           encoder's copy = 6*H*W, plus the PNG mask and its copies 3*H*W (one image at a
-          time); TIFF/Zarr are written in bands of one decode tile row: float32 tiles and
-          a uint8 band ~ (12 + 3)*W*tile, plus the pyramid's half-size band per level.
+          time); TIFF/Zarr are written in bands of the decode (`decode.band_layout`:
+          one tile row for 'original', up to 4 tile rows for 'shared'/'overlap'):
+          float32 tiles and a uint8 band ~ (12 + 3)*W*band, twice (the band being
+          written and the next one decoding; 'shared' also holds one band back), plus
+          the pyramid's half-size band per level.
   solver  a solver with history (DPM-Solver++) keeps each pixel's last x0 prediction on
           the device: 4*N*h*w*C.
   init    an init image: its latent on the host 4*h*w*C (encoded once), the encode's band
@@ -29,6 +32,11 @@ UNET_ACTIVATION x batch x P^2 x dim x 4 bytes and DECODER_ACTIVATION x tiles x p
 width x 4 bytes (P latent patch, dim the U-Net's base width; p the tile in pixels, width
 the VAE's first block), measured as the peak RSS growth of one call on CPU (full-size
 SD VAE, 4 tiles of 512 px: 4.1 GiB, XLA temp 3.5 GiB; full-size U-Net at batch 8: 1.4 GiB).
+Every blend mode's decoder calls are one `tile_batch` of tiles, including the 'shared'
+decode's statistics pass (its tiles of the subsampled latent, with every GroupNorm pooled
+over the call; the statistics it keeps are 2 x groups floats per GroupNorm), so the
+one decoder term bounds them all; its extra decoder work is time, counted by
+`decode.passes_per_pixel` (the plan's decoder tiles and TFLOP, `estimate.py`).
 """
 
 from __future__ import annotations
@@ -56,13 +64,15 @@ def request_bytes(*, image_hw, n_batch: int, latent_channels: int, factor: int,
                   whole_images: int, tile_px: int, weights_bytes: int = 0,
                   label_source_pixels: int | None = None, activation_bytes: int = 0,
                   host_is_device: bool = False, init: str | None = None,
-                  init_whole: bool = False, solver_history: bool = False) -> dict[str, int]:
+                  init_whole: bool = False, band_px: int | None = None,
+                  solver_history: bool = False) -> dict[str, int]:
   """{'host': bytes, 'device': bytes} one batch of the request needs (see module doc);
   `whole_images`: decoded images held whole at once (CLI PNG/JPEG 1, TIFF/Zarr 0, the
   Python API N); `label_source_pixels`: pixels of one image's label source (default
   the mask model's, H*W/16); `host_is_device`: the CPU backend; `init`: None, 'strength'
   (an init image) or 'keep' (and a keep mask); `init_whole`: the init image decoded
-  whole (PNG/JPEG), not by bands; `solver_history`: the solver keeps x0 per pixel."""
+  whole (PNG/JPEG), not by bands; `band_px`: pixel rows of one decoded band (None:
+  `tile_px`); `solver_history`: the solver keeps x0 per pixel."""
   h_px, w_px = (int(v) for v in image_hw)
   pixels = h_px * w_px
   latent = -(-h_px // factor) * -(-w_px // factor)
@@ -75,7 +85,8 @@ def request_bytes(*, image_hw, n_batch: int, latent_channels: int, factor: int,
     device += n_batch * latent * 4 * c
   host = n_batch * (LABEL_SOURCE_BYTES * int(label_source_pixels) + 4 * latent
                     + 4 * latent * c)
-  host += 9 * pixels * int(whole_images) + 2 * 15 * w_px * int(tile_px)
+  band = int(tile_px if band_px is None else band_px)
+  host += 9 * pixels * int(whole_images) + 2 * 15 * w_px * band
   if init is not None:
     host += 4 * latent * c + (3 * pixels if init_whole else 4 * 3 * w_px * int(tile_px))
     if init == 'keep':

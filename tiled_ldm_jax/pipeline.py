@@ -102,11 +102,14 @@ class Options:
       "prediction kept; reaches with fewer steps what DDIM needs more for, see "
       "docs/generate.md).", 'dpmpp2m')
   tile_batch: int = _help('VAE tiles per decoder call.', 4)
-  blend_mode: str = _help("Tiled decode blend: 'original' (the original's four shifted "
-                          "decodes, parity), 'partition' (the same four decodes, weights "
-                          "that leave no residual seam) or 'overlap' (tiles overlapping by "
-                          "1/8, cross-faded: ~1.3 decoder passes per pixel instead of 4).",
-                          'original')
+  blend_mode: str = _help("Tiled decode blend: 'shared' (tiles of at least 512 px "
+                          "overlapping by 1/8, cross-faded, every GroupNorm with "
+                          "whole-image statistics: ~1.3 decoder passes per pixel on large "
+                          "images, closest to a whole-image decode), 'original' (the "
+                          "original's four shifted decodes, parity), 'partition' (the same "
+                          "four decodes, weights that leave no residual seam) or 'overlap' "
+                          "(tiles of the patch size, each with its own statistics) "
+                          "(docs/generate.md).", 'shared')
   progress_every: int = _help('Sampler progress lines (0: off): the host checks at most '
                               'every N iterations (about every 2 s) and logs about every '
                               '10 s and 5%, with an ETA.', 0)
@@ -304,7 +307,8 @@ class Pipeline:
     k = window_fields(o, o.patch_size, f, latent_hw)['patches_per_step']
     act = memory.activations(
         unet_batch=diffusion.pack_chunk(n_batch * k), latent_patch=o.patch_size // f,
-        unet_dim=self.unet.config.dim, tile_batch=o.tile_batch, tile_px=o.patch_size,
+        unet_dim=self.unet.config.dim, tile_batch=o.tile_batch,
+        tile_px=decode_lib.tile_px(self._decode_settings(o, o.patch_size)),
         vae_width=self.vae.config.block_out_channels[0])
     mhw = mask_hw(image_hw, f)
     m_patch = self._mask_patch(mhw, o)
@@ -315,14 +319,17 @@ class Pipeline:
       act = max(act, memory.activations(
           unet_batch=n_batch * mk * (2 if o.mask_cond_scale else 1),
           latent_patch=m_patch // f, unet_dim=self.mask_unet.config.dim,
-          tile_batch=o.tile_batch, tile_px=m_patch,
+          tile_batch=o.tile_batch,
+          tile_px=decode_lib.tile_px(self._decode_settings(o, m_patch)),
           vae_width=self.vae.config.block_out_channels[0]))
     return memory.request_bytes(
         image_hw=image_hw, n_batch=n_batch, latent_channels=self.unet.config.channels,
         factor=f, whole_images=whole_images, tile_px=o.patch_size, weights_bytes=weights,
         label_source_pixels=label_source_pixels, activation_bytes=act,
         host_is_device=jax.default_backend() == 'cpu', init=init, init_whole=init_whole,
-        solver_history=processes.solver_named(o.solver).history)
+        solver_history=processes.solver_named(o.solver).history,
+        band_px=decode_lib.band_layout((*latent_hw, self.vae.config.latent_channels),
+                                       self._decode_settings(o, o.patch_size))[0])
 
   def check_memory(self, image_hw, n_batch: int, o: Options, whole_images: int,
                    label_source_pixels: int | None = None, **init) -> None:

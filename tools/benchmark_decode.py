@@ -10,7 +10,7 @@ program, plus one band of work); `seconds` is the full decode after it, in memor
 for the four-shift blends, ~1.3 for 'overlap'). With `--latent=image` the latent is the
 VAE's encoding of a synthetic tissue-like image (`training.data.synth_example`) and each
 line adds `seam_ratio` (at the mode's own tile borders: the four-shift grid; for
-'overlap' the worst of the cross-fades' start, middle and end) and, with
+'overlap'/'shared' the worst of the cross-fades' start, middle and end) and, with
 `--compare_whole`, `psnr_vs_whole` against one whole-image decode (where it fits).
 """
 
@@ -91,7 +91,8 @@ def main(argv):
       line = {
           'megapixels_per_second': round(h * w / 1e6 / seconds, 4), 'tile_batch': tb,
           'seconds': round(seconds, 2), 'compile_seconds': round(compile_s, 2),
-          'image': [h, w], 'patch_size': _PATCH.value, 'blend': _BLEND.value,
+          'image': [h, w], 'patch_size': _PATCH.value, 'tile_px': decode.tile_px(s),
+          'blend': _BLEND.value,
           'blend_mode': mode, 'passes_per_pixel': round(decode.passes_per_pixel(z.shape, s), 3),
           'mean_pixel': round(float(out.mean()), 4), 'latent': _LATENT.value,
           'device': str(jax.devices()[0]), 'platform': jax.devices()[0].platform}
@@ -104,13 +105,9 @@ def main(argv):
 
 
 def _seam_ratio(img, s: decode.TiledDecodeSettings) -> float:
-  """At the mode's tile borders: the unshifted grid, or the overlap's cross-fades."""
-  if not (s.blend and s.blend_mode == 'overlap'):
-    return seams.seam_ratio(img, s.patch_size)
-  from tiled_ldm_jax import decode_overlap
-  o = decode_overlap.overlap_of(s)
-  stride, fade = (s.latent_patch - o) * s.factor, o * s.factor
-  return max(seams.seam_ratio(img, stride, offset=off) for off in (0, fade // 2, fade))
+  """At the mode's own tile borders (the worst of its seam lines)."""
+  return max(seams.seam_ratio(img, period, offset=off)
+             for period, off in decode.blend_of(s).seam_lines(s))
 
 
 if __name__ == '__main__':
