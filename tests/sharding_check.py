@@ -62,8 +62,12 @@ def main():
     assert int(one.iterations) == int(many.iterations)
     assert int(one.patches) == int(many.patches)
     np.testing.assert_array_equal(np.asarray(one.times), np.asarray(many.times))
+    # Under the suite's unoptimized XLA flags the batch-1 and batch-8 kernels differ by
+    # ~1e-7, which the eps model's x0 at t = 999 (x / sqrt(a_999), ~300x) amplifies:
+    # 2.1e-4 measured on the project's 2-core machine (at commit e39323d too), 5.5e-7 with
+    # the default flags. A wrong split (keys, crops) differs by O(1).
     diff = float(np.abs(np.asarray(one.x) - np.asarray(many.x)).max())
-    assert diff < 1e-5, (mode, diff)
+    assert diff < 1e-3, (mode, diff)
     results[mode] = shards
   results['pipeline'] = pipeline_check()
   print('OK', results)

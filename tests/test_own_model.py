@@ -41,7 +41,8 @@ def test_pipeline_samples_by_the_models_objective(tmp_path, objective):
   folder = _with_objective(tmp_path, objective)
   pipe = pipeline.Pipeline.from_pretrained(folder, demo.model_path('vae'))
   assert pipe.unet.objective == objective
-  opts = dict(sampling_steps=3, patch_size=128, schedule='random', patches_per_step=1)
+  opts = dict(sampling_steps=3, patch_size=128, schedule='random', patches_per_step=1,
+              solver='ddim')   # the process trained_unet gives: DDIM (eta 1) / Euler
   z = np.asarray(pipe.sample_latents(labels, seed=4, **opts))
   net, process = guidance.trained_unet(unet.eps_fn(pipe.unet.config), objective)
   direct = sampling.sample(
