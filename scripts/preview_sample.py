@@ -13,6 +13,7 @@ from tiled_ldm_jax import flag_util
 from tiled_ldm_jax.files import image_files
 from tiled_ldm_jax import masks
 from tiled_ldm_jax.output import writers
+from tiled_ldm_jax.files import label_maps
 
 _SAMPLE = flags.DEFINE_string('sample', None, 'Image written by sample_large_image.py.')
 _MASK = flags.DEFINE_string('mask', None, 'Label PNG (default: <sample>_mask.png).')
@@ -26,7 +27,7 @@ def main(argv):
   mask = _MASK.value or writers.mask_path(_SAMPLE.value)
   flag_util.check_value('mask', mask, 'file')
   image = image_files.read_rgb(_SAMPLE.value, what='sample image')
-  writers.write_image(_OUTPUT.value, masks.preview(image, masks.read_label_png(mask),
+  writers.write_image(_OUTPUT.value, masks.preview(image, label_maps.read_label_png(mask),
                                                    _WIDTH.value))
 
 

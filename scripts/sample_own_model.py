@@ -15,11 +15,11 @@ from absl import flags
 
 from tiled_ldm_jax import demo
 from tiled_ldm_jax import flag_util
-from tiled_ldm_jax import masks
 from tiled_ldm_jax import sampling
 from tiled_ldm_jax.examples import own_model
 from tiled_ldm_jax.output import writers
 from tiled_ldm_jax.evaluation import benchmark
+from tiled_ldm_jax.files import label_maps
 
 _UNET = flags.DEFINE_string('unet_ckpt', demo.model_path('flow_unet'),
                             'Trained image U-Net folder (scripts/train.py export).')
@@ -42,7 +42,7 @@ def main(argv):
   del argv
   if not _OUTPUT.value.lower().endswith(('.png', '.jpg', '.jpeg')):
     raise ValueError(f'--output must end in .png or .jpg, got {_OUTPUT.value}')
-  labels = (masks.read_label_png(_LABELS.value) if _LABELS.value else
+  labels = (label_maps.read_label_png(_LABELS.value) if _LABELS.value else
             benchmark.benchmark_label_map(_SIZE.value, _SIZE.value, 4))
   own_model.check_request(_UNET.value, _VAE.value, labels, _PATCH.value)   # before JAX starts
   start = time.perf_counter()

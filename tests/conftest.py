@@ -237,3 +237,15 @@ def demo_pipeline():
   return tiled_ldm_jax.Pipeline.from_pretrained()
 
 
+
+
+_DURATIONS_FILE = os.environ.get('TILED_LDM_DURATIONS_FILE')
+
+
+def pytest_runtest_logreport(report):
+  """With TILED_LDM_DURATIONS_FILE set, one line per finished test phase (seconds, phase,
+  outcome, test id) appended as it happens: where the suite's time goes, readable while
+  it runs (`--durations` prints only at the end)."""
+  if _DURATIONS_FILE and report.duration >= 0.5:
+    with open(_DURATIONS_FILE, 'a') as f:
+      f.write(f'{report.duration:8.1f} {report.when:8} {report.outcome:7} {report.nodeid}\n')

@@ -5,6 +5,7 @@ import pytest
 
 from tiled_ldm_jax.evaluation import adherence
 from tiled_ldm_jax.training import data
+from tiled_ldm_jax.files import label_maps
 
 
 @pytest.fixture(scope='module')
@@ -40,7 +41,6 @@ def test_vae_round_trip_classifier_and_score_files(tmp_path):
   from PIL import Image
   from tiled_ldm_jax.models import checkpoint
   from tiled_ldm_jax import demo
-  from tiled_ldm_jax import masks
   _, vae_cfg, vae_params = checkpoint.load_model(demo.model_path('vae'), expect='vae')
   rt = adherence.vae_round_trip(vae_cfg, vae_params)
   clf = adherence.fit_texture_classifier(5, n_images=8, size=192, transform=rt)
@@ -53,7 +53,7 @@ def test_vae_round_trip_classifier_and_score_files(tmp_path):
   assert wrong['adherence'] < 0.25, wrong
   assert right['seam_ratio'] < 1.3               # an untiled reconstruction: no seams
   Image.fromarray((recon * 255).round().astype(np.uint8)).save(tmp_path / 'sample0000.png')
-  masks.write_label_png(tmp_path / 'sample0000_mask.png', ex.labels)
+  label_maps.write_label_png(tmp_path / 'sample0000_mask.png', ex.labels)
   (tmp_path / 'sample0000.json').write_text(json.dumps({'config': {
       'vae_ckpt': demo.model_path('vae'), 'unet_ckpt': demo.model_path('image_unet'),
       'patch_size': 128}}))

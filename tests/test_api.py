@@ -106,7 +106,8 @@ def test_grid_schedule_and_bfloat16(pipe):
   bf16 = pipe(labels=labels, seed=0, sampling_steps=2, dtype='bfloat16')
   mse = np.mean((f32.images.astype(np.float64) - bf16.images) ** 2)
   psnr = 10 * np.log10(255 ** 2 / max(mse, 1e-12))
-  assert 20 < psnr < 200, psnr          # close to float32, yet a different computation
+  # close to float32, yet a different computation (a dtype ignored gives identical images)
+  assert mse > 0 and psnr > 20, psnr
   with pytest.raises(ValueError, match='grid_margin'):
     pipe(labels=labels, sampling_steps=2, schedule='grid', grid_margin=64)
 

@@ -11,8 +11,8 @@ from tiled_ldm_jax.evaluation import adherence
 from tiled_ldm_jax.evaluation import seams
 from tiled_ldm_jax.models import checkpoint
 from tiled_ldm_jax import demo
-from tiled_ldm_jax import masks
 from tiled_ldm_jax import generate
+from tiled_ldm_jax.files import label_maps
 
 
 def test_demo_models_load_and_are_small():
@@ -25,7 +25,7 @@ def test_demo_models_load_and_are_small():
   for root, _, files in os.walk(demo.DEMO_DIR):
     total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
   assert total < 30 * 2 ** 20, total
-  labels = masks.read_label_png(demo.mask_path())
+  labels = label_maps.read_label_png(demo.mask_path())
   assert labels.ndim == 2 and set(np.unique(labels)) <= set(range(5))
 
 
@@ -52,7 +52,7 @@ def demo_samples(tmp_path_factory, demo_pipeline):
       mp.setattr(generate, '_write_sample', keep_latent)
       [record] = generate.generate(cfg)
     img = np.asarray(Image.open(out / 'sample0000.png'))
-    labels = masks.read_label_png(out / 'sample0000_mask.png')
+    labels = label_maps.read_label_png(out / 'sample0000_mask.png')
     # (That the API decodes a latent as the command does: test_api, at 256 px.)
     partition = demo_pipeline.decode(latents[0][None], blend_mode='partition')[0]
     shared = demo_pipeline.decode(latents[0][None], blend_mode='shared')[0]
@@ -73,7 +73,7 @@ def test_demo_sample_follows_its_mask(demo_samples, classifier):
   img, labels, record = demo_samples['original']
   assert img.shape == (512, 512, 3)
   assert record['config']['patch_size'] == demo.PATCH_SIZE
-  np.testing.assert_array_equal(labels, masks.read_label_png(demo.mask_path()))
+  np.testing.assert_array_equal(labels, label_maps.read_label_png(demo.mask_path()))
   result = adherence.mask_adherence(img, labels, classifier)
   assert result['patches'] > 500
   assert result['adherence'] > ADHERENCE_MIN, result

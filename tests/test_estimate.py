@@ -9,9 +9,9 @@ import pytest
 
 from tiled_ldm_jax import estimate
 from tiled_ldm_jax import generate
-from tiled_ldm_jax import masks
 
 from test_pipeline import config, models  # noqa: F401  (fixtures)
+from tiled_ldm_jax.files import label_maps
 
 
 def test_labels_per_window():
@@ -30,7 +30,7 @@ def test_plan_counts_match_the_run(models, tmp_path, inpaint):
   labels[:, 128:] = 1
   labels[128:, 256:] = 3
   path = tmp_path / 'labels.png'
-  masks.write_label_png(path, labels)
+  label_maps.write_label_png(path, labels)
   extra = {}
   if inpaint:
     from PIL import Image  # pylint: disable=g-import-not-at-top

@@ -11,10 +11,10 @@ from PIL import Image
 import pytest
 
 from tiled_ldm_jax import generate
-from tiled_ldm_jax import masks
 from tiled_ldm_jax.files import geojson_labels as gj
 
 from test_pipeline import config, models  # noqa: F401  (fixtures)
+from tiled_ldm_jax.files import label_maps
 
 H, W = 768, 1024
 CLASSES = {'Tumor': 1, 'Stroma': 2, 'Necrosis': 3}
@@ -157,7 +157,7 @@ def test_bad_files_and_flags_before_any_work(models, tmp_path):
     with pytest.raises(ValueError, match=message):
       generate.prepare(config(models, out, **kw))
   png = tmp_path / 'labels.png'
-  masks.write_label_png(png, np.ones((64, 64), np.int32))
+  label_maps.write_label_png(png, np.ones((64, 64), np.int32))
   with pytest.raises(ValueError, match='only for a GeoJSON'):
     generate.prepare(config(models, out, mask=str(png), mask_classes='Tumor=1'))
   assert not os.path.exists(out)

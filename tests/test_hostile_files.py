@@ -25,11 +25,11 @@ from tiled_ldm_jax.training import data
 from tiled_ldm_jax import demo
 from tiled_ldm_jax.files import image_files
 from tiled_ldm_jax.files import latent_files
-from tiled_ldm_jax import masks
 from tiled_ldm_jax import resume
 from tiled_ldm_jax.convert import safetensors_file
 from tiled_ldm_jax.convert import torch_zip
 from tiled_ldm_jax.convert import torch_zip_write as tzw
+from tiled_ldm_jax.files import label_maps
 
 CASES_PER_KIND = 60
 REFUSED = (ValueError, FileNotFoundError)
@@ -290,27 +290,27 @@ def test_label_png_fuzz(tmp_path):
   rng = random.Random(2)
   labels = np.random.default_rng(0).integers(0, 5, (24, 32)).astype(np.int32)
   good = tmp_path / 'good.png'
-  masks.write_label_png(good, labels)
+  label_maps.write_label_png(good, labels)
   raw = good.read_bytes()
   outcomes = set()
   for i, m in enumerate(_mutations(raw, rng, CASES_PER_KIND, protect=0)):
     p = tmp_path / f'm{i}.png'
     p.write_bytes(m)
-    outcomes.add(_check(masks.read_label_png, p, labels, np.array_equal))
+    outcomes.add(_check(label_maps.read_label_png, p, labels, np.array_equal))
   assert 'refused' in outcomes
   bomb = tmp_path / 'bomb.png'
   bomb.write_bytes(_set_png_size(raw, 100_000, 100_000))
   with pytest.raises(ValueError, match='declares 100000 x 100000'):
-    masks.read_label_png(bomb)
+    label_maps.read_label_png(bomb)
   # Other formats under a .png name: refused by signature, never handed to a decoder.
   eps = tmp_path / 'x.png'
   eps.write_bytes(b'%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n')
   with pytest.raises(ValueError, match='not a PNG'):
-    masks.read_label_png(eps)
+    label_maps.read_label_png(eps)
   jpg = tmp_path / 'j.png'
   Image.fromarray(np.zeros((8, 8), np.uint8)).save(jpg, format='JPEG')
   with pytest.raises(ValueError, match='not a PNG'):
-    masks.read_label_png(jpg)
+    label_maps.read_label_png(jpg)
   with pytest.raises(ValueError, match='not a PNG / JPEG / TIFF'):
     image_files.read_rgb(eps)
 
@@ -392,7 +392,7 @@ def test_training_pairs_checked(tmp_path):
   folder.mkdir()
   labels = np.random.default_rng(0).integers(0, 3, (20, 20)).astype(np.int32)
   Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(folder / 'a.png')
-  masks.write_label_png(folder / 'a_mask.png', labels)
+  label_maps.write_label_png(folder / 'a_mask.png', labels)
   pairs = data.find_pairs(str(folder))
   data.check_pairs(pairs, 3, True, 16)
   image_raw = (folder / 'a.png').read_bytes()
@@ -405,10 +405,10 @@ def test_training_pairs_checked(tmp_path):
   (folder / 'a.png').write_bytes(image_raw)
   for bad_labels, match in ((np.full((20, 20), 7), 'out of range'),
                             (np.zeros((10, 10)), 'smaller than the crop')):
-    masks.write_label_png(folder / 'a_mask.png', bad_labels.astype(np.int32))
+    label_maps.write_label_png(folder / 'a_mask.png', bad_labels.astype(np.int32))
     with pytest.raises(ValueError, match=match):
       data.check_pairs(pairs, 3, True, 16)
-  masks.write_label_png(folder / 'a_mask.png', np.zeros((20, 24), np.int32))
+  label_maps.write_label_png(folder / 'a_mask.png', np.zeros((20, 24), np.int32))
   with pytest.raises(ValueError, match='but its mask is'):
     data.check_pairs(pairs, 3, True, 16)
 

@@ -27,7 +27,6 @@ from PIL import Image
 
 from conftest import script_path
 from tiled_ldm_jax import generate
-from tiled_ldm_jax import masks
 from tiled_ldm_jax import resume
 from tiled_ldm_jax.files import geojson_labels as gj
 from tiled_ldm_jax.files import image_files
@@ -37,6 +36,7 @@ from tiled_ldm_jax.files import large_images
 from tiled_ldm_jax.files import ome_zarr
 from tiled_ldm_jax.files import reading
 from tiled_ldm_jax.files import tiff_rows
+from tiled_ldm_jax.files import label_maps
 
 REFUSED = (ValueError, FileNotFoundError)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -571,7 +571,7 @@ def test_fuzz_hostile_readers(tmp_path):
 
   def read_zarr(p):
     src = label_files.open_label_source(p)
-    rows = masks.LabelMap(src, src.shape).rows(0, min(src.shape[0], 64))
+    rows = label_maps.LabelMap(src, src.shape).rows(0, min(src.shape[0], 64))
     assert rows.shape == (min(src.shape[0], 64), src.shape[1])
     return rows if src.shape == (64, 64) else None
   for rel in ('labels/cells/.zattrs', 'labels/cells/0/.zarray'):

@@ -1,4 +1,4 @@
-"""Label maps that are never whole at pixel resolution (`masks.LabelMap`): equal to the
+"""Label maps that are never whole at pixel resolution (`label_maps.LabelMap`): equal to the
 whole-map path bit for bit, at latent resolution, by rows, in the TIFF mask writer, and
 the banded mask stage equal to decoding and cleaning the whole mask image."""
 
@@ -11,6 +11,7 @@ from tiled_ldm_jax import masks
 from tiled_ldm_jax.output import writers
 
 from test_pipeline import models  # noqa: F401  (fixture)
+from tiled_ldm_jax.files import label_maps
 
 
 @pytest.mark.parametrize('src_hw,out_hw', [((7, 5), (64, 40)), ((100, 60), (256, 384)),
@@ -20,7 +21,7 @@ def test_label_map_equals_the_resized_array(src_hw, out_hw):
   rng = np.random.RandomState(sum(src_hw))
   src = rng.randint(0, 300, src_hw)
   whole = masks.resize_labels(src, out_hw)
-  m = masks.LabelMap(src, out_hw)
+  m = label_maps.LabelMap(src, out_hw)
   assert m.shape == out_hw and m.dtype == np.uint16 and m.source.dtype == np.uint16
   np.testing.assert_array_equal(np.asarray(m), whole)
   np.testing.assert_array_equal(m[3:11], whole[3:11])
@@ -34,18 +35,18 @@ def test_label_map_equals_the_resized_array(src_hw, out_hw):
 
 
 def test_compact_dtypes():
-  assert masks.compact(np.array([0, 255])).dtype == np.uint8
-  assert masks.compact(np.array([0, 256])).dtype == np.uint16
-  assert masks.compact(np.array([70000])).dtype == np.uint32
+  assert label_maps.compact(np.array([0, 255])).dtype == np.uint8
+  assert label_maps.compact(np.array([0, 256])).dtype == np.uint16
+  assert label_maps.compact(np.array([70000])).dtype == np.uint32
   with pytest.raises(ValueError):
-    masks.compact(np.array([-1]))
+    label_maps.compact(np.array([-1]))
 
 
 def test_latent_label_maps_of_arrays_and_maps():
   src = np.arange(12).reshape(3, 4) % 5
   whole = masks.resize_labels(src, (48, 64))
   want = masks.latent_labels(np.stack([whole, whole]), 8).astype(np.int32)
-  m = masks.LabelMap(src, (48, 64))
+  m = label_maps.LabelMap(src, (48, 64))
   np.testing.assert_array_equal(masks.latent_label_maps([m, m], 8), want)
   np.testing.assert_array_equal(masks.latent_label_maps(np.stack([whole, whole]), 8), want)
   assert masks.labels_shape([m, m]) == (2, 48, 64)
@@ -69,7 +70,7 @@ def test_clean_gray_in_bands_equals_the_whole_formula(band_rows):
 def test_tiff_mask_written_by_rows_equals_the_array(tmp_path):
   tifffile = pytest.importorskip('tifffile')
   src = np.random.RandomState(1).randint(0, 4, (13, 9))
-  m = masks.LabelMap(src, (300, 200))
+  m = label_maps.LabelMap(src, (300, 200))
   path = tmp_path / 'm_mask.tif'
   writers.write_labels(str(path), m, tile=64)
   np.testing.assert_array_equal(tifffile.imread(path), np.asarray(m))
@@ -109,7 +110,7 @@ def test_tiff_label_source_read_by_rows(tmp_path, out_hw):
   src = label_files.open_label_source(_tiff_labels(tmp_path, labels))
   assert isinstance(src, label_files.TiffLabels)
   assert src.shape == (200, 330) and src.ids == [0, 1, 2, 3, 4]
-  m = masks.LabelMap(src, out_hw)
+  m = label_maps.LabelMap(src, out_hw)
   whole = masks.resize_labels(labels, out_hw)
   np.testing.assert_array_equal(np.asarray(m), whole)
   np.testing.assert_array_equal(m[70:133], whole[70:133])
@@ -128,7 +129,7 @@ def test_zarr_labels_of_a_run_read_back(demo_pipeline, tmp_path):
   assert label_files.is_ome_zarr_labels(path) and not label_files.is_tiff(path)
   src = label_files.open_label_source(path)
   assert src.shape == (96, 160)
-  np.testing.assert_array_equal(np.asarray(masks.LabelMap(src, (96, 160))), labels)
+  np.testing.assert_array_equal(np.asarray(label_maps.LabelMap(src, (96, 160))), labels)
 
 
 def test_damaged_or_wrong_label_files_are_one_error(tmp_path):
@@ -163,7 +164,7 @@ def test_run_with_a_tiff_mask(models, tmp_path):  # noqa: F811
                                  sampling_steps=1))
   assert plan.cfg.size == (128, 192)
   (record,) = generate.run(plan)
-  got = masks.read_label_png(tmp_path / 'out' / 'sample0000_mask.png')
+  got = label_maps.read_label_png(tmp_path / 'out' / 'sample0000_mask.png')
   np.testing.assert_array_equal(got, labels)
   assert record['labels_present'] == [0, 1, 3]
   labels[0, 0] = 9

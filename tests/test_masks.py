@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from tiled_ldm_jax import masks
+from tiled_ldm_jax.files import label_maps
 
 
 @pytest.fixture(scope='module')
@@ -185,7 +186,7 @@ def test_png_round_trip(tmp_path, high, mode):
   labels[0, 0] = high
   path = tmp_path / 'mask.png'
   path.write_bytes(b'old')                       # overwritten atomically
-  masks.write_label_png(path, labels)
+  label_maps.write_label_png(path, labels)
   assert os.listdir(tmp_path) == ['mask.png']    # no temporary file left behind
   with Image.open(path) as img:
     assert img.mode == mode and img.size == (23, 17)
@@ -193,7 +194,7 @@ def test_png_round_trip(tmp_path, high, mode):
     if mode == 'P':          # and a viewer shows the labels' colours (preview_sample's)
       np.testing.assert_array_equal(np.asarray(img.convert('RGB')),
                                     masks.colour_labels(labels))
-  out = masks.read_label_png(str(path))
+  out = label_maps.read_label_png(str(path))
   assert out.dtype == np.int32
   np.testing.assert_array_equal(out, labels)
 
@@ -201,41 +202,41 @@ def test_png_round_trip(tmp_path, high, mode):
 def test_read_label_png_modes(tmp_path):
   labels = np.array([[0, 1, 2], [3, 4, 0]], np.uint8)
   Image.fromarray(labels).convert('RGB').save(tmp_path / 'gray_rgb.png')
-  np.testing.assert_array_equal(masks.read_label_png(tmp_path / 'gray_rgb.png'), labels)
+  np.testing.assert_array_equal(label_maps.read_label_png(tmp_path / 'gray_rgb.png'), labels)
   pal = Image.fromarray(labels).convert('P')
   pal.putpalette([v for i in range(256) for v in (i * 40 % 256, 0, 255 - i)])
   pal.save(tmp_path / 'pal.png')
   with Image.open(tmp_path / 'pal.png') as img:
     assert img.mode == 'P'
-  np.testing.assert_array_equal(masks.read_label_png(tmp_path / 'pal.png'), labels)
+  np.testing.assert_array_equal(label_maps.read_label_png(tmp_path / 'pal.png'), labels)
   Image.fromarray(labels > 1).save(tmp_path / 'bits.png')     # mode '1'
-  np.testing.assert_array_equal(masks.read_label_png(tmp_path / 'bits.png'), labels > 1)
+  np.testing.assert_array_equal(label_maps.read_label_png(tmp_path / 'bits.png'), labels > 1)
 
 
 def test_read_label_png_bad_inputs(tmp_path):
   missing = tmp_path / 'nope.png'
   with pytest.raises(FileNotFoundError, match='nope.png'):
-    masks.read_label_png(missing)
+    label_maps.read_label_png(missing)
   rgb = np.zeros((2, 2, 3), np.uint8)
   rgb[0, 0] = (255, 0, 0)
   Image.fromarray(rgb).save(tmp_path / 'color.png')
   with pytest.raises(ValueError, match='channels differ.*class id.*mode L'):
-    masks.read_label_png(tmp_path / 'color.png')
+    label_maps.read_label_png(tmp_path / 'color.png')
   Image.fromarray(np.zeros((2, 2, 4), np.uint8)).save(tmp_path / 'rgba.png')
   with pytest.raises(ValueError, match="'RGBA'.*class id.*mode L"):
-    masks.read_label_png(tmp_path / 'rgba.png')
+    label_maps.read_label_png(tmp_path / 'rgba.png')
 
 
 def test_write_label_png_bad_inputs(tmp_path):
   path = tmp_path / 'm.png'
   with pytest.raises(ValueError, match='65536'):
-    masks.write_label_png(path, np.array([[-1, 0]]))
+    label_maps.write_label_png(path, np.array([[-1, 0]]))
   with pytest.raises(ValueError, match='65536'):
-    masks.write_label_png(path, np.array([[70000, 0]]))
+    label_maps.write_label_png(path, np.array([[70000, 0]]))
   with pytest.raises(ValueError, match='integer'):
-    masks.write_label_png(path, np.zeros((2, 2), np.float32))
+    label_maps.write_label_png(path, np.zeros((2, 2), np.float32))
   with pytest.raises(ValueError, match='shape'):
-    masks.write_label_png(path, np.zeros((2, 2, 2), np.int32))
+    label_maps.write_label_png(path, np.zeros((2, 2, 2), np.int32))
   assert not os.listdir(tmp_path)
 
 
@@ -250,7 +251,7 @@ def test_write_label_png_failure_leaves_nothing(tmp_path, monkeypatch):
 
   monkeypatch.setattr(Image.Image, 'save', broken_save)
   with pytest.raises(OSError, match='disk full'):
-    masks.write_label_png(path, np.zeros((4, 4), np.int32))
+    label_maps.write_label_png(path, np.zeros((4, 4), np.int32))
   assert os.listdir(tmp_path) == ['m.png'] and path.read_bytes() == b'previous'
 
 

@@ -9,6 +9,7 @@ from PIL import Image
 
 from tiled_ldm_jax import masks
 from tiled_ldm_jax import generate
+from tiled_ldm_jax.files import label_maps
 
 SCRIPT = os.path.join(os.path.dirname(__file__), '..', 'scripts', 'sample_large_image.py')
 
@@ -34,7 +35,7 @@ def given_mask(tmp_path_factory):
   labels[50:, 40:] = 4
   labels[:10] = 0
   path = tmp_path_factory.mktemp('mask') / 'mask.png'
-  masks.write_label_png(path, labels)
+  label_maps.write_label_png(path, labels)
   return str(path)
 
 
@@ -42,7 +43,7 @@ def _check_outputs(folder, number, size, record_keys=('seed', 'checkpoint_sha256
   base = os.path.join(folder, f'sample{number:04d}')
   img = np.asarray(Image.open(base + '.png'))
   assert img.shape == (size, size, 3) and img.dtype == np.uint8
-  mask = masks.read_label_png(base + '_mask.png')
+  mask = label_maps.read_label_png(base + '_mask.png')
   assert mask.shape == (size, size)
   with open(base + '.json') as f:
     record = json.load(f)
@@ -58,6 +59,7 @@ def test_with_mask_model(models, tmp_path):
   records = generate.generate(config(models, tmp_path))
   img, mask, record = _check_outputs(tmp_path, 0, 256)
   assert set(np.unique(mask)) <= set(range(5))
+  assert (mask > 0).any()   # the mask model laid out classes (an all-0 map is a failure)
   assert record['mask_stage']['denoiser_evaluations'] > 0
   assert set(record['checkpoint_sha256']) == {'unet', 'vae', 'mask_unet'}
   assert 'mask_stage' in record['seconds'] and 'decode_and_write' in record['seconds']
@@ -73,7 +75,7 @@ def test_with_given_mask_numbering_and_repeatability(models, given_mask, tmp_pat
                    for ext in ('.json', '.png', '_mask.png')]
   _, mask, record = _check_outputs(tmp_path, 2, 256)
   assert record['mask_stage'] is None and 'mask_unet' not in record['checkpoint_sha256']
-  expected = masks.resize_labels(masks.read_label_png(given_mask), (256, 256))
+  expected = masks.resize_labels(label_maps.read_label_png(given_mask), (256, 256))
   np.testing.assert_array_equal(mask, expected)
   assert set(np.unique(mask)) == {0, 1, 4}
   # Same flags and seed: identical bytes (image n of each run).
@@ -131,7 +133,7 @@ def test_cli_bad_input_one_line(models, given_mask, tmp_path, flag, value, match
 
 def test_bad_inputs(models, given_mask, tmp_path):
   bad_mask = tmp_path / 'bad.png'
-  masks.write_label_png(bad_mask, np.full((8, 8), 7, np.int32))
+  label_maps.write_label_png(bad_mask, np.full((8, 8), 7, np.int32))
   with pytest.raises(ValueError, match=r'out of range \[0, 5\): 7'):
     generate.prepare(config(models, tmp_path, mask=str(bad_mask)))
   with pytest.raises(ValueError, match='cannot load'):

@@ -134,7 +134,7 @@ def test_no_recompile_for_new_keys_or_cond():
                     keys=sampling.image_keys(seed, [0, 1]), **kw)
   after = loop_lib.compiled.cache_info()
   assert after.misses == before.misses + 1 and after.hits == before.hits + 1
-  smp = sampling.api._sampler(fn, None, loop_lib.SamplerSettings(sampling_steps=2, patch=8), processes.make(  # pylint: disable=protected-access
+  smp = sampling.api._sampler(fn, None, loop_lib.SamplerSettings(sampling_steps=2, patch=8), processes.Diffusion(  # pylint: disable=protected-access
       'v', 'linear', None), None, 2)
   assert smp.compiles() == 1
 

@@ -100,9 +100,9 @@ def test_counters_track_the_latent_exactly():
     for n in range(2):
       level = times[n].min()
       assert int(state.level[n]) == level
-      assert int(state.remaining[n]) == (times[n] == level).sum()
-      np.testing.assert_array_equal(np.asarray(state.counts[n]), _counts(times[n], level, p))
-      np.testing.assert_array_equal(np.asarray(state.super_counts[n]), windows_lib.super_sums(
+      assert int(state.windows.remaining[n]) == (times[n] == level).sum()
+      np.testing.assert_array_equal(np.asarray(state.windows.counts[n]), _counts(times[n], level, p))
+      np.testing.assert_array_equal(np.asarray(state.windows.super_counts[n]), windows_lib.super_sums(
           _counts(times[n], level, p), windows_lib.super_side(20, 28, p)))
     state = smp.step_patch(A, state, loop_lib.spatial(labels))
   assert (np.asarray(state.times) == steps).all()
@@ -125,7 +125,7 @@ def test_grid_equals_full_image_ddim_for_pixel_local_model(h, w, p, k, margin):
     state = smp.sample(A, keys, loop_lib.spatial(labels))
     assert (np.asarray(state.times) == steps).all()
     np.testing.assert_allclose(state.x, full_image_ddim(keys, labels, steps), atol=1e-5)
-    cells, per_level = smp.grid_shape(h, w)
+    cells, per_level = smp.placement.shape(h, w)
     assert int(state.iterations) == steps * per_level
     assert smp.compiles() == 1
 
@@ -136,14 +136,14 @@ def test_grid_does_not_depend_on_k_and_covers_each_pixel_once_per_level():
   labels = random_labels(2, 12, 20)      # 2 x 4 = 8 windows of 6 written pixels
   keys = loop_lib.image_keys(9, [0, 1])
   one = grid(4, 8, 1, margin=1, eta=1.0)
-  cells, _ = one.grid_shape(12, 20)
+  cells, _ = one.placement.shape(12, 20)
   a = one.sample(A, keys, loop_lib.spatial(labels))
   b = grid(4, 8, cells, margin=1, eta=1.0).sample(A, keys, loop_lib.spatial(labels))
   np.testing.assert_allclose(a.x, b.x, atol=1e-6)
   smp = grid(3, 8, 2, margin=1, eta=1.0)
   state = smp.init(keys, labels.shape)
   for level in range(3):
-    for _ in range(smp.grid_shape(12, 20)[1]):
+    for _ in range(smp.placement.shape(12, 20)[1]):
       state = smp.step_patch(A, state, loop_lib.spatial(labels))
     assert (np.asarray(state.times) == level + 1).all()
 
@@ -162,13 +162,13 @@ def test_margin_in_the_last_levels_only(margin_levels):
   total = 0
   for level in range(steps):
     m = 1 if level >= steps - margin_levels else 0
-    per_level = smp.grid_shape(h, w, m)[1]
+    per_level = smp.placement.shape(h, w, m)[1]
     total += per_level
     for _ in range(per_level):
       state = smp.step_patch(A, state, loop_lib.spatial(labels))
     assert (np.asarray(state.times) == level + 1).all(), (level, m)
   assert int(state.iterations) == total
-  cells = smp.grid_shape(h, w, 1)[0]
+  cells = smp.placement.shape(h, w, 1)[0]
   a = smp.sample(A, keys, loop_lib.spatial(labels))
   b = grid(steps, 8, cells, margin=1, eta=1.0, margin_levels=margin_levels).sample(
       A, keys, loop_lib.spatial(labels))
@@ -189,7 +189,7 @@ def test_grid_offsets_differ_between_levels_and_images():
     before = np.asarray(state.times)
     state = smp.step_patch(A, state, loop_lib.spatial(labels))
     first.append(np.argwhere(np.asarray(state.times) != before))
-    while int(state.remaining[0]) != 0:
+    while int(state.windows.batch[0]) != 0:
       state = smp.step_patch(A, state, loop_lib.spatial(labels))
   assert first[0].size and first[1].size
 

@@ -16,11 +16,11 @@ from PIL import Image
 
 from tiled_ldm_jax.models import checkpoint
 from tiled_ldm_jax.training import data
-from tiled_ldm_jax import masks
 from tiled_ldm_jax import training
 from tiled_ldm_jax.models import configs
 from tiled_ldm_jax.training import loader as loader_lib
 from tiled_ldm_jax.models import vae as vae_lib
+from tiled_ldm_jax.files import label_maps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -357,7 +357,7 @@ def test_folder_round_trip(tmp_path):
   for img_path, mask_path in pairs:
     i = int(os.path.basename(img_path)[6:11])
     ex = data.synth_example([2, i], 32, spec, layout_class=i % 2)
-    np.testing.assert_array_equal(masks.read_label_png(mask_path), ex.labels)
+    np.testing.assert_array_equal(label_maps.read_label_png(mask_path), ex.labels)
     assert np.abs(data.read_image(img_path) - ex.image).mean() < 0.03  # JPEG
     assert data.folder_layout_class(mask_path, ex.labels) == i % 2
   src = data.FolderSource(str(tmp_path / 'ds'), 32, 4, seed=0, augment_data=False)
@@ -379,7 +379,7 @@ def test_folder_augmentation_alignment(tmp_path):
   for i in range(3):
     labels = rng.integers(0, 5, (20, 24)).astype(np.uint8)
     Image.fromarray(np.repeat(labels[..., None] * 50, 3, -1)).save(folder / f'g{i}.png')
-    masks.write_label_png(folder / f'g{i}_mask.png', labels)
+    label_maps.write_label_png(folder / f'g{i}_mask.png', labels)
   src = data.FolderSource(str(folder), 16, 3, seed=4, num_classes=5)
   for step in range(4):
     b = src.batch(step)

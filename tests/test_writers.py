@@ -9,11 +9,11 @@ from PIL import Image
 
 from tiled_ldm_jax import convert
 from tiled_ldm_jax import decode
-from tiled_ldm_jax import masks
 from tiled_ldm_jax.output import writers
 from tiled_ldm_jax.models import vae
 
 from test_tiff_pyramid import failing_bands, reference_pyramid
+from tiled_ldm_jax.files import label_maps
 
 tifffile = pytest.importorskip('tifffile')
 
@@ -63,7 +63,7 @@ def test_stream_tiff_equals_in_memory_png(small_vae, tmp_path):
   full = decode.decode_image(f, params, z, patch_size=64, tile_batch=8)[0]
   np.testing.assert_array_equal(decode.to_uint8(full), img)
   # Masks beside the images.
-  np.testing.assert_array_equal(masks.read_label_png(tmp_path / 'a_mask.png'), labels)
+  np.testing.assert_array_equal(label_maps.read_label_png(tmp_path / 'a_mask.png'), labels)
   np.testing.assert_array_equal(tifffile.imread(tmp_path / 'a_mask.tif'), labels)
   assert sorted(os.listdir(tmp_path)) == ['a.png', 'a.tif', 'a_mask.png', 'a_mask.tif']
 

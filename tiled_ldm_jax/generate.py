@@ -47,6 +47,7 @@ from tiled_ldm_jax.sampling import loop as loop_lib
 from tiled_ldm_jax.output import shared_writer
 from tiled_ldm_jax import sharding
 from tiled_ldm_jax.output import writers
+from tiled_ldm_jax.files import label_maps
 
 FORMATS = ('png', 'jpg', 'tiff', 'zarr')
 FORMAT_ALIASES = {'tif': 'tiff', 'jpeg': 'jpg', 'ome-zarr': 'zarr', 'ome_zarr': 'zarr'}
@@ -154,7 +155,7 @@ class Plan:
   """What `prepare` checked and loaded; `run` only computes and writes."""
   cfg: GenerationConfig             # with demo paths and patch sizes resolved
   pipe: pipeline_lib.Pipeline
-  mask: masks_lib.LabelMap | None   # [H, W] the given label map (resized lazily)
+  mask: label_maps.LabelMap | None   # [H, W] the given label map (resized lazily)
   hashes: dict[str, str]            # sha256 of each model folder used
   resume_meta: dict[str, Any] | None
   work: dict[str, Any]              # `estimate.plan` of the request (in every record)
@@ -289,7 +290,7 @@ def prepare(cfg: GenerationConfig) -> Plan:
     if cfg.image_size is None:
       raise ValueError(f'--mask {cfg.mask} is GeoJSON, which has no size: give '
                        '--image_size=HxW (the annotations\' pixel grid)')
-  given = (_file_errors('mask', cfg.mask, lambda: masks_lib.read_label_png(cfg.mask))
+  given = (_file_errors('mask', cfg.mask, lambda: label_maps.read_label_png(cfg.mask))
            if cfg.mask and not annotations and lazy is None else None)
   if lazy is not None:
     given = lazy       # a row source: .shape, .ids; read by bands, never held
@@ -356,11 +357,11 @@ def prepare(cfg: GenerationConfig) -> Plan:
     if bad:
       shown = ', '.join(str(v) for v in bad[:20]) + (', ...' if len(bad) > 20 else '')
       raise ValueError(f'--mask {cfg.mask}: label values out of range [0, {classes}): {shown}')
-    mask = masks_lib.LabelMap(lazy, size)
+    mask = label_maps.LabelMap(lazy, size)
   elif given is not None:
     # Checked at the file's resolution and kept there: the map is resized (nearest) by
-    # rows on demand, never held whole at the image's (masks.LabelMap).
-    mask = _file_errors('mask', cfg.mask, lambda: masks_lib.LabelMap(
+    # rows on demand, never held whole at the image's (label_maps.LabelMap).
+    mask = _file_errors('mask', cfg.mask, lambda: label_maps.LabelMap(
         pipe.check_labels(given[None])[0], size))
   else:
     pipe.check_mask_request(size, cfg.label, o)
@@ -454,12 +455,12 @@ def _keep_mask(cfg: GenerationConfig, init_image, offset, size, factor: int):
                           lambda: label_files.open_label_source(cfg.keep_mask))
     if source is None:
       source = _file_errors('keep_mask', cfg.keep_mask,
-                            lambda: masks_lib.read_label_png(cfg.keep_mask))
+                            lambda: label_maps.read_label_png(cfg.keep_mask))
     if tuple(source.shape) != tuple(size):
       raise ValueError(f'--keep_mask {cfg.keep_mask} is {source.shape[0]}x'
                        f'{source.shape[1]}, the output is {size[0]}x{size[1]}')
     keep = _file_errors('keep_mask', cfg.keep_mask,
-                        lambda: masks_lib.LabelMap(source, size).latent(factor)) != 0
+                        lambda: label_maps.LabelMap(source, size).latent(factor)) != 0
   if cfg.init_offset is None:
     return keep
   (y, x), (ih, iw) = offset, init_image.shape[:2]
@@ -627,7 +628,7 @@ def shares_decode(cfg: GenerationConfig, batch: int) -> bool:
   return batch < jax.process_count() and cfg.output_format in ('tiff', 'zarr')
 
 
-def _write_sample(plan: Plan, number: int, z, labels: masks_lib.LabelMap, record: dict,
+def _write_sample(plan: Plan, number: int, z, labels: label_maps.LabelMap, record: dict,
                   mine: bool = True, shared: bool = False) -> dict:
   """Decodes one latent (bands for TIFF/Zarr, whole otherwise), writes image, mask, JSON.
 
@@ -702,7 +703,7 @@ class _Overview:
                         quality=85)
 
 
-def _write_image(plan: Plan, z, labels: masks_lib.LabelMap, image_path: str,
+def _write_image(plan: Plan, z, labels: label_maps.LabelMap, image_path: str,
                  overview_path: str | None = None) -> None:
   """One process: this image in the run's format (bands for TIFF/Zarr, whole otherwise),
   and its overview JPEG (TIFF/Zarr) if `overview_path`."""
@@ -731,7 +732,7 @@ def _write_image(plan: Plan, z, labels: masks_lib.LabelMap, image_path: str,
     log.finish(h)
 
 
-def _write_shared(plan: Plan, z, labels: masks_lib.LabelMap, image_path: str) -> None:
+def _write_shared(plan: Plan, z, labels: label_maps.LabelMap, image_path: str) -> None:
   """All processes: this image's TIFF or OME-Zarr, each decoding its share of bands."""
   cfg, where = plan.cfg, dict(process_index=jax.process_index(),
                               process_count=jax.process_count())
@@ -749,7 +750,7 @@ def _fresh(plan: Plan, stage: str, indices):
   cfg, pipe = plan.cfg, plan.pipe
   if stage == 'mask':
     return pipe.mask_stage(plan.options, cfg.size, cfg.label, indices, cfg.seed)
-  zeros = [masks_lib.LabelMap(np.zeros((1, 1), np.uint8), cfg.size)] * len(indices)
+  zeros = [label_maps.LabelMap(np.zeros((1, 1), np.uint8), cfg.size)] * len(indices)
   return pipe.image_stage(plan.options, zeros, indices, cfg.seed)
 
 
@@ -801,7 +802,7 @@ def run(plan: Plan, *, flags_used: dict | None = None) -> list[dict]:
         state = None    # saved before the stage began: start it as a fresh run does
                         # (from the init image and its strength, if any)
       if labels is not None:
-        labels = [masks_lib.LabelMap(m, cfg.size) for m in labels]
+        labels = [label_maps.LabelMap(m, cfg.size) for m in labels]
       extra = meta.get('extra', {})
       logging.info('resuming batch at image %d, %s stage, iteration %d', b0, stage,
                    meta['iterations'])

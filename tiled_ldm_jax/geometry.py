@@ -44,13 +44,6 @@ class LatentGeometry:
       raise ValueError(f'{what} must be a positive multiple of {self.factor}, got {pixels}')
     return pixels // self.factor
 
-  def pixel_size(self, latent: int) -> int:
-    return latent * self.factor
-
-  def to_vae_latent(self, z):
-    """Diffusion latent -> VAE latent (what the decoder reads)."""
-    return z * self.scale
-
   def to_diffusion_latent(self, z):
     """VAE latent (the encoder's output) -> diffusion latent."""
     return z / self.scale

@@ -44,6 +44,7 @@ from tiled_ldm_jax.sampling import windows as windows_lib
 from tiled_ldm_jax import sharding
 from tiled_ldm_jax.models import unet as unet_lib
 from tiled_ldm_jax.models import vae as vae_lib
+from tiled_ldm_jax.files import label_maps
 
 DTYPES = ('float32', 'bfloat16')
 GRID_BATCH_PIXELS = windows_lib.GRID_BATCH_PIXELS   # grid: default window batch cap
@@ -104,8 +105,8 @@ class Options:
   tile_batch: int = _help('VAE tiles per decoder call.', 4)
   blend_mode: str = _help("Tiled decode blend: 'shared' (tiles of at least 512 px "
                           "overlapping by 1/8, cross-faded, every GroupNorm with "
-                          "whole-image statistics: ~1.3 decoder passes per pixel on large "
-                          "images, closest to a whole-image decode), 'original' (the "
+                          "whole-image statistics: the fewest decoder passes per pixel on "
+                          "large images, closest to a whole-image decode), 'original' (the "
                           "original's four shifted decodes, parity), 'partition' (the same "
                           "four decodes, weights that leave no residual seam) or 'overlap' "
                           "(tiles of the patch size, each with its own statistics) "
@@ -116,8 +117,8 @@ class Options:
   resample: int = _help('With a keep mask: RePaint resampling passes per step of the '
                         'windows that hold kept and free pixels (each pass takes the '
                         'step back with fresh noise and runs it again, so both sides '
-                        'agree at the border; 0: none). 2: the border seam of the demo '
-                        'inpainting fell from 1.44 to 1.14 (README).', 2)
+                        'agree at the border; 0: none; its effect on the border seam: '
+                        'README).', 2)
 
   def __post_init__(self):
     for name in ('cond_scale', 'mask_cond_scale', 'eta'):
@@ -126,32 +127,19 @@ class Options:
         continue
       if not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f'{name} must be a finite number, got {value!r}')
-    if self.eta is not None and self.eta < 0:
-      raise ValueError(f'eta must be >= 0, got {self.eta}')
+    loop_lib.check_knobs(**{name: getattr(self, name) for name in (
+        'schedule', 'patches_per_step', 'eta', 'grid_margin_levels', 'grid_margin_first_levels',
+        'resample', 'progress_every')})
     processes.solver_named(self.solver)
     if self.eta and not isinstance(processes.solver_named(self.solver), processes.DDIM):
       raise ValueError(f"solver {self.solver!r} is deterministic: eta must be 0 or unset, "
                        f"got {self.eta}")
     if self.tile_batch < 1:
       raise ValueError(f'tile_batch must be >= 1, got {self.tile_batch}')
-    if self.patches_per_step is not None and self.patches_per_step < 1:
-      raise ValueError(f'patches_per_step must be >= 1, got {self.patches_per_step}')
-    if self.schedule not in loop_lib.SCHEDULES:
-      raise ValueError(f'schedule must be one of {loop_lib.SCHEDULES}, got '
-                       f'{self.schedule!r}')
     if self.grid_margin is not None and self.grid_margin < 0:
       raise ValueError(f'grid_margin must be >= 0, got {self.grid_margin}')
-    if self.grid_margin_levels is not None and self.grid_margin_levels < 0:
-      raise ValueError(f'grid_margin_levels must be >= 0, got {self.grid_margin_levels}')
-    if self.grid_margin_first_levels is not None and self.grid_margin_first_levels < 0:
-      raise ValueError(f'grid_margin_first_levels must be >= 0, got '
-                       f'{self.grid_margin_first_levels}')
     if self.dtype not in DTYPES:
       raise ValueError(f'dtype must be one of {DTYPES}, got {self.dtype!r}')
-    if self.progress_every < 0:
-      raise ValueError(f'progress_every must be >= 0, got {self.progress_every}')
-    if self.resample < 0:
-      raise ValueError(f'resample must be >= 0, got {self.resample}')
     diffusion.time_pairs(self.sampling_steps)          # 1 <= S <= T
     if self.blend_mode not in decode_lib.BLEND_MODES:
       raise ValueError(f'blend_mode must be one of {decode_lib.BLEND_MODES}, got '
@@ -379,7 +367,7 @@ class Pipeline:
     net, process = guidance.trained_unet(
         unet_lib.eps_fn(dataclasses.replace(model.config, dtype=o.dtype)), model.objective)
     process = process.with_solver(processes.solver_named(o.solver))
-    denoise = (guidance.image_denoiser(net, model.config.num_classes, o.cond_scale)
+    denoise = (guidance.multilabel_guidance(net, model.config.num_classes, o.cond_scale)
                if which == 'image' else guidance.mask_denoiser(net, o.mask_cond_scale))
     settings = loop_lib.SamplerSettings(
         sampling_steps=o.sampling_steps, patch=patch_px // f, eta=o.eta,
@@ -402,10 +390,12 @@ class Pipeline:
   def image_stage(self, o: Options, labels, indices, seed: int, *, init=None,
                   strength: float = 1.0, keep=None):
     """(sampler, initial state, conditioning: the latent label map, spatial); `labels`
-    [N, H, W] pixel maps, an array or `masks.LabelMap`s (read at latent resolution only);
+    [N, H, W] pixel maps, an array or `label_maps.LabelMap`s (read at latent resolution only);
     `init` [N, h, w, C] latents to start from at `strength` (`loop.Sampler.init`);
     `keep` [N, H, W] pixels (non-zero) that follow `init` (read at latent resolution), or
     [N, H/f, W/f] latent pixels."""
+    loop_lib.check_start(o.sampling_steps, strength, init=init is not None,
+                         keep=keep is not None)
     f = self.geometry.factor
     latent = masks_lib.latent_label_maps(labels, f)
     smp = self._sampler('image', o, o.patch_size, latent.shape[1:], len(indices),
@@ -414,9 +404,6 @@ class Pipeline:
                      init=init, strength=strength)
     cond = loop_lib.spatial(latent)
     if keep is not None:
-      if init is None:
-        raise ValueError('keep needs init latents (or an init_image): what the kept '
-                         'pixels follow')
       keep = np.asarray(keep)
       pixels = latent.shape[:1] + (latent.shape[1] * f, latent.shape[2] * f)
       if keep.shape == pixels:
@@ -432,7 +419,7 @@ class Pipeline:
 
     The decode runs band by band and each band is quantized to 8-bit gray at once
     (per pixel), so the float mask image is never whole; the clean runs on the gray map
-    at the mask's resolution. `lazy`: a list of `masks.LabelMap` (the cleaned map and
+    at the mask's resolution. `lazy`: a list of `label_maps.LabelMap` (the cleaned map and
     its nearest upsampling, never held at pixel resolution) instead of an int32 array;
     both are the same ids as `masks.clean_mask` of the whole decoded image.
     """
@@ -447,7 +434,7 @@ class Pipeline:
                                                    settings):
         gray[r0:r0 + band.shape[0]] = masks_lib.mask_gray(
             masks_lib.quantize_mask_image(band, num_labels))
-      out.append(masks_lib.LabelMap(masks_lib.clean_gray(gray, num_labels), hw))
+      out.append(label_maps.LabelMap(masks_lib.clean_gray(gray, num_labels), hw))
     return out if lazy else np.stack([np.asarray(m, np.int32) for m in out])
 
   # ------------------------------------------------------------------------- stages
@@ -472,7 +459,8 @@ class Pipeline:
     `keep` [N, H, W] (non-zero = keep): those pixels follow the init at every level
     (inpainting: the rest is generated to join them)."""
     o = self.resolve(options, **overrides)
-    loop_lib.start_level(o.sampling_steps, strength)
+    loop_lib.check_start(o.sampling_steps, strength, init=init_latents is not None,
+                         keep=keep is not None)
     labels = self.check_labels(labels)
     return self.run_image_stage(o, labels, _indices(indices, len(labels)), seed,
                                 init=init_latents, strength=strength, keep=keep)[0]
@@ -507,7 +495,7 @@ class Pipeline:
   def run_mask_stage(self, o: Options, image_size, label: int, indices, seed: int, *,
                      state=None, chunk: int = 0, on_chunk=None, lazy: bool = False):
     """(labels [N, H, W], counters) of the mask stage; `state`: continue a saved one;
-    `lazy`: the labels as `masks.LabelMap`s (`labels_from_mask_latents`)."""
+    `lazy`: the labels as `label_maps.LabelMap`s (`labels_from_mask_latents`)."""
     self.check_mask_request(image_size, label, o)
     smp, fresh, classes = self.mask_stage(o, image_size, label, indices, seed)
     state = _run_stage(smp, self.mask_unet.params, fresh if state is None else smp.place(state),
@@ -519,7 +507,7 @@ class Pipeline:
                       state=None, chunk: int = 0, on_chunk=None, init=None,
                       strength: float = 1.0, keep=None):
     """(latents [N, h, w, C], counters) of the image stage for pixel label maps [N, H, W]
-    (an array or `masks.LabelMap`s)."""
+    (an array or `label_maps.LabelMap`s)."""
     self.check_image_request(masks_lib.labels_shape(labels)[1:], o)
     if len(indices) != len(labels):
       raise ValueError(f'{len(labels)} label maps but {len(indices)} indices')
@@ -577,10 +565,8 @@ class Pipeline:
     regenerate those images (`encode`, then `sample_latents(init_latents=...)`); `keep`
     [H, W] or [N, H, W] (non-zero = keep, needs init_image): inpaint the rest."""
     o = self.resolve(options, **overrides)
-    loop_lib.start_level(o.sampling_steps, strength)
-    if keep is not None and init_image is None:
-      raise ValueError('keep needs init latents (or an init_image): what the kept pixels '
-                       'follow')
+    loop_lib.check_start(o.sampling_steps, strength, init=init_image is not None,
+                         keep=keep is not None)
     stats = {}
     init = None
     if init_image is not None:
@@ -631,13 +617,25 @@ def default_grid_margin(patch_px: int, factor: int, sampling_steps: int) -> int:
   return max(factor, patch_px // share // factor * factor)
 
 
+# Each placement's defaults, resolved once per stage from the options (`window_fields`):
+# (its default margin in px, its `sampling.windows` object from a latent margin).
+_PLACEMENTS = {
+    'random': (lambda o, patch_px, factor: 0,
+               lambda o, margin: windows_lib.Random(o.patches_per_step or 1, margin)),
+    'grid': (lambda o, patch_px, factor: default_grid_margin(patch_px, factor,
+                                                             o.sampling_steps),
+             lambda o, margin: windows_lib.Grid(margin, o.patches_per_step,
+                                                o.grid_margin_levels,
+                                                first_margin_levels(o))),
+}
+
+
 def stage_margin(o: Options, patch_px: int, factor: int) -> int:
-  """A stage's margin in px: `o.grid_margin` if given, else the grid's default for this
-  stage's patch (each stage its own), 0 for random placement."""
+  """A stage's margin in px: `o.grid_margin` if given, else the placement's default for
+  this stage's patch (each stage its own): the grid's `default_grid_margin`, random 0."""
   if o.grid_margin is not None:
     return o.grid_margin
-  return default_grid_margin(patch_px, factor, o.sampling_steps) if o.schedule == 'grid' \
-      else 0
+  return _PLACEMENTS[o.schedule][0](o, patch_px, factor)
 
 
 def first_margin_levels(o: Options) -> int:
@@ -654,11 +652,7 @@ def window_fields(o: Options, patch_px: int, factor: int, latent_hw) -> dict:
   split evenly over the calls a level then needs), margin in latent pixels, margin
   levels. The commands, the API and the benchmarks all place windows through it."""
   patch, margin = patch_px // factor, stage_margin(o, patch_px, factor) // factor
-  k = o.patches_per_step or windows_lib.default_patches_per_step(
-      o.schedule, latent_hw, patch, margin, GRID_BATCH_PIXELS)
-  return dict(schedule=o.schedule, patches_per_step=k, grid_margin=margin,
-              grid_margin_levels=o.grid_margin_levels if o.schedule == 'grid' else None,
-              grid_margin_first_levels=first_margin_levels(o) if o.schedule == 'grid' else 0)
+  return _PLACEMENTS[o.schedule][1](o, margin).settings(latent_hw, patch)
 
 
 def _run_stage(smp, params, state, cond, sampling_steps: int, chunk: int, on_chunk):

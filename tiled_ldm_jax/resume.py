@@ -25,7 +25,8 @@ from tiled_ldm_jax import sharding
 from tiled_ldm_jax.sampling.loop import SamplerState
 
 FOLDER = 'checkpoint'
-FORMAT = 2   # 2: the random sampler's state holds super_counts
+FORMAT = 3   # 2: the random sampler's state holds super_counts; 3: the placement's
+             # carry is its own subtree (`windows`)
 INPUT_PREFIX = 'input:'   # hashes of input files (--mask, --init_image, --keep_mask), not models
 # Flags (`GenerationConfig.flat()`) that cannot change what is generated.
 NEUTRAL_FIELDS = ('imgs_path', 'progress_every', 'checkpoint_every', 'resume', 'dry_run',
@@ -76,9 +77,18 @@ def _check_meta(path: str, meta: dict, cfg) -> None:
                      f'null, got {str(extra.get("mask_stats"))[:40]!r}')
 
 
+def _fields(state) -> dict:
+  """The state's arrays by field name, keys excepted (the placement's carry a dict)."""
+  out = {}
+  for f in dataclasses.fields(state):
+    value = getattr(state, f.name)
+    if f.name != 'keys':
+      out[f.name] = (_fields(value) if dataclasses.is_dataclass(value) else value)
+  return out
+
+
 def _state_tree(state: SamplerState, labels) -> dict[str, np.ndarray]:
-  tree = {f.name: sharding.to_host(getattr(state, f.name)) for f in dataclasses.fields(state)
-          if f.name != 'keys'}
+  tree = jax.tree_util.tree_map(sharding.to_host, _fields(state))
   tree['key_data'] = sharding.to_host(jax.random.key_data(state.keys))
   if labels is not None:   # a LabelMap is saved as its source (the mask's resolution)
     tree['labels'] = np.stack([np.asarray(getattr(m, 'source', m), np.int32) for m in labels])
@@ -140,8 +150,9 @@ class RunCheckpoint:
     if labels_shape is not None:
       abstract['labels'] = jax.ShapeDtypeStruct(tuple(labels_shape), np.int32)
     tree = checkpoint.load_state(self.path, abstract)
-    fields = {f.name: jnp.asarray(tree[f.name]) for f in dataclasses.fields(like)
-              if f.name != 'keys'}
+    fields = {name: (type(like.windows)(**{k: jnp.asarray(v) for k, v in tree[name].items()})
+                     if name == 'windows' else jnp.asarray(tree[name]))
+              for name in _fields(like)}
     keys = jax.random.wrap_key_data(jnp.asarray(tree['key_data']),
                                     impl=jax.random.key_impl(like.keys))
     return SamplerState(keys=keys, **fields), tree.get('labels')

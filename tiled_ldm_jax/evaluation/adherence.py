@@ -16,6 +16,7 @@ import numpy as np
 
 from tiled_ldm_jax.training import data as data_lib
 from tiled_ldm_jax.files import image_files
+from tiled_ldm_jax.files import label_maps
 
 N_FEATURES = 11
 
@@ -178,7 +179,6 @@ def score_files(image_path: str, *, mask_path: str | None = None, vae_dir: str |
   import json
   import os
   from tiled_ldm_jax.models import checkpoint
-  from tiled_ldm_jax import masks
   stem = os.path.splitext(image_path)[0]
   meta = {}
   if os.path.isfile(stem + '.json'):
@@ -198,7 +198,7 @@ def score_files(image_path: str, *, mask_path: str | None = None, vae_dir: str |
     if not os.path.isfile(p):
       raise FileNotFoundError(p)
   img = image_files.read_rgb(image_path, what='sample image')
-  labels = masks.read_label_png(mask_path)
+  labels = label_maps.read_label_png(mask_path)
   _, vae_cfg, vae_params = checkpoint.load_model(vae_dir, expect='vae')
   clf = fit_texture_classifier(num_labels, n_images=n_fit_images,
                                transform=vae_round_trip(vae_cfg, vae_params))

@@ -20,6 +20,7 @@ from tiled_ldm_jax import estimate
 from tiled_ldm_jax import geometry
 from tiled_ldm_jax import pipeline
 from tiled_ldm_jax.sampling import loop as loop_lib
+from tiled_ldm_jax.sampling import placements
 from tiled_ldm_jax.models import unet as unet_lib
 
 
@@ -106,7 +107,7 @@ def run_sampler_benchmark(config, params, *, image_size: int, patch_size: int, s
       sampling_steps=sampling_steps, patch=patch_size // geom.factor,
       patches_per_step=patches_per_step, schedule=schedule, grid_margin=grid_margin,
       grid_margin_levels=grid_margin_levels, grid_margin_first_levels=grid_margin_first_levels)
-  denoise = guidance.image_denoiser(unet_lib.eps_fn(config), config.num_classes, cond_scale)
+  denoise = guidance.multilabel_guidance(unet_lib.eps_fn(config), config.num_classes, cond_scale)
   smp = loop_lib.Sampler(denoise, settings, mesh=mesh, n_images=batch_size)
   cond = loop_lib.spatial(jnp.asarray(labels[:, ::geom.factor, ::geom.factor]))
   keys = loop_lib.image_keys(seed, np.arange(batch_size))
@@ -136,7 +137,8 @@ def run_sampler_benchmark(config, params, *, image_size: int, patch_size: int, s
       'denoiser_evaluations': evaluations, 'denoiser_calls': calls,
       'original_evaluations': (original_evaluations(config, cond_scale, settings, keys, cond)
                                if patches_per_step == 1 and batch_size == 1
-                               and schedule == 'random' else None),
+                               and isinstance(smp.placement, placements.RandomPlacement)
+                               else None),
       'denoiser_seconds': denoiser_seconds,
       'overhead_ratio': seconds / denoiser_seconds,
       # U-Net samples x FLOPs of one (batch-1) forward: the work a perfect device must do
@@ -173,7 +175,7 @@ def count_work(config, params, *, image_size: int, patch_size: int, sampling_ste
       schedule=schedule, grid_margin=grid_margin, grid_margin_levels=grid_margin_levels,
       grid_margin_first_levels=grid_margin_first_levels)
   zero = lambda params, x, t, cond, null=None: jnp.zeros(x.shape, jnp.float32)
-  denoise = guidance.image_denoiser(zero, config.num_classes, cond_scale)
+  denoise = guidance.multilabel_guidance(zero, config.num_classes, cond_scale)
   # Built at latent resolution (what the sampler reads): a 100,000 px pixel map would be
   # 40 GB. Equal to the pixel map's [::f, ::f] for sides that are multiples of 8 f.
   side = image_size // geom.factor

@@ -18,9 +18,11 @@ import jax
 import numpy as np
 
 from tiled_ldm_jax import pipeline as pipeline_lib
+from tiled_ldm_jax.sampling import placements
 from tiled_ldm_jax.sampling import windows as windows_lib
 from tiled_ldm_jax.evaluation import adherence
 from tiled_ldm_jax.evaluation import seams
+from tiled_ldm_jax.files import label_maps
 
 WARMUP_SEED = 10_000   # never one of the measured seeds
 
@@ -28,8 +30,7 @@ WARMUP_SEED = 10_000   # never one of the measured seeds
 def demo_labels(image_size: int) -> np.ndarray:
   """[H, W] int32: the bundled 512 px demo mask scaled (nearest) to `image_size`."""
   from tiled_ldm_jax import demo  # pylint: disable=g-import-not-at-top
-  from tiled_ldm_jax import masks  # pylint: disable=g-import-not-at-top
-  m = masks.read_label_png(demo.mask_path())
+  m = label_maps.read_label_png(demo.mask_path())
   rows = np.arange(image_size) * m.shape[0] // image_size
   cols = np.arange(image_size) * m.shape[1] // image_size
   return m[rows][:, cols].astype(np.int32)
@@ -40,7 +41,7 @@ def _timed_latents(pipe, labels, seed, o):
   smp, state, latent = pipe.image_stage(o, labels, np.arange(len(labels)), seed)
   state = smp.run(pipe.unet.params, state, latent)
   jax.block_until_ready(state.x)
-  return state, time.perf_counter() - start
+  return state, time.perf_counter() - start, smp
 
 
 def last_level_grid(pipe, o, image_hw, seed: int) -> tuple[int, int, int]:
@@ -48,7 +49,7 @@ def last_level_grid(pipe, o, image_hw, seed: int) -> tuple[int, int, int]:
   level for image 0: borders lie at `first + k * cell`."""
   smp, state, _ = pipe.image_stage(o, np.zeros((1,) + tuple(image_hw), np.int32), [0], seed)
   s = smp.settings
-  cell = s.patch - 2 * int(smp.grid_margin_at(s.sampling_steps - 1))
+  cell = s.patch - 2 * int(smp.placement.margin_at(s.sampling_steps - 1))
   off = np.asarray(windows_lib.grid_offset(state.keys[0], s.sampling_steps - 1, cell))
   f = pipe.geometry.factor
   return cell * f, int((-off[0]) % cell) * f, int((-off[1]) % cell) * f
@@ -83,10 +84,9 @@ def compare_schedules(pipe, labels: np.ndarray, seeds, variants, *, classifier=N
   rows = []
   for variant in variants:
     o = pipe.resolve(**{**options, **variant})
-    schedule = o.schedule
     _timed_latents(pipe, labels, WARMUP_SEED, o)
     for seed in seeds:
-      state, seconds = _timed_latents(pipe, labels, seed, o)
+      state, seconds, smp = _timed_latents(pipe, labels, seed, o)
       img = pipe.decode(state.x, options=o)[0]
       # The same lines for every variant: the margin-0 grid's last-level cell borders
       # (random: a control; a grid with a margin: its cells are smaller, see seam_own).
@@ -94,11 +94,11 @@ def compare_schedules(pipe, labels: np.ndarray, seeds, variants, *, classifier=N
                                      labels.shape[1:], seed)
       seam = grid_seam_ratio(img, tile, r0, c0)
       seam_own = (grid_seam_ratio(img, *last_level_grid(pipe, o, labels.shape[1:], seed))
-                  if schedule == 'grid' else seam)
+                  if isinstance(smp.placement, placements.GridPlacement) else seam)
       n, h, w = state.times.shape
       p = pipe.geometry.latent_size(o.patch_size, 'patch_size')
       rows.append({
-          'schedule': schedule,
+          'schedule': o.schedule,
           'grid_margin': pipeline_lib.stage_margin(o, o.patch_size, pipe.geometry.factor),
           'grid_margin_levels': o.grid_margin_levels, 'seed': int(seed),
           'seconds': seconds,
@@ -146,7 +146,7 @@ def compare_solvers(pipe, labels: np.ndarray, seeds, runs=SOLVER_RUNS,
     ref = None
     for solver, steps in (reference,) + tuple(runs):
       o = pipe.resolve(solver=solver, sampling_steps=steps, eta=0.0, **options)
-      state, seconds = _timed_latents(pipe, labels, seed, o)
+      state, seconds, smp = _timed_latents(pipe, labels, seed, o)
       img = pipe.decode(state.x, options=o)[0]
       ref = img if ref is None else ref
       n, h, w = state.times.shape
@@ -170,7 +170,7 @@ def compare_dtypes(pipe, labels: np.ndarray, seed: int, dtypes=('float32', 'bflo
   for dtype in dtypes:
     o = pipe.resolve(dtype=dtype, **options)
     pipe.decode(_timed_latents(pipe, labels, WARMUP_SEED, o)[0].x, options=o)   # compile
-    state, seconds = _timed_latents(pipe, labels, seed, o)
+    state, seconds, smp = _timed_latents(pipe, labels, seed, o)
     start = time.perf_counter()
     img = pipe.decode(state.x, options=o)[0]
     decode_seconds = time.perf_counter() - start

@@ -129,4 +129,4 @@ def run(smoke: bool = False, emit: Callable[[dict], None] = print) -> list[dict]
 
 def _grid_k(plan: _Plan, f: int) -> int:
   side = plan.image_size // f
-  return windows.default_patches_per_step('grid', (side, side), plan.patch_size // f, 0)
+  return windows.grid_batch((side, side), plan.patch_size // f, 0)

@@ -80,8 +80,7 @@ def patch_equivalence(prediction: str, schedule: str, noise_schedule: str, *,
   cond = _cond(n, *hw, seed=1)
   common = dict(keys=keys, latent_shape=hw + (CHANNELS,), sampling_steps=sampling_steps, eta=0.0, devices=1,
                 process=process_of(prediction, noise_schedule, clip_x0))
-  small = dict(windows=windows or (sampling.Random(2) if schedule == 'random' else
-                                  sampling.Grid(margin=2, patches_per_step=4)))
+  small = dict(windows=windows or _SMALL_WINDOWS[schedule])
   fn = local_denoiser(prediction)
   tiled = sampling.sample(fn, jnp.asarray(MIX), cond, patch=patch, **small, **common)
   whole = sampling.sample(fn, jnp.asarray(MIX), cond, patch=max(hw), **common)
@@ -95,9 +94,14 @@ def process_of(prediction: str, noise_schedule='cosine', clip_x0=None):
   return sampling.Diffusion(prediction, noise_schedule, clip_x0)
 
 
+# A table names its placements; these are their objects.
+_SMALL_WINDOWS = {'random': sampling.Random(2), 'grid': sampling.Grid(margin=2, patches_per_step=4)}
+_WINDOWS = {'random': lambda k: sampling.Random(k or 1),
+            'grid': lambda k: sampling.Grid(patches_per_step=k)}
+
+
 def windows_of(schedule: str, patches_per_step: int | None = None):
-  return (sampling.Random(patches_per_step or 1) if schedule == 'random' else
-          sampling.Grid(patches_per_step=patches_per_step))
+  return _WINDOWS[schedule](patches_per_step)
 
 
 def oracle_error(prediction: str, schedule: str, noise_schedule: str = 'cosine', *,

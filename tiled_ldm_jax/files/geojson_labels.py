@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from tiled_ldm_jax import masks as masks_lib
 from tiled_ldm_jax.files import reading
+from tiled_ldm_jax.files import label_maps
 
 MAX_BYTES = 1 << 30              # a larger annotation file is refused unread
 _ROW_CHUNK_ELEMENTS = 1 << 20    # rows x (edges + columns) per vectorized block
@@ -188,9 +188,9 @@ def _check_holes(rings: list[np.ndarray], where: str) -> None:
       raise ValueError(f'{where}: hole (ring {k}) is not inside its shell (ring 0)')
 
 
-class GeoJSONLabels(masks_lib.RowMap):
+class GeoJSONLabels(label_maps.RowMap):
   """Annotations as a label map [H, W] rasterized on demand (module doc); it slices by
-  rows like `masks.LabelMap`, so the writers and the image stage take either."""
+  rows like `label_maps.LabelMap`, so the writers and the image stage take either."""
 
   def __init__(self, polygons: list[tuple[int, np.ndarray]], hw, dtype):
     self.polygons = polygons          # (label, edges [E, 4]) in painting order
@@ -346,6 +346,6 @@ def read_geojson(path, classes: dict[str, int], hw, num_classes: int | None = No
     bad = sorted({lab for lab, _ in polygons if lab >= num_classes})
     raise ValueError(f'--mask_classes: ids {bad} are outside the model\'s classes '
                      f'[0, {num_classes})')
-  out = GeoJSONLabels(polygons, (h, w), masks_lib.compact_dtype(top))
+  out = GeoJSONLabels(polygons, (h, w), label_maps.compact_dtype(top))
   out.counts = {name: counts[name] for name in sorted(counts, key=lambda n: counts[n]['id'])}
   return out

@@ -1,11 +1,11 @@
 """Label maps read lazily from large files: tiled (pyramidal) TIFFs and OME-Zarr labels.
 
-Each reader is a row source for `masks.LabelMap` (`.shape`, `.dtype`, `.ids`,
+Each reader is a row source for `label_maps.LabelMap` (`.shape`, `.dtype`, `.ids`,
 `.read_rows(r0, r1)`): it holds no pixels, reads the tiles or chunks a band of rows needs,
 and is checked whole when opened (one pass, a tile or chunk row at a time): single
 channel, integer ids, every segment decodable, the ids it holds. `open_label_source`
 chooses the reader from the file's contents (a TIFF signature, a folder holding an
-OME-Zarr `labels` group), never from its name; PNGs are read by `masks.read_label_png`.
+OME-Zarr `labels` group), never from its name; PNGs are read by `label_maps.read_label_png`.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ class ZarrLabels:
 
 
 def open_label_source(path):
-  """A TIFF or OME-Zarr label source for `masks.LabelMap`, or None if the file is neither
+  """A TIFF or OME-Zarr label source for `label_maps.LabelMap`, or None if the file is neither
   (by its contents)."""
   if is_tiff(path):
     return TiffLabels(path)

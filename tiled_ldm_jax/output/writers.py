@@ -16,7 +16,7 @@
   library's; any TIFF reader) or raw, compressed on a thread pool; `mpp` becomes the TIFF
   resolution (OpenSlide's `openslide.mpp-x/y`).
 - OME-Zarr stores (NGFF 0.4, image levels + labels): `tiled_ldm_jax.output.ome_zarr`.
-- Label masks beside the image (`mask_path`): PNG of label ids (`masks.write_label_png`)
+- Label masks beside the image (`mask_path`): PNG of label ids (`label_maps.write_label_png`)
   or, for `.tif`/`.tiff`, a tiled TIFF of label ids (uint8, or uint16 when an id is
   >= 256).
 
@@ -43,7 +43,7 @@ from PIL import Image
 
 from tiled_ldm_jax import decode as decode_lib
 from tiled_ldm_jax.files.atomic import atomic_path  # re-exported: writers use the one helper
-from tiled_ldm_jax import masks as masks_lib
+from tiled_ldm_jax.files import label_maps
 
 PIL_FORMATS = {'.png': 'PNG', '.jpg': 'JPEG', '.jpeg': 'JPEG'}
 TIFF_SUFFIXES = ('.tif', '.tiff')
@@ -441,16 +441,16 @@ def mask_path(image_path) -> str:
 
 
 def write_labels(path, labels, *, tile: int = DEFAULT_TILE) -> None:
-  """Label ids `[H, W]` (an array or a `masks.LabelMap`) as a PNG
-  (`masks.write_label_png`, whole) or a tiled TIFF written tile row by tile row (a
+  """Label ids `[H, W]` (an array or a `label_maps.LabelMap`) as a PNG
+  (`label_maps.write_label_png`, whole) or a tiled TIFF written tile row by tile row (a
   `LabelMap` is never held whole), atomically."""
   if _suffix(path) not in TIFF_SUFFIXES:
     if _suffix(path) != '.png':
       raise ValueError(f'label masks are written as .png or .tif/.tiff, got {path!r}')
-    masks_lib.write_label_png(path, np.asarray(labels))
+    label_maps.write_label_png(path, np.asarray(labels))
     return
   tifffile = _tifffile()
-  if not hasattr(labels, 'rows'):     # lazy maps (masks.LabelMap, ...) stay lazy
+  if not hasattr(labels, 'rows'):     # lazy maps (label_maps.LabelMap, ...) stay lazy
     labels = np.asarray(labels)
     if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
       raise ValueError(f'labels must be integer [H, W], got {labels.dtype} {labels.shape}')

@@ -95,10 +95,9 @@ def sample(denoise, params, cond, *, keys, latent_shape, patch: int, sampling_st
   process = Diffusion() if process is None else process
   windows = Random() if windows is None else windows
   h, w, c = _check(keys, latent_shape, patch, process, windows, cond)
-  loop_lib.start_level(sampling_steps, strength)          # (0, 1], before any work
+  loop_lib.check_start(sampling_steps, strength, init=init is not None,  # before any work
+                       keep=keep is not None)
   if keep is not None:
-    if init is None:
-      raise ValueError('keep needs init: the latents the kept pixels follow')
     if tuple(np.shape(keep)) != (keys.shape[0], h, w):
       raise ValueError(f'keep must be [N, h, w] = {[keys.shape[0], h, w]}, got '
                        f'{list(np.shape(keep))}')

@@ -90,12 +90,6 @@ def trained_unet(apply_fn, objective: str = 'eps'):
 
 
 @functools.cache
-def image_denoiser(eps_fn, num_classes: int, cond_scale: float):
-  """The image model's multi-label guided step (L+1 passes; SPEC 2)."""
-  return multilabel_guidance(eps_fn, num_classes, cond_scale)
-
-
-@functools.cache
 def mask_denoiser(eps_fn, cond_scale: float):
   """The mask model's class-conditioned step; the class is read from the label map."""
   def denoise(params, x, t, labels):

@@ -20,8 +20,9 @@ for resume); levels index its time grid. The denoiser gets a conditioning pytree
 Fixes of the original (SPEC 3): the loop runs until every pixel has taken all S steps
 (the final step to x0 included); the lower-level copy starts equal to `x`.
 
-Where the patches go is the schedule's business (`sampling/windows.py`): 'random' (the
-original's distribution, kept with per-block counts so that an iteration costs
+Where the patches go is the placement's business (`sampling/placements.py`, the loop
+side of `sampling/windows.py`): an object that owns its carry, its window choice, which
+buffer a window reads and which pixels it writes. 'random' (the original's distribution, kept with per-block counts so that an iteration costs
 O(K^2 P^2 + (h/P)(w/P)), not O(h w)) or 'grid' (a shifted grid of windows per level,
 about one evaluation per pixel and step). Level and termination come from per-image
 counters, never from a reduction over the latent.
@@ -46,13 +47,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tiled_ldm_jax.sampling import placements
 from tiled_ldm_jax.sampling import processes
 from tiled_ldm_jax import program_cache
 from tiled_ldm_jax import progress as progress_lib
 from tiled_ldm_jax.sampling import windows as windows_lib
 from tiled_ldm_jax import sharding as sharding_lib
 
-SCHEDULES = ('random', 'grid')
+SCHEDULES = tuple(placements.PLACEMENTS)   # the placements' names (`placements.py`)
 
 # `(params, x [B,P,P,C], t [B], cond_patch) -> pred [B,P,P,C]` or `(pred, samples
 # evaluated)`: the model's prediction (eps, v, x0 or flow velocity, see `sampling/processes.py`).
@@ -105,17 +107,12 @@ def check_cond(cond, shape) -> None:
 class SamplerState:
   """The while-loop carry. N images, latent h x w with C channels."""
   x: jax.Array            # [N, h, w, C] float32: current value of every latent pixel
-  x_low: jax.Array        # [N, h, w, C] float32: random: value one level lower (read for
-                          # pixels ahead); grid: the second buffer (levels alternate
-                          # reading x / x_low and writing the other)
+  x_low: jax.Array        # [N, h, w, C] float32: the second buffer (random: each pixel's
+                          # value one level lower; grid: levels alternate reading x /
+                          # x_low and writing the other; `placements.py`)
   times: jax.Array        # [N, h, w] int32: DDIM steps each pixel has taken (0..S)
   level: jax.Array        # [N] int32: the image's lowest level (grid: its current level)
-  remaining: jax.Array    # [N] int32: random: pixels still at `level`; grid: window
-                          # batches of the level already done
-  counts: jax.Array       # [N, bh, bw] int32: random: lowest-level pixels per P x P block
-                          # (`windows.block_sizes` layout); grid: unused
-  super_counts: jax.Array  # [N, bh / g, bw / g] int32: random: their sums over g x g
-                          # blocks (`windows.super_sums`; the draw's first level)
+  windows: placements.RandomCarry | placements.GridCarry   # the placement's own carry
   keys: jax.Array         # [N] typed PRNG keys, one per image
   image_iters: jax.Array  # [N] int32: iterations in which the image advanced patches
   iterations: jax.Array   # [] int32: loop iterations (one batch of N*K patches each)
@@ -151,23 +148,44 @@ class SamplerSettings:
   def __post_init__(self):
     if self.sampling_steps < 1:
       raise ValueError(f'sampling steps must be >= 1, got {self.sampling_steps}')
-    if self.schedule not in SCHEDULES:
-      raise ValueError(f'schedule must be one of {SCHEDULES}, got {self.schedule!r}')
-    windows_lib.check_margin(self.grid_margin, self.patch)
-    if self.grid_margin_levels is not None and self.grid_margin_levels < 0:
-      raise ValueError(f'grid_margin_levels must be >= 0 or None, got '
-                       f'{self.grid_margin_levels}')
-    if self.grid_margin_first_levels < 0:
-      raise ValueError(f'grid_margin_first_levels must be >= 0, got '
-                       f'{self.grid_margin_first_levels}')
     if self.patch < 1:
       raise ValueError(f'patch side must be >= 1 latent pixel, got {self.patch}')
-    if self.patches_per_step < 1:
-      raise ValueError(f'patches_per_step must be >= 1, got {self.patches_per_step}')
-    if self.eta < 0:
-      raise ValueError(f'eta must be >= 0, got {self.eta}')
-    if self.resample < 0:
-      raise ValueError(f'resample must be >= 0, got {self.resample}')
+    windows_lib.check_margin(self.grid_margin, self.patch)
+    check_knobs(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                   if f.name in _KNOBS})
+
+
+# The knobs the user-facing options share with `SamplerSettings`, checked by one function.
+_KNOBS = ('schedule', 'patches_per_step', 'eta', 'grid_margin_levels',
+          'grid_margin_first_levels', 'resample', 'progress_every')
+
+
+def check_knobs(**knobs) -> None:
+  """ValueError for a bad sampler knob (`_KNOBS`; None: unset, not checked). The one
+  check of each, for `SamplerSettings` and for the options a user gives
+  (`pipeline.Options`), so both refuse the same values with the same words."""
+  unknown = set(knobs) - set(_KNOBS)
+  if unknown:
+    raise TypeError(f'not sampler knobs: {sorted(unknown)}')
+  k = {name: value for name, value in knobs.items() if value is not None}
+  if 'schedule' in k and k['schedule'] not in SCHEDULES:
+    raise ValueError(f'schedule must be one of {SCHEDULES}, got {k["schedule"]!r}')
+  if k.get('patches_per_step', 1) < 1:
+    raise ValueError(f'patches_per_step must be >= 1, got {k["patches_per_step"]}')
+  for name in ('eta', 'grid_margin_levels', 'grid_margin_first_levels', 'resample',
+               'progress_every'):
+    if k.get(name, 0) < 0:
+      raise ValueError(f'{name} must be >= 0, got {k[name]}')
+
+
+def check_start(sampling_steps: int, strength: float, *, init: bool, keep: bool) -> int:
+  """The level a run starts from (`start_level`), after the one check of a start: the
+  strength in (0, 1], and a keep mask only with init latents (what kept pixels follow)."""
+  level = start_level(sampling_steps, strength)
+  if keep and not init:
+    raise ValueError('keep needs init latents (or an init_image): what the kept pixels '
+                     'follow')
+  return level
 
 
 def _or_zeros(x0, like):
@@ -192,49 +210,23 @@ def start_level(sampling_steps: int, strength: float) -> int:
 
 
 def init_state(keys: jax.Array, shape: tuple[int, int], channels: int,
-               patch: int, schedule: str = 'random', history: bool = False) -> SamplerState:
-  """x ~ N(0, 1) per image from `fold_in(key, 0)`; x_low = x; times = 0; level 0;
-  `history`: a latent-sized x0_prev buffer (a solver that needs it)."""
+               patch: int, placement=None, history: bool = False) -> SamplerState:
+  """x ~ N(0, 1) per image from `fold_in(key, 0)`; x_low = x; times = 0; level 0; the
+  placement's carry (`placements.py`; default the random placement's with window side
+  `patch`); `history`: a latent-sized x0_prev buffer (a solver that needs it)."""
   h, w = shape
   x = _initial_noise(keys, (h, w, channels))
   n = keys.shape[0]
+  if placement is None:
+    placement = placements.RandomPlacement(SamplerSettings(sampling_steps=1, patch=patch))
   zero = lambda: jnp.zeros((), jnp.int32)  # distinct buffers: step_patch donates the state
-  sizes = windows_lib.block_sizes(h, w, patch)
-  supers = windows_lib.super_sums(sizes, windows_lib.super_side(h, w, patch))
   return SamplerState(x=x, x_low=jnp.copy(x), times=jnp.zeros((n, h, w), jnp.int32),
-                      level=jnp.zeros((n,), jnp.int32),
-                      remaining=jnp.full((n,), h * w if schedule == 'random' else 0,
-                                         jnp.int32),
-                      counts=jnp.broadcast_to(sizes, (n,) + sizes.shape).copy(),
-                      super_counts=jnp.broadcast_to(supers, (n,) + supers.shape).copy(),
+                      level=jnp.zeros((n,), jnp.int32), windows=placement.carry(n, h, w),
                       keys=_copy_keys(keys), image_iters=jnp.zeros((n,), jnp.int32),
                       iterations=zero(), patches=zero(), evaluations=zero(),
                       start=jnp.zeros((n,), jnp.int32),
                       x0_prev=jnp.zeros((n,) + ((h, w) if history else (1, 1)) + (channels,),
                                         jnp.float32))
-
-
-def _crop(a, corner, patch):  # [h, w, ...] -> [P, P, ...]
-  start = (corner[0], corner[1]) + (0,) * (a.ndim - 2)
-  return jax.lax.dynamic_slice(a, start, (patch, patch) + a.shape[2:])
-
-
-def _paste_all(a, values, corners, masks, *, patch: int):
-  """Writes patch k of `values` [K, P, P, ...] at corners[k] where masks[k] (broadcast
-  to the patch; e.g. [K, 1, 1] per slot or [K, P, P] per pixel).
-
-  No two slots' masks share a pixel, but their windows may overlap (an idle slot's, or
-  grid windows with a margin), so each writes back what is there now elsewhere, not its
-  stale crop. A `fori_loop`, so the program does not grow with K (unrolled, the demo
-  image stage at 2048 px, K = 200, took 86 s and 2.13 GiB peak RSS for 2 steps, mostly
-  compiling; with the loop 14 s and 0.65 GiB)."""
-  def body(k, a):
-    keep = _crop(a, corners[k], patch)
-    m = jnp.reshape(masks[k], masks[k].shape + (1,) * (keep.ndim - masks[k].ndim))
-    return _paste(a, corners[k], jnp.where(m, values[k], keep))
-  if corners.shape[0] == 1:
-    return body(0, a)
-  return jax.lax.fori_loop(0, corners.shape[0], body, a)
 
 
 def _own_buffers(true, crops):
@@ -249,11 +241,6 @@ def _own_buffers(true, crops):
   """
   return jax.lax.cond(true, lambda c: c, lambda c: jax.tree_util.tree_map(jnp.zeros_like, c),
                       crops)
-
-
-def _paste(a, corner, value):
-  start = (corner[0], corner[1]) + (0,) * (a.ndim - 2)
-  return jax.lax.dynamic_update_slice(a, value, start)
 
 
 CHUNK_SECONDS = 2.0   # with progress on: host syncs about this often (a log line is rarer)
@@ -301,6 +288,7 @@ class Sampler:
     self.process = processes.Diffusion(clip_x0=1.0) if process is None else process
     self.pairs = self.process.time_grid(settings.sampling_steps)       # [S, 2] (t, t_next)
     self.history = bool(getattr(getattr(self.process, 'solver', None), 'history', False))
+    self.placement = placements.for_settings(settings)
     self._label = settings.progress_label
     self._run_jit = program_cache.CachedJit(self._run, self._program_key(),
                                             donate_argnums=(1,), result_like=1)
@@ -325,23 +313,46 @@ class Sampler:
   # --------------------------------------------------------------------------- one step
 
   def _step_patch(self, params, state: SamplerState, cond) -> SamplerState:
-    """One iteration: up to K patches (windows) of every unfinished image advance a step.
+    """One iteration: up to K windows of every unfinished image advance a step. One
+    skeleton for every placement (`placements.py`): it chooses the windows and their
+    noise, says which buffer they read and which pixels they write, and commits them.
 
     cond: the conditioning pytree (`Spatial` leaves [N, h, w, ...], others [N, ...]).
     """
-    if self.settings.schedule == 'grid':
-      return self._step_grid(params, state, cond)
-    return self._step_random(params, state, cond)
+    place = self.placement
+    p = self.settings.patch
+    own = functools.partial(_own_buffers, state.iterations >= 0)
+    win = place.choose(state, own, state.x.shape[-1])
+    crops = placements.Crops(*own(tuple(
+        placements.crop_slots(a, win.corners, p) for a in (state.x, state.x_low, state.times))))
+    model_in = place.model_input(state, crops, win)
+    cond, known = self._split(cond)
+    cond_p = self._cond_patches(cond, win.corners, win.valid)
+    hist = self._history(state, win.corners)
+    new, x0, evals = self._denoise_patches(params, model_in, cond_p, win.valid, state.level,
+                                           win.noise, hist)
+    kp = None if known is None else self._cond_patches(known, win.corners, win.valid)  # once
+    new, x0 = self._keep_known(new, kp, win.valid, state.level, win.noise, _or_zeros(x0, new))
+    write = place.write_mask(state, crops, win)                         # [N, K, P, P]
+    new, x0, evals = self._resample(params, new, x0, evals, model_in, write, cond_p, kp,
+                                    win.valid, state.level, win.slot_keys, hist)
+    active = state.level < self.settings.sampling_steps
+    return state.replace(
+        **place.commit(state, new, crops, win, write),
+        x0_prev=self._paste_x0(state, x0, win.corners, write),
+        image_iters=state.image_iters + active.astype(jnp.int32),
+        iterations=state.iterations + 1,
+        patches=state.patches + win.valid.sum().astype(jnp.int32),
+        evaluations=state.evaluations + evals)
 
   def _cond_patches(self, cond, corners, valid):
     """The conditioning of every slot, leaves [N, K, ...]; idle slots all zeros (cheap
     for guidance that loops over the labels present)."""
     p = self.settings.patch
     n, k_slots = valid.shape
-    crop = jax.vmap(jax.vmap(functools.partial(_crop, patch=p), (None, 0)), (0, 0))
 
     def one(leaf):
-      v = (crop(leaf.value, corners) if isinstance(leaf, Spatial)
+      v = (placements.crop_slots(leaf.value, corners, p) if isinstance(leaf, Spatial)
            else jnp.broadcast_to(leaf[:, None], (n, k_slots) + leaf.shape[1:]))
       keep = valid.reshape(valid.shape + (1,) * (v.ndim - 2))
       return jnp.where(keep, v, jnp.zeros_like(v))
@@ -453,190 +464,23 @@ class Sampler:
     A pixel written at `level` took its previous step at level - 1 if level > start."""
     if not self.history:
       return None
-    crop = jax.vmap(jax.vmap(functools.partial(_crop, patch=self.settings.patch),
-                             (None, 0)), (0, 0))
-    return crop(state.x0_prev, corners), state.level > state.start
+    return (placements.crop_slots(state.x0_prev, corners, self.settings.patch),
+            state.level > state.start)
 
   def _paste_x0(self, state: SamplerState, x0, corners, write):
     """x0_prev with the written pixels' new x0 predictions (unchanged without history)."""
     if not self.history:
       return state.x0_prev
-    paste = jax.vmap(functools.partial(_paste_all, patch=self.settings.patch))
+    paste = jax.vmap(functools.partial(placements.paste_all, patch=self.settings.patch))
     return paste(state.x0_prev, x0, corners, write)
-
-  def _interior(self, corners, h: int, w: int):
-    """[N, K, P, P] bool: the pixels of random windows at `corners` [N, K, 2] that are
-    written: all (margin 0, the original's), or those at least `grid_margin` from a
-    window side that is not the latent's edge (the U-Net's zero padding spoils the
-    predictions along a window's sides; with K = 1 the draw's law is unchanged, and the
-    drawn centre is always inside, so every iteration still advances)."""
-    m, p = self.settings.grid_margin, self.settings.patch
-    if not m:
-      return jnp.ones(corners.shape[:2] + (p, p), bool)
-    idx = jnp.arange(p)
-    def axis(c, size):   # [N, K] -> [N, K, P]
-      lo = jnp.where(c == 0, 0, m)
-      hi = jnp.where(c + p >= size, p, p - m)
-      return (idx >= lo[..., None]) & (idx < hi[..., None])
-    return axis(corners[..., 0], h)[..., :, None] & axis(corners[..., 1], w)[..., None, :]
-
-  def _step_random(self, params, state: SamplerState, cond) -> SamplerState:
-    s = self.settings
-    p, k_slots = s.patch, s.patches_per_step
-    n, h, w = state.times.shape
-    level = state.level                                                 # [N]
-    active = level < s.sampling_steps
-    it_keys = jax.vmap(lambda k, i: jax.random.fold_in(jax.random.fold_in(k, 1), i))(
-        state.keys, state.image_iters)
-    corners, _, valid = jax.vmap(functools.partial(
-        windows_lib.choose_random, patch=p, k_slots=k_slots))(
-            state.times, state.counts, state.super_counts, level, it_keys)  # [N, K, 2], [N, K]
-    corners, valid = _own_buffers(state.iterations >= 0, (corners, valid & active[:, None]))
-
-    crop = jax.vmap(jax.vmap(functools.partial(_crop, patch=p), (None, 0)), (0, 0))
-    x_p, low_p, t_p = _own_buffers(state.iterations >= 0, tuple(
-        crop(a, corners) for a in (state.x, state.x_low, state.times)))  # [N, K, P, P, ..]
-    behind = t_p == level[:, None, None, None]                          # at the lowest level
-    model_in = jnp.where(behind[..., None], x_p, low_p)
-    noise = jax.vmap(lambda key: jax.vmap(
-        lambda j: jax.random.normal(jax.random.fold_in(key, k_slots + j), x_p.shape[2:]))(
-            jnp.arange(k_slots)))(it_keys)                              # [N, K, P, P, C]
-    cond, known = self._split(cond)
-    cond_p = self._cond_patches(cond, corners, valid)
-    hist = self._history(state, corners)
-    new, x0, evals = self._denoise_patches(params, model_in, cond_p, valid, level, noise, hist)
-    kp = None if known is None else self._cond_patches(known, corners, valid)  # once
-    new, x0 = self._keep_known(new, kp, valid, level, noise, _or_zeros(x0, new))
-    write = behind & valid[:, :, None, None] & self._interior(corners, h, w)  # [N, K, P, P]
-    slot_keys = jax.vmap(lambda key, i: jax.vmap(lambda j: jax.random.fold_in(
-        jax.random.fold_in(jax.random.fold_in(key, 5), i), j))(jnp.arange(k_slots)))(
-            state.keys, state.image_iters)                              # [N, K]
-    new, x0, evals = self._resample(params, new, x0, evals, model_in, write, cond_p, kp,
-                                    valid, level, slot_keys, hist)
-
-    paste = jax.vmap(functools.partial(_paste_all, patch=p))
-    counts, supers = jax.vmap(functools.partial(windows_lib.update_counts, patch=p))(
-        state.counts, state.super_counts, corners, write)
-    remaining = state.remaining - write.sum(axis=(1, 2, 3)).astype(jnp.int32)
-    next_level = active & (remaining == 0)     # every pixel is now one level up
-
-    def reset(counts, supers):   # O(blocks): run only in the iterations that end a level
-      sizes = windows_lib.block_sizes(h, w, p)
-      sums = windows_lib.super_sums(sizes, windows_lib.super_side(h, w, p))
-      return (jnp.where(next_level[:, None, None], sizes, counts),
-              jnp.where(next_level[:, None, None], sums, supers))
-    counts, supers = jax.lax.cond(next_level.any(), reset, lambda c, u: (c, u),
-                                  counts, supers)
-    slot = valid[:, :, None, None]
-    return state.replace(
-        x=paste(state.x, jnp.where(write[..., None], new, x_p), corners, slot),
-        x_low=paste(state.x_low, jnp.where(write[..., None], x_p, low_p), corners, slot),
-        times=paste(state.times, t_p + write.astype(jnp.int32), corners, slot),
-        x0_prev=self._paste_x0(state, x0, corners, write),
-        level=level + next_level.astype(jnp.int32),
-        remaining=jnp.where(next_level, h * w, remaining),
-        counts=counts, super_counts=supers,
-        image_iters=state.image_iters + active.astype(jnp.int32),
-        iterations=state.iterations + 1,
-        patches=state.patches + valid.sum().astype(jnp.int32),
-        evaluations=state.evaluations + evals)
-
-  def grid_shape(self, h: int, w: int, margin: int | None = None) -> tuple[int, int]:
-    """(cells per level, iterations per level) of the grid schedule on an h x w latent,
-    for the levels with `margin` (default the settings' margin)."""
-    s = self.settings
-    m = s.grid_margin if margin is None else margin
-    n_r, n_c = windows_lib.grid_cells(h, w, s.patch - 2 * m)
-    return n_r * n_c, -(-(n_r * n_c) // s.patches_per_step)
-
-  def grid_margin_at(self, level):
-    """[N] int32: the grid margin of each image's current level (`grid_margin_levels`,
-    `grid_margin_first_levels`; `windows.margin_on`)."""
-    s = self.settings
-    if s.grid_margin_levels is None or not s.grid_margin:
-      return jnp.full(jnp.shape(level), s.grid_margin, jnp.int32)
-    on = windows_lib.margin_on(level, s.sampling_steps, s.grid_margin_levels,
-                               s.grid_margin_first_levels)
-    return jnp.where(on, s.grid_margin, 0).astype(jnp.int32)
-
-  def _grid_level_shape(self, h: int, w: int, margin):
-    """(cells, iterations per level, cells per row) for traced margins [N] that take
-    the values 0 or the settings' margin (both static shapes, chosen per image)."""
-    m = self.settings.grid_margin
-    with_m, without = self.grid_shape(h, w, m), self.grid_shape(h, w, 0)
-    cols = (windows_lib.grid_cells(h, w, self.settings.patch - 2 * m)[1],
-            windows_lib.grid_cells(h, w, self.settings.patch)[1])
-    pick = lambda a, b: jnp.where(margin == m, a, b).astype(jnp.int32)
-    return pick(with_m[0], without[0]), pick(with_m[1], without[1]), pick(*cols)
-
-  def _step_grid(self, params, state: SamplerState, cond) -> SamplerState:
-    s = self.settings
-    p, k_slots = s.patch, s.patches_per_step
-    n, h, w = state.times.shape
-    level, batch = state.level, state.remaining                         # [N] each
-    m = self.grid_margin_at(level)                                      # [N]
-    n_cells, per_level, n_cols = self._grid_level_shape(h, w, m)        # [N] each
-    active = level < s.sampling_steps
-    offsets = jax.vmap(windows_lib.grid_offset)(state.keys, level, p - 2 * m)   # [N, 2]
-    index = batch[:, None] * k_slots + jnp.arange(k_slots)[None, :]     # [N, K]
-    corners, rects = jax.vmap(functools.partial(
-        windows_lib.grid_windows, h=h, w=w, patch=p))(index, offsets, margin=m,
-                                                      n_cols=n_cols)
-    valid = ((index < n_cells[:, None]) & (rects[..., 0] < rects[..., 1])
-             & (rects[..., 2] < rects[..., 3]) & active[:, None])
-    odd = (level % 2 == 1)[:, None, None, None, None]                   # read x_low, write x
-    crop = jax.vmap(jax.vmap(functools.partial(_crop, patch=p), (None, 0)), (0, 0))
-    x_p, low_p, t_p = _own_buffers(state.iterations >= 0, tuple(
-        crop(a, corners) for a in (state.x, state.x_low, state.times)))
-    model_in = jnp.where(odd, low_p, x_p)
-    noise = jax.vmap(lambda key, lv, idx: jax.vmap(lambda j: jax.random.normal(
-        jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, 3), lv), j),
-        x_p.shape[2:]))(idx))(state.keys, level, index)                 # [N, K, P, P, C]
-    cond, known = self._split(cond)
-    cond_p = self._cond_patches(cond, corners, valid)
-    hist = self._history(state, corners)
-    new, x0, evals = self._denoise_patches(params, model_in, cond_p, valid, level, noise, hist)
-    kp = None if known is None else self._cond_patches(known, corners, valid)  # once
-    new, x0 = self._keep_known(new, kp, valid, level, noise, _or_zeros(x0, new))
-
-    rows = corners[..., 0, None] + jnp.arange(p)                        # [N, K, P]
-    cols = corners[..., 1, None] + jnp.arange(p)
-    inside = lambda v, lo, hi: (v >= lo[..., None]) & (v < hi[..., None])
-    write = (inside(rows, rects[..., 0], rects[..., 1])[..., :, None]
-             & inside(cols, rects[..., 2], rects[..., 3])[..., None, :]
-             & valid[..., None, None])                                  # [N, K, P, P]
-    slot_keys = jax.vmap(lambda key, lv, idx: jax.vmap(lambda j: jax.random.fold_in(
-        jax.random.fold_in(jax.random.fold_in(key, 5), lv), j))(idx))(
-            state.keys, level, index)                                   # [N, K]
-    new, x0, evals = self._resample(params, new, x0, evals, model_in, write, cond_p, kp,
-                                    valid, level, slot_keys, hist)
-    paste = jax.vmap(functools.partial(_paste_all, patch=p))
-    to_x = write & odd[..., 0]
-    to_low = write & ~odd[..., 0]
-    done = active & (batch + 1 == per_level)
-    return state.replace(
-        x=paste(state.x, new, corners, to_x),
-        x_low=paste(state.x_low, new, corners, to_low),
-        times=paste(state.times, t_p + 1, corners, write),
-        x0_prev=self._paste_x0(state, x0, corners, write),
-        level=level + done.astype(jnp.int32),
-        remaining=jnp.where(done, 0, batch + active.astype(jnp.int32)),
-        image_iters=state.image_iters + active.astype(jnp.int32),
-        iterations=state.iterations + 1,
-        patches=state.patches + valid.sum().astype(jnp.int32),
-        evaluations=state.evaluations + evals)
 
   # --------------------------------------------------------------------------- the loop
 
   def _fraction(self, state: SamplerState):
     """Share of the work done, from the counters (no reduction over the latent)."""
     s = self.settings
-    n, h, w = state.times.shape
-    if s.schedule == 'grid':
-      within = state.remaining / self._grid_level_shape(
-          h, w, self.grid_margin_at(state.level))[1]
-    else:
-      within = 1.0 - state.remaining / (h * w)
+    n = state.times.shape[0]
+    within = self.placement.within_level(state)
     done = jnp.minimum(state.level + jnp.where(state.level < s.sampling_steps, within, 0.0), s.sampling_steps)
     return done.sum() / (n * s.sampling_steps)
 
@@ -654,12 +498,7 @@ class Sampler:
 
     def not_done(st):
       return (st.level.min() < self.settings.sampling_steps) & (st.iterations < stop)
-    state = jax.lax.while_loop(not_done, body, state)
-    if self.settings.schedule == 'grid' and self.settings.sampling_steps % 2 == 1:
-      # The last level (S - 1, even) wrote x_low: make x the result once all are done.
-      done = (state.level >= self.settings.sampling_steps)[:, None, None, None]
-      state = state.replace(x=jnp.where(done, state.x_low, state.x))
-    return state
+    return self.placement.finish(jax.lax.while_loop(not_done, body, state))
 
   def init(self, keys, shape, channels: int = 4, *, init=None,
            strength: float = 1.0) -> SamplerState:
@@ -676,7 +515,7 @@ class Sampler:
       raise ValueError(f'need one key per image: keys {keys.shape}, latent {shape}')
     level = start_level(self.settings.sampling_steps, strength)
     state = init_state(keys, tuple(shape[1:]), channels, self.settings.patch,
-                       self.settings.schedule, self.history)
+                       self.placement, self.history)
     if init is not None:
       init = jnp.asarray(init, jnp.float32)
       if init.shape != state.x.shape:

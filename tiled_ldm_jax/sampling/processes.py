@@ -297,10 +297,3 @@ def _check_solver(solver):
                      f'{solver!r}')
   return solver
 
-
-def make(prediction: str = 'eps', noise_schedule_=None, clip: float | None = 1.0):
-  """The process of a prediction type ('eps', 'v', 'x0' or 'flow'), for callers that
-  hold the type as a string (a model.json's objective)."""
-  if prediction == 'flow':
-    return Flow()
-  return Diffusion(prediction, noise_schedule_, clip)

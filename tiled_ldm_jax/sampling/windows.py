@@ -71,7 +71,7 @@ class Grid:
   def settings(self, hw, patch: int) -> dict:
     """The `SamplerSettings` fields of this placement."""
     check_margin(self.margin, patch)
-    k = self.patches_per_step or default_patches_per_step('grid', hw, patch, self.margin)
+    k = self.patches_per_step or grid_batch(hw, patch, self.margin)
     return dict(schedule=self.name, patches_per_step=k, grid_margin=self.margin,
                 grid_margin_levels=self.margin_levels,
                 grid_margin_first_levels=self.first_levels)
@@ -261,12 +261,10 @@ def grid_cells(h: int, w: int, cell: int) -> tuple[int, int]:
   return -(-(h + cell - 1) // cell), -(-(w + cell - 1) // cell)
 
 
-def default_patches_per_step(schedule: str, hw, patch: int, margin: int,
-                             max_pixels: int = GRID_BATCH_PIXELS) -> int:
-  """K when not given: 1 (random), else every window of a level up to `max_pixels` latent
-  pixels per denoiser call, split evenly over the calls a level then needs."""
-  if schedule == 'random':
-    return 1
+def grid_batch(hw, patch: int, margin: int, max_pixels: int = GRID_BATCH_PIXELS) -> int:
+  """The grid's K when not given: every window of a level up to `max_pixels` latent
+  pixels per denoiser call, split evenly over the calls a level then needs (the random
+  placement's default K is 1: `Random`)."""
   n_r, n_c = grid_cells(*hw, patch - 2 * margin)
   cap = max(1, max_pixels // patch ** 2)
   calls = -(-(n_r * n_c) // cap)

@@ -19,7 +19,7 @@ Synthetic examples (`synth_example`):
 Images are float32 `[H, W, 3]` in [0, 1]; labels int32 `[H, W]` in [0, num_classes).
 
 Folder datasets use the original's layout: any folder tree holding `name.jpg` (or
-.jpeg/.png/.tif) beside `name_mask.png` (label ids, read with `masks.read_label_png`).
+.jpeg/.png/.tif) beside `name_mask.png` (label ids, read with `label_maps.read_label_png`).
 `write_synthetic_dataset` writes synthetic examples in that layout (in `class_<c>/`
 subfolders, c the layout class), and `FolderSource` reads it back with random crops,
 flips and 90-degree rotations applied identically to the image and its mask.
@@ -38,6 +38,7 @@ from PIL import Image
 
 from tiled_ldm_jax.files import image_files
 from tiled_ldm_jax import masks as masks_lib
+from tiled_ldm_jax.files import label_maps
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.tif', '.tiff')
 MASK_SUFFIX = '_mask.png'
@@ -416,7 +417,7 @@ def check_pairs(pairs, num_classes: int | None, with_images: bool, crop: int,
   and of its mask's size, every mask (downscaled by `downscale`) at least a `crop`
   square. ValueError naming the first bad file."""
   for img_path, mask_path in pairs:
-    labels = masks_lib.read_label_png(mask_path)
+    labels = label_maps.read_label_png(mask_path)
     h, w = labels.shape
     if h // downscale < crop or w // downscale < crop:
       raise ValueError(f'{mask_path}: {h} x {w} is smaller than the crop of {crop} px'
@@ -472,7 +473,7 @@ class FolderSource:
 
   def example(self, index: int, rng) -> Example:
     img_path, mask_path = self.pairs[index]
-    labels = masks_lib.read_label_png(mask_path)
+    labels = label_maps.read_label_png(mask_path)
     if self.num_classes is not None:
       try:
         masks_lib.validate_labels(labels, self.num_classes)
@@ -517,6 +518,6 @@ def write_synthetic_dataset(root: str, n: int, size: int, seed: int,
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f'synth_{i:05d}.jpg')
     Image.fromarray(np.round(ex.image * 255).astype(np.uint8)).save(path, quality=quality)
-    masks_lib.write_label_png(os.path.join(folder, f'synth_{i:05d}{MASK_SUFFIX}'), ex.labels)
+    label_maps.write_label_png(os.path.join(folder, f'synth_{i:05d}{MASK_SUFFIX}'), ex.labels)
     paths.append(path)
   return paths
