@@ -91,7 +91,8 @@ def test_zarr_written_by_several_equals_one(tmp_path, image):
   many = tmp_path / 'many.zarr'
 
   def fn(pid):
-    shared_writer.write_zarr(pipe, o, z, labels, str(many), tile=128, process_index=pid,
+    shared_writer.write_zarr(pipe.band_source(z, options=o), labels, str(many), tile=128,
+                             process_index=pid,
                              process_count=processes, barrier=fn.threads.barrier)
   _run_threads(processes, fn)
   for array in ('image', 'labels'):
@@ -114,7 +115,7 @@ def test_tiff_gathered_by_process_0_equals_one(tmp_path, image):
   real_iter = pipe.iter_decode
 
   def fn(pid):
-    shared_writer.write_tiff(pipe, o, z, str(many), 256, process_index=pid,
+    shared_writer.write_tiff(pipe.band_source(z, options=o), str(many), process_index=pid,
                              process_count=processes, allgather=fn.threads.allgather(pid),
                              compression='zlib', tile=128)
   pipe.iter_decode = lambda *a, **k: _counting(real_iter(*a, **k), decoded)

@@ -736,12 +736,13 @@ def _write_shared(plan: Plan, z, labels: label_maps.LabelMap, image_path: str) -
   """All processes: this image's TIFF or OME-Zarr, each decoding its share of bands."""
   cfg, where = plan.cfg, dict(process_index=jax.process_index(),
                               process_count=jax.process_count())
+  image = plan.pipe.band_source(z, options=plan.options)
   if cfg.output_format == 'zarr':
-    shared_writer.write_zarr(plan.pipe, plan.options, z, labels, image_path, mpp=cfg.mpp,
+    shared_writer.write_zarr(image, labels, image_path, mpp=cfg.mpp,
                              barrier=sharding.barrier, **where)
   else:
-    shared_writer.write_tiff(plan.pipe, plan.options, z, image_path, labels.shape[0],
-                             allgather=sharding.allgather, compression=cfg.tiff_compression,
+    shared_writer.write_tiff(image, image_path, allgather=sharding.allgather,
+                             compression=cfg.tiff_compression,
                              jpeg_quality=cfg.jpeg_quality, mpp=cfg.mpp, **where)
 
 

@@ -543,6 +543,18 @@ class Pipeline:
     o = self.resolve(options, **overrides)
     return decode_lib.band_layout(latent_shape, self._decode_settings(o, o.patch_size))
 
+  def band_source(self, latent, *, options: Options | None = None, **overrides):
+    """One latent [h, w, C] as a `output.shared_writer.BandSource`: its pixel size, band
+    layout and a decode of any band range (what the shared writers take: they write,
+    this decodes)."""
+    from tiled_ldm_jax.output import shared_writer  # pylint: disable=g-import-not-at-top
+    o = self.resolve(options, **overrides)
+    band_rows, n_bands = self.band_layout(latent.shape, options=o)
+    f = self.geometry.factor
+    return shared_writer.BandSource(
+        shape=(latent.shape[-3] * f, latent.shape[-2] * f), band_rows=band_rows,
+        n_bands=n_bands, decode=lambda bands: self.iter_decode(latent, bands=bands, options=o))
+
   def decode(self, latents, *, options: Options | None = None, **overrides) -> np.ndarray:
     """[N, h, w, C] diffusion latents -> [N, H, W, 3] uint8 images (Hann-blended tiles)."""
     o = self.resolve(options, **overrides)

@@ -18,12 +18,16 @@ the band before it, so every pixel equals the single-process decode.
 
 Every process must call these with the same arguments (they run collectives); the
 collectives are passed in (`barrier(name)`, `allgather(array) -> [P, ...]`) so tests
-can run the processes as threads.
+can run the processes as threads. The writers write, they do not decode: the image comes
+as a `BandSource` (its band layout and a function that yields the decoded rows of a band
+range, e.g. `Pipeline.band_source`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -31,6 +35,16 @@ from tiled_ldm_jax.output import ome_zarr
 from tiled_ldm_jax.output import writers
 
 TIFF_BLOCK_ROWS = 2048   # target pixel rows per process block of the TIFF gather
+
+
+@dataclasses.dataclass(frozen=True)
+class BandSource:
+  """A decoded image by bands: `decode((first, stop))` yields (row0, uint8 rows [r, W, 3])
+  of bands first .. stop-1, each band `band_rows` pixel rows (the last may be shorter)."""
+  shape: tuple[int, int]       # (H, W) pixels
+  band_rows: int
+  n_bands: int
+  decode: Callable[[tuple[int, int]], Iterator[tuple[int, np.ndarray]]]
 
 
 def split_ranges(n_bands: int, parts: int, unit: int = 1) -> list[tuple[int, int]]:
@@ -41,13 +55,13 @@ def split_ranges(n_bands: int, parts: int, unit: int = 1) -> list[tuple[int, int
   return list(zip(bounds[:-1], bounds[1:]))
 
 
-def write_zarr(pipe, options, z, labels: np.ndarray, path: str, *, mpp=None,
+def write_zarr(image: BandSource, labels: np.ndarray, path: str, *, mpp=None,
                tile: int = writers.DEFAULT_TILE, process_index: int, process_count: int,
                barrier) -> None:
-  """The OME-Zarr store of latent z [h, w, C] and label ids [H, W], written by all
-  (`tile`: the chunk side)."""
+  """The OME-Zarr store of `image` and its label ids [H, W], written by all (`tile`: the
+  chunk side)."""
   height, width = labels.shape
-  band_rows, n_bands = pipe.band_layout(z.shape, options=options)
+  band_rows, n_bands = image.band_rows, image.n_bands
   unit = math.lcm(band_rows, tile) // band_rows     # bands per chunk-aligned unit
   first, stop = split_ranges(n_bands, process_count, unit)[process_index]
   labels_dtype = np.uint8 if int(labels.max(initial=0)) < 256 else np.uint16
@@ -57,8 +71,7 @@ def write_zarr(pipe, options, z, labels: np.ndarray, path: str, *, mpp=None,
   barrier('tiled_ldm_jax.output.shared_writer.zarr_created')
   store = ome_zarr.temp_store_path(path)
   if first < stop:
-    ome_zarr.write_bands(store, pipe.iter_decode(z, bands=(first, stop), options=options),
-                         levels=1)
+    ome_zarr.write_bands(store, image.decode((first, stop)), levels=1)
     r0, r1 = first * band_rows, min(stop * band_rows, height)
     ome_zarr.write_bands(store, ((r, labels[r:min(r + tile, r1)])
                                  for r in range(r0, r1, tile)), array='labels', levels=1)
@@ -74,19 +87,19 @@ def tiff_blocks(n_bands: int, band_rows: int, process_count: int) -> int:
   return max(1, min(-(-TIFF_BLOCK_ROWS // band_rows), -(-n_bands // process_count)))
 
 
-def gathered_bands(pipe, options, z, height: int, *, process_index: int,
-                   process_count: int, allgather):
+def gathered_bands(image: BandSource, *, process_index: int, process_count: int,
+                   allgather):
   """Every band of the image, in order, on every process; each decodes 1/P of them."""
-  band_rows, n_bands = pipe.band_layout(z.shape, options=options)
+  band_rows, n_bands = image.band_rows, image.n_bands
+  height, width = image.shape
   g = tiff_blocks(n_bands, band_rows, process_count)
   n_blocks, block_rows = -(-n_bands // g), g * band_rows
-  width = z.shape[-2] * pipe.geometry.factor
   for r in range(-(-n_blocks // process_count)):
     mine = r * process_count + process_index
     local = np.zeros((block_rows, width, 3), np.uint8)     # the same shape everywhere
     if mine < n_blocks:
       bands = (mine * g, min(n_bands, (mine + 1) * g))
-      for row0, rows in pipe.iter_decode(z, bands=bands, options=options):
+      for row0, rows in image.decode(bands):
         local[row0 - mine * block_rows:][:rows.shape[0]] = rows
     every = np.asarray(allgather(local))                    # [P, block_rows, W, 3]
     for p in range(process_count):
@@ -96,14 +109,13 @@ def gathered_bands(pipe, options, z, height: int, *, process_index: int,
         yield row0, every[p][:height - row0]
 
 
-def write_tiff(pipe, options, z, path: str, height: int, *, process_index: int,
-               process_count: int, allgather, **tiff_kw) -> None:
-  """The pyramidal TIFF of latent z [h, w, C]: all decode, process 0 writes."""
-  bands = gathered_bands(pipe, options, z, height, process_index=process_index,
-                         process_count=process_count, allgather=allgather)
+def write_tiff(image: BandSource, path: str, *, process_index: int, process_count: int,
+               allgather, **tiff_kw) -> None:
+  """The pyramidal TIFF of `image`: all decode, process 0 writes."""
+  bands = gathered_bands(image, process_index=process_index, process_count=process_count,
+                         allgather=allgather)
   if process_index == 0:
-    width = z.shape[-2] * pipe.geometry.factor
-    writers.write_tiff(path, bands, (height, width, 3), **tiff_kw)
+    writers.write_tiff(path, bands, image.shape + (3,), **tiff_kw)
   else:
     for _ in bands:     # the same collectives as the writer
       pass
