@@ -244,7 +244,7 @@ class _Annotations:
       out = np.zeros((len(ys), len(xs)), np.int32)
       for k in near:                     # in file order: later polygons paint over
         label, edges = self.geo.polygons[k]
-        geojson_labels._paint(out, label, edges, ys, xs)  # pylint: disable=protected-access
+        _paint_tile(out, label, edges, b[k], ys, xs)
       return out
     if self.src is None:
       return np.zeros((len(ys), len(xs)), np.int32)
@@ -253,6 +253,43 @@ class _Annotations:
     c = np.clip(np.floor(xs).astype(np.int64), 0, w - 1)
     block = self.src.read_rows(int(r[0]), int(r[-1]) + 1)
     return np.asarray(block)[r - r[0]][:, c].astype(np.int32)
+
+
+def _paint_tile(out: np.ndarray, label: int, edges: np.ndarray, box, ys: np.ndarray,
+                xs: np.ndarray) -> None:
+  """out[i, j] = label where (xs[j], ys[i]) is inside the polygon of `edges` [E, 4] (its
+  bounding box `box` x0, y0, x1, y1) by the even-odd rule -- `files.geojson_labels`' rule
+  (half-open in y, crossings strictly left of the point) -- for a tile: only the points
+  in the box are tested, against only the edges spanning their rows and not wholly right
+  of them, a small part of a large annotation's edges."""
+  r0, r1 = np.searchsorted(ys, box[1], 'left'), np.searchsorted(ys, box[3], 'left')
+  c0, c1 = np.searchsorted(xs, box[0], 'left'), np.searchsorted(xs, box[2], 'left')
+  if r0 >= r1 or c0 >= c1:
+    return
+  ys, xs = ys[r0:r1], xs[c0:c1]
+  x0, y0, x1, y1 = edges[:, 0], edges[:, 1], edges[:, 2], edges[:, 3]
+  keep = ((np.maximum(y0, y1) > ys[0]) & (np.minimum(y0, y1) <= ys[-1])
+          & (np.minimum(x0, x1) < xs[-1]))
+  if not keep.any():
+    return
+  x0, y0, x1, y1 = x0[keep], y0[keep], x1[keep], y1[keep]
+  y = ys[:, None]
+  crosses = (y0 > y) != (y1 > y)                                   # [R, E]
+  lo, hi = xs[0] - 1.0, xs[-1] + 1.0
+  with np.errstate(divide='ignore', invalid='ignore'):
+    xc = x0 + (y - y0) * (x1 - x0) / (y1 - y0)
+  # Crossings left of the points count for all of them, those right of them (and rows
+  # an edge does not cross) for none: clamped to just outside, rows kept apart by an
+  # offset of `span`, counted with one searchsorted over all rows.
+  xc = np.where(crosses, np.clip(xc, lo, hi), hi) - lo             # [0, span)
+  xc.sort(axis=1)
+  r, e = xc.shape
+  span = hi - lo + 1.0
+  offset = np.arange(r)[:, None] * span
+  count = np.searchsorted((xc + offset).ravel(), ((xs - lo)[None] + offset).ravel(),
+                          side='left').reshape(r, -1) - np.arange(r)[:, None] * e
+  block = out[r0:r1, c0:c1]
+  block[(count & 1).astype(bool)] = label
 
 
 def tissue_mask(thumb: np.ndarray, saturation: float) -> np.ndarray:
