@@ -126,11 +126,11 @@ def test_class_balance(slide):
   """class_balance 1: each class drawn as often; 0: as the annotated tissue areas."""
   for balance in (1.0, 0.0):
     src = _source(slide, class_balance=balance)
-    drawn = np.array([src.draw(0, r)[3] for r in range(3000)])
+    drawn = np.array([src.draw(0, r)[3] for r in range(2000)])
     share = np.array([(drawn == c).mean() for c in src.classes])
     want = src.areas / src.areas.sum() if balance == 0 else np.full(len(src.classes),
                                                                        1 / len(src.classes))
-    assert np.abs(share - want).max() < 0.03, (share, want)
+    assert np.abs(share - want).max() < 0.035, (share, want)
   exclude = _source(slide, unannotated='exclude')
   assert 0 not in exclude.classes
 
@@ -197,3 +197,20 @@ def test_geojson_names_and_class_map():
   names = [f['properties']['classification']['name'] for f in doc['features']]
   assert names == ['Tumor', 'label 2']
   assert geojson_labels.parse_classes('Tumor=1') == {'Tumor': 1}
+
+
+def test_label_tiff_annotations_read_like_the_geojson(slide):
+  """The same labels as a label TIFF (the sampler's `_mask.tif`) give the same tiles."""
+  writers.write_labels(slide['root'] / 's_mask.tif', slide['labels'])
+  entry = slides.SlideEntry(str(slide['root'] / 's.tif'), str(slide['root'] / 's_mask.tif'))
+  tiff = slides.SlideSource([entry], 32, 4, 1, mpp=1.0)
+  geo = _source(slide, mpp=1.0, augment=True)
+  for step in range(2):
+    np.testing.assert_array_equal(tiff.batch(step)['labels'], geo.batch(step)['labels'])
+
+
+def test_missing_openslide_is_one_line(monkeypatch):
+  import sys  # pylint: disable=g-import-not-at-top
+  monkeypatch.setitem(sys.modules, 'openslide', None)     # import fails
+  with pytest.raises(slides.SlideDataError, match=r'pip install -e \.\[slides\]'):
+    slides.open_slide('x.svs')

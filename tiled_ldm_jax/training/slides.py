@@ -414,7 +414,9 @@ class SlideSource:
       raise SlideDataError(f'{name}: no tissue found (no thumbnail pixel with saturation '
                            f'above tissue_saturation={saturation:g})')
     ys, xs = (np.arange(gh) + 0.5) * cell, (np.arange(gw) + 0.5) * cell
-    cell_labels = ann.sample(ys, xs)
+    # The label of the level-0 pixel under each cell's centre (as `_labels`: a centre
+    # may fall on a pixel corner, where polygon edges lie).
+    cell_labels = ann.sample(np.floor(ys) + 0.5, np.floor(xs) + 0.5)
     half = extent / 2
     fits = ((ys[:, None] >= half) & (ys[:, None] <= h0 - half)
             & (xs[None, :] >= half) & (xs[None, :] <= w0 - half))
