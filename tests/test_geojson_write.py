@@ -64,3 +64,7 @@ def test_lazy_upscaled_map_is_traced_at_its_source(tmp_path):
   assert geojson_out.to_geojson(lazy) == geojson_out.to_geojson(np.asarray(lazy))
   back, _ = _round_trip(tmp_path, lazy)
   np.testing.assert_array_equal(back, np.asarray(lazy))
+  # What generate checks before writing: the source counts, not the upscaled size.
+  huge = masks.LabelMap(small, (6 << 12, 8 << 12))
+  assert geojson_out.traceable(huge) and geojson_out.traceable(lazy)
+  assert not geojson_out.traceable(masks.LabelMap(small, (1 << 14, 1 << 14)))   # not k x

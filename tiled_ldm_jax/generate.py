@@ -652,7 +652,7 @@ def _write_sample(plan: Plan, number: int, z, labels: masks_lib.LabelMap, record
     mine = sharding.is_writer()
   if not mine:
     return record
-  annotations = _annotations_path(cfg, image_path, record)
+  annotations = _annotations_path(cfg, image_path, record, labels)
   if shared or cfg.output_format == 'zarr':
     if not shared:   # the store is renamed into place by its writer; mask inside it
       _write_image(plan, z, labels, image_path, overview)
@@ -678,10 +678,16 @@ def _write_sample(plan: Plan, number: int, z, labels: masks_lib.LabelMap, record
   return record
 
 
-def _annotations_path(cfg: GenerationConfig, image_path: str, record: dict) -> str | None:
+def _annotations_path(cfg: GenerationConfig, image_path: str, record: dict,
+                      labels) -> str | None:
   """A TIFF slide's labels as QuPath GeoJSON beside it (`output/geojson.py`): the slide
-  opens in QuPath with its annotations, and is training data (docs/training.md)."""
+  opens in QuPath with its annotations, and is training data (docs/training.md). A map
+  too large to trace is skipped with a warning, not a failed sample."""
   if cfg.output_format != 'tiff':
+    return None
+  if not geojson_out.traceable(labels):
+    logging.warning('%s: the label map is too large to write as GeoJSON; skipped',
+                    os.path.basename(image_path))
     return None
   path = geojson_out.geojson_path(image_path)
   record['files']['annotations'] = os.path.basename(path)

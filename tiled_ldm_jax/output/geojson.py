@@ -33,9 +33,9 @@ import numpy as np
 from tiled_ldm_jax import masks as masks_lib
 from tiled_ldm_jax.files import atomic
 
-# Pixels traced at once (the whole map, or the lazy map's source): uint8 ids + int32
-# component labels + a few boolean planes, ~8 bytes a pixel.
-MAX_TRACE_PIXELS = 1 << 28
+# Pixels traced at once (the whole map, or the lazy map's source): the ids, int32
+# component labels and a few boolean planes, ~15 bytes a pixel (2 GiB at this limit).
+MAX_TRACE_PIXELS = 1 << 27
 
 # Edge directions: 0 +x, 1 +y, 2 -x, 3 -y (image coordinates, y down).
 _DX = np.array([1, 0, -1, 0])
@@ -137,18 +137,35 @@ def trace(m: np.ndarray) -> list[list[np.ndarray]]:
   return [[shells[c]] + holes.get(c, []) for c in sorted(shells)]
 
 
+def _upscale_factor(labels) -> int | None:
+  """k if `labels` is a `masks.LabelMap` holding an in-memory source that it upscales
+  k times (nearest, both axes), else None."""
+  if not isinstance(labels, masks_lib.LabelMap) or hasattr(labels.source, 'read_rows'):
+    return None
+  (h, w), (sh, sw) = labels.shape, labels.source.shape
+  if h % sh or w % sw or h // sh != w // sw:
+    return None
+  k = h // sh
+  # pylint: disable=protected-access
+  ok = (np.array_equal(labels._rows, np.arange(h) // k)
+        and np.array_equal(labels._cols, np.arange(w) // k))
+  return k if ok else None
+
+
+def traceable(labels) -> bool:
+  """Whether `to_geojson` takes this map (at most MAX_TRACE_PIXELS traced)."""
+  k = _upscale_factor(labels)
+  h, w = labels.source.shape if k else labels.shape
+  return h * w <= MAX_TRACE_PIXELS
+
+
 def _as_array_and_scale(labels) -> tuple[np.ndarray, int]:
   """(map to trace, integer factor to scale its coordinates by). A `masks.LabelMap`
   that is an integer nearest upscale of an in-memory source (the generated slides:
   label maps at mask-model or latent resolution) is traced at the source's size."""
-  if isinstance(labels, masks_lib.LabelMap) and not hasattr(labels.source, 'read_rows'):
-    (h, w), (sh, sw) = labels.shape, labels.source.shape
-    if h % sh == 0 and w % sw == 0 and h // sh == w // sw:
-      k = h // sh
-      # pylint: disable=protected-access
-      if (np.array_equal(labels._rows, np.arange(h) // k)
-          and np.array_equal(labels._cols, np.arange(w) // k)):
-        return np.asarray(labels.source), k
+  k = _upscale_factor(labels)
+  if k:
+    return np.asarray(labels.source), k
   h, w = labels.shape
   if h * w > MAX_TRACE_PIXELS:
     raise ValueError(f'a label map of {h} x {w} pixels is too large to trace into GeoJSON '
