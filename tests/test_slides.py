@@ -167,9 +167,10 @@ def test_bad_input_is_one_line(slide):
 
 
 def test_three_networks_read_slides(slide, tmp_path):
-  """The VAE, image U-Net and mask U-Net tasks take a manifest as `data`; a train run's
-  bad slide is an error before the workdir exists."""
-  from test_train import TINY_MASK_UNET, TINY_VAE, _write_model_config  # pylint: disable=g-import-not-at-top
+  """A manifest is `data` for the VAE task (images, and mask images at the mask model's
+  resolution: the same source the mask U-Net task reads); a train run's bad slide is an
+  error before the workdir exists."""
+  from test_train import TINY_VAE, _write_model_config  # pylint: disable=g-import-not-at-top
   vae_model = _write_model_config(tmp_path / 'vae.py', 'vae', TINY_VAE)
   cfg = training.from_config(dict(task='vae', model=vae_model, steps=1, batch_size=4,
                                   image_size=16, data=slide['manifest'], mpp=1.0,
@@ -180,7 +181,6 @@ def test_three_networks_read_slides(slide, tmp_path):
   ex = src.step_example(0, 0)
   assert ex.image is None and ex.labels.shape == (16, 16) and src.slides[0].ds == 2.0
   assert ex.layout_class == data.folder_layout_class('', ex.labels)
-  del TINY_MASK_UNET
   bad = _bad(slide, 'bad.csv', 'slide,annotations\nnotes.txt,\n')
   work = tmp_path / 'work'
   with pytest.raises(slides.SlideDataError, match='OpenSlide cannot open'):
