@@ -214,3 +214,19 @@ def test_missing_openslide_is_one_line(monkeypatch):
   monkeypatch.setitem(sys.modules, 'openslide', None)     # import fails
   with pytest.raises(slides.SlideDataError, match=r'pip install -e \.\[slides\]'):
     slides.open_slide('x.svs')
+
+
+def test_loader_threads_open_each_slide_once(slide, monkeypatch):
+  """Through the grain loader (2 threads): each thread opens the slide once, not per tile;
+  the batches equal the source's own."""
+  from tiled_ldm_jax.training import loader as loader_lib  # pylint: disable=g-import-not-at-top
+  src = _source(slide)
+  opened = []
+  real = slides.open_slide
+  monkeypatch.setattr(slides, 'open_slide', lambda p: opened.append(p) or real(p))
+  example = lambda s, r: data.record(src.step_example(s, r), True)
+  it = loader_lib.Loader(example, 4, 6, process_index=0, process_count=1,
+                         num_threads=2).iterator()
+  for step in range(6):
+    np.testing.assert_array_equal(next(it)['labels'], src.batch(step)['labels'])
+  assert 1 <= len(opened) <= 3     # the loader's threads and this one, once each
