@@ -20,7 +20,10 @@ from absl import flags
 import numpy as np
 from PIL import Image
 
-from tiled_ldm_jax import masks
+try:   # the lazy label map's home (it moved from masks.py to files/label_maps.py)
+  from tiled_ldm_jax.files import label_maps
+except ImportError:
+  from tiled_ldm_jax import masks as label_maps
 from tiled_ldm_jax.output import geojson as geojson_out
 from tiled_ldm_jax.output import writers
 from tiled_ldm_jax.training import data
@@ -54,7 +57,7 @@ def make_slide(folder: str, side: int):
   path = os.path.join(folder, 'slide.tif')
   t = time.perf_counter()
   writers.write_tiff(path, bands(), (side, side, 3), mpp=0.5)
-  labels = masks.LabelMap(lab, (side, side))
+  labels = label_maps.LabelMap(lab, (side, side))
   geo = os.path.join(folder, 'slide_mask.geojson')
   t1 = time.perf_counter()
   geojson_out.write_geojson(geo, labels)
@@ -101,7 +104,7 @@ def main(argv):
       ex = src.step_example(k // BATCH, k % BATCH)
       Image.fromarray(np.round(ex.image * 255).astype(np.uint8)).save(
           os.path.join(folder, f't{k:05d}.png'))
-      masks.write_label_png(os.path.join(folder, f't{k:05d}_mask.png'), ex.labels)
+      label_maps.write_label_png(os.path.join(folder, f't{k:05d}_mask.png'), ex.labels)
     fsrc = data.FolderSource(folder, tile, BATCH, 0, augment_data=False)
     example = lambda s, r, fsrc=fsrc: data.record(fsrc.step_example(s, r), True)
     print(json.dumps({'what': 'PNG folder tiles/s', 'mpp': mpp, 'tile': tile,

@@ -138,9 +138,11 @@ def trace(m: np.ndarray) -> list[list[np.ndarray]]:
 
 
 def _upscale_factor(labels) -> int | None:
-  """k if `labels` is a `masks.LabelMap` holding an in-memory source that it upscales
-  k times (nearest, both axes), else None."""
-  if not isinstance(labels, masks_lib.LabelMap) or hasattr(labels.source, 'read_rows'):
+  """k if `labels` is a lazy `LabelMap` holding an in-memory source that it upscales k
+  times (nearest, both axes), else None. (Recognised by its attributes, not its class:
+  the class has moved between modules.)"""
+  if not all(hasattr(labels, a) for a in ('source', '_rows', '_cols')) or \
+      hasattr(labels.source, 'read_rows'):
     return None
   (h, w), (sh, sw) = labels.shape, labels.source.shape
   if h % sh or w % sw or h // sh != w // sw:
