@@ -181,6 +181,21 @@ def test_three_networks_read_slides(slide, tmp_path):
   ex = src.step_example(0, 0)
   assert ex.image is None and ex.labels.shape == (16, 16) and src.slides[0].ds == 2.0
   assert ex.layout_class == data.folder_layout_class('', ex.labels)
+  # The mask U-Net (encoding with the demo VAE): label maps and layout classes from the
+  # same slides (the image U-Net trains on one in test_slide_training.py).
+  from tiled_ldm_jax import demo  # pylint: disable=g-import-not-at-top
+  from tiled_ldm_jax.models import configs  # pylint: disable=g-import-not-at-top
+  for kind, num_classes, keys in (('mask', 2, {'labels', 'layout_class'}),):
+    model_cfg = configs.UNetConfig(kind=kind, dim=8, num_classes=num_classes, dim_mults=(1,),
+                                   resnet_block_groups=4, block_per_layer=1)
+    path = _write_model_config(tmp_path / f'{kind}.py', f'{kind}_unet', model_cfg)
+    cfg = training.from_config(dict(
+        task=f'{kind}_unet', model=path, steps=1, batch_size=2, image_size=16,
+        data=slide['manifest'], mpp=1.0, mask_downscale=2, vae=demo.model_path('vae'),
+        mask_classes='label 1=1,label 2=1,label 3=1,label 4=1' if kind == 'mask' else ''))
+    batch = training.make_task(cfg, model_cfg).batches(0)
+    assert set(batch) == keys and batch['labels'].shape == (2, 16, 16)
+  _bad(slide, 'notes.txt', 'not a slide\n')
   bad = _bad(slide, 'bad.csv', 'slide,annotations\nnotes.txt,\n')
   work = tmp_path / 'work'
   with pytest.raises(slides.SlideDataError, match='OpenSlide cannot open'):
