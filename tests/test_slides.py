@@ -141,7 +141,7 @@ def _bad(slide, name, text):
   return str(path)
 
 
-def test_bad_input_is_one_line(slide):
+def test_bad_input_is_one_line(slide, monkeypatch):
   root = slide['root']
   notslide = _bad(slide, 'notes.txt', 'not a slide\n')
   with pytest.raises(slides.SlideDataError, match='OpenSlide cannot open'):
@@ -164,6 +164,9 @@ def test_bad_input_is_one_line(slide):
                        32, 2, 0, classes={'label 1': 1, 'label 2': 2, 'label 4': 4})
   with pytest.raises(slides.SlideDataError, match='smaller than one tile'):
     _source(slide, size=600)
+  monkeypatch.setattr(slides, 'THUMBNAIL_MAX_PIXELS', 100)      # a slide without a pyramid
+  with pytest.raises(slides.SlideDataError, match='no pyramid level small enough'):
+    _source(slide)
 
 
 def test_three_networks_read_slides(slide, tmp_path):

@@ -70,6 +70,7 @@ MANIFEST_MAX_BYTES = 16 << 20
 UNANNOTATED = ('zero', 'exclude')
 GRID_MAX_SIDE = 2048          # grid cells along a slide's longer side, at most
 CELLS_PER_TILE = 4            # grid cells along a tile's side (when the slide allows)
+THUMBNAIL_MAX_PIXELS = 1 << 26   # the level read whole for the tissue mask (RGBA: 256 MiB)
 _LEVEL_TOLERANCE = 1e-3       # a level whose downsample is this close to the one asked
                               # is read as is (pyramids store 4.0001 for 4)
 
@@ -403,6 +404,10 @@ class SlideSource:
       gh, gw = max(1, int(h0 // cell)), max(1, int(w0 // cell))
       level = _pick_level(downsamples, cell)
       lw, lh = handle.level_dimensions[level]
+      if lw * lh > THUMBNAIL_MAX_PIXELS:
+        raise SlideDataError(f'{name}: no pyramid level small enough for the tissue '
+                             f'thumbnail (the coarsest usable is {lw} x {lh} px); write the '
+                             'slide as a tiled pyramid (e.g. pyramidal TIFF) first')
       thumb = _read_level(handle, level, (lw, lh))
       thumb = np.asarray(Image.fromarray(thumb, 'RGBA').resize(
           (gw, gh), Image.BOX, box=(0, 0, gw * cell / downsamples[level],
