@@ -194,8 +194,11 @@ def test_three_networks_read_slides(slide, tmp_path):
     path = _write_model_config(tmp_path / f'{kind}.py', f'{kind}_unet', model_cfg)
     cfg = training.from_config(dict(
         task=f'{kind}_unet', model=path, steps=1, batch_size=2, image_size=16,
-        data=slide['manifest'], mpp=1.0, mask_downscale=2, vae=demo.model_path('vae'),
-        mask_classes='label 1=1,label 2=1,label 3=1,label 4=1' if kind == 'mask' else ''))
+        data=slide['manifest'], mpp=1.0, mask_downscale=2, vae=demo.model_path('vae')))
+    with pytest.raises(configs.ConfigError, match='layout classes up to 4'):
+      training.make_task(cfg, model_cfg)      # tiles' dominant labels 1-4, 2 classes
+    model_cfg = configs.UNetConfig(kind=kind, dim=8, num_classes=5, dim_mults=(1,),
+                                   resnet_block_groups=4, block_per_layer=1)
     batch = training.make_task(cfg, model_cfg).batches(0)
     assert set(batch) == keys and batch['labels'].shape == (2, 16, 16)
   _bad(slide, 'notes.txt', 'not a slide\n')

@@ -375,6 +375,12 @@ class SlideSource:
     self.class_probs = w / w.sum()
     self._members = [(which[labels == c], pos[labels == c]) for c in self.classes]
 
+  def max_layout_class(self) -> int:
+    """The largest layout class a tile can have: the manifest's, or for slides without
+    one the largest label id (a tile's most frequent non-zero label)."""
+    return max(self.num_labels - 1 if s.entry.layout_class is None else s.entry.layout_class
+               for s in self.slides)
+
   # -- checks (once, before training)
 
   def _check(self, entry: SlideEntry, classes, unannotated: str, saturation: float) -> _Slide:

@@ -210,6 +210,12 @@ def mask_unet_task(cfg: TrainConfig, model_cfg: configs_lib.UNetConfig) -> Task:
                                   f'U-Net\'s num_classes {model_cfg.num_classes}')
   src = _source(cfg, cfg.batch_size, with_images=False, downscale=cfg.mask_downscale,
                 stream=0)
+  if isinstance(src, slides_lib.SlideSource) and \
+      src.max_layout_class() >= model_cfg.num_classes:
+    raise configs_lib.ConfigError(
+        f'slide tiles have layout classes up to {src.max_layout_class()} (a slide\'s '
+        'layout_class in the manifest, else the tile\'s most frequent label) but the mask '
+        f'U-Net has num_classes {model_cfg.num_classes}')
 
   def example(step, row):
     rec = data_lib.record(src.step_example(step, row), with_images=False)
