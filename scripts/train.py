@@ -5,6 +5,8 @@
       [--resume] [--config.steps=N --config.batch_size=8 --config.vae=/path/to/vae/model]
       [--devices=N] [--coordinator_address=host:port --num_processes=P --process_id=i]
 
+Own data: `--config.data=` a folder of name.jpg + name_mask.png tiles, or a manifest of
+whole-slide images and their QuPath annotations with `--config.mpp=` (docs/training.md).
 `--config.<field>=value` overrides any `TrainConfig` field (ml_collections config flags;
 types are checked, unknown fields are an error). Checkpoints go to <workdir>/checkpoints,
 progress to the log and <workdir>/metrics.jsonl, and at the end the EMA params to

@@ -61,6 +61,7 @@ def pytest_unconfigure(config):
 # `--dist loadfile` the files are handed out in collection order, so starting the long
 # ones first keeps both workers busy to the end. Files not named keep their order after.
 _LONGEST_FIRST = ('test_multiprocess', 'test_eight_devices', 'test_api', 'test_train',
+                  'test_slide_training',
                   'test_demo', 'test_check_reference', 'test_pipeline', 'test_sampling',
                   'test_resume', 'test_own_model', 'test_bad_requests', 'test_benchmark',
                   'test_decode', 'test_schedules', 'test_unet', 'test_vae')

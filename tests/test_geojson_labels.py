@@ -102,6 +102,12 @@ def test_run_writes_the_rasterized_mask(models, tmp_path):
   with Image.open(tmp_path / 'out' / 'sample0000_overview.jpg') as im:
     assert im.format == 'JPEG' and im.size == (2 * w + 8, h)
   assert 'mask_stage' not in record['plan']['stages']
+  # Beside the TIFF, its labels as QuPath GeoJSON (class names from --mask_classes): read
+  # back by --mask, the same map (output/geojson.py).
+  assert record['files']['annotations'] == 'sample0000_mask.geojson'
+  back = gj.read_geojson(str(tmp_path / 'out' / 'sample0000_mask.geojson'), CLASSES, (h, w))
+  np.testing.assert_array_equal(np.asarray(back), mask)
+  assert sorted(back.counts) == sorted(CLASSES)
 
 
 def test_parse_classes():

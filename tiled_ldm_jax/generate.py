@@ -34,6 +34,7 @@ from tiled_ldm_jax import demo
 from tiled_ldm_jax import encode as encode_lib
 from tiled_ldm_jax import estimate
 from tiled_ldm_jax.files import geojson_labels
+from tiled_ldm_jax.output import geojson as geojson_out
 from tiled_ldm_jax.files import image_files
 from tiled_ldm_jax.files import reading
 from tiled_ldm_jax.files import label_files
@@ -652,11 +653,13 @@ def _write_sample(plan: Plan, number: int, z, labels: label_maps.LabelMap, recor
     mine = sharding.is_writer()
   if not mine:
     return record
+  annotations = _annotations_path(cfg, image_path, record, labels)
   if shared or cfg.output_format == 'zarr':
     if not shared:   # the store is renamed into place by its writer; mask inside it
       _write_image(plan, z, labels, image_path, overview)
     if cfg.output_format != 'zarr':
       writers.write_labels(mask_file, labels)
+      _write_annotations(cfg, annotations, labels)
     record['seconds']['decode_and_write'] = time.perf_counter() - start
     with atomic.atomic_path(base + '.json') as tmp:   # last: marks a complete sample
       _dump_record(tmp, record)
@@ -666,12 +669,36 @@ def _write_sample(plan: Plan, number: int, z, labels: label_maps.LabelMap, recor
   # none of a sample's files, never an image without its mask or record.
   with atomic.atomic_path(base + '.json') as tmp_json, \
       atomic.atomic_path(mask_file) as tmp_mask, atomic.atomic_path(image_path) as tmp_image, \
-      (atomic.atomic_path(overview) if overview else contextlib.nullcontext()) as tmp_view:
+      (atomic.atomic_path(overview) if overview else contextlib.nullcontext()) as tmp_view, \
+      (atomic.atomic_path(annotations) if annotations else contextlib.nullcontext()) as tmp_geo:
     _write_image(plan, z, labels, tmp_image, tmp_view)
     writers.write_labels(tmp_mask, labels)
+    _write_annotations(cfg, tmp_geo, labels, atomic_write=False)
     record['seconds']['decode_and_write'] = time.perf_counter() - start
     _dump_record(tmp_json, record)
   return record
+
+
+def _annotations_path(cfg: GenerationConfig, image_path: str, record: dict,
+                      labels) -> str | None:
+  """A TIFF slide's labels as QuPath GeoJSON beside it (`output/geojson.py`): the slide
+  opens in QuPath with its annotations, and is training data (docs/training.md). A map
+  too large to trace is skipped with a warning, not a failed sample."""
+  if cfg.output_format != 'tiff':
+    return None
+  if not geojson_out.traceable(labels):
+    logging.warning('%s: the label map is too large to write as GeoJSON; skipped',
+                    os.path.basename(image_path))
+    return None
+  path = geojson_out.geojson_path(image_path)
+  record['files']['annotations'] = os.path.basename(path)
+  return path
+
+
+def _write_annotations(cfg: GenerationConfig, path: str | None, labels, **kw) -> None:
+  if path:
+    classes = geojson_labels.parse_classes(cfg.mask_classes) if cfg.mask_classes else None
+    geojson_out.write_geojson(path, labels, classes, **kw)
 
 
 def _dump_record(path: str, record: dict) -> None:

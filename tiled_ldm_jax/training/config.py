@@ -59,8 +59,20 @@ class TrainConfig:
                                      # velocity noise - x0, with time input t * 1000 (a
                                      # float: the sinusoidal embedding sees the range of
                                      # the diffusion timesteps). Stored in model.json.
-  data: str = 'synthetic'            # 'synthetic' or a folder of name.jpg + name_mask.png
-  augment: bool = True               # folder data: random flips and 90-degree rotations
+  data: str = 'synthetic'            # 'synthetic', a folder of name.jpg + name_mask.png, or
+                                     # a slide manifest file (CSV or JSON; training/slides.py)
+  augment: bool = True               # folder and slide data: random flips, 90-degree rotations
+  mpp: float = 0.0                   # slide data: tile resolution in um/px (0: each slide's
+                                     # level 0 as is); mask model: mpp * mask_downscale
+  mask_classes: str = ''             # slide data, GeoJSON annotations: class name to id,
+                                     # 'Tumor=1,Stroma=2' (empty: 'label N' -> N, the names
+                                     # of the GeoJSON written beside generated slides)
+  unannotated: str = 'zero'          # slide data: unannotated tissue is label 0 ('zero') or
+                                     # no tile is centred on it ('exclude')
+  class_balance: float = 1.0         # slide data: class weights = annotated area ** (1 - this)
+                                     # (1: every class as often, 0: in proportion to area)
+  tissue_saturation: float = 0.08    # slide data: thumbnail pixels with (max-min)/max of RGB
+                                     # above this are tissue
   num_labels: int = 5                # label ids 0..num_labels-1 (image U-Net: its num_classes)
   num_layout_classes: int = 2        # synthetic layout classes (the mask U-Net's classes)
   region_size: float = 48.0          # synthetic region size in image pixels
@@ -101,6 +113,13 @@ class TrainConfig:
       raise err(f"recon_loss must be 'l1' or 'l2', got {self.recon_loss!r}")
     if self.task != 'vae' and not self.vae:
       raise err(f'task {self.task} needs `vae`, the folder of a trained VAE')
+    if self.unannotated not in ('zero', 'exclude'):
+      raise err(f"unannotated must be 'zero' or 'exclude', got {self.unannotated!r}")
+    for name in ('class_balance', 'tissue_saturation'):
+      if not 0.0 <= getattr(self, name) <= 1.0:
+        raise err(f'{name} must be in [0, 1], got {getattr(self, name)}')
+    if not (self.mpp >= 0.0 and self.mpp < float('inf')):
+      raise err(f'mpp must be >= 0 um/px (0: the slides\' level 0), got {self.mpp}')
     if self.num_labels < 2:
       raise err(f'num_labels must be >= 2, got {self.num_labels}')
     geometry.LatentGeometry(scale=self.export_latent_scale)  # validates the scale
@@ -144,7 +163,8 @@ _NOT_COMPILED = {'model': '', 'save_every': 1, 'keep_checkpoints': 1, 'log_every
                  'region_size': 48.0, 'region_size_max': 0.0, 'mask_downscale': 1, 'vae': '-',
                  'export_latent_std': 0.0, 'export_latent_scale': 1.0,
                  'latent_stats_batches': 1, 'mask_image_fraction': 0.0, 'batch_size': 1,
-                 'image_size': 8}
+                 'image_size': 8, 'mpp': 0.0, 'mask_classes': '', 'unannotated': 'zero',
+                 'class_balance': 1.0, 'tissue_saturation': 0.08}
 
 
 def canonical(cfg: TrainConfig) -> TrainConfig:

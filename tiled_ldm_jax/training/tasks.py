@@ -32,6 +32,7 @@ import numpy as np
 
 from tiled_ldm_jax.models import checkpoint
 from tiled_ldm_jax.training import data as data_lib
+from tiled_ldm_jax.training import slides as slides_lib
 from tiled_ldm_jax.sampling import diffusion
 from tiled_ldm_jax.sampling import processes
 from tiled_ldm_jax import geometry
@@ -132,7 +133,7 @@ def _diffusion_loss(pred, target):
 
 def _source(cfg: TrainConfig, batch_size: int, *, with_images: bool, downscale: int,
             stream: int):
-  """The run's data: synthetic, or a folder of image/mask pairs."""
+  """The run's data: synthetic, a folder of image/mask pairs, or slides (a manifest)."""
   if cfg.data == 'synthetic':
     spec = data_lib.SynthSpec(num_classes=cfg.num_labels,
                               num_layout_classes=cfg.num_layout_classes,
@@ -141,6 +142,9 @@ def _source(cfg: TrainConfig, batch_size: int, *, with_images: bool, downscale: 
     return data_lib.SyntheticSource(spec, cfg.image_size, batch_size, cfg.seed,
                                     with_images=with_images, downscale=downscale,
                                     stream=stream)
+  if slides_lib.is_manifest(cfg.data):
+    return slides_lib.from_config(cfg, batch_size, with_images=with_images,
+                                  downscale=downscale, stream=stream)
   return data_lib.FolderSource(cfg.data, cfg.image_size, batch_size, cfg.seed,
                                with_images=with_images, downscale=downscale,
                                augment_data=cfg.augment, num_classes=cfg.num_labels,
@@ -206,6 +210,12 @@ def mask_unet_task(cfg: TrainConfig, model_cfg: configs_lib.UNetConfig) -> Task:
                                   f'U-Net\'s num_classes {model_cfg.num_classes}')
   src = _source(cfg, cfg.batch_size, with_images=False, downscale=cfg.mask_downscale,
                 stream=0)
+  if isinstance(src, slides_lib.SlideSource) and \
+      src.max_layout_class() >= model_cfg.num_classes:
+    raise configs_lib.ConfigError(
+        f'slide tiles have layout classes up to {src.max_layout_class()} (a slide\'s '
+        'layout_class in the manifest, else the tile\'s most frequent label) but the mask '
+        f'U-Net has num_classes {model_cfg.num_classes}')
 
   def example(step, row):
     rec = data_lib.record(src.step_example(step, row), with_images=False)
