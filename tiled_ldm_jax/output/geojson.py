@@ -162,7 +162,7 @@ def traceable(labels) -> bool:
 
 
 def _as_array_and_scale(labels) -> tuple[np.ndarray, int]:
-  """(map to trace, integer factor to scale its coordinates by). A `masks.LabelMap`
+  """(map to trace, integer factor to scale its coordinates by). A `label_maps.LabelMap`
   that is an integer nearest upscale of an in-memory source (the generated slides:
   label maps at mask-model or latent resolution) is traced at the source's size."""
   k = _upscale_factor(labels)
