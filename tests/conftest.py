@@ -48,6 +48,36 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 def pytest_configure(config):
   config.addinivalue_line('markers', 'optimized: compile with full XLA optimization '
                           '(numerics or speed under the default compiler are the point)')
+  config.addinivalue_line('markers', 'slow: the full suite only (`-m slow`); CI and the '
+                          "README's command run `-m 'not slow'` (docs/testing.md)")
+
+
+# The slow tier: end-to-end runs (commands, whole pipelines, training to the end) that
+# each compile programs no other test shares, and second cases of a property a fast test
+# already checks on another shape or setting. Everything here still runs in the full
+# suite (`python -m pytest tests -n 2 --dist loadfile`, docs/testing.md); the fast tier
+# keeps at least one test of every module and every parity test. Measured by
+# TILED_LDM_DURATIONS_FILE (below) on this 2-core machine.
+SLOW = (
+    # CLI runs; their library paths are tested in-process at smaller cost
+    # (test_strength_on_the_api, test_keep_mask_on_the_api, test_pipeline, test_estimate's
+    # plan-vs-run, test_bad_requests' one-line errors).
+    'tests/test_init_image.py::test_command_init_image',
+    'tests/test_init_image.py::test_command_outpaint_and_tiff_init',
+    'tests/test_api.py::test_api_staged_and_cli_are_identical',
+    'tests/test_api.py::test_readme_example_runs',
+    'tests/test_estimate.py::test_dry_run_writes_nothing_and_times',
+    'tests/test_label_maps.py::test_run_with_a_tiff_mask',
+    # second shapes / settings of a property with a fast case
+    'tests/test_label_maps.py::test_banded_mask_stage_equals_the_whole_image[size0]',
+    'tests/test_train.py::test_objective_trains_and_is_exported[flow]',
+    # long runs: training resume to the bit, the partition blend's seam on the demo VAE,
+    # the slide round trip (generate, train, sample), killing two processes mid-run
+    'tests/test_train.py::test_resume_is_bitwise_exact',
+    'tests/test_decode.py::test_partition_blend_removes_the_residual_seam_on_the_demo_vae',
+    'tests/test_slide_training.py',
+    'tests/test_multiprocess.py::test_resume_after_killing_both',
+)
 
 
 def pytest_unconfigure(config):
@@ -67,11 +97,15 @@ _LONGEST_FIRST = ('test_multiprocess', 'test_eight_devices', 'test_api', 'test_t
                   'test_decode', 'test_schedules', 'test_unet', 'test_vae')
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(session, config, items):
   """The longest files first (stable within a file)."""
   del session, config
   rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))
+  for item in items:
+    if item.nodeid.startswith(SLOW):
+      item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(autouse=True)
