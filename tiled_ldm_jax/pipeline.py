@@ -517,16 +517,16 @@ class Pipeline:
 
   def run_image_stage(self, o: Options, labels, indices, seed: int, *,
                       state=None, chunk: int = 0, on_chunk=None, init=None,
-                      strength: float = 1.0, keep=None):
+                      strength: float = 1.0, keep=None, watch=None):
     """(latents [N, h, w, C], counters) of the image stage for pixel label maps [N, H, W]
-    (an array or `masks.LabelMap`s)."""
+    (an array or `masks.LabelMap`s); `watch`: `loop.Sampler.run`'s (a live preview)."""
     self.check_image_request(masks_lib.labels_shape(labels)[1:], o)
     if len(indices) != len(labels):
       raise ValueError(f'{len(labels)} label maps but {len(indices)} indices')
     smp, fresh, latent = self.image_stage(o, labels, indices, seed, init=init,
                                           strength=strength, keep=keep)
     state = _run_stage(smp, self.unet.params, fresh if state is None else smp.place(state),
-                       latent, o.sampling_steps, chunk, on_chunk)
+                       latent, o.sampling_steps, chunk, on_chunk, watch)
     return state.x, stage_stats(state)
 
   # ------------------------------------------------------------------------- decode
@@ -661,11 +661,12 @@ def window_fields(o: Options, patch_px: int, factor: int, latent_hw) -> dict:
               grid_margin_first_levels=first_margin_levels(o) if o.schedule == 'grid' else 0)
 
 
-def _run_stage(smp, params, state, cond, sampling_steps: int, chunk: int, on_chunk):
+def _run_stage(smp, params, state, cond, sampling_steps: int, chunk: int, on_chunk,
+               watch=None):
   """Runs a sampler to the end; with `chunk`, `chunk` iterations at a time with
   `on_chunk(state)` between chunks (not after the last). Chunked runs equal whole ones."""
   while int(state.level.min()) < sampling_steps:       # one host sync per chunk
-    state = smp.run(params, state, cond, max_iterations=chunk or None)
+    state = smp.run(params, state, cond, max_iterations=chunk or None, watch=watch)
     if on_chunk is not None and int(state.level.min()) < sampling_steps:
       on_chunk(state)
   return state
