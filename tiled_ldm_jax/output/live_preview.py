@@ -58,9 +58,9 @@ def fit_rgb_map(decode: Callable, encode: Callable, params, scale: float, factor
 
   The latents are those of FIT_BATCH random images (`encode(params, x) -> (mean, _)`,
   z = mean / scale): latents of images, not of noise, whose colours a generated latent
-  shares (a fit on random normal latents got the structure but washed the colours out,
-  mean error 22 of 255 on a demo image, against 11 with this; tests/test_live_preview.py). The target is what
-  `decode(params, z * scale)` makes of them, averaged over each latent pixel's f x f
+  shares (a fit on random normal latents got the structure but washed the colours out:
+  mean error 22 of 255 on a demo image, against 11 with this, `tests/test_live_preview.py`).
+  The target is what `decode(params, z * scale)` makes of them, averaged over each latent pixel's f x f
   block; least squares over every latent pixel of the batch."""
   images = random_images(jax.random.key(seed), FIT_BATCH, FIT_SIDE * factor)
   mean = jax.jit(encode)(params, images)[0]
