@@ -305,28 +305,30 @@ class Pipeline:
     f = self.geometry.factor
     latent_hw = tuple(v // f for v in image_hw)
     k = window_fields(o, o.patch_size, f, latent_hw)['patches_per_step']
-    act = memory.activations(
+    tile = decode_lib.tile_px(self._decode_settings(o, o.patch_size))
+    unet_act = memory.unet_activation(
         unet_batch=diffusion.pack_chunk(n_batch * k), latent_patch=o.patch_size // f,
-        unet_dim=self.unet.config.dim, tile_batch=o.tile_batch,
-        tile_px=decode_lib.tile_px(self._decode_settings(o, o.patch_size)),
-        vae_width=self.vae.config.block_out_channels[0])
+        unet_dim=self.unet.config.dim)
+    vae_width = self.vae.config.block_out_channels[0]
+    decoder_act = memory.decoder_activation(tile_batch=o.tile_batch, tile_px=tile,
+                                            vae_width=vae_width)
     mhw = mask_hw(image_hw, f)
     m_patch = self._mask_patch(mhw, o)
     # (a margin the mask stage cannot take is refused by check_mask_request)
     if (self.mask_unet is not None and label_source_pixels is None
         and 2 * stage_margin(o, m_patch, f) < m_patch):
       mk = window_fields(o, m_patch, f, (mhw[0] // f, mhw[1] // f))['patches_per_step']
-      act = max(act, memory.activations(
+      unet_act = max(unet_act, memory.unet_activation(
           unet_batch=n_batch * mk * (2 if o.mask_cond_scale else 1),
-          latent_patch=m_patch // f, unet_dim=self.mask_unet.config.dim,
-          tile_batch=o.tile_batch,
-          tile_px=decode_lib.tile_px(self._decode_settings(o, m_patch)),
-          vae_width=self.vae.config.block_out_channels[0]))
+          latent_patch=m_patch // f, unet_dim=self.mask_unet.config.dim))
+      decoder_act = max(decoder_act, memory.decoder_activation(
+          tile_batch=o.tile_batch, tile_px=decode_lib.tile_px(self._decode_settings(o, m_patch)),
+          vae_width=vae_width))
     return memory.request_bytes(
         image_hw=image_hw, n_batch=n_batch, latent_channels=self.unet.config.channels,
         factor=f, whole_images=whole_images, tile_px=o.patch_size, weights_bytes=weights,
-        label_source_pixels=label_source_pixels, activation_bytes=act,
-        host_is_device=jax.default_backend() == 'cpu', init=init, init_whole=init_whole,
+        label_source_pixels=label_source_pixels, unet_activation_bytes=unet_act,
+        decoder_activation_bytes=decoder_act, init=init, init_whole=init_whole,
         solver_history=processes.solver_named(o.solver).history,
         band_px=decode_lib.band_layout((*latent_hw, self.vae.config.latent_channels),
                                        self._decode_settings(o, o.patch_size))[0])
@@ -337,7 +339,8 @@ class Pipeline:
     is available (`memory_need`; `init`: its init / init_whole), before any work."""
     need = self.memory_need(image_hw, n_batch, o, whole_images, label_source_pixels, **init)
     h, w = image_hw
-    memory.check(need, f'a {h}x{w} image (batch of {n_batch})')
+    memory.check(need, f'a {h}x{w} image (batch of {n_batch})',
+                 host_is_device=jax.default_backend() == 'cpu')
 
   def check_mask_request(self, image_size, label: int, o: Options) -> None:
     if self.mask_unet is None:
