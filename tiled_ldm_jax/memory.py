@@ -55,7 +55,7 @@ HOST_BASE = 1 << 30
 LABEL_SOURCE_BYTES = 10    # per label-source pixel (see the module doc)
 # XLA temporaries per element of the largest activation (`memory_analysis` of one call
 # on CPU): the U-Net at its sampling batch, the decoder at 4 tiles of 512 px.
-UNET_ACTIVATION = 48
+UNET_ACTIVATION = 26       # full-size U-Net at batch 8: 18.6; demo at 55: 20, at 8: 26
 DECODER_ACTIVATION = 7     # demo VAE 448 MiB, SD2 VAE 3.5 GiB: 7.0 for both
 
 
