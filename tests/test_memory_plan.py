@@ -49,6 +49,7 @@ def test_plan_within_1_to_1_5_of_the_measured_peak(tmp_path):
     assert plan['host_is_device']            # CPU: one memory holds both
     planned = plan['host_bytes'] + plan['device_bytes']
     rows.append((size, planned / memory.GiB, peak / memory.GiB, planned / peak))
+  print('size, planned GiB, peak RSS GiB, ratio:', rows)
   assert all(RATIO[0] <= r[3] <= RATIO[1] for r in rows), rows
 
 
