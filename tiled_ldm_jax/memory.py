@@ -12,7 +12,10 @@ device holds the weights plus the larger of the two:
                      a solver's history (DPM-Solver++: each pixel's last x0 prediction,
                      4*N*h*w*C), a keep mask's init latents and mask (N*h*w*(4C + 1)),
                      and one U-Net call's activations (`unet_activation`);
-          decoding = one decoder call's activations (`decoder_activation`).
+          decoding = one decoder call's activations (`decoder_activation`);
+          each call also holds its model's weights once more (the params are host
+          numpy arrays, copied into the call's argument buffers on CPU;
+          `Pipeline.memory_need`).
   host    label sources, never the pixel map: the mask model's map at its resolution
           (H/4 x W/4) or a label file's pixels, ~LABEL_SOURCE_BYTES each (the source,
           the mask stage's gray map and its clean's temporaries); GeoJSON none (rasterized

@@ -300,18 +300,23 @@ class Pipeline:
     """{'host', 'device'} bytes one batch of this request needs (`memory.request_bytes`):
     `label_source_pixels` per image (None: the mask model's map; 0: rasterized by bands);
     `init` / `init_whole` as there."""
-    weights = sum(v.nbytes for m in (self.unet, self.vae, self.mask_unet) if m is not None
-                  for v in jax.tree_util.tree_leaves(m.params))   # no copy of the weights
+    size = {name: sum(v.nbytes for v in jax.tree_util.tree_leaves(m.params))
+            for name, m in (('unet', self.unet), ('vae', self.vae),
+                            ('mask_unet', self.mask_unet)) if m is not None}
+    weights = sum(size.values())
     f = self.geometry.factor
     latent_hw = tuple(v // f for v in image_hw)
     k = window_fields(o, o.patch_size, f, latent_hw)['patches_per_step']
     tile = decode_lib.tile_px(self._decode_settings(o, o.patch_size))
+    # A call also holds its model's weights once more: the params are host numpy arrays,
+    # which a call on CPU copies into its argument buffers (full-size decode: the peak
+    # was 0.3 GiB over the plan without it, docs/generate.md).
     unet_act = memory.unet_activation(
         unet_batch=diffusion.pack_chunk(n_batch * k), latent_patch=o.patch_size // f,
-        unet_dim=self.unet.config.dim)
+        unet_dim=self.unet.config.dim) + size['unet']
     vae_width = self.vae.config.block_out_channels[0]
     decoder_act = memory.decoder_activation(tile_batch=o.tile_batch, tile_px=tile,
-                                            vae_width=vae_width)
+                                            vae_width=vae_width) + size['vae']
     mhw = mask_hw(image_hw, f)
     m_patch = self._mask_patch(mhw, o)
     # (a margin the mask stage cannot take is refused by check_mask_request)
@@ -320,10 +325,11 @@ class Pipeline:
       mk = window_fields(o, m_patch, f, (mhw[0] // f, mhw[1] // f))['patches_per_step']
       unet_act = max(unet_act, memory.unet_activation(
           unet_batch=n_batch * mk * (2 if o.mask_cond_scale else 1),
-          latent_patch=m_patch // f, unet_dim=self.mask_unet.config.dim))
+          latent_patch=m_patch // f, unet_dim=self.mask_unet.config.dim)
+                     + size['mask_unet'])
       decoder_act = max(decoder_act, memory.decoder_activation(
           tile_batch=o.tile_batch, tile_px=decode_lib.tile_px(self._decode_settings(o, m_patch)),
-          vae_width=vae_width))
+          vae_width=vae_width) + size['vae'])
     return memory.request_bytes(
         image_hw=image_hw, n_batch=n_batch, latent_channels=self.unet.config.channels,
         factor=f, whole_images=whole_images, tile_px=o.patch_size, weights_bytes=weights,
