@@ -45,7 +45,7 @@ _GROUPS = (
     ('inputs', ('mask', 'mask_classes', 'init_image', 'init_offset', 'strength',
                 'keep_mask')),
     ('outputs', ('imgs_path', 'output_format', 'tiff_compression', 'jpeg_quality', 'mpp',
-                 'checkpoint_every', 'resume', 'progress_every')),
+                 'checkpoint_every', 'resume', 'progress_every', 'live_preview_minutes')),
     ('sampling', ('sampling_steps', 'solver', 'cond_scale', 'mask_cond_scale', 'patch_size',
                   'mask_patch_size', 'patches_per_step', 'schedule', 'grid_margin',
                   'grid_margin_levels', 'grid_margin_first_levels', 'eta', 'resample',

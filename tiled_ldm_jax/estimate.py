@@ -249,7 +249,9 @@ def plan(pipe, image_hw, o, *, n_batch: int = 1, n_images: int = 1, labels=None,
   return {'image_size': [h_px, w_px], 'n_images': n_images, 'batch_size': n_batch,
           'batches': -(-n_images // n_batch), 'stages': stages,
           'tflop_per_batch': round(tflop, 3), 'host_bytes': need['host'],
-          'device_bytes': need['device']}
+          'device_bytes': need['device'],
+          # CPU: the device's bytes are in the host's memory too (the check adds them)
+          'host_is_device': jax.default_backend() == 'cpu'}
 
 
 def _time_call(fn, *args, repeats: int = 3) -> float:
@@ -305,8 +307,10 @@ def summary(p: dict) -> str:
         f"({s['decoder_tflop']} TFLOP)"
         + (f", ~{s['unet_seconds'] + s['decoder_seconds']:.0f} s" if 'unet_seconds' in s
            else ''))
-  lines.append(f"  memory: host {p['host_bytes'] / memory.GiB:.2f} GiB, device "
-               f"{p['device_bytes'] / memory.GiB:.2f} GiB")
+  host, device = p['host_bytes'] / memory.GiB, p['device_bytes'] / memory.GiB
+  lines.append(f"  memory: {host + device:.2f} GiB in all on this CPU (host {host:.2f} GiB "
+               f"+ device {device:.2f} GiB, one memory)" if p.get('host_is_device') else
+               f"  memory: host {host:.2f} GiB, device {device:.2f} GiB")
   for why in p.get('refused', ()):
     lines.append(f"  the run would be refused: {why}")
   if 'seconds' in p:

@@ -39,6 +39,7 @@ from tiled_ldm_jax.files import image_files
 from tiled_ldm_jax.files import reading
 from tiled_ldm_jax.files import label_files
 from tiled_ldm_jax.files import large_images
+from tiled_ldm_jax.output import live_preview
 from tiled_ldm_jax import masks as masks_lib
 from tiled_ldm_jax.output import ome_zarr
 from tiled_ldm_jax import pipeline as pipeline_lib
@@ -116,6 +117,12 @@ class GenerationConfig:
   jpeg_quality: int = _help('JPEG quality (jpg output and JPEG TIFF tiles), 1-100.', 90)
   mpp: float | None = _help('Microns per pixel written as the TIFF resolution and OME-Zarr '
                             'scale (none: no resolution written).')
+  live_preview_minutes: float = _help('Every this many minutes of the image stage, and '
+                                      'when it ends, replace sampleNNNN_live.png: the '
+                                      'canvas as it stands (latents mapped linearly to '
+                                      'RGB, no decoder run) beside each pixel\'s steps '
+                                      'taken (black: none, white: all), at most 512 px '
+                                      'wide each (0: off).', 0.0)
   checkpoint_every: int = _help('Save the sampler state every N iterations under '
                                 'imgs_path/checkpoint (0: off).', 0)
   resume: bool = _help('Continue the run saved under imgs_path/checkpoint (same flags '
@@ -250,6 +257,11 @@ def prepare(cfg: GenerationConfig) -> Plan:
     raise ValueError(f'jpeg_quality must be in [1, 100], got {cfg.jpeg_quality}')
   if cfg.mpp is not None and not (math.isfinite(cfg.mpp) and cfg.mpp > 0):
     raise ValueError(f'mpp must be a positive finite number, got {cfg.mpp}')
+  if not (math.isfinite(cfg.live_preview_minutes) and cfg.live_preview_minutes >= 0):
+    raise ValueError(f'live_preview_minutes must be >= 0, got {cfg.live_preview_minutes}')
+  if cfg.live_preview_minutes and jax.process_count() > 1:
+    raise ValueError('--live_preview_minutes is for single-process runs (the preview reads '
+                     'the whole latent, which one process of several does not hold)')
   if cfg.checkpoint_every < 0:
     raise ValueError(f'checkpoint_every must be >= 0, got {cfg.checkpoint_every}')
   if cfg.devices < 0:
@@ -647,6 +659,8 @@ def _write_sample(plan: Plan, number: int, z, labels: label_maps.LabelMap, recor
       else None
   if overview:
     record['files']['overview'] = os.path.basename(overview)
+  if cfg.live_preview_minutes:
+    record['files']['live_preview'] = os.path.basename(base + '_live.png')
   start = time.perf_counter()
   if shared:
     _write_shared(plan, z, labels, image_path)
@@ -856,9 +870,14 @@ def run(plan: Plan, *, flags_used: dict | None = None) -> list[dict]:
     init = None
     if init_latent is not None and (state is None or plan.keep is not None):
       init = np.broadcast_to(init_latent, (len(indices),) + init_latent.shape)
+    watch = None
+    if cfg.live_preview_minutes:
+      watch = live_preview.for_pipeline(plan.pipe, plan.options, [
+          _sample_files(cfg, first + int(i))[0] + '_live.png' for i in indices],
+          cfg.live_preview_minutes)
     z, stats['image'] = plan.pipe.run_image_stage(
         plan.options, labels, indices, cfg.seed, state=state, chunk=cfg.checkpoint_every,
-        init=init, strength=cfg.strength,
+        init=init, strength=cfg.strength, watch=watch,
         keep=None if plan.keep is None else np.broadcast_to(
             plan.keep, (len(indices),) + plan.keep.shape),
         on_chunk=lambda st: save(stage='image', state=st, extra=image_extra,

@@ -288,33 +288,41 @@ class Pipeline:
     """{'host', 'device'} bytes one batch of this request needs (`memory.request_bytes`):
     `label_source_pixels` per image (None: the mask model's map; 0: rasterized by bands);
     `init` / `init_whole` as there."""
-    weights = sum(v.nbytes for m in (self.unet, self.vae, self.mask_unet) if m is not None
-                  for v in jax.tree_util.tree_leaves(m.params))   # no copy of the weights
+    size = {name: sum(v.nbytes for v in jax.tree_util.tree_leaves(m.params))
+            for name, m in (('unet', self.unet), ('vae', self.vae),
+                            ('mask_unet', self.mask_unet)) if m is not None}
+    weights = sum(size.values())
     f = self.geometry.factor
     latent_hw = tuple(v // f for v in image_hw)
     k = window_fields(o, o.patch_size, f, latent_hw)['patches_per_step']
-    act = memory.activations(
+    tile = decode_lib.tile_px(self._decode_settings(o, o.patch_size))
+    # A call also holds its model's weights once more: the params are host numpy arrays,
+    # which a call on CPU copies into its argument buffers (full-size decode: the peak
+    # was 0.3 GiB over the plan without it, docs/generate.md).
+    unet_act = memory.unet_activation(
         unet_batch=diffusion.pack_chunk(n_batch * k), latent_patch=o.patch_size // f,
-        unet_dim=self.unet.config.dim, tile_batch=o.tile_batch,
-        tile_px=decode_lib.tile_px(self._decode_settings(o, o.patch_size)),
-        vae_width=self.vae.config.block_out_channels[0])
+        unet_dim=self.unet.config.dim) + size['unet']
+    vae_width = self.vae.config.block_out_channels[0]
+    decoder_act = memory.decoder_activation(tile_batch=o.tile_batch, tile_px=tile,
+                                            vae_width=vae_width) + size['vae']
     mhw = mask_hw(image_hw, f)
     m_patch = self._mask_patch(mhw, o)
     # (a margin the mask stage cannot take is refused by check_mask_request)
     if (self.mask_unet is not None and label_source_pixels is None
         and 2 * stage_margin(o, m_patch, f) < m_patch):
       mk = window_fields(o, m_patch, f, (mhw[0] // f, mhw[1] // f))['patches_per_step']
-      act = max(act, memory.activations(
+      unet_act = max(unet_act, memory.unet_activation(
           unet_batch=n_batch * mk * (2 if o.mask_cond_scale else 1),
-          latent_patch=m_patch // f, unet_dim=self.mask_unet.config.dim,
-          tile_batch=o.tile_batch,
-          tile_px=decode_lib.tile_px(self._decode_settings(o, m_patch)),
-          vae_width=self.vae.config.block_out_channels[0]))
+          latent_patch=m_patch // f, unet_dim=self.mask_unet.config.dim)
+                     + size['mask_unet'])
+      decoder_act = max(decoder_act, memory.decoder_activation(
+          tile_batch=o.tile_batch, tile_px=decode_lib.tile_px(self._decode_settings(o, m_patch)),
+          vae_width=vae_width) + size['vae'])
     return memory.request_bytes(
         image_hw=image_hw, n_batch=n_batch, latent_channels=self.unet.config.channels,
         factor=f, whole_images=whole_images, tile_px=o.patch_size, weights_bytes=weights,
-        label_source_pixels=label_source_pixels, activation_bytes=act,
-        host_is_device=jax.default_backend() == 'cpu', init=init, init_whole=init_whole,
+        label_source_pixels=label_source_pixels, unet_activation_bytes=unet_act,
+        decoder_activation_bytes=decoder_act, init=init, init_whole=init_whole,
         solver_history=processes.solver_named(o.solver).history,
         band_px=decode_lib.band_layout((*latent_hw, self.vae.config.latent_channels),
                                        self._decode_settings(o, o.patch_size))[0])
@@ -325,7 +333,8 @@ class Pipeline:
     is available (`memory_need`; `init`: its init / init_whole), before any work."""
     need = self.memory_need(image_hw, n_batch, o, whole_images, label_source_pixels, **init)
     h, w = image_hw
-    memory.check(need, f'a {h}x{w} image (batch of {n_batch})')
+    memory.check(need, f'a {h}x{w} image (batch of {n_batch})',
+                 host_is_device=jax.default_backend() == 'cpu')
 
   def check_mask_request(self, image_size, label: int, o: Options) -> None:
     if self.mask_unet is None:
@@ -505,16 +514,16 @@ class Pipeline:
 
   def run_image_stage(self, o: Options, labels, indices, seed: int, *,
                       state=None, chunk: int = 0, on_chunk=None, init=None,
-                      strength: float = 1.0, keep=None):
+                      strength: float = 1.0, keep=None, watch=None):
     """(latents [N, h, w, C], counters) of the image stage for pixel label maps [N, H, W]
-    (an array or `label_maps.LabelMap`s)."""
+    (an array or `label_maps.LabelMap`s); `watch`: `loop.Sampler.run`'s (a live preview)."""
     self.check_image_request(masks_lib.labels_shape(labels)[1:], o)
     if len(indices) != len(labels):
       raise ValueError(f'{len(labels)} label maps but {len(indices)} indices')
     smp, fresh, latent = self.image_stage(o, labels, indices, seed, init=init,
                                           strength=strength, keep=keep)
     state = _run_stage(smp, self.unet.params, fresh if state is None else smp.place(state),
-                       latent, o.sampling_steps, chunk, on_chunk)
+                       latent, o.sampling_steps, chunk, on_chunk, watch)
     return state.x, stage_stats(state)
 
   # ------------------------------------------------------------------------- decode
@@ -667,11 +676,12 @@ def window_fields(o: Options, patch_px: int, factor: int, latent_hw) -> dict:
   return _PLACEMENTS[o.schedule][1](o, margin).settings(latent_hw, patch)
 
 
-def _run_stage(smp, params, state, cond, sampling_steps: int, chunk: int, on_chunk):
+def _run_stage(smp, params, state, cond, sampling_steps: int, chunk: int, on_chunk,
+               watch=None):
   """Runs a sampler to the end; with `chunk`, `chunk` iterations at a time with
   `on_chunk(state)` between chunks (not after the last). Chunked runs equal whole ones."""
   while int(state.level.min()) < sampling_steps:       # one host sync per chunk
-    state = smp.run(params, state, cond, max_iterations=chunk or None)
+    state = smp.run(params, state, cond, max_iterations=chunk or None, watch=watch)
     if on_chunk is not None and int(state.level.min()) < sampling_steps:
       on_chunk(state)
   return state

@@ -243,6 +243,7 @@ def _own_buffers(true, crops):
                       crops)
 
 
+WATCH_EVERY = 50      # a `watch` with progress off: at most this many iterations a chunk
 CHUNK_SECONDS = 2.0   # with progress on: host syncs about this often (a log line is rarer)
 CHUNK_SHARE = 0.025   # ... and at least every 2.5% of the stage (lines come every >= 5%)
 
@@ -533,21 +534,26 @@ class Sampler:
     return self.place(state)
 
   def run(self, params, state: SamplerState, cond,
-          max_iterations: int | None = None) -> SamplerState:
+          max_iterations: int | None = None, watch=None) -> SamplerState:
     """Continues `state` (donated) until done or `max_iterations` more iterations.
 
     With `progress_every`, the loop runs in chunks of that many iterations and the host
     logs between them: the compiled loop holds no host callback, so the persistent
     compilation cache can keep it (JAX does not cache programs with callbacks), and the
     same program serves progress on and off. Chunked and whole runs are identical.
+    `watch(state, done)`: called on the host after every chunk (chunked as for progress,
+    even with progress off; e.g. `output/live_preview.py`); it must not keep the state,
+    which the next chunk donates.
     """
     check_cond(cond, state.times.shape)
     cond = jax.tree_util.tree_map(lambda a: self._place_labels(jnp.asarray(a)), cond)
     every = self.settings.progress_every
-    if not every:
+    if not every and watch is None:
       limit = np.iinfo(np.int32).max - int(state.iterations) if max_iterations is None \
           else max_iterations
       return self._run_jit(params, state, cond, jnp.int32(limit))
+    quiet = not every
+    every = every or WATCH_EVERY
     left = max_iterations
     # One device: chunks of about 2 s (next_chunk), the state committed like the chunks'
     # outputs (otherwise the second chunk compiles the loop again: an uncommitted and a
@@ -558,7 +564,8 @@ class Sampler:
     adaptive = self.mesh is None and jax.process_count() == 1
     if adaptive:
       state = jax.device_put(state, jax.local_devices()[0])
-    log = progress_lib.Progress(self._label, 'iterations')
+    log = progress_lib.Progress(self._label, 'iterations',
+                                **({'log': lambda *a: None} if quiet else {}))
     log.start()    # the ETA includes a first compile
     first, _, start = self._status_jit(state)
     first, start = float(first), int(start)   # a resumed or init-image run starts past 0
@@ -575,6 +582,8 @@ class Sampler:
       log.update(share, its)
       if left is not None:
         left -= chunk
+      if watch is not None:
+        watch(state, bool(done))
       if bool(done) or left == 0:
         if bool(done):
           log.finish(its)
