@@ -17,7 +17,9 @@ DEMO_DIR = os.path.dirname(os.path.abspath(__file__))
 MODELS = ('image_unet', 'mask_unet', 'vae')
 # A flow-matching image U-Net (configs/demo_train_flow.py) for the 'sample your own
 # model' example (examples/own_model.py); not part of the DiffInfinite demo pipeline.
-EXTRA_MODELS = ('flow_unet',)
+# It was trained on the earlier synthetic demo data, on the latents of the earlier demo
+# VAE, kept beside it as flow_vae (its latents are not the tissue VAE's).
+EXTRA_MODELS = ('flow_unet', 'flow_vae')
 # The demo U-Nets were trained on 128 px crops: sample and decode with that patch.
 PATCH_SIZE = 128
 MASK_PATCH_SIZE = 128
