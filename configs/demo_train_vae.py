@@ -28,7 +28,7 @@ def get_config():
   config = training.default_config()
   config.task = 'vae'                    # what to train: image_unet | mask_unet | vae
   config.model = os.path.join(os.path.dirname(__file__), 'demo_vae.py')  # model config
-  config.steps = 900                     # total optimizer steps (see docs/demo.md for the time)
+  config.steps = 800                     # total optimizer steps (see docs/demo.md for the time)
   config.batch_size = 8                  # examples per step (a quarter of them mask images)
   config.image_size = 64                 # training crop side in pixels (multiple of 8)
   config.lr = 2e-3                       # peak learning rate
