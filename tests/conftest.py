@@ -80,6 +80,30 @@ SLOW = (
     # two command runs under full optimization to measure peak RSS (the plan's other
     # checks are fast unit tests in the same file)
     'tests/test_memory_plan.py::test_plan_within_1_to_1_5_of_the_measured_peak',
+    # Measured cold on this machine (TILED_LDM_DURATIONS_FILE), the costliest of the rest,
+    # each with a cheaper test of the same path kept in the fast tier (named after '#'):
+    'tests/test_multiprocess.py::test_batch_split_n4',            # n1_shared_tiff_bands
+    'tests/test_multiprocess.py::test_patch_split_n2_tiff_uses_all_devices',
+    'tests/test_multiprocess.py::test_init_image_keep_mask_two_processes',
+    'tests/test_multiprocess.py::test_training_two_processes_matches_one',  # eight devices
+    'tests/test_multiprocess.py::test_n1_not_dividing_devices_shared_zarr',
+    'tests/test_eight_devices.py::test_one_vs_eight_devices_identical',  # every_type
+    'tests/test_resume.py::test_resume_mask_and_image_stages_byte_identical[2]',   # [5]
+    'tests/test_resume.py::test_resume_at_the_default_grid[True]',        # [False]
+    'tests/test_resume.py::test_resume_across_batches_with_given_mask',
+    'tests/test_own_model.py::test_own_model_script',          # ..._by_the_models_objective
+    'tests/test_own_model.py::test_pipeline_samples_by_the_models_objective[flow]',
+    'tests/test_api.py::test_second_pipeline_compiles_nothing',  # test_program_cache
+    'tests/test_api.py::test_given_labels_and_batches',         # test_pipeline
+    'tests/test_api.py::test_grid_schedule_and_bfloat16',       # test_schedules, test_unet
+    'tests/test_pipeline.py::test_with_given_mask_numbering_and_repeatability',
+    'tests/test_pipeline.py::test_image_does_not_depend_on_batch_size',  # test_sampler
+    'tests/test_any_shape.py::test_hxw_with_the_mask_model',    # test_with_mask_model
+    'tests/test_init_image.py::test_keep_mask_on_the_api',      # test_sampling keep oracle
+    'tests/test_init_image.py::test_strength_on_the_api',       # test_sampling strength
+    'tests/test_label_maps.py::test_banded_mask_stage_equals_the_whole_image',
+    'tests/test_decode_overlap.py::test_demo_vae_seams_no_worse_than_four_shift_and_close_to_whole_decode',
+    'tests/test_benchmark.py::test_count_work_equals_the_real_run[random-2]',  # [random-1]
 )
 
 
