@@ -104,6 +104,8 @@ SLOW = (
     'tests/test_label_maps.py::test_banded_mask_stage_equals_the_whole_image',
     'tests/test_decode_overlap.py::test_demo_vae_seams_no_worse_than_four_shift_and_close_to_whole_decode',
     'tests/test_benchmark.py::test_count_work_equals_the_real_run[random-2]',  # [random-1]
+    'tests/test_eight_devices.py::test_data_parallel_8_devices_matches_1',  # test_train
+    'tests/test_device_check.py::test_smoke_prints_every_measurement',  # test_benchmark
 )
 
 
