@@ -27,7 +27,12 @@ RATIO = (1.0, 1.5)
 def _run_peak(tmp_path, size: int) -> tuple[int, dict]:
   """(peak RSS bytes, the sample's JSON record) of one run of the command."""
   env = subprocess_env(optimized=True)
-  env['XLA_FLAGS'] = env.get('XLA_FLAGS', '').replace(TEST_XLA_FLAGS, '')
+  # Without the test run's XLA flag; an empty or blank XLA_FLAGS is read as a file name.
+  flags = env.get('XLA_FLAGS', '').replace(TEST_XLA_FLAGS, '').strip()
+  if flags:
+    env['XLA_FLAGS'] = flags
+  else:
+    env.pop('XLA_FLAGS', None)
   out = tmp_path / f'run{size}'
   log = tmp_path / f'run{size}.log'
   with open(log, 'w') as f:
