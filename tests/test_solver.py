@@ -206,3 +206,51 @@ def test_solver_values_are_checked():
   assert processes.solver_named('dpmpp2m') == sampling.DPMSolver2M()
   assert (sampling.Diffusion(solver=sampling.DPMSolver2M()).program_key()
           != sampling.Diffusion().program_key())
+
+
+def _diffusers_dpmpp2m(torch, diffusers, process, x, steps):
+  """diffusers' `DPMSolverMultistepScheduler` (DPM-Solver++, order 2, midpoint, the final
+  step first order to sigma 0) on `process`'s schedule (float64) and time grid (its
+  custom timesteps), with the exact denoiser; x [H, W, C] float64."""
+  ac = np.asarray(process.schedule.alphas_cumprod, np.float64)
+  betas = 1.0 - ac / np.concatenate([[1.0], ac[:-1]])
+  scheduler = diffusers.DPMSolverMultistepScheduler(
+      num_train_timesteps=len(ac), trained_betas=betas, algorithm_type='dpmsolver++',
+      solver_order=2, solver_type='midpoint', prediction_type='epsilon',
+      thresholding=False, lower_order_final=True, final_sigmas_type='zero',
+      use_karras_sigmas=False)
+  scheduler.alphas_cumprod = torch.from_numpy(ac)   # its float32 cumprod drifts ~1e-5
+  scheduler.set_timesteps(timesteps=[int(t) for t, _ in process.time_grid(steps)])
+  sample = torch.from_numpy(x)
+  for t in scheduler.timesteps:
+    a = ac[int(t)]
+    x0 = _x0_hat(sample.numpy(), np.sqrt(a), np.sqrt(1 - a))
+    eps = (sample.numpy() - np.sqrt(a) * x0) / np.sqrt(1 - a)
+    sample = scheduler.step(torch.from_numpy(eps), t, sample).prev_sample
+  return sample.numpy()
+
+
+def test_agrees_with_diffusers_dpm_solver():
+  """Cross-check with diffusers' DPM-Solver++(2M) where torch and diffusers are
+  installed (the project never needs them, so CI skips this; docs/generate.md says where
+  it ran). The tiled sampler (16 x 16 latent, 8 x 8 grid windows) on the linear schedule
+  equals diffusers' whole-image result; on the cosine schedule of the DiffInfinite
+  models, diffusers equals this file's float64 reference (which the sampler is tested
+  against above; float32 on the cosine's last step is ~1e-4 off, see PROCESSES)."""
+  torch = pytest.importorskip('torch')
+  diffusers = pytest.importorskip('diffusers')
+  steps = 12
+  keys = sampling.image_keys(3, [0])
+  process = sampling.Diffusion('eps', 'linear', solver=sampling.DPMSolver2M())
+  got = np.asarray(sampling.sample(
+      _denoiser(process), None, None, keys=keys, latent_shape=(H, H, C), patch=8,
+      sampling_steps=steps, process=process, windows=sampling.Grid(margin=1), eta=0.0,
+      devices=1))[0]
+  x = np.asarray(loop_lib.init_state(keys, (H, H), C, 8).x, np.float64)[0]
+  theirs = _diffusers_dpmpp2m(torch, diffusers, process, x, steps)
+  np.testing.assert_allclose(got, theirs, atol=2e-5)
+  # the check can fail: first-order DDIM on the same grid is far from it
+  assert np.abs(reference_ddim(process, x, steps) - theirs).max() > 1e-2
+  cosine = sampling.Diffusion('eps', 'cosine', solver=sampling.DPMSolver2M())
+  np.testing.assert_allclose(_diffusers_dpmpp2m(torch, diffusers, cosine, x, steps),
+                             reference_dpmpp2m(cosine, x, steps), atol=2e-5)
