@@ -11,21 +11,22 @@ from PIL import Image
 from tiled_ldm_jax import demo
 from tiled_ldm_jax import generate
 from tiled_ldm_jax import pipeline
+from tiled_ldm_jax import request
 
 from test_pipeline import config, models  # noqa: F401  (fixtures)
 from tiled_ldm_jax.files import label_maps
 
 
 def test_image_hw():
-  assert pipeline.image_hw(256) == (256, 256)
-  assert pipeline.image_hw('256') == (256, 256)
-  assert pipeline.image_hw('256x384') == (256, 384)
-  assert pipeline.image_hw('256X384') == (256, 384)
-  assert pipeline.image_hw((256, 384)) == (256, 384)
-  assert pipeline.mask_hw((256, 384), 8) == (64, 96)
+  assert request.image_hw(256) == (256, 256)
+  assert request.image_hw('256') == (256, 256)
+  assert request.image_hw('256x384') == (256, 384)
+  assert request.image_hw('256X384') == (256, 384)
+  assert request.image_hw((256, 384)) == (256, 384)
+  assert request.mask_hw((256, 384), 8) == (64, 96)
   for bad in ('abc', '1x2x3', '0x8', -8, 'x8'):
     with pytest.raises(ValueError, match='image_size'):
-      pipeline.image_hw(bad)
+      request.image_hw(bad)
 
 
 def _outputs(folder):

@@ -6,6 +6,7 @@ import pytest
 from tiled_ldm_jax.models import checkpoint
 from tiled_ldm_jax import demo
 from tiled_ldm_jax import pipeline
+from tiled_ldm_jax import request
 from tiled_ldm_jax.evaluation import benchmark
 from tiled_ldm_jax.evaluation import compare
 
@@ -41,11 +42,11 @@ def test_grid_batches_split_a_level_evenly(cells, expected):
   16^2 latent pixels), then the fewest idle slots: 257 windows -> 2 calls of 129, not
   256 + 1."""
   patch = 16
-  assert pipeline.GRID_BATCH_PIXELS // patch ** 2 == 256
+  assert request.GRID_BATCH_PIXELS // patch ** 2 == 256
   width = cells * patch - patch + 1      # a 1 x cells grid (grid_cells rounds up)
-  k = lambda o: pipeline.window_fields(o, patch, 1, (1, width))['patches_per_step']
-  assert k(pipeline.Options(schedule='grid', grid_margin=0)) == expected
-  assert k(pipeline.Options(schedule='random', grid_margin=0)) == 1
+  k = lambda o: request.window_fields(o, patch, 1, (1, width))['patches_per_step']
+  assert k(request.Options(schedule='grid', grid_margin=0)) == expected
+  assert k(request.Options(schedule='random', grid_margin=0)) == 1
 
 
 def test_grid_seam_ratio_finds_borders_of_a_shifted_grid():

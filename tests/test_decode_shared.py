@@ -198,10 +198,10 @@ def test_memory_estimate_counts_the_decode_bands(demo_pipeline):
   o_orig = demo_pipeline.resolve(blend_mode='original')
   assert o_shared.blend_mode == 'shared'                    # the default
   hw, c = (4096, 4096), demo_pipeline.vae.config.latent_channels
-  rows = {o.blend_mode: demo_pipeline.band_layout((512, 512, c), options=o)[0]
-          for o in (o_shared, o_orig)}
+  rows = {o.blend_mode: decode.band_layout((512, 512, c), demo_pipeline.request(
+              4096, 1, o).image.decode)[0] for o in (o_shared, o_orig)}
   assert rows['original'] == o_orig.patch_size and rows['shared'] != rows['original']
-  need = {o.blend_mode: demo_pipeline.memory_need(hw, 1, o, 0) for o in (o_shared, o_orig)}
+  need = {o.blend_mode: demo_pipeline.request(hw, 1, o).memory for o in (o_shared, o_orig)}
   decoder_512 = memory.activations(
       unet_batch=1, latent_patch=1, unet_dim=1, tile_batch=o_orig.tile_batch, tile_px=512,
       vae_width=demo_pipeline.vae.config.block_out_channels[0])

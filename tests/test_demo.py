@@ -12,6 +12,7 @@ from tiled_ldm_jax.evaluation import seams
 from tiled_ldm_jax.models import checkpoint
 from tiled_ldm_jax import demo
 from tiled_ldm_jax import generate
+from tiled_ldm_jax.generate import write as generate_write
 from tiled_ldm_jax.files import label_maps
 
 
@@ -40,7 +41,7 @@ def demo_samples(tmp_path_factory, demo_pipeline):
                                   patches_per_step=2, seed=SAMPLE_SEED,
                                   blend_mode='original')
   latents = []
-  real = generate._write_sample  # pylint: disable=protected-access
+  real = generate_write.write_sample
 
   def keep_latent(plan, number, z, *a, **k):
     latents.append(np.asarray(z))
@@ -49,7 +50,7 @@ def demo_samples(tmp_path_factory, demo_pipeline):
   jax.config.update('jax_disable_most_optimizations', False)
   try:
     with pytest.MonkeyPatch.context() as mp:
-      mp.setattr(generate, '_write_sample', keep_latent)
+      mp.setattr(generate_write, 'write_sample', keep_latent)
       [record] = generate.generate(cfg)
     img = np.asarray(Image.open(out / 'sample0000.png'))
     labels = label_maps.read_label_png(out / 'sample0000_mask.png')

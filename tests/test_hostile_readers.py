@@ -27,6 +27,7 @@ from PIL import Image
 
 from conftest import script_path
 from tiled_ldm_jax import generate
+from tiled_ldm_jax.generate import inputs as generate_inputs
 from tiled_ldm_jax import resume
 from tiled_ldm_jax.files import geojson_labels as gj
 from tiled_ldm_jax.files import image_files
@@ -426,15 +427,15 @@ def test_resume_refused_when_samples_disagree(tmp_path):
   meta = {'first_sample': 0, 'batch_start': 2}
   for n in (0, 1):
     (tmp_path / f'sample{n:04d}.json').write_text('{}')
-  generate._check_resume_samples(cfg, meta)   # pylint: disable=protected-access  # agrees
+  generate_inputs._check_resume_samples(cfg, meta)   # pylint: disable=protected-access  # agrees
   (tmp_path / 'sample0002.png').write_bytes(b'finished')
-  text = _refused(lambda: generate._check_resume_samples(cfg, meta),  # pylint: disable=protected-access
+  text = _refused(lambda: generate_inputs._check_resume_samples(cfg, meta),  # pylint: disable=protected-access
                   'sample0002 already exist')
   assert 'nothing was written' in text
   assert (tmp_path / 'sample0002.png').read_bytes() == b'finished'
   os.remove(tmp_path / 'sample0002.png')
   os.remove(tmp_path / 'sample0001.json')
-  _refused(lambda: generate._check_resume_samples(cfg, meta), 'sample0001 are missing')  # pylint: disable=protected-access
+  _refused(lambda: generate_inputs._check_resume_samples(cfg, meta), 'sample0001 are missing')  # pylint: disable=protected-access
 
 
 def test_resume_meta_bad_extra_names_the_field(tmp_path):

@@ -9,6 +9,7 @@ from tiled_ldm_jax import decode
 from tiled_ldm_jax import generate
 from tiled_ldm_jax import masks
 from tiled_ldm_jax.output import writers
+from tiled_ldm_jax.models import vae
 
 from test_pipeline import models  # noqa: F401  (fixture)
 from tiled_ldm_jax.files import label_maps
@@ -84,11 +85,16 @@ def test_banded_mask_stage_equals_the_whole_image(demo_pipeline, size):
   f = pipe.geometry.factor
   mh, mw = (v // 4 for v in size)
   z = np.random.RandomState(2).randn(2, mh // f, mw // f, 4).astype(np.float32)
-  lazy = pipe.labels_from_mask_latents(z, size, o, lazy=True)
-  arrays = pipe.labels_from_mask_latents(z, size, o)
-  settings = pipe._decode_settings(o, pipe._mask_patch((mh, mw), o))  # pylint: disable=protected-access
+  req = pipe.request(size, 2, o, label=1, image=False)
+  lazy = pipe.stages.labels_from_mask_latents(req, z, lazy=True)
+  arrays = pipe.stages.labels_from_mask_latents(req, z)
+  settings = decode.TiledDecodeSettings(patch_size=min(32, mh, mw), factor=f,
+                                        tile_batch=o.tile_batch,
+                                        latent_scale=pipe.geometry.scale,
+                                        blend_mode=o.blend_mode)
+  decoder = vae.decode_fn(pipe.vae.config)
   for i in range(2):
-    img = decode.decode_image(pipe._decoder(o), pipe.vae.params, z[i], settings)  # pylint: disable=protected-access
+    img = decode.decode_image(decoder, pipe.vae.params, z[i], settings)
     want = masks.clean_mask(masks.quantize_mask_image(img, 5), 5, size)
     np.testing.assert_array_equal(arrays[i], want)
     np.testing.assert_array_equal(np.asarray(lazy[i]), want)

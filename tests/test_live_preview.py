@@ -64,5 +64,5 @@ def test_written_replaced_and_like_the_decoded_image(tmp_path, monkeypatch):
   err = np.abs(canvas - image).mean()
   assert corr > 0.9 and err < 20, (corr, err)     # measured 0.974 and 10.9
   # the sampler compiled its loop once for all the chunks the preview watched
-  smp = plan.pipe.image_stage(plan.options, [plan.mask], np.arange(1), cfg.seed)[0]
+  smp = plan.pipe.stages.image_stage(plan.request, [plan.mask], np.arange(1), cfg.seed)[0]
   assert smp.compiles() == 1

@@ -16,6 +16,7 @@ from tiled_ldm_jax import masks
 from tiled_ldm_jax.examples import own_model
 from tiled_ldm_jax import pipeline
 from tiled_ldm_jax import sampling
+from tiled_ldm_jax import stages
 from tiled_ldm_jax.evaluation import benchmark
 from tiled_ldm_jax.models import unet
 from tiled_ldm_jax.files import label_maps
@@ -54,7 +55,7 @@ def test_pipeline_samples_by_the_models_objective(tmp_path, objective):
   direct = sampling.sample(
       sampling.multilabel_guidance(net, pipe.unet.config.num_classes, 3.0), pipe.unet.params,
       sampling.spatial(masks.latent_labels(labels, 8).astype(np.int32)),
-      keys=pipeline._stage_keys(4, [0], 1),  # pylint: disable=protected-access
+      keys=stages.stage_keys(4, [0], stages.IMAGE),
       latent_shape=(16, 32, 4), patch=16, sampling_steps=3, process=process)
   np.testing.assert_allclose(z, np.asarray(direct), atol=1e-5)
   eps = pipeline.Pipeline.from_pretrained(demo.model_path('image_unet'), demo.model_path('vae'))

@@ -109,9 +109,9 @@ def test_counters():
 ])
 def test_bad_requests(image_hw, patch, multiple, match):
   from tiled_ldm_jax import geometry
-  from tiled_ldm_jax import pipeline
+  from tiled_ldm_jax import request
   with pytest.raises(ValueError, match=match):
-    pipeline._check_patch(geometry.LatentGeometry(), image_hw, patch, multiple, 'patch_size')  # pylint: disable=protected-access
+    request.check_patch(geometry.LatentGeometry(), image_hw, patch, multiple, 'patch_size')
 
 
 @pytest.mark.parametrize('steps', [0, 1001])

@@ -39,3 +39,25 @@ def test_no_string_switches_for_strategies():
            for i, line in enumerate(path.read_text().splitlines(), 1)
            if re.search(r'\b(schedule|blend_mode|blend) == ', line)]
   assert not found, found
+
+
+def test_pipeline_is_the_users_face():
+  """Pipeline's public methods are what a user calls; the stages, the request and the
+  checks live in stages.py / request.py (issue: a request built once)."""
+  assert _graph().report(str(REPO))['pipeline_public_methods'] == [
+      'from_pretrained', 'resolve', 'request', 'sample_labels', 'sample_latents', 'encode',
+      'iter_decode', 'band_source', 'decode']
+
+
+def test_no_private_calls_across_the_top_modules():
+  """generate/, estimate.py, stages.py and pipeline.py reach nothing private of each
+  other: no `pipe._x`, `pipeline_lib._x`, `request_lib._x` or `stages_lib._x`."""
+  pattern = re.compile(r'\b(pipe|pipeline|pipeline_lib|request_lib|stages|stages_lib|'
+                       r'plan\.pipe|estimate)\._[a-z]')
+  files = [REPO / 'tiled_ldm_jax' / n for n in ('pipeline.py', 'estimate.py', 'stages.py',
+                                                'request.py')]
+  files += sorted((REPO / 'tiled_ldm_jax' / 'generate').glob('*.py'))
+  found = [f'{path.relative_to(REPO)}:{i}' for path in files
+           for i, line in enumerate(path.read_text().splitlines(), 1)
+           if pattern.search(line)]
+  assert not found, found

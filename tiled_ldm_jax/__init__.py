@@ -10,7 +10,7 @@ See `pipeline.py` for the staged calls (`sample_labels`, `sample_latents`, `deco
 __version__ = '0.1.0'
 
 # Names resolved on first use, so `import tiled_ldm_jax` stays cheap (no JAX import).
-_LAZY = {'Pipeline': 'pipeline', 'Options': 'pipeline', 'Result': 'pipeline',
+_LAZY = {'Pipeline': 'pipeline', 'Options': 'request', 'Result': 'pipeline',
          'LatentGeometry': 'geometry'}
 __all__ = sorted(_LAZY)
 

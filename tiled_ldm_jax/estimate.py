@@ -1,6 +1,6 @@
 """What a request will cost, before it runs: windows, U-Net samples, FLOPs, bytes, seconds.
 
-`plan(pipe, image_hw, options, ...)` counts, per stage, the latent shape, the sampler's
+`plan(pipe, request, ...)` counts, per stage, the latent shape, the sampler's
 iterations and windows and the U-Net samples they run, the decoder's tiles, the U-Net
 and decoder TFLOP (XLA's cost analysis of one forward), and the host and device bytes
 (`memory.request_bytes`). `timed(pipe, plan)` adds seconds from short timed U-Net and
@@ -11,7 +11,7 @@ How exact each count is:
 - grid: iterations are exact; windows are the expected number over the random grid
   offsets (the empty edge cells of an offset are skipped).
 - random: the expected windows per pixel and step of the original's placement,
-  `RANDOM_COVERAGE` (measured), so iterations and samples are estimates.
+  `windows.RANDOM_COVERAGE` (measured), so iterations and samples are estimates.
 - U-Net samples of the image stage: windows x (labels per window + 1) plus the padding
   of the packed chunks (half a chunk per call). Labels per window are counted on the
   given label map (the windows of a grid at offset 0); for mask-model layouts, which
@@ -38,44 +38,12 @@ import functools
 from tiled_ldm_jax import decode as decode_lib
 from tiled_ldm_jax import masks as masks_lib
 from tiled_ldm_jax import memory
-from tiled_ldm_jax import pipeline as pipeline_lib
 from tiled_ldm_jax.models import unet as unet_lib
 from tiled_ldm_jax.sampling import diffusion
 from tiled_ldm_jax.sampling import loop as loop_lib
-from tiled_ldm_jax.sampling import windows as windows_lib
 
-# Windows per latent pixel and step of the random placement (`tools/benchmark_sampler.py
-# --count_only --schedule=random --patches_per_step=1 --image_size=4096 --patch_size=128`:
-# coverage 2.134 at 50 steps, 2.135 at 4).
-RANDOM_COVERAGE = 2.14
 # Labels per window assumed for mask-model layouts (one class and background).
 MASK_LABELS_PER_WINDOW = 1.0
-
-
-def _grid_windows(h: int, w: int, cell: int) -> float:
-  """Expected non-empty cells of a shifted grid of `cell` on h x w (uniform offsets)."""
-  rows = np.mean([-(-(h + o) // cell) for o in range(cell)])
-  cols = np.mean([-(-(w + o) // cell) for o in range(cell)])
-  return float(rows * cols)
-
-
-def _placement(settings: dict, latent_hw, patch: int, steps: int, n: int):
-  """(iterations, windows) of a stage's sampler for N images: exact / expected."""
-  h, w = latent_hw
-  k = settings['patches_per_step']
-  if settings['schedule'] == 'random':
-    windows = RANDOM_COVERAGE * h * w * steps / patch ** 2 * n
-    return windows / (n * k), windows
-  m, m_levels = settings['grid_margin'], settings['grid_margin_levels']
-  with_m = steps if (m_levels is None or not m) else windows_lib.margin_levels_count(
-      steps, m_levels, settings.get('grid_margin_first_levels', 0))
-  iterations = windows = 0.0
-  for margin, levels in ((m, with_m), (0, steps - with_m)):
-    if levels:
-      n_r, n_c = windows_lib.grid_cells(h, w, patch - 2 * margin)
-      iterations += levels * -(-(n_r * n_c) // k)
-      windows += levels * n * _grid_windows(h, w, patch - 2 * margin)
-  return iterations, windows
 
 
 def labels_per_window(latent_labels: np.ndarray, patch: int, num_classes: int) -> float:
@@ -99,9 +67,9 @@ def _unet_flops(model, patch: int) -> float:
   return _unet_flops_cached(model.config, patch, _Shapes(_abstract(model.params)))
 
 
-def _decoder_flops(pipe, o, tile: int) -> float:
-  return _decoder_flops_cached(pipe._decoder(o), pipe.vae.config.latent_channels, tile,  # pylint: disable=protected-access
-                               _Shapes(_abstract(pipe.vae.params)))
+def _decoder_flops(pipe, dtype: str, tile: int) -> float:
+  return _decoder_flops_cached(pipe.stages.decoder(dtype), pipe.vae.config.latent_channels,
+                               tile, _Shapes(_abstract(pipe.vae.params)))
 
 
 class _Shapes:
@@ -174,34 +142,32 @@ def border_share(keep, patch: int) -> float:
   return float(np.mean(shares))
 
 
-def plan(pipe, image_hw, o, *, n_batch: int = 1, n_images: int = 1, labels=None,
-         whole_images: int = 0, label_source_pixels: int | None = None,
-         strength: float = 1.0, keep=None, **init) -> dict:
-  """The work and memory of a request (see the module doc); `o` resolved `Options`,
-  `labels` the given [N, H, W] (or [H, W]) map, else the mask stage is planned; `keep`
-  the [H/f, W/f] latent keep mask (its border windows run `o.resample` more passes);
-  `init`: `memory_need`'s init / init_whole."""
+def plan(pipe, req, *, n_images: int = 1, labels=None, strength: float = 1.0,
+         keep=None) -> dict:
+  """The work and memory of a request (see the module doc): `pipe` the `Pipeline`, `req`
+  its `request.Request` (the mask stage is planned when it has one); `labels` the given
+  [N, H, W] (or [H, W]) map, `keep` the [H/f, W/f] latent keep mask (its border windows
+  run `o.resample` more passes)."""
+  o, n_batch = req.options, req.n_batch
   f = pipe.geometry.factor
-  h_px, w_px = image_hw
-  latent_hw = (h_px // f, w_px // f)
+  h_px, w_px = req.image_hw
   stages = {}
-  if labels is None:
-    mhw = pipeline_lib.mask_hw(image_hw, f)
-    m_patch = pipe._mask_patch(mhw, o)  # pylint: disable=protected-access
-    m_latent = (mhw[0] // f, mhw[1] // f)
-    fields = pipeline_lib.window_fields(o, m_patch, f, m_latent)
-    it, win = _placement(fields, m_latent, m_patch // f, o.sampling_steps, n_batch)
+  if req.mask is not None:
+    m = req.mask
+    fields = m.windows
+    it, win = m.placement.count(m.latent_hw, m.patch, o.sampling_steps, n_batch,
+                                fields['patches_per_step'])
     passes = 2 if o.mask_cond_scale else 1
     samples = it * n_batch * fields['patches_per_step'] * passes
-    settings = pipe._decode_settings(o, m_patch)  # pylint: disable=protected-access
     stages['mask_stage'] = dict(
-        latent_shape=[n_batch, *m_latent, pipe.mask_unet.config.channels],
-        patch=m_patch // f, **fields, patch_iterations=round(it), windows=round(win),
+        latent_shape=[n_batch, *m.latent_hw, pipe.mask_unet.config.channels],
+        patch=m.patch, **fields, patch_iterations=round(it), windows=round(win),
         unet_samples=round(samples), unet_batch=n_batch * fields['patches_per_step'] * passes,
-        unet_gflop_per_sample=_unet_flops(pipe.mask_unet, m_patch // f) / 1e9,
-        decoder_tiles=round(n_batch * _decode_tiles(m_latent, pipe.vae.config.latent_channels,
-                                                    settings)),
-        decoder_tile=decode_lib.tile_px(settings) // f, decoder_tile_batch=settings.tile_batch)
+        unet_gflop_per_sample=_unet_flops(pipe.mask_unet, m.patch) / 1e9,
+        decoder_tiles=round(n_batch * _decode_tiles(m.latent_hw,
+                                                    pipe.vae.config.latent_channels,
+                                                    m.decode)),
+        decoder_tile=decode_lib.tile_px(m.decode) // f, decoder_tile_batch=m.decode.tile_batch)
     per_window, source = MASK_LABELS_PER_WINDOW, 'assumed (mask-model layouts)'
   else:
     if hasattr(labels, 'latent'):          # a lazy map: read at latent resolution only
@@ -209,12 +175,13 @@ def plan(pipe, image_hw, o, *, n_batch: int = 1, n_images: int = 1, labels=None,
     else:
       lab = np.asarray(labels)
       latent = masks_lib.latent_labels(lab[None] if lab.ndim == 2 else lab, f)
-    per_window = labels_per_window(latent, o.patch_size // f, pipe.unet.config.num_classes)
+    per_window = labels_per_window(latent, req.image.patch, pipe.unet.config.num_classes)
     source = 'counted on the label map'
-  patch = o.patch_size // f
-  fields = pipeline_lib.window_fields(o, o.patch_size, f, latent_hw)
+  stage = req.image
+  patch, latent_hw, fields = stage.patch, stage.latent_hw, stage.windows
   steps = o.sampling_steps - loop_lib.start_level(o.sampling_steps, strength)  # levels run
-  it, win = _placement(fields, latent_hw, patch, steps, n_batch)
+  it, win = stage.placement.count(latent_hw, patch, steps, n_batch,
+                                  fields['patches_per_step'])
   batch = n_batch * fields['patches_per_step']
   chunk = diffusion.pack_chunk(batch)
   passes = per_window + 1      # the unconditional pass: w != 0, or label 0 present
@@ -222,7 +189,7 @@ def plan(pipe, image_hw, o, *, n_batch: int = 1, n_images: int = 1, labels=None,
   border = border_share(keep, patch) if keep is not None and o.resample else 0.0
   resampled = win * border * o.resample        # windows run again at the keep border
   samples += resampled * passes
-  settings = pipe._decode_settings(o, o.patch_size)  # pylint: disable=protected-access
+  settings = stage.decode
   stages['image_stage'] = dict(
       latent_shape=[n_batch, *latent_hw, pipe.unet.config.channels], patch=patch, **fields,
       patch_iterations=round(it), windows=round(win),
@@ -241,15 +208,14 @@ def plan(pipe, image_hw, o, *, n_batch: int = 1, n_images: int = 1, labels=None,
           (*latent_hw, pipe.vae.config.latent_channels), settings), 3))
   tflop = 0.0
   for name, s in stages.items():
-    s['decoder_gflop_per_tile'] = _decoder_flops(pipe, o, s['decoder_tile']) / 1e9
+    s['decoder_gflop_per_tile'] = _decoder_flops(pipe, o.dtype, s['decoder_tile']) / 1e9
     s['unet_tflop'] = round(s['unet_samples'] * s['unet_gflop_per_sample'] / 1e3, 3)
     s['decoder_tflop'] = round(s['decoder_tiles'] * s['decoder_gflop_per_tile'] / 1e3, 3)
     tflop += s['unet_tflop'] + s['decoder_tflop']
-  need = pipe.memory_need(image_hw, n_batch, o, whole_images, label_source_pixels, **init)
   return {'image_size': [h_px, w_px], 'n_images': n_images, 'batch_size': n_batch,
           'batches': -(-n_images // n_batch), 'stages': stages,
-          'tflop_per_batch': round(tflop, 3), 'host_bytes': need['host'],
-          'device_bytes': need['device'],
+          'tflop_per_batch': round(tflop, 3), 'host_bytes': req.memory['host'],
+          'device_bytes': req.memory['device'],
           # CPU: the device's bytes are in the host's memory too (the check adds them)
           'host_is_device': jax.default_backend() == 'cpu'}
 
@@ -282,7 +248,7 @@ def timed(pipe, p: dict, o) -> dict:
     unet_call = _time_call(jax.jit(unet_lib.eps_fn(cfg)), model.params, x, t, *cond)
     tb, tile = s['decoder_tile_batch'], s['decoder_tile']
     z = jnp.zeros((tb, tile, tile, pipe.vae.config.latent_channels), jnp.float32)
-    dec_call = _time_call(jax.jit(pipe._decoder(o)), pipe.vae.params, z)  # pylint: disable=protected-access
+    dec_call = _time_call(jax.jit(pipe.stages.decoder(o.dtype)), pipe.vae.params, z)
     s['unet_seconds'] = round(s['unet_samples'] / b * unet_call, 2)
     s['decoder_seconds'] = round(s['decoder_tiles'] / tb * dec_call, 2)
     total += s['unet_seconds'] + s['decoder_seconds']

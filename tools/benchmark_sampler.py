@@ -18,7 +18,7 @@ from tiled_ldm_jax.models import checkpoint
 from tiled_ldm_jax.models import config_files
 from tiled_ldm_jax import flag_util
 from tiled_ldm_jax import geometry
-from tiled_ldm_jax import pipeline
+from tiled_ldm_jax import request
 from tiled_ldm_jax.models import unet as unet_lib
 
 _CKPT = flags.DEFINE_string('unet_ckpt', None, 'Converted image model folder.')
@@ -35,7 +35,7 @@ _PATCH = flags.DEFINE_integer('patch_size', 128, 'Patch side in pixels.')
 _STEPS = flags.DEFINE_integer('sampling_steps', 20, 'DDIM sampling steps.')
 _W = flags.DEFINE_float('cond_scale', 3.0, 'Guidance weight w: null + (1+w)(cond-null).')
 _K = flags.DEFINE_integer('patches_per_step', None, 'Windows per image per iteration '
-                         '(default, or 0: the commands\' default, `pipeline.Options`).')
+                         '(default, or 0: the commands\' default, `request.Options`).')
 _BATCH = flags.DEFINE_integer('batch_size', 1, 'Images sampled together.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Root PRNG seed.')
 _SCHEDULE = flags.DEFINE_enum('schedule', None, ['random', 'grid'],
@@ -77,18 +77,18 @@ def _model():
 
 def _placement() -> dict:
   """Schedule, K, margin (latent pixels) and margin levels: the flags given, else the
-  defaults of the commands and the API (`pipeline.Options`, `pipeline.window_fields`)."""
+  defaults of the commands and the API (`request.Options`, `request.window_fields`)."""
   given = {'schedule': _SCHEDULE.value, 'patches_per_step': _K.value or None,   # 0: default
            'grid_margin': _MARGIN.value, 'grid_margin_levels': _MARGIN_LEVELS.value,
            'grid_margin_first_levels': _MARGIN_FIRST.value}
-  o = pipeline.Options(patch_size=_PATCH.value, sampling_steps=_STEPS.value,
+  o = request.Options(patch_size=_PATCH.value, sampling_steps=_STEPS.value,
                        **{k: v for k, v in given.items() if v is not None})
   f = geometry.LatentGeometry().factor
-  margin = pipeline.stage_margin(o, _PATCH.value, f)
+  margin = request.stage_margin(o, _PATCH.value, f)
   if margin % f:
     raise ValueError(f'--grid_margin must be a multiple of {f} pixels, got {margin}')
   side = _SIZE.value // f
-  return pipeline.window_fields(o, _PATCH.value, f, (side, side))
+  return request.window_fields(o, _PATCH.value, f, (side, side))
 
 
 def main(argv):

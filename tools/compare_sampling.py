@@ -73,7 +73,7 @@ def main(argv):
     if _SCHEDULE.value == 'random':
       options['patches_per_step'] = 1
   o = pipe.resolve(**options)
-  pipe.check_image_request(labels.shape, o)
+  pipe.request(labels.shape, 1, o)   # checks the sizes
   if _COMPARE.value == 'schedules':
     try:
       margins = [int(m) for m in _MARGINS.value or (0, o.patch_size // 8)]
@@ -89,7 +89,7 @@ def main(argv):
       variants += [dict(schedule='grid', grid_margin=m, grid_margin_levels=l)
                    for l in levels if m]
     for v in variants:
-      pipe.check_image_request(labels.shape, pipe.resolve(o, **v))
+      pipe.request(labels.shape, 1, o, **v)
     rows = compare.compare_schedules(pipe, labels, seeds, variants, **options)
     summary = _summary(rows, lambda r: f"{r['schedule']} margin {r['grid_margin']} "
                                        f"levels {r['grid_margin_levels']}")

@@ -18,7 +18,7 @@ from tiled_ldm_jax.sampling import guidance
 from tiled_ldm_jax.sampling import diffusion
 from tiled_ldm_jax import estimate
 from tiled_ldm_jax import geometry
-from tiled_ldm_jax import pipeline
+from tiled_ldm_jax import request
 from tiled_ldm_jax.sampling import loop as loop_lib
 from tiled_ldm_jax.sampling import placements
 from tiled_ldm_jax.models import unet as unet_lib
@@ -101,8 +101,8 @@ def run_sampler_benchmark(config, params, *, image_size: int, patch_size: int, s
   labels = benchmark_label_map(image_size, image_size, config.num_classes)
   labels = np.broadcast_to(labels, (batch_size,) + labels.shape)
   geom = geometry.LatentGeometry()
-  pipeline._check_patch(geom, (image_size, image_size), patch_size,  # pylint: disable=protected-access
-                        config.downsample_factor, 'patch_size')
+  request.check_patch(geom, (image_size, image_size), patch_size,
+                      config.downsample_factor, 'patch_size')
   settings = loop_lib.SamplerSettings(
       sampling_steps=sampling_steps, patch=patch_size // geom.factor,
       patches_per_step=patches_per_step, schedule=schedule, grid_margin=grid_margin,

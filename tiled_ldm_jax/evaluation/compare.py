@@ -17,7 +17,7 @@ import time
 import jax
 import numpy as np
 
-from tiled_ldm_jax import pipeline as pipeline_lib
+from tiled_ldm_jax import request as request_lib
 from tiled_ldm_jax.sampling import placements
 from tiled_ldm_jax.sampling import windows as windows_lib
 from tiled_ldm_jax.evaluation import adherence
@@ -38,7 +38,8 @@ def demo_labels(image_size: int) -> np.ndarray:
 
 def _timed_latents(pipe, labels, seed, o):
   start = time.perf_counter()
-  smp, state, latent = pipe.image_stage(o, labels, np.arange(len(labels)), seed)
+  req = pipe.request(labels.shape[1:3], len(labels), o)
+  smp, state, latent = pipe.stages.image_stage(req, labels, np.arange(len(labels)), seed)
   state = smp.run(pipe.unet.params, state, latent)
   jax.block_until_ready(state.x)
   return state, time.perf_counter() - start, smp
@@ -47,7 +48,9 @@ def _timed_latents(pipe, labels, seed, o):
 def last_level_grid(pipe, o, image_hw, seed: int) -> tuple[int, int, int]:
   """(cell px, first row border px, first col border px) of the grid schedule's last
   level for image 0: borders lie at `first + k * cell`."""
-  smp, state, _ = pipe.image_stage(o, np.zeros((1,) + tuple(image_hw), np.int32), [0], seed)
+  req = pipe.request(image_hw, 1, o)
+  smp, state, _ = pipe.stages.image_stage(req, np.zeros((1,) + tuple(image_hw), np.int32),
+                                           [0], seed)
   s = smp.settings
   cell = s.patch - 2 * int(smp.placement.margin_at(s.sampling_steps - 1))
   off = np.asarray(windows_lib.grid_offset(state.keys[0], s.sampling_steps - 1, cell))
@@ -99,7 +102,7 @@ def compare_schedules(pipe, labels: np.ndarray, seeds, variants, *, classifier=N
       p = pipe.geometry.latent_size(o.patch_size, 'patch_size')
       rows.append({
           'schedule': o.schedule,
-          'grid_margin': pipeline_lib.stage_margin(o, o.patch_size, pipe.geometry.factor),
+          'grid_margin': request_lib.stage_margin(o, o.patch_size, pipe.geometry.factor),
           'grid_margin_levels': o.grid_margin_levels, 'seed': int(seed),
           'seconds': seconds,
           'coverage': int(state.patches) * p * p / (n * h * w * o.sampling_steps),

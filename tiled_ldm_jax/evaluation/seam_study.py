@@ -26,7 +26,8 @@ UNTILED = 'untiled'
 
 def _run(pipe, o, labels, seed: int):
   start = time.perf_counter()
-  smp, state, latent = pipe.image_stage(o, labels, np.arange(len(labels)), seed)
+  req = pipe.request(labels.shape[1:3], len(labels), o)
+  smp, state, latent = pipe.stages.image_stage(req, labels, np.arange(len(labels)), seed)
   state = smp.run(pipe.unet.params, state, latent)
   jax.block_until_ready(state.x)
   return state, time.perf_counter() - start

@@ -14,6 +14,7 @@ from tiled_ldm_jax.models import checkpoint
 from tiled_ldm_jax import geometry
 from tiled_ldm_jax import masks
 from tiled_ldm_jax import pipeline
+from tiled_ldm_jax import stages
 from tiled_ldm_jax import sampling
 from tiled_ldm_jax.sampling import guidance
 from tiled_ldm_jax.models import unet
@@ -42,7 +43,7 @@ def sample_trained_unet(unet_dir: str, vae_dir: str, labels: np.ndarray, *, samp
   classes; H, W multiples of the VAE factor and >= patch_size). `windows`: a
   `sampling.Random(...)` (default) or `sampling.Grid(...)`."""
   pipe = pipeline.Pipeline.from_pretrained(unet_dir, vae_dir)   # loads and checks both
-  labels = pipe.check_labels(np.asarray(labels)[None])          # [1, H, W] int32
+  labels = stages.check_labels(np.asarray(labels)[None], pipe.unet.config.num_classes)
   net, process = guidance.trained_unet(unet.eps_fn(pipe.unet.config),
                                        pipe.unet.objective)  # Flow(): t * 1000
   denoise = sampling.multilabel_guidance(net, pipe.unet.config.num_classes, cond_scale)

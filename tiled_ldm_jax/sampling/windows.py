@@ -34,6 +34,10 @@ PAD_BLOCKS = 3   # zero blocks past the bottom/right: exclusion windows span <= 
 # Grid schedule: default window batch = all windows of a level, capped at this many latent
 # pixels per denoiser call (e.g. 256 demo windows of 16^2, 16 full-size windows of 64^2).
 GRID_BATCH_PIXELS = 1 << 16
+# Windows per latent pixel and step of the random placement (`tools/benchmark_sampler.py
+# --count_only --schedule=random --patches_per_step=1 --image_size=4096 --patch_size=128`:
+# coverage 2.134 at 50 steps, 2.135 at 4): what its cost plan assumes.
+RANDOM_COVERAGE = 2.14
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +57,12 @@ class Random:
     check_margin(self.margin, patch)
     return dict(schedule=self.name, patches_per_step=self.patches_per_step,
                 grid_margin=self.margin)
+
+  def count(self, hw, patch: int, steps: int, n: int, k: int) -> tuple[float, float]:
+    """(iterations, windows) expected for `n` images over `steps` levels, `k` windows per
+    image and iteration: `RANDOM_COVERAGE` windows per latent pixel and step."""
+    windows = RANDOM_COVERAGE * hw[0] * hw[1] * steps / patch ** 2 * n
+    return windows / (n * k), windows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +85,28 @@ class Grid:
     return dict(schedule=self.name, patches_per_step=k, grid_margin=self.margin,
                 grid_margin_levels=self.margin_levels,
                 grid_margin_first_levels=self.first_levels)
+
+  def count(self, hw, patch: int, steps: int, n: int, k: int) -> tuple[float, float]:
+    """(iterations, windows) of `n` images over `steps` levels with `k` windows per call:
+    iterations exact, windows the expectation over the random offsets (a level's empty
+    edge cells are skipped)."""
+    h, w = hw
+    with_m = steps if (self.margin_levels is None or not self.margin) else \
+        margin_levels_count(steps, self.margin_levels, self.first_levels)
+    iterations = windows = 0.0
+    for margin, levels in ((self.margin, with_m), (0, steps - with_m)):
+      if levels:
+        n_r, n_c = grid_cells(h, w, patch - 2 * margin)
+        iterations += levels * -(-(n_r * n_c) // k)
+        windows += levels * n * _expected_cells(h, w, patch - 2 * margin)
+    return iterations, windows
+
+
+def _expected_cells(h: int, w: int, cell: int) -> float:
+  """Expected non-empty cells of a shifted grid of `cell` on h x w (uniform offsets)."""
+  rows = sum(-(-(h + o) // cell) for o in range(cell)) / cell
+  cols = sum(-(-(w + o) // cell) for o in range(cell)) / cell
+  return rows * cols
 
 
 def margin_on(level, steps: int, last: int | None, first: int = 0):
