@@ -20,7 +20,7 @@ def get_config():
   config = training.default_config()
   config.task = 'image_unet'             # what to train: image_unet | mask_unet | vae
   config.model = os.path.join(os.path.dirname(__file__), 'demo_image_unet.py')  # model
-  config.steps = 1400                    # total optimizer steps (see docs/demo.md for the time)
+  config.steps = 4000                    # total optimizer steps (see docs/demo.md for the time)
   config.batch_size = 16                 # examples per step
   config.image_size = 128                # crop side in pixels (latent 16 x 16)
   config.lr = 1e-3                       # peak learning rate
