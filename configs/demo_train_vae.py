@@ -1,6 +1,12 @@
-"""Demo training of the tiny VAE on synthetic histology-like data (CPU, minutes).
+"""Demo training of the tiny VAE on the real tissue image (CPU, minutes).
 
+  python tools/make_demo_data.py --out=data/demo_tissue     # once; needs .[demo_data]
   python scripts/train.py --config=configs/demo_train_vae.py --workdir=runs/demo/vae
+
+The data are the eight flips/rotations of scikit-image's immunohistochemistry image
+and its label map (tools/make_demo_data.py, docs/demo.md); batches mix random 64 px
+crops of the image and of the 1/4-scale label maps rendered as the mask model's grey
+images.
 
 Exports the EMA params to <workdir>/model, rescaled so the latent means have std
 `export_latent_std` per channel; with the exported latent scale (`export_latent_scale`,
@@ -22,7 +28,7 @@ def get_config():
   config = training.default_config()
   config.task = 'vae'                    # what to train: image_unet | mask_unet | vae
   config.model = os.path.join(os.path.dirname(__file__), 'demo_vae.py')  # model config
-  config.steps = 1800                    # total optimizer steps (~15 min on 2 busy cores)
+  config.steps = 800                     # total optimizer steps (see docs/demo.md for the time)
   config.batch_size = 8                  # examples per step (a quarter of them mask images)
   config.image_size = 64                 # training crop side in pixels (multiple of 8)
   config.lr = 2e-3                       # peak learning rate
@@ -31,4 +37,6 @@ def get_config():
   config.ema_warmup = 100                # EMA = params before this step
   config.save_every = 250                # checkpoint period in steps
   config.export_latent_std = 16.0        # exported per-channel latent std (see above)
+  config.data = 'data/demo_tissue'       # tools/make_demo_data.py's folder (working dir)
+  config.augment = False                 # the folder already holds the 8 flips/rotations
   return config

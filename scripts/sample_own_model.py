@@ -23,8 +23,10 @@ from tiled_ldm_jax.files import label_maps
 
 _UNET = flags.DEFINE_string('unet_ckpt', demo.model_path('flow_unet'),
                             'Trained image U-Net folder (scripts/train.py export).')
-_VAE = flags.DEFINE_string('vae_ckpt', demo.model_path('vae'),
-                           'VAE folder whose latents the U-Net was trained on.')
+_VAE = flags.DEFINE_string('vae_ckpt', demo.model_path('flow_vae'),
+                           'VAE folder whose latents the U-Net was trained on (default: '
+                           'the bundled flow U-Net\'s; the demo image U-Net\'s is '
+                           'tiled_ldm_jax/demo/vae).')
 _LABELS = flags.DEFINE_string('labels', None, 'Label-id PNG [H, W] (default: the benchmark '
                               'map at --image_size).')
 _SIZE = flags.DEFINE_integer('image_size', 2048, 'Image side in pixels (without --labels).')

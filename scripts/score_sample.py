@@ -2,16 +2,17 @@
 
   python scripts/score_sample.py --sample=results/large/sample0000.png
 
-Mask adherence (`tiled_ldm_jax.adherence`): a nearest-centroid classifier of the
-synthetic demo textures, fit on synthetic images passed through the sample's VAE,
-labels 16 px patches of the image; the score is the fraction of pure, non-zero-label
-patches whose predicted texture is their mask label (chance ~ 1 / (labels - 1)). The
+Mask adherence (`tiled_ldm_jax.evaluation.adherence`): a nearest-centroid classifier labels
+16 px patches of the image; the score is the fraction of pure, non-zero-label patches
+whose predicted class is their mask label (chance ~ 1 / (scored labels)). For samples
+decoded by the bundled demo VAE it is the bundled classifier, fit on the real tissue
+image through that VAE (tools/fit_demo_adherence.py); for other VAEs one fit on the
+synthetic textures (`training/data.py`) through the sample's VAE. The
 seam ratio (`seams.seam_ratio`) is ~1 without seams at the decoder's tile lines; the line
 score (`seams.line_score`) sees straight lines anywhere, such as the sampler's window
 borders: compare it with an untiled sample's (`tools/compare_seams.py`, docs/generate.md).
-Adherence is only meaningful for models
-trained on the synthetic textures (the demo models). Mask, VAE, tile and label count
-default to the sample's JSON.
+Adherence is only meaningful for the demo models and for models trained on the
+synthetic textures. Mask, VAE, tile and label count default to the sample's JSON.
 """
 
 import json

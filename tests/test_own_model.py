@@ -84,13 +84,14 @@ def test_docs_example_is_the_functions_code():
 def test_own_model_script(tmp_path, script_server):
   """The script on the demo eps model (and the bundled flow model when present) writes
   an image whose label regions differ; a bad request writes nothing."""
-  models = [demo.model_path('image_unet')]
+  models = [(demo.model_path('image_unet'), demo.model_path('vae'))]
   if (pathlib.Path(demo.model_path('flow_unet')) / 'model.json').is_file():
-    models.append(demo.model_path('flow_unet'))
-  for i, model in enumerate(models):
+    models.append((demo.model_path('flow_unet'), demo.model_path('flow_vae')))
+  for i, (model, vae) in enumerate(models):
     out = tmp_path / f'own{i}.png'
     run = script_server.run(ROOT / 'scripts/sample_own_model.py', f'--unet_ckpt={model}',
-                            '--image_size=256', '--sampling_steps=3', f'--output={out}')
+                            f'--vae_ckpt={vae}', '--image_size=256', '--sampling_steps=3',
+                            f'--output={out}')
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads(run.stdout.strip().splitlines()[-1])['shape'] == [256, 256, 3]
     img = np.asarray(Image.open(out), np.float32)

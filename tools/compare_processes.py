@@ -75,7 +75,8 @@ def main(argv):
     cmd = [sys.executable, str(REPO / 'scripts/train.py'), f'--workdir={wd}', f'--compilation_cache_dir={CACHE}',
            f'--config={REPO}/configs/demo_train_image.py', '--config.steps=8', '--config.batch_size=8',
            '--config.image_size=64', '--config.log_every=1', '--config.save_every=8',
-           f'--config.vae={REPO}/tiled_ldm_jax/demo/vae']
+           f'--config.vae={REPO}/tiled_ldm_jax/demo/vae',
+           '--config.data=synthetic']   # the demo config's tissue folder may not exist here
     wall, _ = launch(cmd, procs)
     m = [json.loads(l) for l in open(wd / 'metrics.jsonl') if 'loss' in l]
     tr[procs] = dict(wall=round(wall, 1), loss=[r['loss'] for r in m], steps=[r['step'] for r in m],

@@ -1,10 +1,16 @@
 """Mask adherence: does a generated image show, in each region, the texture its label asks for?
 
-A small nearest-centroid classifier of the synthetic demo textures (`training/data.py`) on
-per-patch colour and texture statistics. It is fit on synthetic images (optionally
-passed through a function, e.g. a VAE round trip, so that it sees what a decoder can
-reproduce), then applied to the patches of a generated image whose mask label is pure;
-the adherence is the fraction of those patches whose predicted label equals the mask's.
+A small nearest-centroid classifier on per-patch colour and texture statistics, applied
+to the patches of a generated image whose mask label is pure; the adherence is the
+fraction of those patches whose predicted label equals the mask's. Two fits:
+
+- the bundled demo models' (`tiled_ldm_jax/demo/adherence.json`, `load_classifier`): fit
+  on the real tissue image the demo models were trained on, passed through the demo VAE
+  (`tools/fit_demo_adherence.py`), for its classes 1 epithelium, 2 stroma,
+  3 lumen/background;
+- `fit_texture_classifier`: fit on the synthetic textures of `training/data.py`
+  (optionally through a function, e.g. a VAE round trip, so that it sees what a decoder
+  can reproduce), for models trained on synthetic data.
 """
 
 from __future__ import annotations
@@ -80,21 +86,75 @@ def fit_texture_classifier(num_labels: int, *, patch: int = 16, n_images: int = 
   """Fits centroids on pure patches of synthetic images (through `transform` if given),
   on the `patch_features` columns `features` (None: all)."""
   spec = data_lib.SynthSpec(num_classes=num_labels)
+  examples = ((ex.image, ex.labels) for ex in
+              (data_lib.synth_example(seed + i, size, spec) for i in range(n_images)))
+  return fit_on_examples(examples, num_labels, patch=patch, transform=transform,
+                         features=features)
+
+
+def fit_on_examples(examples, num_labels: int, *, patch: int = 16,
+                    transform: Callable[[np.ndarray], np.ndarray] | None = None,
+                    features: tuple[int, ...] | None = None,
+                    skip_labels: tuple[int, ...] = ()) -> TextureClassifier:
+  """Fits centroids on the pure patches of (image [H, W, 3] in [0, 1], labels [H, W])
+  pairs (each image through `transform` if given), on the `patch_features` columns
+  `features` (None: all); labels in `skip_labels` get no centroid."""
   feats, labs = [], []
-  for i in range(n_images):
-    ex = data_lib.synth_example(seed + i, size, spec)
-    img = transform(ex.image) if transform else ex.image
-    lab, pure = pure_patch_labels(ex.labels, patch)
+  for image, labels in examples:
+    img = transform(image) if transform else image
+    lab, pure = pure_patch_labels(labels, patch)
+    pure &= ~np.isin(lab, skip_labels)
     f = patch_features(img, patch)
     feats.append((f if features is None else f[:, list(features)])[pure])
     labs.append(lab[pure])
   feats, labs = np.concatenate(feats), np.concatenate(labs)
+  if not labs.size:
+    raise ValueError('no pure patches to fit on')
   centroids = np.full((num_labels, feats.shape[1]), np.nan, np.float32)
   for l in range(num_labels):
     if (labs == l).any():
       centroids[l] = feats[labs == l].mean(0)
   return TextureClassifier(centroids, feats.mean(0), feats.std(0) + 1e-6, patch,
                           None if features is None else tuple(features))
+
+
+def classifier_to_json(clf: TextureClassifier) -> dict:
+  """A JSON-able dict of `clf` (NaN centroid rows -- labels never seen -- as null)."""
+  return {'patch': int(clf.patch),
+          'features': None if clf.features is None else list(clf.features),
+          'centroids': [None if np.isnan(r).any() else [float(v) for v in r]
+                        for r in clf.centroids],
+          'mean': [float(v) for v in clf.mean], 'scale': [float(v) for v in clf.scale]}
+
+
+def classifier_from_json(d: dict) -> TextureClassifier:
+  n = len(d['mean'])
+  rows = [np.full(n, np.nan) if r is None else np.asarray(r) for r in d['centroids']]
+  return TextureClassifier(np.asarray(rows, np.float32), np.asarray(d['mean'], np.float32),
+                           np.asarray(d['scale'], np.float32), int(d['patch']),
+                           None if d.get('features') is None else tuple(d['features']))
+
+
+def save_classifier(path: str, clf: TextureClassifier, **info) -> None:
+  """Writes `clf` as JSON (with `info`, e.g. what it was fit on, under "info")."""
+  from tiled_ldm_jax.files import atomic
+  atomic.write_json(path, {'classifier': classifier_to_json(clf), 'info': info}, indent=1)
+
+
+def load_classifier(path: str) -> TextureClassifier:
+  import json
+  with open(path) as f:
+    return classifier_from_json(json.load(f)['classifier'])
+
+
+def shift_labels(labels: np.ndarray, ids=(1, 2, 3)) -> np.ndarray:
+  """The wrong-mask control: each label in `ids` replaced by the next one (cyclically);
+  other labels kept. An image that follows `labels` should score near 0 against this."""
+  labels = np.asarray(labels)
+  out = labels.copy()
+  for a, b in zip(ids, ids[1:] + ids[:1]):
+    out[labels == a] = b
+  return out
 
 
 COLOUR_FEATURES = (0, 1, 2)   # mean R, G, B of a patch
@@ -166,15 +226,31 @@ def score_sample(img: np.ndarray, labels: np.ndarray, classifier: TextureClassif
   return out
 
 
+def demo_classifier_for(vae_dir: str) -> str | None:
+  """The bundled demo classifier's path if `vae_dir` is the bundled demo VAE (the
+  classifier was fit through it), else None."""
+  import os
+  from tiled_ldm_jax import demo
+  path = demo.classifier_path()
+  try:
+    same = os.path.samefile(vae_dir, demo.model_path('vae'))
+  except OSError:
+    return None
+  return path if same and os.path.isfile(path) else None
+
+
 def score_files(image_path: str, *, mask_path: str | None = None, vae_dir: str | None = None,
                 tile: int | None = None, num_labels: int | None = None,
-                n_fit_images: int = 24) -> dict:
+                n_fit_images: int = 24, classifier_path: str | None = None) -> dict:
   """Scores a sample written by `sample_large_image.py`: adherence and seam ratio.
 
   Defaults come from the sample's JSON (`sampleNNNN.json` beside the image): the mask
-  `sampleNNNN_mask.png`, the VAE the sample was decoded with (the classifier is fit
-  through its round trip), the decode tile (`patch_size`) and the image model's label
-  count. Raises FileNotFoundError / ValueError naming what is missing or inconsistent.
+  `sampleNNNN_mask.png`, the VAE the sample was decoded with, the decode tile
+  (`patch_size`) and the image model's label count. The classifier: `classifier_path`
+  (a `save_classifier` JSON) if given; else the bundled demo classifier when the VAE is
+  the bundled demo VAE (fit on the real image through it); else one fit on synthetic
+  images through the VAE's round trip. Raises FileNotFoundError / ValueError naming
+  what is missing or inconsistent.
   """
   import json
   import os
@@ -199,8 +275,13 @@ def score_files(image_path: str, *, mask_path: str | None = None, vae_dir: str |
       raise FileNotFoundError(p)
   img = image_files.read_rgb(image_path, what='sample image')
   labels = label_maps.read_label_png(mask_path)
-  _, vae_cfg, vae_params = checkpoint.load_model(vae_dir, expect='vae')
-  clf = fit_texture_classifier(num_labels, n_images=n_fit_images,
-                               transform=vae_round_trip(vae_cfg, vae_params))
+  classifier_path = classifier_path or demo_classifier_for(vae_dir)
+  if classifier_path:
+    clf = load_classifier(classifier_path)
+  else:
+    _, vae_cfg, vae_params = checkpoint.load_model(vae_dir, expect='vae')
+    clf = fit_texture_classifier(num_labels, n_images=n_fit_images,
+                                 transform=vae_round_trip(vae_cfg, vae_params))
   return {'image': image_path, 'mask': mask_path, 'tile': int(tile),
+          'classifier': classifier_path or 'synthetic textures',
           **score_sample(img, labels, clf, int(tile))}
