@@ -240,7 +240,7 @@ def _type_swaps(value):
 
 
 def test_model_json_type_swaps(tmp_path):
-  src = demo.model_path('vae')
+  src = demo.model_path('flow_vae')   # a format-1 folder (below: a stray "parts")
   good_meta = json.loads(open(os.path.join(src, 'model.json')).read())
   _, _, params = checkpoint.load_model(src)
   folder = tmp_path / 'vae'
