@@ -44,14 +44,17 @@ def test_strength_on_the_api(demo_pipeline):
   pipe = demo_pipeline
   labels = np.ones((1, 128, 128), np.int32)
   labels[:, :, 64:] = 2
-  img = pipe(labels=labels, seed=5, sampling_steps=10).images[0]   # an image it can make
+  # An image it can make, for the mirrored layout: the tissue demo model makes nearly the
+  # same texture for a label whatever the seed, so only a different layout tells a
+  # result that kept the init from one sampled afresh.
+  img = pipe(labels=labels[:, :, ::-1], seed=5, sampling_steps=10).images[0]
   common = dict(labels=labels, seed=0, sampling_steps=10)
   low = pipe(init_image=img, strength=0.2, **common)
   full = pipe(init_image=img, strength=1.0, **common)
   fresh = pipe(**common)
   np.testing.assert_array_equal(full.images, fresh.images)     # s = 1: from noise
   psnr = lambda a: 10 * np.log10(255.0 ** 2 / np.mean((a.astype(float) - img) ** 2))
-  assert psnr(low.images[0]) > psnr(full.images[0]) + 2     # measured 19.3 vs 16.0 dB
+  assert psnr(low.images[0]) > psnr(full.images[0]) + 2
   assert low.stats['image_stage']['patch_iterations'] < full.stats['image_stage']['patch_iterations']
 
 
@@ -120,6 +123,15 @@ def test_command_init_image(models, tmp_path):  # noqa: F811
   assert not out.exists()
 
 
+def _structure(a, b, cols) -> float:
+  """Correlation of two images' columns `cols` with each channel's mean and spread
+  removed: the same structure, whatever the tone (1: identical up to tone)."""
+  def z(x):
+    x = np.asarray(x, float)[:, cols]
+    return (x - x.mean((0, 1))) / (x.std((0, 1)) + 1e-6)
+  return float(np.mean(z(a) * z(b)))
+
+
 def test_keep_mask_on_the_api(demo_pipeline):
   """Left half kept: it stays close to the init (as close as encode -> decode), the right
   half is generated for its labels; a keep mask without an init is refused."""
@@ -132,9 +144,14 @@ def test_keep_mask_on_the_api(demo_pipeline):
   keep[:, :64] = True
   out = pipe(labels=labels2, seed=1, sampling_steps=10, init_image=img, keep=keep).images[0]
   rec = pipe.decode(pipe.encode(img[None]))[0]
-  err = lambda a, b: np.abs(a.astype(float) - b.astype(float))[:, :56].mean()
-  assert err(out, img) < err(rec, img) + 6            # the kept half (away from the seam)
-  assert np.abs(out.astype(float) - img)[:, 72:].mean() > 2 * err(out, img)   # regenerated
+  # The kept half (away from the seam) has the init's structure as closely as the VAE's
+  # round trip. Its tone is compared apart: the decoder's GroupNorms see the whole
+  # image, so a white right half pales the left one (the tissue demo VAE: mean error 29
+  # against 5 for the round trip, with the kept latents exactly the init's).
+  kept = slice(0, 56)
+  assert _structure(out, img, kept) > _structure(rec, img, kept) - 0.05
+  assert _structure(out, img, kept) > 0.8
+  assert _structure(out, img, slice(72, 128)) < 0.5                # regenerated
   with pytest.raises(ValueError, match='keep needs init'):
     pipe(labels=labels, sampling_steps=2, keep=keep)
 
@@ -274,8 +291,9 @@ def test_command_outpaint_and_tiff_init(models, demo_pipeline, tmp_path):  # noq
   read = lambda d: np.asarray(Image.open(tmp_path / d / 'sample0000.png').convert('RGB'),
                               float)
   out, plain = read('o'), read('p')
-  err = lambda a: np.abs(a[32:96, 32:96] - img)[4:-4, 4:-4].mean()
-  assert err(out) < 0.6 * err(plain), (err(out), err(plain))
+  inner = lambda a: a[36:92, 36:92]
+  kept = _structure(inner(out), img[4:-4, 4:-4], slice(None))
+  assert kept > 0.8 and kept > _structure(inner(plain), img[4:-4, 4:-4], slice(None)) + 0.3
   assert np.abs(out[:, :24] - out[:, :24].mean()).mean() > 1   # generated around it
   tiff = tmp_path / 'init.tif'
   full = (_image(128, 128) * 255).astype(np.uint8)
