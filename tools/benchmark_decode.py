@@ -12,9 +12,16 @@ VAE's encoding of a synthetic tissue-like image (`training.data.synth_example`) 
 line adds `seam_ratio` (at the mode's own tile borders: the four-shift grid; for
 'overlap'/'shared' the worst of the cross-fades' start, middle and end) and, with
 `--compare_whole`, `psnr_vs_whole` against one whole-image decode (where it fits).
+
+  # no checkpoint: random weights in the SD2 VAE's shapes (configs/sd2_vae.py)
+  python tools/benchmark_decode.py --full_size --size=1024 --patch_size=128 --tile_batch=8 \
+      --blend_mode=original,overlap,shared --latent=image --compare_whole
+  # images whose one-call encode does not fit (the mid block's attention is N^2)
+  python tools/benchmark_decode.py --vae_ckpt=V --size=4096 --latent=image --tiled_encode
 """
 
 import json
+import os
 import time
 
 from absl import flags
@@ -22,7 +29,9 @@ import jax
 import numpy as np
 
 from tiled_ldm_jax.models import checkpoint
+from tiled_ldm_jax.models import config_files
 from tiled_ldm_jax import decode
+from tiled_ldm_jax import encode
 from tiled_ldm_jax import flag_util
 from tiled_ldm_jax import geometry
 from tiled_ldm_jax.evaluation import seams
@@ -30,6 +39,14 @@ from tiled_ldm_jax.models import vae
 from tiled_ldm_jax.training import data
 
 _VAE = flags.DEFINE_string('vae_ckpt', None, 'Converted VAE folder.')
+_FULL = flags.DEFINE_bool('full_size', False, 'Instead of --vae_ckpt: random weights '
+                          '(seed 0) in the full-size SD2 VAE\'s shapes (configs/sd2_vae.py; '
+                          'its stored latent scale, which --latent=image and the default '
+                          '--random_std cancel).')
+_TILED_ENCODE = flags.DEFINE_bool('tiled_encode', False, "With --latent=image: encode the "
+                                  'synthetic image tile by tile (encode.encode_image, 512 px '
+                                  'tiles, 256 px halo) instead of in one call, for sizes '
+                                  'whose one-call encode does not fit.')
 _SIZE = flags.DEFINE_string('size', '2048', 'Output image side in pixels, or HxW.')
 _PATCH = flags.DEFINE_integer('patch_size', 512, 'Pixel tile side p.')
 _TILE_BATCH = flags.DEFINE_list('tile_batch', ['1', '8'], 'Tile batches to time.')
@@ -44,7 +61,6 @@ _LATENT = flags.DEFINE_enum('latent', 'random', ['random', 'image'],
                             '(adds seam_ratio).')
 _WHOLE = flags.DEFINE_bool('compare_whole', False, "With --latent=image: PSNR against a "
                            'whole-image decode (one decoder call on the whole latent).')
-flags.mark_flag_as_required('vae_ckpt')
 _CACHE = flag_util.define_compilation_cache_flag()
 
 
@@ -55,8 +71,15 @@ def main(argv):
     flag_util.fail(f'--blend_mode: {bad} not of {decode.BLEND_MODES}')
   if _WHOLE.value and _LATENT.value != 'image':
     flag_util.fail('--compare_whole needs --latent=image')
+  if _FULL.value == bool(_VAE.value):
+    flag_util.fail('give exactly one of --vae_ckpt and --full_size')
   flag_util.use_compilation_cache(_CACHE.value)
-  _, config, params = checkpoint.load_model(_VAE.value, expect='vae')
+  if _FULL.value:
+    _, config = config_files.load_model_config(
+        os.path.join(os.path.dirname(__file__), '..', 'configs', 'sd2_vae.py'))
+    params = vae.init_params(config, jax.random.key(0))
+  else:
+    _, config, params = checkpoint.load_model(_VAE.value, expect='vae')
   params = jax.device_put(params)
   geom = geometry.LatentGeometry.of_vae(config)
   f, scale = geom.factor, _SCALE.value or geom.scale
@@ -68,8 +91,12 @@ def main(argv):
   if _LATENT.value == 'image':
     ex = data.synth_example(0, max(h, w), data.SynthSpec(num_classes=5,
                                                           region_size_max=384.0))
-    z = np.asarray(jax.jit(vae.encode_fn(config))(
-        params, jax.numpy.asarray(ex.image[:h, :w])[None])[0])[0] / scale
+    if _TILED_ENCODE.value:
+      z = encode.encode_image(vae.encode_fn(config), params, ex.image[:h, :w], factor=f,
+                              scale=scale)
+    else:
+      z = np.asarray(jax.jit(vae.encode_fn(config))(
+          params, jax.numpy.asarray(ex.image[:h, :w])[None])[0])[0] / scale
   else:
     z = (np.random.default_rng(0).standard_normal(
         (h // f, w // f, config.latent_channels), np.float32) * (_STD.value or 1 / scale))
