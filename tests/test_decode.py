@@ -247,7 +247,7 @@ def test_seams_blended_vs_unblended(ref):
 
 
 def test_partition_blend_removes_the_residual_seam_on_the_demo_vae():
-  """The demo VAE (tiny, trained on 64 px crops: strong tile-border effects) on the
+  """The synthetic-data demo VAE (`flow_vae`; tiny, trained on 64 px crops: strong tile-border effects) on the
   latent of a synthetic 512 px image. Measured: unblended 3.66, the original's blend
   1.24 (its residual vertical seams), partition 1.02; the image itself scores 1.08
   (seeds 1, 2: 3.96 / 1.31 / 1.04 and 3.41 / 1.23 / 1.07)."""
@@ -255,7 +255,7 @@ def test_partition_blend_removes_the_residual_seam_on_the_demo_vae():
   from tiled_ldm_jax.training import data
   from tiled_ldm_jax import demo
   from tiled_ldm_jax.models import vae as vae_lib
-  _, cfg, params = checkpoint.load_model(demo.model_path('vae'), expect='vae')
+  _, cfg, params = checkpoint.load_model(demo.model_path('flow_vae'), expect='vae')  # synthetic-data VAE
   ex = data.synth_example(0, 512, data.SynthSpec(num_classes=5, region_size_max=384.0))
   z = np.asarray(jax.jit(vae_lib.encode_fn(cfg))(params, jnp.asarray(ex.image)[None])[0])[0]
   f = vae_lib.decode_fn(cfg)

@@ -106,14 +106,14 @@ def test_passes_per_pixel_and_errors():
 
 
 def test_demo_vae_seams_no_worse_than_four_shift_and_close_to_whole_decode():
-  """The demo VAE (strong tile-border effects) on the latent of a synthetic 512 px image:
+  """The synthetic-data demo VAE (`flow_vae`: strong tile-border effects) on the latent of a synthetic 512 px image:
   the overlap decode's seam ratio at its own tile borders is no worse than the original
   blend's at its borders, and it is about as close (PSNR) to the whole-image decode."""
   from tiled_ldm_jax import demo
   from tiled_ldm_jax.models import checkpoint
   from tiled_ldm_jax.models import vae as vae_lib
   from tiled_ldm_jax.training import data
-  _, cfg, params = checkpoint.load_model(demo.model_path('vae'), expect='vae')
+  _, cfg, params = checkpoint.load_model(demo.model_path('flow_vae'), expect='vae')  # synthetic-data VAE
   ex = data.synth_example(0, 512, data.SynthSpec(num_classes=5, region_size_max=384.0))
   z = np.asarray(jax.jit(vae_lib.encode_fn(cfg))(params, jnp.asarray(ex.image)[None])[0])[0]
   f = vae_lib.decode_fn(cfg)
