@@ -27,6 +27,18 @@ from tiled_ldm_jax.files import label_maps
 WARMUP_SEED = 10_000   # never one of the measured seeds
 
 
+def default_classifier(pipe):
+  """The adherence classifier `score_sample.py` would use for this pipeline's VAE: the
+  bundled one (fit on the real demo image) for the demo VAE, else one fit on synthetic
+  textures through the VAE's round trip."""
+  path = adherence.demo_classifier_for(pipe.paths.get('vae', ''))
+  if path:
+    return adherence.load_classifier(path)
+  return adherence.fit_texture_classifier(
+      pipe.unet.config.num_classes, n_images=12,
+      transform=adherence.vae_round_trip(pipe.vae.config, pipe.vae.params))
+
+
 def demo_labels(image_size: int) -> np.ndarray:
   """[H, W] int32: the bundled 512 px demo mask scaled (nearest) to `image_size`."""
   from tiled_ldm_jax import demo  # pylint: disable=g-import-not-at-top
@@ -80,8 +92,7 @@ def compare_schedules(pipe, labels: np.ndarray, seeds, variants, *, classifier=N
   labels = np.asarray(labels, np.int32)[None]
   round_trip = adherence.vae_round_trip(pipe.vae.config, pipe.vae.params)
   if classifier is None:
-    classifier = adherence.fit_texture_classifier(
-        pipe.unet.config.num_classes, n_images=12, transform=round_trip)
+    classifier = default_classifier(pipe)
   colour = adherence.fit_colour_classifier(pipe.unet.config.num_classes,
                                            transform=round_trip)
   rows = []
@@ -141,9 +152,7 @@ def compare_solvers(pipe, labels: np.ndarray, seeds, runs=SOLVER_RUNS,
   labels = np.asarray(labels, np.int32)[None]
   options = {k: v for k, v in options.items() if k not in ('sampling_steps', 'solver', 'eta')}
   if classifier is None:
-    classifier = adherence.fit_texture_classifier(
-        pipe.unet.config.num_classes, n_images=12,
-        transform=adherence.vae_round_trip(pipe.vae.config, pipe.vae.params))
+    classifier = default_classifier(pipe)
   rows = []
   for seed in seeds:
     ref = None
