@@ -124,16 +124,13 @@ class Options:
     if self.eta and not isinstance(processes.solver_named(self.solver), processes.DDIM):
       raise ValueError(f"solver {self.solver!r} is deterministic: eta must be 0 or unset, "
                        f"got {self.eta}")
-    if self.tile_batch < 1:
-      raise ValueError(f'tile_batch must be >= 1, got {self.tile_batch}')
+    # tile_batch and blend_mode: the decode's own check (one place for each)
+    decode_lib.TiledDecodeSettings(tile_batch=self.tile_batch, blend_mode=self.blend_mode)
     if self.grid_margin is not None and self.grid_margin < 0:
       raise ValueError(f'grid_margin must be >= 0, got {self.grid_margin}')
     if self.dtype not in DTYPES:
       raise ValueError(f'dtype must be one of {DTYPES}, got {self.dtype!r}')
     diffusion.time_pairs(self.sampling_steps)          # 1 <= S <= T
-    if self.blend_mode not in decode_lib.BLEND_MODES:
-      raise ValueError(f'blend_mode must be one of {decode_lib.BLEND_MODES}, got '
-                       f'{self.blend_mode!r}')
 
 
 def default_eta(solver: str) -> float:
