@@ -161,7 +161,7 @@ class Pipeline:
     loop_lib.check_start(o.sampling_steps, strength, init=init_latents is not None,
                          keep=keep is not None)
     labels = stages_lib.check_labels(labels, self.unet.config.num_classes)
-    req = self.request(labels.shape[1:3], len(labels), o)
+    req = request_lib.build(self, labels.shape[1:3], o, n_batch=len(labels))
     return self.stages.run_image(req, labels, _indices(indices, len(labels)), seed,
                                  init=init_latents, strength=strength, keep=keep)[0]
 
@@ -254,15 +254,16 @@ class Pipeline:
         init='keep' if keep is not None else 'strength', init_whole=True)
     if labels is None:   # checked (mask stage and image stage) before the mask stage runs
       indices = _indices(indices, n_images)
-      req = self.request(image_size, n_images, o, label=label, whole_images=n_images,
-                         **init_memory)
+      req = request_lib.build(self, image_size, o, n_batch=n_images, label=label,
+                              whole_images=n_images, **init_memory)
       req.check_memory()
       labels, stats['mask_stage'] = self.stages.run_mask(req, label, indices, seed)
       labels = stages_lib.check_labels(labels, self.unet.config.num_classes)
     else:   # given label maps are already in memory: checked first, then their request
       labels = stages_lib.check_labels(labels, self.unet.config.num_classes)
-      req = self.request(labels.shape[1:3], len(labels), o, whole_images=len(labels),
-                         label_source_pixels=labels[0].size, **init_memory)
+      req = request_lib.build(self, labels.shape[1:3], o, n_batch=len(labels),
+                              whole_images=len(labels), label_source_pixels=labels[0].size,
+                              **init_memory)
       req.check_memory()
     if init is not None:   # one image for all is encoded once
       init = np.broadcast_to(self._encode_checked(init, o), (len(labels),) + (

@@ -225,15 +225,16 @@ class _LabelSource:
 def _open_inputs(cfg: GenerationConfig):
   """(the --mask `_LabelSource` or None, the --init_image row source or None): each file
   refused unopened if it is not a regular file or folder, then read by its contents."""
-  for flag in ('mask', 'init_image', 'keep_mask'):   # FIFOs, devices: refused unopened
-    path = getattr(cfg, flag)
-    if path and path != 'demo' and not os.path.lexists(path):
+  mask = demo.mask_path() if cfg.mask == 'demo' else cfg.mask
+  for flag, path in (('mask', mask), ('init_image', cfg.init_image),
+                     ('keep_mask', cfg.keep_mask)):   # FIFOs, devices: refused unopened
+    if path and not os.path.lexists(path):
       raise ValueError(f'--{flag} {path}: no such file or folder')
-    if path and path != 'demo':
+    if path:
       _file_errors(flag, path, lambda: reading.kind(path))   # pylint: disable=cell-var-from-loop
   labels = None
-  if cfg.mask:
-    path = demo.mask_path() if cfg.mask == 'demo' else cfg.mask
+  if mask:
+    path = mask
     # The reader is chosen by the contents: an OME-Zarr folder, a TIFF, JSON, else PNG.
     rows = _file_errors('mask', path, lambda: label_files.open_label_source(path))
     annotations = rows is None and _file_errors(
